@@ -1,0 +1,1 @@
+"""Built-in balancers, one per module."""

@@ -1,0 +1,1 @@
+"""Built-in encoders, one per module."""

@@ -1,0 +1,1 @@
+"""Built-in towers, one per module."""

@@ -1,0 +1,258 @@
+"""The ``recmtl`` command line (typer). User mistakes print one line and exit 2, no traceback."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from recmtl.errors import ConfigError, RecmtlError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="recmtl: multi-task learning for recommenders, trained on Parquet.")
+datagen_app = typer.Typer(no_args_is_help=True, help="Write synthetic Parquet data with a known ground truth.")
+app.add_typer(datagen_app, name="datagen")
+
+
+class State:
+    plugins: list[str] = []
+    disabled: list[str] = []
+
+
+@app.callback()
+def _main(
+    plugin: Annotated[list[str], typer.Option("--plugin", "-p", help="Extra plugin module (dotted name or .py path); repeatable.")] = [],
+    disable_plugin: Annotated[list[str], typer.Option("--disable-plugin", help="Skip the plugin of this name; repeatable.")] = [],
+) -> None:
+    State.plugins = list(plugin)
+    State.disabled = list(disable_plugin)
+
+
+def _registry(extra: list[str] = ()):
+    from recmtl.plugins import load_registry
+    return load_registry([*extra, *State.plugins], State.disabled)
+
+
+@app.command()
+def plugins() -> None:
+    """List every registered tower, head, balancer and encoder with the plugin that registered it."""
+    rows = [("kind", "name", "plugin", "origin")]
+    rows += [(e.kind, e.name, e.plugin, e.origin) for e in _registry().rows()]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@app.command()
+def init(
+    data: Annotated[str, typer.Argument(help="Training Parquet file, folder or glob to inspect.")],
+    task: Annotated[list[str], typer.Option("--task", "-t", help="Task label column, or NAME=COLUMN; repeatable.")] = [],
+    positive: Annotated[list[str], typer.Option(help="COLUMN=VALUE: this value of a label column counts as 1; repeatable.")] = [],
+    head: Annotated[list[str], typer.Option(help="TASK=HEAD, e.g. conversion=esmm (default: binary for 0/1 labels, else regression).")] = [],
+    exclude: Annotated[list[str], typer.Option(help="Column not to use as a feature; repeatable.")] = [],
+    dense: Annotated[list[str], typer.Option(help="Treat this integer column as dense; repeatable.")] = [],
+    categorical: Annotated[list[str], typer.Option(help="Treat this float column as categorical; repeatable.")] = [],
+    validation: Annotated[Optional[str], typer.Option(help="Validation Parquet (early stopping, metrics).")] = None,
+    test: Annotated[Optional[str], typer.Option(help="Test Parquet, scored once with the best checkpoint.")] = None,
+    tower: Annotated[str, typer.Option(help="Tower plugin name.")] = "mmoe",
+    group_column: Annotated[Optional[str], typer.Option(help="User-id column: binary tasks also report GAUC.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("recmtl.yaml"),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing config file.")] = False,
+) -> None:
+    """Write a starter config by inspecting DATA's schema (ints/strings -> categorical, floats -> dense)."""
+    from recmtl.io import write_text
+    from recmtl.starter import render, starter_config
+    if output.exists() and not force:
+        raise ConfigError(f"{output} exists; pass --force to overwrite it")
+    result = starter_config(data, task, output, positive, exclude, dense, categorical, validation, test, tower, group_column)
+    cfg = result["config"]
+    names = {t["name"]: t for t in cfg["tasks"]}
+    for item in head:
+        name, sep, head_name = item.partition("=")
+        if not sep or name not in names:
+            raise ConfigError(f"--head '{item}' must be TASK=HEAD with TASK one of {', '.join(names)}")
+        names[name]["head"] = head_name
+    _registry().get("tower", tower)
+    write_text(output, render(cfg, result["skipped"]))
+    n_cat = sum(f["kind"] == "categorical" for f in cfg["features"])
+    typer.echo(f"wrote {output}: {n_cat} categorical + {len(cfg['features']) - n_cat} dense features, "
+               "tasks " + ", ".join(f"{t['name']} ({t['head']})" for t in cfg["tasks"]))
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Config file (YAML or TOML).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config value: key.path=value; repeatable.")] = [],
+) -> None:
+    """Train a multi-task model; writes best.pt, last.pt, config.yaml, schema.json, metrics.json to --out."""
+    from recmtl.config import load_config, parse_config, read_raw, set_dotted
+    from recmtl.evaluate import format_table
+    from recmtl.train import train as run_training
+    if resume and (out / "config.yaml").is_file():
+        raw = read_raw(out / "config.yaml")  # a resumed run keeps its own config
+        for item in set_:
+            key, _, value = item.partition("=")
+            set_dotted(raw, key, __import__("yaml").safe_load(value))
+        cfg = parse_config(raw, out, str(out / "config.yaml"))
+    else:
+        cfg = load_config(config, set_)
+    summary = run_training(cfg, out, _registry(cfg.plugins), resume=resume)
+    if summary.get("validation"):
+        typer.echo(f"best epoch {summary['best_epoch']} by {summary['monitor']}; validation:")
+        typer.echo(format_table(summary["validation"]))
+    if summary.get("test"):
+        typer.echo("test:")
+        typer.echo(format_table(summary["test"]))
+    typer.echo(f"run saved in {out}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `recmtl train`.")],
+    data: Annotated[str, typer.Argument(help="Parquet file, folder or glob with the label columns.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    save_predictions: Annotated[Optional[Path], typer.Option(help="Also write per-row scores (and labels) to this Parquet file.")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="Row-aligned Parquet of reference scores, one column per task (e.g. a datagen truth file): their AUC is shown alongside.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16_384,
+) -> None:
+    """Per-task metrics of a trained model on DATA, over each task's labelled rows."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recmtl.data import ParquetSource
+    from recmtl.evaluate import format_table, load_run, predict, task_metrics
+    from recmtl.io import atomic_path
+    from recmtl.metrics import auc
+    from recmtl.schema import check_types
+
+    run = load_run(run_dir, State.plugins, State.disabled)
+    cols = [t.label for t in run.config.tasks] + run.schema.feature_columns
+    if run.schema.group_column:
+        cols.append(run.schema.group_column)
+    source = ParquetSource(data, cols)
+    check_types(run.config, source)
+    pred = predict(run.model, run.schema, source, batch_size, run.config.data.read_rows)
+    metrics = task_metrics(run.model, pred)
+    ref_metrics = None
+    if reference is not None:
+        ref_src = ParquetSource(str(reference))
+        ref = pq.read_table(ref_src.paths[0] if len(ref_src.paths) == 1 else str(reference))
+        if ref.num_rows != len(pred.mask):
+            raise ConfigError(f"--reference {reference} has {ref.num_rows} rows, {data} has {len(pred.mask)}")
+        ref_metrics = {}
+        for i, t in enumerate(run.model.task_names):
+            if t in ref.column_names:
+                m = pred.mask[:, i]
+                ref_metrics[t] = {"auc": auc(pred.labels[m, i], ref.column(t).to_numpy()[m])}
+    if save_predictions is not None:
+        table = {}
+        for i, t in enumerate(run.model.task_names):
+            table[t] = pa.array(pred.scores[t])
+            table[f"{t}__label"] = pa.array(pred.labels[:, i], mask=~pred.mask[:, i])
+        with atomic_path(save_predictions) as tmp:
+            pq.write_table(pa.table(table), tmp)
+    if as_json:
+        out = {"data": data, "metrics": metrics}
+        if ref_metrics:
+            out["reference"] = ref_metrics
+        typer.echo(json.dumps(out, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+    else:
+        typer.echo(format_table(metrics, ref_metrics))
+
+
+@datagen_app.command("funnel")
+def datagen_funnel(
+    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet and their .truth.parquet.")],
+    rows: Annotated[int, typer.Option(help="Total rows over all splits.")] = 200_000,
+    seed: int = 0,
+    categorical: Annotated[int, typer.Option(help="Number of categorical features.")] = 26,
+    dense: Annotated[int, typer.Option(help="Number of dense features.")] = 13,
+    cardinality: Annotated[int, typer.Option(help="Distinct ids of user_id/item_id (others spread from 3 up to it).")] = 1000,
+    correlation: Annotated[float, typer.Option(help="Correlation of the click and conversion effects.")] = 0.5,
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> None:
+    """Impressions with click and conversion (conversion only after a click) and their true probabilities."""
+    from recmtl.datagen import funnel
+    paths = funnel(out, rows, seed, categorical, dense, cardinality, correlation, valid_fraction=valid_fraction,
+                   test_fraction=test_fraction)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths) + " (+ .truth.parquet with the true probabilities)")
+
+
+@datagen_app.command("mmoe-synthetic")
+def datagen_mmoe(
+    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet.")],
+    correlation: Annotated[float, typer.Option(help="Task correlation p in [-1, 1] (the paper's 1.0, 0.9, 0.5, 0).")] = 0.5,
+    rows: int = 100_000,
+    seed: int = 0,
+    dim: Annotated[int, typer.Option(help="Input dimension (the paper: 100).")] = 100,
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> None:
+    """The MMoE paper's synthetic regression task pair (section 4) with a chosen task correlation."""
+    from recmtl.datagen import mmoe_synthetic
+    paths = mmoe_synthetic(out, rows, correlation, seed, dim, valid_fraction=valid_fraction, test_fraction=test_fraction)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="CSV file (.csv or .csv.gz).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write.")],
+    names: Annotated[Optional[str], typer.Option(help="Comma-separated column names (needed with --no-header).")] = None,
+    header: Annotated[bool, typer.Option(help="The first line holds column names.")] = True,
+    delimiter: str = ",",
+    null_value: Annotated[list[str], typer.Option(help="A string read as null, e.g. '?'; repeatable. Default: empty field only, so 'NA' stays a value.")] = [],
+    strip: Annotated[bool, typer.Option(help="Trim spaces around values ('a, b').")] = True,
+    type_: Annotated[list[str], typer.Option("--type", help="COLUMN=TYPE (int64, float64, string); repeatable.")] = [],
+) -> None:
+    """Convert CSV to Parquet, streaming (pyarrow's CSV reader)."""
+    from recmtl.convert import csv_to_parquet
+    col_names = [n.strip() for n in names.split(",")] if names else None
+    if not header and not col_names:
+        raise ConfigError("--no-header needs --names a,b,c")
+    types = {}
+    for item in type_:
+        col, sep, typ = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--type '{item}' must look like COLUMN=TYPE")
+        types[col] = typ
+    rows = csv_to_parquet(src, output, col_names, header, delimiter, null_value, strip, types)
+    typer.echo(f"wrote {output}: {rows:,} rows")
+
+
+@app.command()
+def split(
+    src: Annotated[str, typer.Argument(help="Parquet file, folder or glob.")],
+    output: Annotated[list[Path], typer.Option("--output", "-o", help="Output Parquet file; one per fraction.")],
+    fractions: Annotated[str, typer.Option(help="Comma-separated fractions summing to 1.")] = "0.5,0.5",
+    seed: int = 0,
+) -> None:
+    """Split rows at random into several Parquet files (e.g. validation and test)."""
+    from recmtl.convert import split_parquet
+    try:
+        fr = [float(x) for x in fractions.split(",")]
+    except ValueError:
+        raise ConfigError(f"--fractions '{fractions}' must be numbers like 0.5,0.5") from None
+    counts = split_parquet(src, output, fr, seed)
+    typer.echo(", ".join(f"{p}: {n:,} rows" for p, n in zip(output, counts)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="recmtl")
+    except RecmtlError as exc:
+        print(f"recmtl: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("recmtl: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The run configuration: a YAML/TOML file validated up front with pydantic."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from recmtl.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FeatureConfig(_Strict):
+    """One input column. Categorical: ints or strings mapped to ids through a fitted vocabulary (values
+    seen fewer than ``min_count`` times, unseen values and nulls share id 0) or hashed into
+    ``hash_buckets``. Dense: numbers; nulls/NaN filled with ``fill`` then standardised."""
+
+    name: str
+    kind: Literal["categorical", "dense"]
+    min_count: int = Field(1, ge=1)
+    max_size: int | None = Field(None, ge=1)
+    hash_buckets: int | None = Field(None, ge=1)
+    embedding_dim: int | None = Field(None, ge=1)
+    fill: Literal["mean", "zero"] | float = "mean"
+    standardize: bool = True
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> FeatureConfig:
+        if self.kind == "dense" and (self.hash_buckets or self.max_size or self.embedding_dim or self.min_count != 1):
+            raise ValueError(f"feature '{self.name}': hash_buckets/max_size/min_count/embedding_dim apply to categorical features only")
+        return self
+
+
+class TaskConfig(_Strict):
+    """One task: its label column, its head and its weight. With ``positive``, the label is 1 where the
+    column's value is one of those values and 0 elsewhere (nulls stay unlabelled)."""
+
+    name: str
+    label: str | None = None
+    head: str = "binary"
+    weight: float = Field(1.0, ge=0)
+    positive: list[str | int | float] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _default_label(self) -> TaskConfig:
+        if self.label is None:
+            self.label = self.name
+        return self
+
+
+class ComponentConfig(BaseModel):
+    """A plugin by registered name plus its keyword parameters, e.g. ``{name: mmoe, num_experts: 8}``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(_Strict):
+    """Parquet inputs (file, folder or glob), relative to the config file's folder."""
+
+    train: str
+    validation: str | None = None
+    test: str | None = None
+    shuffle_buffer: int = Field(262_144, ge=0)
+    read_rows: int = Field(65_536, ge=1)
+
+
+class EarlyStoppingConfig(_Strict):
+    """``monitor``: ``auto`` (mean AUC when every task has one, else loss), ``loss``, ``TASK/METRIC`` or
+    ``mean/METRIC``; ``patience`` epochs without improvement before stopping (0 = never stop early)."""
+
+    monitor: str = "auto"
+    patience: int = Field(2, ge=0)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    embedding_lr: float | None = Field(None, gt=0)
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(2048, gt=0)
+    epochs: int = Field(10, gt=0)
+    eval_batch_size: int = Field(16_384, gt=0)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    threads: int | None = Field(None, gt=0)
+    progress: bool = True
+
+
+class EvaluationConfig(_Strict):
+    """``group_column``: a user-id column; binary tasks then also report GAUC."""
+
+    group_column: str | None = None
+
+
+class Config(_Strict):
+    seed: int = 42
+    plugins: list[str] = Field(default_factory=list)
+    data: DataConfig
+    features: list[FeatureConfig] = Field(min_length=1)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    encoders: dict[str, ComponentConfig] = Field(default_factory=dict)
+    tower: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="shared_bottom"))
+    balancer: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="fixed"))
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @field_validator("features")
+    @classmethod
+    def _unique_features(cls, features: list[FeatureConfig]) -> list[FeatureConfig]:
+        _no_duplicates([f.name for f in features], "feature")
+        return features
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        _no_duplicates([t.name for t in self.tasks], "task")
+        feature_names = {f.name for f in self.features}
+        for task in self.tasks:
+            if task.label in feature_names:
+                raise ValueError(
+                    f"column '{task.label}' is the label of task '{task.name}' and also a feature: "
+                    "a model would read its own answer; remove it from features"
+                )
+        return self
+
+    # where relative data paths are resolved
+    _base_dir: Path = Path(".")
+
+    def resolve(self, path: str | None) -> str | None:
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else self._base_dir / p)
+
+    def columns(self) -> list[str]:
+        """Every column a training run reads."""
+        cols = [f.name for f in self.features] + [t.label for t in self.tasks]
+        if self.evaluation.group_column:
+            cols.append(self.evaluation.group_column)
+        return list(dict.fromkeys(cols))
+
+
+def _no_duplicates(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"duplicate {what} name '{name}'")
+        seen.add(name)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{loc}'")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key '{loc}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if err["loc"] else msg)
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path = Path("."), source: str = "") -> Config:
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+    config._base_dir = base_dir
+    return config
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys (data, features, tasks, ...)")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read, apply ``key.path=value`` overrides (values parsed as YAML), and validate."""
+    raw = read_raw(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        key, value = item.split("=", 1)
+        set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return parse_config(raw, Path(path).resolve().parent, f"{path}")
+
+
+def dump_config(config: Config) -> str:
+    data = config.model_dump(mode="json", exclude_none=True)
+    for key in ("train", "validation", "test"):
+        if data["data"].get(key):
+            data["data"][key] = config.resolve(data["data"][key])
+    return yaml.safe_dump(data, sort_keys=False)

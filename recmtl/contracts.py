@@ -1,0 +1,136 @@
+"""The small contracts every plugin kind implements. Plugins subclass these base classes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """What an encoder knows about one input feature after the fit pass."""
+
+    name: str
+    kind: str
+    cardinality: int = 0  # categorical: number of ids, id 0 is the OOV/null bucket
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a head knows about its task."""
+
+    name: str
+    label: str
+    head: str
+    weight: float = 1.0
+
+
+class Encoder(nn.Module):
+    """Turns the preprocessed tensor of all features of one ``kind`` into ``[batch, output_dim]``.
+
+    Categorical input is a LongTensor ``[batch, n_features]`` of ids in ``[0, cardinality)`` (0 is the
+    OOV/null bucket); dense input is a FloatTensor ``[batch, n_features]``, standardised, nulls filled.
+    Embedding tables built with ``sparse=True`` are updated with a sparse optimiser, so a step costs
+    time proportional to the ids in the batch, not the vocabulary.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, features: list[FeatureInfo]) -> None:
+        super().__init__()
+        self.features = list(features)
+
+    @property
+    def output_dim(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Tower(nn.Module):
+    """Decides how tasks share parameters: ``forward(x) -> {task: h_task}``.
+
+    Built as ``cls(input_dim, task_names, **params)``; ``output_dims[task]`` is the width of ``h_task``.
+    """
+
+    def __init__(self, input_dim: int, task_names: list[str]) -> None:
+        super().__init__()
+        self.input_dim = input_dim
+        self.task_names = list(task_names)
+
+    @property
+    def output_dims(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters used by more than one task (what gradient-surgery balancers act on)."""
+        return list(self.parameters())
+
+    def diagnostics(self) -> dict[str, Any]:
+        """What the tower learned about task relations (e.g. mean gate weights), JSON-serialisable."""
+        return {}
+
+
+class Head(nn.Module):
+    """Turns ``h_task`` into a raw output, a loss, a user-facing score and metrics.
+
+    Built as ``cls(input_dim, task, **params)``. A head may depend on other tasks' scores
+    (``depends_on``): they arrive in ``upstream`` (ESMM's CTCVR = CTR x CVR).
+    """
+
+    depends_on: tuple[str, ...] = ()
+    #: metrics where larger is better (used by early stopping)
+    higher_is_better: ClassVar[frozenset[str]] = frozenset({"auc", "gauc", "accuracy", "f1"})
+
+    def __init__(self, input_dim: int, task: TaskInfo) -> None:
+        super().__init__()
+        self.input_dim = input_dim
+        self.task = task
+
+    def forward(self, h: torch.Tensor, upstream: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def loss(self, output: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the rows where ``mask`` is true (rows with a label)."""
+        raise NotImplementedError
+
+    def predict(self, output: torch.Tensor) -> torch.Tensor:
+        """The score a user wants (a probability for binary heads)."""
+        raise NotImplementedError
+
+    @classmethod
+    def label_problem(cls, distinct: np.ndarray) -> str | None:
+        """Say what is wrong with the distinct non-null label values, or None when they are fine."""
+        return None
+
+    def metrics(self, label: np.ndarray, score: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
+        """Metrics over labelled rows only (``label`` has no nulls here)."""
+        return {}
+
+
+class Balancer(nn.Module):
+    """Combines per-task losses and performs the backward pass.
+
+    Built as ``cls(task_names, weights, **params)`` where ``weights`` are the per-task weights from the
+    config. ``backward`` receives the losses and the shared parameters, so both loss weighting and
+    gradient surgery fit; it returns the weights it applied (for logs and reports).
+    """
+
+    def __init__(self, task_names: list[str], weights: dict[str, float]) -> None:
+        super().__init__()
+        self.task_names = list(task_names)
+        self.weights = dict(weights)
+
+    def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int, train_losses: dict[str, float]) -> None:
+        """Called after each epoch with the mean training loss per task (for e.g. DWA)."""

@@ -1,0 +1,77 @@
+"""Parquet input: a file, a folder or a glob, read in record batches with bounded memory."""
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recmtl.errors import DataError, close_matches
+
+
+def resolve_paths(spec: str) -> list[Path]:
+    """Expand a Parquet file, a folder (all ``*.parquet`` below it) or a glob into sorted files."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise DataError(f"folder {spec} holds no *.parquet files")
+        return files
+    if path.is_file():
+        return [path]
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"no files match {spec}")
+        return files
+    raise DataError(f"no such file or folder: {spec}")
+
+
+def open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise DataError(f"{path} is not a readable Parquet file (corrupt or another format): {exc}") from None
+
+
+class ParquetSource:
+    """A set of Parquet files read as one table, in row groups."""
+
+    def __init__(self, spec: str, columns: Sequence[str] | None = None) -> None:
+        self.spec = spec
+        self.files = [open_parquet(p) for p in resolve_paths(spec)]
+        self.paths = resolve_paths(spec)
+        self.schema = self.files[0].schema_arrow
+        for path, pf in zip(self.paths, self.files):
+            if columns is not None:
+                self.require(columns, pf.schema_arrow, path)
+        self.columns = list(columns) if columns is not None else self.schema.names
+        self.num_rows = sum(pf.metadata.num_rows for pf in self.files)
+        self.units = [(i, rg) for i, pf in enumerate(self.files) for rg in range(pf.num_row_groups)]
+
+    @staticmethod
+    def require(columns: Sequence[str], schema: pa.Schema, path: Path | str) -> None:
+        names = schema.names
+        for col in columns:
+            if col not in names:
+                raise DataError(f"column '{col}' not found in {path}{close_matches(col, names)}")
+
+    def field(self, name: str) -> pa.Field:
+        return self.schema.field(name)
+
+    def batches(self, read_rows: int = 65_536, rng: np.random.Generator | None = None,
+                columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Record batches of at most ``read_rows`` rows; row groups in random order when ``rng`` is given."""
+        units = list(self.units)
+        if rng is not None:
+            units = [units[i] for i in rng.permutation(len(units))]
+        cols = list(columns) if columns is not None else self.columns
+        for file_index, row_group in units:
+            pf = self.files[file_index]
+            try:
+                yield from pf.iter_batches(batch_size=read_rows, row_groups=[row_group], columns=cols)
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+                raise DataError(f"failed reading {self.paths[file_index]} (row group {row_group}): {exc}") from None

@@ -1,0 +1,120 @@
+"""Predicting with a trained model and computing per-task metrics over each task's labelled rows."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recmtl.config import Config, parse_config, read_raw
+from recmtl.data import ParquetSource
+from recmtl.errors import DataError
+from recmtl.model import MultiTaskModel
+from recmtl.pipeline import blocks, minibatches
+from recmtl.plugins import Registry, load_registry
+from recmtl.schema import FittedSchema
+
+
+@dataclass
+class Predictions:
+    scores: dict[str, np.ndarray]  # task -> [n]
+    labels: np.ndarray  # [n, T]
+    mask: np.ndarray  # [n, T] bool
+    group: np.ndarray | None
+    losses: dict[str, float]
+
+
+@torch.no_grad()
+def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, batch_size: int,
+            read_rows: int = 65_536) -> Predictions:
+    """Score every row of ``source`` in order (labels are read too, for metrics and losses)."""
+    was_training = model.training
+    model.eval()
+    scores: dict[str, list[np.ndarray]] = {t: [] for t in model.task_names}
+    labels, masks, groups = [], [], []
+    loss_sum = {t: 0.0 for t in model.task_names}
+    for batch in minibatches(blocks(source, schema, read_rows), batch_size):
+        outputs, preds = model.run(batch.inputs)
+        for i, t in enumerate(model.task_names):
+            scores[t].append(preds[t].numpy())
+            n_lab = float(batch.mask[:, i].sum())
+            if n_lab:
+                loss_sum[t] += float(model.heads[t].loss(outputs[t], batch.labels[:, i], batch.mask[:, i])) * n_lab
+        labels.append(batch.labels.numpy())
+        masks.append(batch.mask.numpy().astype(bool))
+        if batch.group is not None:
+            groups.append(batch.group)
+    model.train(was_training)
+    if not labels:
+        raise DataError(f"{source.spec} has no rows")
+    mask = np.concatenate(masks)
+    counts = mask.sum(0)
+    return Predictions(
+        {t: np.concatenate(v) for t, v in scores.items()},
+        np.concatenate(labels), mask,
+        np.concatenate(groups) if groups else None,
+        {t: (loss_sum[t] / counts[i] if counts[i] else math.nan) for i, t in enumerate(model.task_names)},
+    )
+
+
+def task_metrics(model: MultiTaskModel, pred: Predictions) -> dict[str, dict[str, float]]:
+    """Each head's metrics over its task's labelled rows, plus the loss and the labelled-row count."""
+    out: dict[str, dict[str, float]] = {}
+    for i, t in enumerate(model.task_names):
+        m = pred.mask[:, i]
+        group = pred.group[m] if pred.group is not None else None
+        values = model.heads[t].metrics(pred.labels[m, i], pred.scores[t][m], group)
+        out[t] = {**values, "loss": pred.losses[t], "rows": int(m.sum())}
+    return out
+
+
+@dataclass
+class LoadedRun:
+    config: Config
+    schema: FittedSchema
+    model: MultiTaskModel
+    registry: Registry
+    run_dir: Path
+
+
+def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = "best.pt") -> LoadedRun:
+    """Rebuild a trained model from its run directory (config, schema, checkpoint)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise DataError(f"{run_dir} is not a recmtl run directory (no config.yaml); train one with `recmtl train`")
+    config = parse_config(read_raw(run_dir / "config.yaml"), run_dir, str(run_dir / "config.yaml"))
+    registry = load_registry([*config.plugins, *plugins], disabled)
+    schema = FittedSchema.load(run_dir)
+    model = MultiTaskModel(config, schema, registry)
+    path = run_dir / checkpoint
+    if not path.is_file():
+        raise DataError(f"{run_dir} has no checkpoint {checkpoint}; the run has not finished an epoch")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return LoadedRun(config, schema, model, registry, run_dir)
+
+
+def format_table(metrics: dict[str, dict[str, Any]], reference: dict[str, dict[str, float]] | None = None) -> str:
+    """A plain text table: one row per task, one column per metric."""
+    names: list[str] = []
+    for values in metrics.values():
+        names += [k for k in values if k not in names and k != "rows"]
+    header = ["task", "rows", *names]
+    if reference:
+        header.append("reference_auc")
+    rows = []
+    for task, values in metrics.items():
+        row = [task, str(values.get("rows", ""))]
+        row += [f"{values[k]:.4f}" if isinstance(values.get(k), float) else str(values.get(k, "")) for k in names]
+        if reference:
+            ref = reference.get(task, {}).get("auc")
+            row.append("" if ref is None else f"{ref:.4f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""The multi-task model: encoders -> tower -> heads, assembled from registered plugins by name."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from recmtl.config import ComponentConfig, Config
+from recmtl.contracts import Head, TaskInfo
+from recmtl.errors import ConfigError, PluginError
+from recmtl.plugins import Registry
+from recmtl.schema import FittedSchema
+
+DEFAULT_ENCODERS = {"categorical": "embedding", "dense": "dense"}
+
+
+def encoder_config(config: Config, kind: str) -> ComponentConfig:
+    return config.encoders.get(kind) or ComponentConfig(name=DEFAULT_ENCODERS.get(kind, kind))
+
+
+def validate_plugins(config: Config, registry: Registry) -> dict[str, type[Head]]:
+    """Check every plugin name and parameter name in the config before any data is read."""
+    kinds_used = {f.kind for f in config.features}
+    for kind in config.encoders:
+        if kind not in ("categorical", "dense"):
+            raise ConfigError(f"encoders.{kind}: no feature kind '{kind}' (expected categorical or dense)")
+    for kind in kinds_used:
+        enc = encoder_config(config, kind)
+        cls = registry.get("encoder", enc.name)
+        if getattr(cls, "kind", None) != kind:
+            raise ConfigError(f"encoder '{enc.name}' encodes '{cls.kind}' features, not '{kind}'")
+        registry.check_params("encoder", enc.name, enc.params, fixed=["features"])
+    registry.check_params("tower", config.tower.name, config.tower.params, fixed=["input_dim", "task_names"])
+    registry.check_params("balancer", config.balancer.name, config.balancer.params, fixed=["task_names", "weights"])
+    heads = {}
+    task_names = {t.name for t in config.tasks}
+    for task in config.tasks:
+        registry.check_params("head", task.head, task.params, fixed=["input_dim", "task"])
+        heads[task.name] = registry.get("head", task.head)
+        ctr = task.params.get("ctr_task")
+        if ctr is not None and ctr not in task_names:
+            raise ConfigError(f"task '{task.name}': ctr_task '{ctr}' is not a task (tasks: {', '.join(sorted(task_names))})")
+    return heads
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, config: Config, schema: FittedSchema, registry: Registry) -> None:
+        super().__init__()
+        self.task_names = [t.name for t in config.tasks]
+        self.encoders = nn.ModuleDict()
+        for kind, infos in schema.feature_infos().items():
+            enc = encoder_config(config, kind)
+            self.encoders[kind] = registry.create("encoder", enc.name, infos, **enc.params)
+        input_dim = sum(e.output_dim for e in self.encoders.values())
+        self.tower = registry.create("tower", config.tower.name, input_dim, list(self.task_names), **config.tower.params)
+        dims = self.tower.output_dims
+        missing = [t for t in self.task_names if t not in dims]
+        if missing:
+            raise PluginError(f"tower '{config.tower.name}' declares no output for task(s) {missing}")
+        self.heads = nn.ModuleDict()
+        for task in config.tasks:
+            info = TaskInfo(task.name, task.label or task.name, task.head, task.weight)
+            self.heads[task.name] = registry.create("head", task.head, dims[task.name], info, **task.params)
+        self.order = self._topological_order()
+
+    def _topological_order(self) -> list[str]:
+        order: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(t: str) -> None:
+            if t in order:
+                return
+            if t in visiting:
+                raise ConfigError(f"tasks depend on each other in a cycle through '{t}'")
+            visiting.add(t)
+            for dep in self.heads[t].depends_on:
+                if dep not in self.heads:
+                    raise ConfigError(f"task '{t}' depends on unknown task '{dep}'")
+                visit(dep)
+            visiting.discard(t)
+            order.append(t)
+
+        for t in self.task_names:
+            visit(t)
+        return order
+
+    def encode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [enc(inputs[kind]) for kind, enc in self.encoders.items()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Raw outputs (what each head's ``loss`` takes) and scores per task, heads in dependency order."""
+        hidden = self.tower(self.encode(inputs))
+        outputs: dict[str, torch.Tensor] = {}
+        scores: dict[str, torch.Tensor] = {}
+        for t in self.order:
+            head = self.heads[t]
+            outputs[t] = head(hidden[t], {d: scores[d] for d in head.depends_on})
+            scores[t] = head.predict(outputs[t])
+        return outputs, scores
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.run(inputs)[0]
+
+    def predict(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.run(inputs)[1]
+
+    def losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {t: self.heads[t].loss(outputs[t], labels[:, i], mask[:, i]) for i, t in enumerate(self.task_names)}
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Dense parameters shared by tasks: encoders' dense weights and the tower's shared part."""
+        enc = [p for m in self.encoders.values() for p in _dense_params(m)]
+        return enc + list(self.tower.shared_parameters())
+
+    def diagnostics(self) -> dict[str, Any]:
+        return self.tower.diagnostics()
+
+
+def _dense_params(module: nn.Module) -> list[nn.Parameter]:
+    sparse = {id(p) for p in sparse_parameters(module)}
+    return [p for p in module.parameters() if id(p) not in sparse]
+
+
+def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters of embedding modules built with ``sparse=True`` (updated by a sparse optimiser)."""
+    return [m.weight for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]

@@ -1,0 +1,439 @@
+"""The fitted feature schema: vocabularies and dense statistics learnt in one pass over the training
+data, and the batch-wise Arrow -> numpy transform used by training, evaluation and export."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from sklearn.utils import murmurhash3_32
+
+from recmtl.config import Config, FeatureConfig, TaskConfig
+from recmtl.contracts import FeatureInfo
+from recmtl.data import ParquetSource
+from recmtl.errors import DataError
+from recmtl.io import atomic_path, write_json
+
+SCHEMA_VERSION = 1
+LEAK_SAMPLE_ROWS = 200_000
+LEAK_MAX_DISTINCT = 64
+
+
+def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    return arr
+
+
+def _value_type(name: str, typ: pa.DataType, kind: str) -> str:
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    if pa.types.is_integer(typ) or pa.types.is_boolean(typ):
+        return "int"
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return "string"
+    if kind == "dense" and (pa.types.is_floating(typ) or pa.types.is_decimal(typ)):
+        return "float"
+    want = "integers or strings (floats belong in kind: dense)" if kind == "categorical" else "numbers"
+    raise DataError(f"feature '{name}' is {kind} but its column has type {typ}; expected {want}")
+
+
+@dataclass
+class CategoricalColumn:
+    """Maps raw values to ids: 0 is the bucket for nulls, unseen and rare values; 1..V the vocabulary."""
+
+    name: str
+    value_type: str  # "int" | "string"
+    vocab: np.ndarray | None = None  # values in id order (id = position + 1)
+    hash_buckets: int | None = None
+    embedding_dim: int | None = None
+    _index: pd.Index | None = field(default=None, repr=False)
+
+    @property
+    def cardinality(self) -> int:
+        return (self.hash_buckets if self.hash_buckets else len(self.vocab)) + 1
+
+    def _normalise(self, arr: pa.Array) -> pa.Array:
+        arr = _plain(arr)
+        if self.value_type == "int":
+            if not (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)):
+                raise DataError(f"feature '{self.name}': expected integer values, got {arr.type}")
+            return arr.cast(pa.int64())
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            raise DataError(f"feature '{self.name}': expected string values, got {arr.type}")
+        return arr
+
+    def ids(self, arr: pa.Array) -> np.ndarray:
+        arr = self._normalise(arr)
+        valid = None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
+        if self.hash_buckets:
+            out = self._hash(arr)
+        else:
+            if self._index is None:
+                self._index = pd.Index(self.vocab, dtype=object if self.value_type == "string" else np.int64)
+            if self.value_type == "int":
+                values = arr.fill_null(0).to_numpy()
+            else:
+                values = arr.to_numpy(zero_copy_only=False)
+            out = self._index.get_indexer(values).astype(np.int64) + 1  # unknown (-1) -> 0
+        if valid is not None:
+            out[~valid] = 0
+        return out
+
+    def _hash(self, arr: pa.Array) -> np.ndarray:
+        buckets = self.hash_buckets
+        if self.value_type == "int":
+            return np.mod(arr.fill_null(0).to_numpy(), buckets) + 1
+        encoded = pc.dictionary_encode(arr.fill_null(""))
+        uniques = encoded.dictionary.to_pylist()
+        hashed = np.fromiter((murmurhash3_32(u, seed=0, positive=True) % buckets for u in uniques),
+                             dtype=np.int64, count=len(uniques))
+        return hashed[encoded.indices.to_numpy()] + 1
+
+
+@dataclass
+class DenseColumn:
+    """Fills nulls/NaN with ``fill`` then standardises with the fitted mean and std."""
+
+    name: str
+    mean: float = 0.0
+    std: float = 1.0
+    fill: float = 0.0
+
+    def values(self, arr: pa.Array) -> np.ndarray:
+        arr = _plain(arr)
+        if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
+                or pa.types.is_boolean(arr.type) or pa.types.is_decimal(arr.type)):
+            raise DataError(f"feature '{self.name}': expected numbers, got {arr.type}")
+        x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        x = np.where(np.isfinite(x), x, self.fill)
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+
+@dataclass
+class LabelColumn:
+    """A task's label: float values plus a mask of labelled (non-null) rows."""
+
+    task: str
+    column: str
+    positive: list[Any] | None = None
+
+    def values(self, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        arr = _plain(arr)
+        mask = arr.is_valid().to_numpy(zero_copy_only=False)
+        if self.positive is not None:
+            value_set = pa.array([str(v) for v in self.positive]) if (
+                pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)) else pa.array(self.positive).cast(arr.type)
+            y = pc.is_in(arr, value_set=value_set).to_numpy(zero_copy_only=False).astype(np.float32)
+        else:
+            if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)):
+                raise DataError(
+                    f"label column '{self.column}' of task '{self.task}' has type {arr.type}; "
+                    "expected numbers, or set `positive: [values]` to mark which values count as 1"
+                )
+            y = arr.cast(pa.float32()).fill_null(0).to_numpy(zero_copy_only=False)
+            finite = np.isfinite(y)
+            mask &= finite
+            y = np.where(finite, y, 0).astype(np.float32)
+        return y, mask
+
+
+@dataclass
+class Arrays:
+    """One block of preprocessed rows: what the model and the loss read."""
+
+    inputs: dict[str, np.ndarray]  # kind -> [n, n_features]
+    labels: np.ndarray | None  # [n, n_tasks] float32
+    mask: np.ndarray | None  # [n, n_tasks] bool
+    group: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, idx: np.ndarray | slice) -> Arrays:
+        def sub(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[idx]
+        return Arrays({k: v[idx] for k, v in self.inputs.items()}, sub(self.labels), sub(self.mask), sub(self.group))
+
+    @staticmethod
+    def concat(blocks: list[Arrays]) -> Arrays:
+        if len(blocks) == 1:
+            return blocks[0]
+        def cat(items: list[np.ndarray | None]) -> np.ndarray | None:
+            return None if items[0] is None else np.concatenate(items)
+        return Arrays(
+            {k: np.concatenate([b.inputs[k] for b in blocks]) for k in blocks[0].inputs},
+            cat([b.labels for b in blocks]), cat([b.mask for b in blocks]), cat([b.group for b in blocks]),
+        )
+
+
+@dataclass
+class FittedSchema:
+    categorical: list[CategoricalColumn]
+    dense: list[DenseColumn]
+    labels: list[LabelColumn]
+    group_column: str | None = None
+    num_rows: int = 0
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [c.name for c in self.categorical] + [d.name for d in self.dense]
+
+    def feature_infos(self) -> dict[str, list[FeatureInfo]]:
+        infos: dict[str, list[FeatureInfo]] = {}
+        if self.categorical:
+            infos["categorical"] = [
+                FeatureInfo(c.name, "categorical", c.cardinality, {"embedding_dim": c.embedding_dim} if c.embedding_dim else {})
+                for c in self.categorical
+            ]
+        if self.dense:
+            infos["dense"] = [FeatureInfo(d.name, "dense") for d in self.dense]
+        return infos
+
+    def transform(self, batch: pa.RecordBatch | pa.Table, labels: bool = True) -> Arrays:
+        """Arrow rows -> preprocessed numpy arrays, column-wise (no per-row Python)."""
+        n = batch.num_rows
+        inputs: dict[str, np.ndarray] = {}
+        if self.categorical:
+            cat = np.empty((n, len(self.categorical)), dtype=np.int64)
+            for j, col in enumerate(self.categorical):
+                cat[:, j] = col.ids(batch.column(col.name))
+            inputs["categorical"] = cat
+        if self.dense:
+            dense = np.empty((n, len(self.dense)), dtype=np.float32)
+            for j, col in enumerate(self.dense):
+                dense[:, j] = col.values(batch.column(col.name))
+            inputs["dense"] = dense
+        y = mask = None
+        if labels:
+            y = np.empty((n, len(self.labels)), dtype=np.float32)
+            mask = np.empty((n, len(self.labels)), dtype=bool)
+            for j, lab in enumerate(self.labels):
+                y[:, j], mask[:, j] = lab.values(batch.column(lab.column))
+        group = None
+        if self.group_column and self.group_column in batch.schema.names:
+            group = _plain(batch.column(self.group_column)).to_numpy(zero_copy_only=False)
+        return Arrays(inputs, y, mask, group)
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save(self, run_dir: Path) -> None:
+        vocab_dir = run_dir / "vocab"
+        vocab_dir.mkdir(parents=True, exist_ok=True)
+        cats = []
+        for j, c in enumerate(self.categorical):
+            entry: dict[str, Any] = {"name": c.name, "value_type": c.value_type, "cardinality": c.cardinality}
+            if c.hash_buckets:
+                entry["hash_buckets"] = c.hash_buckets
+            else:
+                entry["vocab_file"] = f"vocab/{j:04d}.parquet"
+                with atomic_path(run_dir / entry["vocab_file"]) as tmp:
+                    pq.write_table(pa.table({"value": pa.array(c.vocab)}), tmp)
+            if c.embedding_dim:
+                entry["embedding_dim"] = c.embedding_dim
+            cats.append(entry)
+        write_json(run_dir / "schema.json", {
+            "schema_version": SCHEMA_VERSION,
+            "num_rows": self.num_rows,
+            "categorical": cats,
+            "dense": [{"name": d.name, "mean": d.mean, "std": d.std, "fill": d.fill} for d in self.dense],
+            "labels": [{"task": lab.task, "column": lab.column, "positive": lab.positive} for lab in self.labels],
+            "group_column": self.group_column,
+        })
+
+    @classmethod
+    def load(cls, run_dir: Path) -> FittedSchema:
+        path = run_dir / "schema.json"
+        if not path.is_file():
+            raise DataError(f"{run_dir} is not a recmtl run directory (no schema.json)")
+        meta = json.loads(path.read_text())
+        cats = []
+        for c in meta["categorical"]:
+            vocab = None
+            if "vocab_file" in c:
+                vocab = pq.read_table(run_dir / c["vocab_file"]).column("value").to_numpy(zero_copy_only=False)
+            cats.append(CategoricalColumn(c["name"], c["value_type"], vocab, c.get("hash_buckets"), c.get("embedding_dim")))
+        return cls(
+            categorical=cats,
+            dense=[DenseColumn(**d) for d in meta["dense"]],
+            labels=[LabelColumn(lab["task"], lab["column"], lab["positive"]) for lab in meta["labels"]],
+            group_column=meta.get("group_column"),
+            num_rows=meta.get("num_rows", 0),
+        )
+
+
+# ---- the fit pass ---------------------------------------------------------------------------------
+class _VocabCounter:
+    """Streaming value counts with memory bounded by the number of distinct values."""
+
+    def __init__(self) -> None:
+        self.parts: list[pa.StructArray] = []
+        self.pending = 0
+
+    def add(self, arr: pa.Array) -> None:
+        counts = pc.value_counts(arr.drop_null())
+        self.parts.append(counts)
+        self.pending += len(counts)
+        if self.pending > 2_000_000 and len(self.parts) > 1:
+            self.parts = [self._merge()]
+            self.pending = len(self.parts[0])
+
+    def _merge(self) -> pa.StructArray:
+        values = pa.concat_arrays([p.field("values") for p in self.parts])
+        counts = pa.concat_arrays([p.field("counts") for p in self.parts])
+        grouped = pa.table({"values": values, "counts": counts}).group_by("values").aggregate([("counts", "sum")])
+        return pa.StructArray.from_arrays([grouped.column("values").combine_chunks(),
+                                           grouped.column("counts_sum").combine_chunks()], ["values", "counts"])
+
+    def vocabulary(self, min_count: int, max_size: int | None) -> np.ndarray:
+        if not self.parts:
+            return np.array([], dtype=np.int64)
+        merged = self._merge()
+        table = pa.table({"v": merged.field("values"), "c": merged.field("counts")})
+        table = table.filter(pc.greater_equal(table["c"], min_count))
+        table = table.sort_by([("c", "descending"), ("v", "ascending")])
+        if max_size is not None:
+            table = table.slice(0, max_size)
+        return table["v"].to_numpy()
+
+
+class _DenseStats:
+    def __init__(self) -> None:
+        self.n = 0
+        self.s = 0.0
+        self.ss = 0.0
+
+    def add(self, arr: pa.Array) -> None:
+        x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        x = x[np.isfinite(x)]
+        self.n += len(x)
+        self.s += float(x.sum())
+        self.ss += float(np.square(x).sum())
+
+    def mean_std(self) -> tuple[float, float]:
+        if self.n == 0:
+            return 0.0, 1.0
+        mean = self.s / self.n
+        var = max(self.ss / self.n - mean * mean, 0.0)
+        std = math.sqrt(var)
+        return mean, (std if std > 1e-12 else 1.0)
+
+
+class _LabelStats:
+    def __init__(self) -> None:
+        self.labelled = 0
+        self.distinct: set[float] = set()
+
+    def add(self, y: np.ndarray, mask: np.ndarray) -> None:
+        self.labelled += int(mask.sum())
+        if len(self.distinct) <= 16:
+            self.distinct.update(np.unique(y[mask]).tolist())
+
+
+def check_types(config: Config, source: ParquetSource) -> dict[str, str]:
+    """Validate every configured column's type before reading rows; return the value type per feature."""
+    types = {}
+    for f in config.features:
+        types[f.name] = _value_type(f.name, source.field(f.name).type, f.kind)
+    return types
+
+
+def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, Any],
+               progress: Any = None) -> FittedSchema:
+    """One pass over the training data: vocabularies, dense statistics, label checks, leak check."""
+    types = check_types(config, source)
+    cat_cfg = [f for f in config.features if f.kind == "categorical"]
+    dense_cfg = [f for f in config.features if f.kind == "dense"]
+    labels = [LabelColumn(t.name, t.label, t.positive) for t in config.tasks]
+    counters = {f.name: _VocabCounter() for f in cat_cfg if not f.hash_buckets}
+    stats = {f.name: _DenseStats() for f in dense_cfg}
+    label_stats = {lab.task: _LabelStats() for lab in labels}
+    sample: list[pa.RecordBatch] = []
+    sampled = 0
+    rows = 0
+    for batch in source.batches(read_rows=config.data.read_rows):
+        rows += batch.num_rows
+        for f in cat_cfg:
+            if f.name in counters:
+                arr = _plain(batch.column(f.name))
+                counters[f.name].add(arr.cast(pa.int64()) if types[f.name] == "int" else arr)
+        for f in dense_cfg:
+            stats[f.name].add(_plain(batch.column(f.name)))
+        for lab in labels:
+            y, mask = lab.values(batch.column(lab.column))
+            label_stats[lab.task].add(y, mask)
+        if sampled < LEAK_SAMPLE_ROWS:
+            sample.append(batch)
+            sampled += batch.num_rows
+        if progress is not None:
+            progress(batch.num_rows)
+    if rows == 0:
+        raise DataError(f"training data {source.spec} has no rows")
+
+    for task in config.tasks:
+        st = label_stats[task.name]
+        if st.labelled == 0:
+            raise DataError(f"task '{task.name}' has no labelled rows: column '{task.label}' is null everywhere in {source.spec}")
+        head_cls = head_classes[task.name]
+        problem = head_cls.label_problem(np.array(sorted(st.distinct)))
+        if problem:
+            raise DataError(f"label column '{task.label}' of task '{task.name}' (head '{task.head}'): {problem}")
+
+    categorical = []
+    for f in cat_cfg:
+        if f.hash_buckets:
+            categorical.append(CategoricalColumn(f.name, types[f.name], None, f.hash_buckets, f.embedding_dim))
+        else:
+            vocab = counters[f.name].vocabulary(f.min_count, f.max_size)
+            if types[f.name] == "string":
+                vocab = vocab.astype(object)
+            categorical.append(CategoricalColumn(f.name, types[f.name], vocab, None, f.embedding_dim))
+    dense = []
+    for f in dense_cfg:
+        mean, std = stats[f.name].mean_std()
+        if not f.standardize:
+            mean, std = 0.0, 1.0
+        fill = stats[f.name].mean_std()[0] if f.fill == "mean" else (0.0 if f.fill == "zero" else float(f.fill))
+        dense.append(DenseColumn(f.name, mean, std, fill))
+
+    check_leaks(config.features, config.tasks, pa.Table.from_batches(sample), labels)
+    return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows)
+
+
+def check_leaks(features: Iterable[FeatureConfig], tasks: Iterable[TaskConfig], sample: pa.Table,
+                labels: list[LabelColumn]) -> None:
+    """Refuse a feature that is a copy of a label or determines it exactly (a derived column)."""
+    by_task = {lab.task: lab for lab in labels}
+    for task in tasks:
+        y, mask = by_task[task.name].values(sample.column(task.label))
+        if mask.sum() < 100 or len(np.unique(y[mask])) < 2:
+            continue
+        y_l = y[mask]
+        for f in features:
+            col = _plain(sample.column(f.name)).filter(pa.array(mask))
+            if col.null_count == len(col):
+                continue
+            codes = pc.dictionary_encode(col).indices.to_numpy(zero_copy_only=False)
+            n_codes = int(np.nanmax(codes)) + 1 if len(codes) else 0
+            leak = False
+            if n_codes <= LEAK_MAX_DISTINCT:
+                frame = pd.DataFrame({"f": codes, "y": y_l})
+                leak = int(frame.groupby("f", dropna=False)["y"].nunique().max()) == 1
+            elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+                x = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
+                leak = bool(np.allclose(x, y_l, equal_nan=False))
+            if leak:
+                raise DataError(
+                    f"feature '{f.name}' determines the label of task '{task.name}' (column '{task.label}') "
+                    "exactly on the training data: it is a copy of the label or derived from it, so the model "
+                    f"would learn nothing usable; remove '{f.name}' from features"
+                )

@@ -1,0 +1,281 @@
+"""The training loop: fit pass, epochs with a progress bar, validation, early stopping, atomic
+checkpoints, ``--resume``, and the run directory."""
+from __future__ import annotations
+
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow
+import torch
+from tqdm import tqdm
+
+import recmtl
+from recmtl.config import Config, dump_config
+from recmtl.contracts import Balancer
+from recmtl.data import ParquetSource
+from recmtl.errors import ConfigError, DataError
+from recmtl.evaluate import predict, task_metrics
+from recmtl.io import atomic_path, write_json, write_text
+from recmtl.model import MultiTaskModel, sparse_parameters, validate_plugins
+from recmtl.pipeline import blocks, minibatches
+from recmtl.plugins import Registry
+from recmtl.schema import FittedSchema, check_types, fit_schema
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class TrainRun:
+    """What life-cycle hooks receive."""
+
+    config: Config
+    schema: FittedSchema
+    model: MultiTaskModel
+    balancer: Balancer
+    run_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    return {"recmtl": recmtl.__version__, "torch": torch.__version__, "pyarrow": pyarrow.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+class Monitor:
+    """Resolves ``early_stopping.monitor`` into a number per epoch and whether larger is better."""
+
+    def __init__(self, spec: str, model: MultiTaskModel) -> None:
+        self.model = model
+        if spec == "auto":
+            has_auc = all("auc" in _metric_names(h) for h in model.heads.values())
+            spec = "mean/auc" if has_auc else "loss"
+        self.spec = spec
+        if spec == "loss":
+            self.higher = False
+        else:
+            if "/" not in spec:
+                raise ConfigError(f"early_stopping.monitor '{spec}': use auto, loss, TASK/METRIC or mean/METRIC")
+            task, metric = spec.split("/", 1)
+            if task != "mean" and task not in model.heads:
+                raise ConfigError(f"early_stopping.monitor '{spec}': no task '{task}' (tasks: {', '.join(model.task_names)})")
+            heads = model.heads.values() if task == "mean" else [model.heads[task]]
+            self.higher = any(metric in h.higher_is_better for h in heads)
+
+    def value(self, metrics: dict[str, dict[str, float]]) -> float:
+        if self.spec == "loss":
+            return float(np.mean([m["loss"] for m in metrics.values()]))
+        task, metric = self.spec.split("/", 1)
+        if task == "mean":
+            vals = [m[metric] for m in metrics.values() if metric in m]
+            if not vals:
+                raise ConfigError(f"early_stopping.monitor '{self.spec}': no task reports '{metric}'")
+            return float(np.mean(vals))
+        if metric not in metrics[task]:
+            raise ConfigError(f"early_stopping.monitor '{self.spec}': task '{task}' reports {sorted(metrics[task])}")
+        return float(metrics[task][metric])
+
+    def better(self, new: float, best: float | None) -> bool:
+        if best is None or math.isnan(best):
+            return not math.isnan(new)
+        return new > best if self.higher else new < best
+
+
+def _metric_names(head: Any) -> set[str]:
+    probe = head.metrics(np.array([0.0, 1.0]), np.array([0.2, 0.8]))
+    return set(probe)
+
+
+def make_optimizers(config: Config, model: MultiTaskModel, balancer: Balancer) -> list[torch.optim.Optimizer]:
+    """A dense optimiser for the dense parameters and a sparse one for sparse embedding tables."""
+    sparse = sparse_parameters(model)
+    sparse_ids = {id(p) for p in sparse}
+    dense = [p for p in list(model.parameters()) + list(balancer.parameters()) if id(p) not in sparse_ids]
+    opt = config.optimizer
+    emb_lr = opt.embedding_lr or opt.lr
+    dense_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+                 "adagrad": torch.optim.Adagrad}[opt.name]
+    optimizers = [dense_cls(dense, lr=opt.lr, weight_decay=opt.weight_decay)]
+    if sparse:
+        if opt.name in ("adam", "adamw"):
+            optimizers.append(torch.optim.SparseAdam(sparse, lr=emb_lr))
+        else:  # SGD and Adagrad accept sparse gradients themselves
+            optimizers.append(dense_cls(sparse, lr=emb_lr))
+    return optimizers
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool = False) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir``; returns the content of ``metrics.json``."""
+    run_dir = Path(run_dir)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if resume and not last_path.is_file():
+        raise ConfigError(f"nothing to resume: {run_dir} has no last.pt")
+    if not resume and (last_path.is_file() or best_path.is_file()):
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    seed_everything(config.seed)
+    heads = validate_plugins(config, registry)
+
+    columns = config.columns()
+    train_src = ParquetSource(config.resolve(config.data.train), columns)
+    label_cols = [t.label for t in config.tasks] + [f.name for f in config.features]
+    valid_src = ParquetSource(config.resolve(config.data.validation), label_cols) if config.data.validation else None
+    test_src = ParquetSource(config.resolve(config.data.test), label_cols) if config.data.test else None
+    for src in (valid_src, test_src):
+        if src is not None:
+            check_types(config, src)
+
+    if resume:
+        schema = FittedSchema.load(run_dir)
+    else:
+        with tqdm(total=train_src.num_rows, desc="fit schema", unit="row", unit_scale=True,
+                  disable=not config.train.progress, file=sys.stderr, mininterval=1.0) as bar:
+            schema = fit_schema(config, train_src, {t.name: heads[t.name] for t in config.tasks}, bar.update)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        schema.save(run_dir)
+        write_text(run_dir / "config.yaml", dump_config(config))
+        write_json(run_dir / "run.json", {"versions": versions(), "argv": sys.argv,
+                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    model = MultiTaskModel(config, schema, registry)
+    weights = {t.name: t.weight for t in config.tasks}
+    balancer = registry.create("balancer", config.balancer.name, [t.name for t in config.tasks], weights,
+                               **config.balancer.params)
+    optimizers = make_optimizers(config, model, balancer)
+    monitor = Monitor(config.train.early_stopping.monitor, model)
+    shared = model.shared_parameters()
+    run = TrainRun(config, schema, model, balancer, run_dir)
+    hook = registry.pm.hook
+
+    start_epoch, best, best_epoch, bad_epochs = 0, None, -1, 0
+    if resume:
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        balancer.load_state_dict(state["balancer"])
+        for opt, opt_state in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        start_epoch, best, best_epoch, bad_epochs = state["epoch"] + 1, state["best"], state["best_epoch"], state["bad_epochs"]
+        run.history = state["history"]
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        say(f"resuming {run_dir} after epoch {state['epoch'] + 1} (best {monitor.spec} = {best} at epoch {best_epoch + 1})")
+        if state.get("finished"):
+            say("the run had already finished; nothing to do")
+            start_epoch = config.train.epochs
+
+    hook.recmtl_train_start(run=run)
+    patience = config.train.early_stopping.patience
+    tc = config.train
+    for epoch in range(start_epoch, tc.epochs):
+        rng = np.random.default_rng([config.seed, epoch])
+        model.train()
+        loss_sum = {t: 0.0 for t in model.task_names}
+        steps, rows, t0 = 0, 0, time.perf_counter()
+        applied: dict[str, float] = {}
+        stream = minibatches(blocks(train_src, schema, config.data.read_rows, rng), tc.batch_size,
+                             config.data.shuffle_buffer, rng)
+        with tqdm(total=train_src.num_rows, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="row", unit_scale=True,
+                  disable=not tc.progress, file=sys.stderr, mininterval=1.0) as bar:
+            for batch in stream:
+                outputs = model(batch.inputs)
+                losses = model.losses(outputs, batch.labels, batch.mask)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                applied = balancer.backward(losses, shared)
+                for opt in optimizers:
+                    opt.step()
+                for t, loss in losses.items():
+                    loss_sum[t] += loss.item()
+                steps += 1
+                rows += batch.rows
+                bar.update(batch.rows)
+                if steps % 50 == 0:
+                    bar.set_postfix({t: f"{loss_sum[t] / steps:.4f}" for t in model.task_names}, refresh=False)
+        seconds = time.perf_counter() - t0
+        if steps == 0:
+            raise DataError(f"training data {train_src.spec} produced no batches")
+        train_loss = {t: v / steps for t, v in loss_sum.items()}
+        for t, v in train_loss.items():
+            if not math.isfinite(v):
+                raise DataError(f"task '{t}' training loss became {v} in epoch {epoch + 1}; lower optimizer.lr "
+                                "or check the label and feature values")
+        balancer.on_epoch_end(epoch, train_loss)
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "weights": applied,
+                                  "rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1)}
+        if valid_src is not None:
+            val = task_metrics(model, predict(model, schema, valid_src, tc.eval_batch_size, config.data.read_rows))
+            record["validation"] = val
+            score = monitor.value(val)
+            diag = model.diagnostics()
+            if diag:
+                record["diagnostics"] = diag
+        else:
+            score = float(np.mean(list(train_loss.values())))
+        record["monitor"] = {monitor.spec if valid_src is not None else "train_loss": score}
+        improved = (monitor.better(score, best) if valid_src is not None else (best is None or score < best))
+        if improved:
+            best, best_epoch, bad_epochs = score, epoch, 0
+        else:
+            bad_epochs += 1
+        run.history.append(record)
+        summary = "  ".join(
+            f"{t}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if k in ("auc", "logloss", "rmse", "gauc"))
+            for t, m in record.get("validation", {}).items())
+        say(f"epoch {epoch + 1}: {rows / seconds:,.0f} rows/s  train loss "
+            + " ".join(f"{t}={v:.4f}" for t, v in train_loss.items())
+            + (f"  | valid {summary}" if summary else "") + ("  *best*" if improved else ""))
+        stop = patience > 0 and bad_epochs >= patience
+        finished = stop or epoch + 1 == tc.epochs
+        state = {"model": model.state_dict(), "balancer": balancer.state_dict(),
+                 "optimizers": [o.state_dict() for o in optimizers], "epoch": epoch, "best": best,
+                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": run.history, "finished": finished,
+                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
+        if improved:
+            _save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})
+            hook.recmtl_checkpoint_saved(run=run, path=str(best_path), is_best=True)
+        _save_checkpoint(last_path, state)
+        hook.recmtl_checkpoint_saved(run=run, path=str(last_path), is_best=False)
+        write_json(run_dir / "metrics.json", _summary(run.history, best_epoch, monitor.spec, None))
+        hook.recmtl_epoch_end(run=run, epoch=epoch + 1, metrics=record)
+        if stop:
+            say(f"early stopping: {monitor.spec} did not improve for {patience} epochs; best epoch {best_epoch + 1}")
+            break
+
+    # final metrics from the best checkpoint
+    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+    test_metrics = None
+    if test_src is not None:
+        test_metrics = task_metrics(model, predict(model, schema, test_src, tc.eval_batch_size, config.data.read_rows))
+    summary = _summary(run.history, best_epoch, monitor.spec, test_metrics)
+    write_json(run_dir / "metrics.json", summary)
+    hook.recmtl_train_end(run=run, metrics=summary)
+    return summary
+
+
+def _summary(history: list[dict[str, Any]], best_epoch: int, monitor: str, test: dict | None) -> dict[str, Any]:
+    best = history[best_epoch] if 0 <= best_epoch < len(history) else {}
+    out: dict[str, Any] = {"monitor": monitor, "best_epoch": best_epoch + 1,
+                           "validation": best.get("validation"), "history": history}
+    if test is not None:
+        out["test"] = test
+    return out
