@@ -179,9 +179,11 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         say(f"resuming {run_dir} after epoch {state['epoch'] + 1} (best {monitor.spec} = {best} at epoch {best_epoch + 1})")
-        if state.get("finished"):
-            say("the run had already finished; nothing to do")
+        if state.get("stopped_early"):
+            say("the run had stopped early; nothing to train")
             start_epoch = config.train.epochs
+        elif start_epoch >= config.train.epochs:
+            say(f"the run already trained {start_epoch} epochs (train.epochs = {config.train.epochs}); nothing to train")
 
     hook.recmtl_train_start(run=run)
     patience = config.train.early_stopping.patience
@@ -245,10 +247,9 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
             + " ".join(f"{t}={v:.4f}" for t, v in train_loss.items())
             + (f"  | valid {summary}" if summary else "") + ("  *best*" if improved else ""))
         stop = patience > 0 and bad_epochs >= patience
-        finished = stop or epoch + 1 == tc.epochs
         state = {"model": model.state_dict(), "balancer": balancer.state_dict(),
                  "optimizers": [o.state_dict() for o in optimizers], "epoch": epoch, "best": best,
-                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": run.history, "finished": finished,
+                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": run.history, "stopped_early": stop,
                  "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
         if improved:
             _save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})

@@ -1,0 +1,179 @@
+"""Contract checks every plugin must pass, public so a plugin author gets them in one line:
+
+    from recmtl.testing import check_tower
+    def test_my_tower():
+        check_tower(MyTower, num_blocks=2)
+
+Each check raises ``AssertionError`` naming the plugin and the broken promise.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from recmtl.contracts import Balancer, Encoder, FeatureInfo, Head, TaskInfo, Tower
+
+TASKS = ["task_a", "task_b"]
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _fit(params: list[nn.Parameter], loss_fn: Any, steps: int = 60, lr: float = 0.02) -> tuple[float, float]:
+    opt = torch.optim.Adam(params, lr=lr)
+    first = last = None
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+        last = loss.item()
+    return first, last
+
+
+def check_tower(cls: type[Tower], input_dim: int = 12, **params: Any) -> Tower:
+    """Shapes per task, gradients reach every parameter, a few steps fit a tiny two-task problem."""
+    torch.manual_seed(0)
+    name = _name(cls)
+    tower = cls(input_dim, list(TASKS), **params)
+    assert isinstance(tower, Tower), f"{name} must subclass recmtl.Tower"
+    dims = tower.output_dims
+    for t in TASKS:
+        assert t in dims and int(dims[t]) > 0, f"{name}.output_dims has no positive width for task '{t}': {dims}"
+    x = torch.randn(32, input_dim)
+    out = tower(x)
+    assert isinstance(out, dict), f"{name}.forward must return a dict task -> tensor"
+    for t in TASKS:
+        assert t in out, f"{name}.forward returned no entry for task '{t}' (got {sorted(out)})"
+        assert tuple(out[t].shape) == (32, dims[t]), f"{name}: task '{t}' output {tuple(out[t].shape)}, expected (32, {dims[t]})"
+    sum(o.sum() for o in out.values()).backward()
+    all_params = {id(p) for p in tower.parameters()}
+    for p in tower.shared_parameters():
+        assert id(p) in all_params, f"{name}.shared_parameters returned a parameter the tower does not own"
+    no_grad = [n for n, p in tower.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"{name}: no gradient reaches {no_grad}"
+    # a tiny problem: each task a different linear function of x
+    heads = nn.ModuleDict({t: nn.Linear(dims[t], 1) for t in TASKS})
+    w = torch.randn(len(TASKS), input_dim)
+    xs = torch.randn(256, input_dim)
+    ys = xs @ w.T
+    tower.train()
+
+    def loss() -> torch.Tensor:
+        h = tower(xs)
+        return sum(((heads[t](h[t]).squeeze(-1) - ys[:, i]) ** 2).mean() for i, t in enumerate(TASKS))
+
+    first, last = _fit(list(tower.parameters()) + list(heads.parameters()), loss)
+    assert last < 0.7 * first, f"{name}: 60 Adam steps did not reduce a tiny regression loss ({first:.4f} -> {last:.4f})"
+    tower.eval()
+    tower(xs)
+    json.dumps(tower.diagnostics())
+    return tower
+
+
+def check_head(cls: type[Head], input_dim: int = 8, **params: Any) -> Head:
+    """Output/score shapes, masked rows do not count, gradients reach the input, the loss can be fitted."""
+    torch.manual_seed(0)
+    name = _name(cls)
+    head = cls(input_dim, TaskInfo("task_a", "label_a", "head"), **params)
+    assert isinstance(head, Head), f"{name} must subclass recmtl.Head"
+    n = 64
+    h = torch.randn(n, input_dim, requires_grad=True)
+    upstream = {d: torch.sigmoid(torch.randn(n)) for d in head.depends_on}
+    label = (torch.rand(n) < 0.4).float()
+    mask = (torch.rand(n) < 0.8).float()
+    out = head(h, upstream)
+    assert out.shape[0] == n, f"{name}.forward must keep the batch dimension first, got {tuple(out.shape)}"
+    score = head.predict(out)
+    assert score.shape[0] == n, f"{name}.predict must return one score per row, got {tuple(score.shape)}"
+    loss = head.loss(out, label, mask)
+    assert loss.dim() == 0 and torch.isfinite(loss), f"{name}.loss must be a finite scalar, got {loss}"
+    flipped = torch.where(mask.bool(), label, 1 - label)
+    assert torch.allclose(loss, head.loss(out, flipped, mask)), f"{name}.loss changed when only unlabelled (masked) rows changed"
+    loss.backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0, f"{name}: no gradient reaches the tower output"
+    m = head.metrics(label.numpy()[mask.numpy() > 0], score.detach().numpy()[mask.numpy() > 0])
+    assert isinstance(m, dict) and all(isinstance(v, float) for v in m.values()), f"{name}.metrics must return dict of floats"
+    hx = torch.randn(n, input_dim)
+    target = (hx[:, 0] > 0).float()
+
+    def fit_loss() -> torch.Tensor:
+        return head.loss(head(hx, upstream), target, torch.ones(n))
+
+    first, last = _fit(list(head.parameters()), fit_loss, steps=100, lr=0.05)
+    assert last < first, f"{name}: training did not reduce the loss ({first:.4f} -> {last:.4f})"
+    return head
+
+
+def check_balancer(cls: type[Balancer], **params: Any) -> Balancer:
+    """backward() fills gradients of the shared parameters, returns weights per task, and training with
+    it reduces every task's loss on a tiny problem."""
+    torch.manual_seed(0)
+    name = _name(cls)
+    balancer = cls(list(TASKS), {t: 1.0 for t in TASKS}, **params)
+    assert isinstance(balancer, Balancer), f"{name} must subclass recmtl.Balancer"
+    shared = nn.Linear(6, 16)
+    heads = nn.ModuleDict({t: nn.Linear(16, 1) for t in TASKS})
+    x = torch.randn(128, 6)
+    ys = torch.stack([x[:, 0] + x[:, 1], x[:, 0] - x[:, 2]], 1)
+    opt = torch.optim.Adam(list(shared.parameters()) + list(heads.parameters()) + list(balancer.parameters()), lr=0.02)
+
+    def losses() -> dict[str, torch.Tensor]:
+        h = torch.relu(shared(x))
+        return {t: ((heads[t](h).squeeze(-1) - ys[:, i]) ** 2).mean() for i, t in enumerate(TASKS)}
+
+    start = {t: v.item() for t, v in losses().items()}
+    for step in range(80):
+        opt.zero_grad()
+        weights = balancer.backward(losses(), list(shared.parameters()))
+        if step == 0:
+            assert set(weights) == set(TASKS), f"{name}.backward must return a weight per task, got {weights}"
+            for p in shared.parameters():
+                assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: shared parameters got no finite gradient"
+            for t in TASKS:
+                assert heads[t].weight.grad is not None, f"{name}: task '{t}' parameters got no gradient"
+        opt.step()
+        if step % 20 == 19:
+            balancer.on_epoch_end(step // 20, {t: v.item() for t, v in losses().items()})
+    end = {t: v.item() for t, v in losses().items()}
+    for t in TASKS:
+        assert end[t] < start[t], f"{name}: task '{t}' loss did not fall ({start[t]:.4f} -> {end[t]:.4f})"
+    return balancer
+
+
+def check_encoder(cls: type[Encoder], **params: Any) -> Encoder:
+    """Output ``[batch, output_dim]`` for its feature kind, gradients reach its parameters."""
+    torch.manual_seed(0)
+    name = _name(cls)
+    kind = getattr(cls, "kind", "")
+    assert kind, f"{name} must declare the feature kind it encodes (class attribute `kind`)"
+    n = 16
+    if kind == "categorical":
+        feats = [FeatureInfo("f1", kind, 10), FeatureInfo("f2", kind, 3)]
+        x = torch.stack([torch.randint(0, 10, (n,)), torch.randint(0, 3, (n,))], 1)
+    elif kind == "dense":
+        feats = [FeatureInfo("f1", kind), FeatureInfo("f2", kind), FeatureInfo("f3", kind)]
+        x = torch.randn(n, 3)
+    else:
+        raise AssertionError(f"{name}: check_encoder knows no sample input for kind '{kind}'")
+    enc = cls(feats, **params)
+    out = enc(x)
+    assert tuple(out.shape) == (n, enc.output_dim), f"{name}: output {tuple(out.shape)}, expected ({n}, {enc.output_dim})"
+    if out.requires_grad:
+        out.float().sum().backward()
+    for pname, p in enc.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient reaches {pname}"
+    return enc
+
+
+def check_registered(kind: str, name: str, factory: Any) -> None:
+    """Run the contract check matching ``kind`` on a registered plugin with its default parameters."""
+    {"tower": check_tower, "head": check_head, "balancer": check_balancer, "encoder": check_encoder}[kind](factory)
+
+
+__all__ = ["check_balancer", "check_encoder", "check_head", "check_registered", "check_tower"]
