@@ -147,7 +147,9 @@ def plugin_manager(modules: Iterable[str] = (), disabled: Iterable[str] = ()) ->
         try:
             module = _import_module(spec)
         except ModuleNotFoundError as exc:
-            raise PluginError(f"plugin module '{spec}' not found: {exc}") from exc
+            if exc.name and spec.startswith(exc.name):
+                raise PluginError(f"plugin module '{spec}' not found: {exc}") from exc
+            raise PluginError(f"plugin module '{spec}' failed to import: {exc!r}") from exc
         except PluginError:
             raise
         except Exception as exc:

@@ -40,7 +40,7 @@ def _value_type(name: str, typ: pa.DataType, kind: str) -> str:
         typ = typ.value_type
     if pa.types.is_integer(typ) or pa.types.is_boolean(typ):
         return "int"
-    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+    if kind == "categorical" and (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
         return "string"
     if kind == "dense" and (pa.types.is_floating(typ) or pa.types.is_decimal(typ)):
         return "float"
