@@ -100,7 +100,7 @@ def train(
         cfg = parse_config(raw, out, str(out / "config.yaml"))
     else:
         cfg = load_config(config, set_)
-    summary = run_training(cfg, out, _registry(cfg.plugins), resume=resume)
+    summary = run_training(cfg, out, _registry(cfg.plugin_modules()), resume=resume)
     if summary.get("validation"):
         typer.echo(f"best epoch {summary['best_epoch']} by {summary['monitor']}; validation:")
         typer.echo(format_table(summary["validation"]))
@@ -140,8 +140,7 @@ def evaluate(
     metrics = task_metrics(run.model, pred)
     ref_metrics = None
     if reference is not None:
-        ref_src = ParquetSource(str(reference))
-        ref = pq.read_table(ref_src.paths[0] if len(ref_src.paths) == 1 else str(reference))
+        ref = pa.Table.from_batches(list(ParquetSource(str(reference)).batches()))
         if ref.num_rows != len(pred.mask):
             raise ConfigError(f"--reference {reference} has {ref.num_rows} rows, {data} has {len(pred.mask)}")
         ref_metrics = {}

@@ -145,6 +145,10 @@ class Config(_Strict):
         p = Path(path).expanduser()
         return str(p if p.is_absolute() else self._base_dir / p)
 
+    def plugin_modules(self) -> list[str]:
+        """``plugins`` with ``.py`` paths resolved against the config file's folder."""
+        return [self.resolve(p) if p.endswith(".py") else p for p in self.plugins]
+
     def columns(self) -> list[str]:
         """Every column a training run reads."""
         cols = [f.name for f in self.features] + [t.label for t in self.tasks]
@@ -222,6 +226,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 def dump_config(config: Config) -> str:
     data = config.model_dump(mode="json", exclude_none=True)
+    data["plugins"] = config.plugin_modules()
     for key in ("train", "validation", "test"):
         if data["data"].get(key):
             data["data"][key] = config.resolve(data["data"][key])

@@ -86,7 +86,7 @@ def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] =
     if not (run_dir / "config.yaml").is_file():
         raise DataError(f"{run_dir} is not a recmtl run directory (no config.yaml); train one with `recmtl train`")
     config = parse_config(read_raw(run_dir / "config.yaml"), run_dir, str(run_dir / "config.yaml"))
-    registry = load_registry([*config.plugins, *plugins], disabled)
+    registry = load_registry([*config.plugin_modules(), *plugins], disabled)
     schema = FittedSchema.load(run_dir)
     model = MultiTaskModel(config, schema, registry)
     path = run_dir / checkpoint

@@ -138,9 +138,8 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
 
     columns = config.columns()
     train_src = ParquetSource(config.resolve(config.data.train), columns)
-    label_cols = [t.label for t in config.tasks] + [f.name for f in config.features]
-    valid_src = ParquetSource(config.resolve(config.data.validation), label_cols) if config.data.validation else None
-    test_src = ParquetSource(config.resolve(config.data.test), label_cols) if config.data.test else None
+    valid_src = ParquetSource(config.resolve(config.data.validation), columns) if config.data.validation else None
+    test_src = ParquetSource(config.resolve(config.data.test), columns) if config.data.test else None
     for src in (valid_src, test_src):
         if src is not None:
             check_types(config, src)

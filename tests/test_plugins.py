@@ -57,8 +57,8 @@ def test_user_module_plugin_is_listed_and_trains(cli, funnel_dir, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "per_task_linear", "width": 4})
     r = cli("--plugin", mod, "train", cfg, "--out", tmp_path / "run")
     assert r.code == 0, r
-    # plugins named in the config load too (evaluate needs no --plugin then)
-    cfg2 = write_config(tmp_path / "c2.yaml", funnel_dir, tower={"name": "per_task_linear"}, plugins=[str(mod)])
+    # plugins named in the config load too, .py paths relative to the config (evaluate needs no --plugin)
+    cfg2 = write_config(tmp_path / "c2.yaml", funnel_dir, tower={"name": "per_task_linear"}, plugins=["my_towers.py"])
     assert cli("train", cfg2, "--out", tmp_path / "run2").code == 0
     r = cli("evaluate", tmp_path / "run2", funnel_dir / "test.parquet", "--json")
     assert r.code == 0 and json.loads(r.out)["metrics"]["click"]["auc"] > 0.5
