@@ -50,7 +50,8 @@ def _value_type(name: str, typ: pa.DataType, kind: str) -> str:
 
 @dataclass
 class CategoricalColumn:
-    """Maps raw values to ids: 0 is the bucket for nulls, unseen and rare values; 1..V the vocabulary."""
+    """Maps raw values to ids: 0 is the bucket for nulls (and empty strings), unseen and rare values;
+    1..V the vocabulary (or 1..hash_buckets)."""
 
     name: str
     value_type: str  # "int" | "string"
@@ -96,9 +97,9 @@ class CategoricalColumn:
             return np.mod(arr.fill_null(0).to_numpy(), buckets) + 1
         encoded = pc.dictionary_encode(arr.fill_null(""))
         uniques = encoded.dictionary.to_pylist()
-        hashed = np.fromiter((murmurhash3_32(u, seed=0, positive=True) % buckets for u in uniques),
+        hashed = np.fromiter((murmurhash3_32(u, seed=0, positive=True) % buckets if u else -1 for u in uniques),
                              dtype=np.int64, count=len(uniques))
-        return hashed[encoded.indices.to_numpy()] + 1
+        return hashed[encoded.indices.to_numpy()] + 1  # the empty string is missing, like null: id 0
 
 
 @dataclass
@@ -365,7 +366,8 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
         for f in cat_cfg:
             if f.name in counters:
                 arr = _plain(batch.column(f.name))
-                counters[f.name].add(arr.cast(pa.int64()) if types[f.name] == "int" else arr)
+                # an empty string counts as missing (id 0), as null does
+                counters[f.name].add(arr.cast(pa.int64()) if types[f.name] == "int" else arr.filter(pc.not_equal(arr, "")))
         for f in dense_cfg:
             stats[f.name].add(_plain(batch.column(f.name)))
         for lab in labels:

@@ -23,7 +23,7 @@ def fit(tmp_path, table: pa.Table, features: list[dict], tasks=None):
 
 
 def test_vocabulary_min_count_oov_and_nulls(tmp_path):
-    t = pa.table({"s": ["a", "b", "a", None, "c", "a", "b", "d", "a", "b"],
+    t = pa.table({"s": ["a", "b", "a", None, "c", "a", "b", "d", "a", ""],
                   "i": pa.array([5, 5, 7, 7, 9, None, 5, 7, 5, 11], pa.int32()),
                   "click": [0, 1] * 5})
     schema = fit(tmp_path, t, [{"name": "s", "kind": "categorical", "min_count": 2},
@@ -31,8 +31,8 @@ def test_vocabulary_min_count_oov_and_nulls(tmp_path):
     s, i = schema.categorical
     assert list(s.vocab) == ["a", "b"]  # by count, rare c/d dropped
     assert s.cardinality == 3
-    ids = s.ids(pa.array(["b", "a", "zzz", None, "c"]))
-    assert ids.tolist() == [2, 1, 0, 0, 0]
+    ids = s.ids(pa.array(["b", "a", "zzz", None, "c", ""]))
+    assert ids.tolist() == [2, 1, 0, 0, 0, 0]  # the empty string is missing, like null
     assert list(i.vocab) == [5, 7, 9, 11]
     assert i.ids(pa.array([11, None, 12, 5], pa.int64())).tolist() == [4, 0, 0, 1]
 
@@ -47,8 +47,8 @@ def test_max_size_and_hash_buckets(tmp_path):
     ids = i.ids(pa.array([3, 13, -7, None], pa.int64()))
     assert ids.tolist() == [4, 4, 4, 0]  # x mod 10 + 1, negatives wrap, null -> 0
     hashed = CategoricalColumn("h", "string", None, 100)
-    a = hashed.ids(pa.array(["x", "y", "x", None]))
-    assert a[0] == a[2] and a[3] == 0 and (a[:3] >= 1).all() and (a < 101).all()
+    a = hashed.ids(pa.array(["x", "y", "x", None, ""]))
+    assert a[0] == a[2] and a[3] == 0 and a[4] == 0 and (a[:3] >= 1).all() and (a < 101).all()
 
 
 def test_dense_fill_and_standardise(tmp_path):
