@@ -164,6 +164,69 @@ def evaluate(
         typer.echo(format_table(metrics, ref_metrics))
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `recmtl train`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")],
+    sample: Annotated[Optional[str], typer.Option(help="Parquet rows for the parity check (default: the validation data).")] = None,
+    sample_rows: Annotated[int, typer.Option(min=1)] = 4096,
+) -> None:
+    """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
+    from recmtl.export import PARITY_TOLERANCE, export_run
+    diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled)
+    typer.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{t}={d:.2e}" for t, d in diffs.items())
+               + f" (limit {PARITY_TOLERANCE:g})")
+    typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
+def score(
+    model: Annotated[Path, typer.Argument(help="ONNX model written by `recmtl export`.")],
+    data: Annotated[str, typer.Argument(help="Parquet file, folder or glob to score.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write (atomically).")],
+    keep: Annotated[list[str], typer.Option(help="Column to copy next to the scores (e.g. ids); repeatable.")] = [],
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per onnxruntime call.")] = 2048,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime threads (per worker).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Processes scoring row groups in parallel.")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Score Parquet -> Parquet with only the ONNX file; output rows in input order."""
+    from recmtl.score import score_parquet
+    rows = score_parquet(model, data, output, keep, batch_size, threads, workers, progress=progress)
+    typer.echo(f"wrote {output}: {rows:,} rows")
+
+
+@app.command()
+def inspect(model: Annotated[Path, typer.Argument(help="ONNX model file.")]) -> None:
+    """Print an ONNX model's inputs, outputs, recmtl metadata and size."""
+    import onnx
+
+    from recmtl.score import read_model_schema
+    meta = read_model_schema(model)
+    m = onnx.load(str(model), load_external_data=False)
+
+    def shape(v: onnx.ValueInfoProto) -> str:
+        t = v.type.tensor_type
+        dims = [d.dim_param or str(d.dim_value) for d in t.shape.dim]
+        return f"{onnx.TensorProto.DataType.Name(t.elem_type).lower()}[{', '.join(dims)}]"
+
+    typer.echo(f"{model}  {model.stat().st_size / 1e6:.2f} MB  opset "
+               + ", ".join(f"{o.domain or 'ai.onnx'}={o.version}" for o in m.opset_import))
+    typer.echo("inputs:")
+    kinds = {i["name"]: i["kind"] for i in meta["inputs"]}
+    for v in m.graph.input:
+        typer.echo(f"  {v.name:<24} {shape(v):<18} {kinds.get(v.name, '')}")
+    typer.echo("outputs:")
+    heads = {t["name"]: f"{t['head']} ({t['score']}, label {t['label']})" for t in meta["tasks"]}
+    for v in m.graph.output:
+        typer.echo(f"  {v.name:<24} {shape(v):<18} {heads.get(v.name, '')}")
+    typer.echo("metadata:")
+    for p in m.metadata_props:
+        if p.key != "recmtl.schema":
+            value = p.value if len(p.value) <= 200 else p.value[:200] + "..."
+            typer.echo(f"  {p.key}: {value}")
+
+
 @datagen_app.command("funnel")
 def datagen_funnel(
     out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet and their .truth.parquet.")],

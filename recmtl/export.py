@@ -1,0 +1,225 @@
+"""``recmtl export``: one self-contained ONNX file from a run directory.
+
+Inputs are the raw feature columns (int64 or string for categorical, float32 for dense, dynamic batch);
+vocabulary lookup (``ai.onnx.ml.LabelEncoder``) or hashing, null handling and standardisation run inside
+the graph; one output per task (the score: a probability for binary heads, pCTCVR for ESMM). The recmtl
+schema, task names and versions are in ``metadata_props``. Export checks parity against PyTorch on
+sample rows and writes nothing when it fails.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import recmtl
+from recmtl.data import ParquetSource
+from recmtl.errors import RecmtlError
+from recmtl.evaluate import LoadedRun, load_run
+from recmtl.io import atomic_path
+from recmtl.model import MultiTaskModel
+from recmtl.score import INT_NULL, METADATA_KEY, ModelInput, Scorer
+
+OPSET = 17
+ML_OPSET = 2
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RecmtlError):
+    """Export failed (e.g. the ONNX model disagrees with PyTorch)."""
+
+
+class _Core(nn.Module):
+    """The model on preprocessed tensors, returning one score tensor per task."""
+
+    def __init__(self, model: MultiTaskModel, kinds: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.kinds = kinds
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scores = self.model.predict(dict(zip(self.kinds, tensors)))
+        return tuple(scores[t] for t in self.model.task_names)
+
+
+def model_inputs(run: LoadedRun) -> list[ModelInput]:
+    inputs = [ModelInput(c.name, "int64" if c.value_type == "int" else "string") for c in run.schema.categorical]
+    return inputs + [ModelInput(d.name, "float32") for d in run.schema.dense]
+
+
+def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[onnx.ValueInfoProto], bool]:
+    """Nodes that turn raw columns into the tensors ``categorical`` [B, F] int64 and ``dense`` [B, D]."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    inputs: list[onnx.ValueInfoProto] = []
+    uses_ms = False
+
+    def const(name: str, value: np.ndarray) -> str:
+        if name not in {i.name for i in inits}:
+            inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    axes = const("pre_axes_1", np.array([1], dtype=np.int64))
+    cat_cols = []
+    for j, col in enumerate(run.schema.categorical):
+        raw, out = col.name, f"pre_cat_{j}"
+        elem = TensorProto.INT64 if col.value_type == "int" else TensorProto.STRING
+        inputs.append(helper.make_tensor_value_info(raw, elem, ["batch"]))
+        if col.hash_buckets:
+            buckets = const(f"pre_buckets_{j}", np.array(col.hash_buckets, dtype=np.int64))
+            if col.value_type == "int":
+                hashed = raw
+                missing = np.array(INT_NULL, dtype=np.int64)
+            else:  # the same MurmurHash3 (seed 0, unsigned) as training
+                uses_ms = True
+                nodes.append(helper.make_node("MurmurHash3", [raw], [f"{out}_h32"], domain="com.microsoft", seed=0, positive=1))
+                nodes.append(helper.make_node("Cast", [f"{out}_h32"], [f"{out}_h64"], to=TensorProto.INT64))
+                hashed = f"{out}_h64"
+            nodes.append(helper.make_node("Mod", [hashed, buckets], [f"{out}_mod"], fmod=0))
+            nodes.append(helper.make_node("Add", [f"{out}_mod", const("pre_one", np.array(1, dtype=np.int64))], [f"{out}_id"]))
+            if col.value_type == "int":
+                nodes.append(helper.make_node("Equal", [raw, const(f"pre_missing_{j}", missing)], [f"{out}_missing"]))
+            else:  # string Equal needs opset 19: mark "" with a one-key LabelEncoder instead
+                nodes.append(helper.make_node("LabelEncoder", [raw], [f"{out}_is_empty"], domain="ai.onnx.ml",
+                                              keys_strings=[""], values_int64s=[1], default_int64=0))
+                nodes.append(helper.make_node("Cast", [f"{out}_is_empty"], [f"{out}_missing"], to=TensorProto.BOOL))
+            nodes.append(helper.make_node("Where", [f"{out}_missing", const("pre_zero", np.array(0, dtype=np.int64)), f"{out}_id"], [f"{out}_flat"]))
+        else:
+            # vocabulary lookup; unseen, rare and missing values get the default id 0
+            vocab = list(col.vocab) or [INT_NULL if col.value_type == "int" else ""]
+            ids = list(range(1, len(col.vocab) + 1)) or [0]
+            keys = {"keys_int64s": [int(v) for v in vocab]} if col.value_type == "int" else {"keys_strings": [str(v) for v in vocab]}
+            nodes.append(helper.make_node("LabelEncoder", [raw], [f"{out}_flat"], domain="ai.onnx.ml",
+                                          values_int64s=ids, default_int64=0, **keys))
+        nodes.append(helper.make_node("Unsqueeze", [f"{out}_flat", axes], [out]))
+        cat_cols.append(out)
+    if cat_cols:
+        nodes.append(helper.make_node("Concat", cat_cols, ["categorical"], axis=1) if len(cat_cols) > 1
+                     else helper.make_node("Identity", cat_cols, ["categorical"]))
+    dense_cols = []
+    for j, d in enumerate(run.schema.dense):
+        inputs.append(helper.make_tensor_value_info(d.name, TensorProto.FLOAT, ["batch"]))
+        nodes.append(helper.make_node("Unsqueeze", [d.name, axes], [f"pre_dense_{j}"]))
+        dense_cols.append(f"pre_dense_{j}")
+    if dense_cols:
+        fill = const("pre_fill", np.array([d.fill for d in run.schema.dense], dtype=np.float32))
+        mean = const("pre_mean", np.array([d.mean for d in run.schema.dense], dtype=np.float32))
+        std = const("pre_std", np.array([d.std for d in run.schema.dense], dtype=np.float32))
+        nodes.append(helper.make_node("Concat", dense_cols, ["pre_dense_raw"], axis=1))
+        nodes.append(helper.make_node("IsNaN", ["pre_dense_raw"], ["pre_dense_nan"]))
+        nodes.append(helper.make_node("IsInf", ["pre_dense_raw"], ["pre_dense_inf"]))
+        nodes.append(helper.make_node("Or", ["pre_dense_nan", "pre_dense_inf"], ["pre_dense_missing"]))
+        nodes.append(helper.make_node("Where", ["pre_dense_missing", fill, "pre_dense_raw"], ["pre_dense_filled"]))
+        nodes.append(helper.make_node("Sub", ["pre_dense_filled", mean], ["pre_dense_centred"]))
+        nodes.append(helper.make_node("Div", ["pre_dense_centred", std], ["dense"]))
+    return nodes, inits, inputs, uses_ms
+
+
+def build_onnx(run: LoadedRun) -> onnx.ModelProto:
+    """Export the torch model on preprocessed tensors, then put the preprocessing graph in front."""
+    model = run.model.eval()
+    kinds = list(model.encoders.keys())
+    n = 4
+    example = []
+    for kind in kinds:
+        if kind == "categorical":
+            example.append(torch.zeros(n, len(run.schema.categorical), dtype=torch.long))
+        else:
+            example.append(torch.zeros(n, len(run.schema.dense), dtype=torch.float32))
+    tasks = model.task_names
+    with tempfile.TemporaryDirectory() as tmp:
+        core_path = Path(tmp) / "core.onnx"
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated but exact for these graphs
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(_Core(model, kinds), tuple(example), str(core_path), input_names=kinds, output_names=tasks,
+                              dynamic_axes={**{k: {0: "batch"} for k in kinds}, **{t: {0: "batch"} for t in tasks}},
+                              opset_version=OPSET, dynamo=False)
+        core = onnx.load(str(core_path))
+    nodes, inits, raw_inputs, uses_ms = _preprocessing(run)
+    graph = core.graph
+    kept_inputs = [i for i in graph.input if i.name not in kinds]
+    del graph.input[:]
+    graph.input.extend(raw_inputs + kept_inputs)
+    old_nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + old_nodes)
+    graph.initializer.extend(inits)
+    graph.name = "recmtl"
+    core.opset_import.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
+    if uses_ms:
+        core.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    core.producer_name = "recmtl"
+    core.producer_version = recmtl.__version__
+    onnx.checker.check_model(core)
+    return core
+
+
+def _metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
+    metrics_path = run.run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    schema = {
+        "format": 1,
+        "inputs": [{"name": i.name, "dtype": i.dtype,
+                    "kind": "dense" if i.dtype == "float32" else "categorical"} for i in inputs],
+        "missing_values": {"int64": "any value outside the vocabulary (recmtl score passes int64 min)",
+                           "string": "empty string", "float32": "NaN"},
+        "tasks": [{"name": t.name, "label": t.label, "head": t.head,
+                   "score": "probability" if t.head in ("binary", "esmm") else "value"} for t in run.config.tasks],
+    }
+    return {
+        METADATA_KEY: json.dumps(schema),
+        "recmtl.version": recmtl.__version__,
+        "torch.version": torch.__version__,
+        "onnx.opset": str(OPSET),
+        "recmtl.metrics": json.dumps({k: metrics.get(k) for k in ("monitor", "best_epoch", "validation", "test") if k in metrics}),
+        "recmtl.created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def parity(run: LoadedRun, model_path: Path, sample: pa.Table) -> dict[str, float]:
+    """Max abs difference per task between onnxruntime and PyTorch on ``sample`` rows."""
+    scorer = Scorer(model_path)
+    onnx_scores = scorer.score(sample)
+    arrays = run.schema.transform(sample, labels=False)
+    with torch.no_grad():
+        torch_scores = run.model.predict({k: torch.from_numpy(v) for k, v in arrays.inputs.items()})
+    return {t: float(np.max(np.abs(onnx_scores.column(t).to_numpy() - torch_scores[t].numpy())))
+            for t in run.model.task_names}
+
+
+def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None = None, sample_rows: int = 4096,
+               plugins: list[str] = (), disabled: list[str] = ()) -> dict[str, float]:
+    """Write ``output`` atomically; returns the per-task max abs difference to PyTorch."""
+    run = load_run(run_dir, list(plugins), list(disabled))
+    inputs = model_inputs(run)
+    model = build_onnx(run)
+    for key, value in _metadata(run, inputs).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    spec = sample_data or run.config.resolve(run.config.data.validation or run.config.data.train)
+    source = ParquetSource(spec, run.schema.feature_columns)
+    batches, rows = [], 0
+    for batch in source.batches(read_rows=min(sample_rows, 65_536)):
+        batches.append(batch)
+        rows += batch.num_rows
+        if rows >= sample_rows:
+            break
+    sample = pa.Table.from_batches(batches).slice(0, sample_rows)
+    with atomic_path(output) as tmp:
+        onnx.save_model(model, str(tmp))
+        diffs = parity(run, tmp, sample)
+        bad = {t: d for t, d in diffs.items() if not d <= PARITY_TOLERANCE}
+        if bad:
+            raise ExportError(f"ONNX scores differ from PyTorch by more than {PARITY_TOLERANCE:g} on {len(sample)} "
+                              f"rows of {spec}: {bad}; no file written")
+    return diffs

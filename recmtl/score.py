@@ -1,0 +1,190 @@
+"""Scoring with an exported ONNX model only (no torch): Arrow record batches in, scored batches out.
+
+``score_batches`` is a pure function over ``pyarrow.RecordBatch`` iterators, so the same code runs in
+``recmtl score``, in a process pool, and inside Spark ``mapInArrow``, Ray Data ``map_batches`` or Dask.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recmtl.errors import DataError, close_matches
+
+METADATA_KEY = "recmtl.schema"
+INT_NULL = np.iinfo(np.int64).min  # never in a vocabulary: null ints go to the OOV id
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    name: str
+    dtype: str  # "int64" | "string" | "float32"
+
+
+def read_model_schema(model_path: str | Path) -> dict[str, Any]:
+    """The recmtl schema stored in an ONNX file's metadata (inputs, tasks, versions)."""
+    import onnx
+    path = Path(model_path)
+    if not path.is_file():
+        raise DataError(f"no such model file: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for non-ONNX bytes
+        raise DataError(f"{path} is not an ONNX model: {exc}") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise DataError(f"{path} is an ONNX model but not a recmtl export (no '{METADATA_KEY}' metadata)")
+    return json.loads(props[METADATA_KEY])
+
+
+def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> dict[str, np.ndarray]:
+    """Raw Arrow columns -> the ONNX model's inputs: int64 ids (null -> a value outside every
+    vocabulary), strings (null -> empty string, which means missing), float32 (null -> NaN)."""
+    names = batch.schema.names
+    feeds = {}
+    for inp in inputs:
+        if inp.name not in names:
+            raise DataError(f"input column '{inp.name}' is missing{close_matches(inp.name, names)}; "
+                            f"the model needs: {', '.join(i.name for i in inputs)}")
+        col = batch.column(inp.name)
+        if isinstance(col, pa.ChunkedArray):
+            col = col.combine_chunks()
+        if pa.types.is_dictionary(col.type):
+            col = col.dictionary_decode()
+        typ = col.type
+        if inp.dtype == "int64":
+            if not (pa.types.is_integer(typ) or pa.types.is_boolean(typ)):
+                raise DataError(f"column '{inp.name}' has type {typ}; the model expects integers")
+            feeds[inp.name] = col.cast(pa.int64()).fill_null(INT_NULL).to_numpy()
+        elif inp.dtype == "string":
+            if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+                raise DataError(f"column '{inp.name}' has type {typ}; the model expects strings")
+            feeds[inp.name] = col.fill_null("").to_numpy(zero_copy_only=False).astype(object)
+        else:
+            if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
+                    or pa.types.is_decimal(typ)):
+                raise DataError(f"column '{inp.name}' has type {typ}; the model expects numbers")
+            feeds[inp.name] = pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False)
+    return feeds
+
+
+class Scorer:
+    """An onnxruntime session over a recmtl ONNX export."""
+
+    def __init__(self, model_path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+        self.meta = read_model_schema(model_path)
+        self.inputs = [ModelInput(i["name"], i["dtype"]) for i in self.meta["inputs"]]
+        self.tasks = [t["name"] for t in self.meta["tasks"]]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # kinder under CPU contention
+        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+    def check_columns(self, schema: pa.Schema) -> None:
+        """Fail before any output when a needed column is missing or of the wrong kind."""
+        empty = pa.Table.from_batches([], schema=schema) if len(schema) else pa.table({})
+        to_feeds(empty, self.inputs)
+
+    def score(self, batch: pa.RecordBatch | pa.Table, keep: Sequence[str] = (), batch_size: int = 2048) -> pa.RecordBatch:
+        """Scores for every row of ``batch`` (converted once, run in slices of ``batch_size`` rows)."""
+        feeds = to_feeds(batch, self.inputs)
+        n = batch.num_rows
+        parts: list[list[np.ndarray]] = [[] for _ in self.tasks]
+        for start in range(0, n, batch_size):
+            chunk = {k: v[start:start + batch_size] for k, v in feeds.items()}
+            for i, out in enumerate(self.session.run(self.tasks, chunk)):
+                parts[i].append(out.reshape(-1))
+        columns = []
+        for k in keep:
+            if k not in batch.schema.names:
+                raise DataError(f"--keep column '{k}' not found{close_matches(k, batch.schema.names)}")
+            col = batch.column(k)
+            columns.append(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+        columns += [pa.array(np.concatenate(p) if p else np.zeros(0, np.float32)) for p in parts]
+        return pa.RecordBatch.from_arrays(columns, names=[*keep, *self.tasks])
+
+
+def score_batches(model_path: str | Path, batches: Iterable[pa.RecordBatch], keep: Sequence[str] = (),
+                  batch_size: int = 2048, threads: int | None = None) -> Iterator[pa.RecordBatch]:
+    """Score Arrow record batches with an exported model; yields one scored batch per input batch, in
+    input order, with the ``keep`` columns first and one float32 column per task."""
+    scorer = Scorer(model_path, threads)
+    for batch in batches:
+        yield scorer.score(batch, keep, batch_size)
+
+
+# ---- Parquet -> Parquet -----------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(model_path: str, threads: int | None) -> None:
+    _WORKER["scorer"] = Scorer(model_path, threads)
+
+
+def _worker_score(path: str, row_group: int, keep: Sequence[str], batch_size: int, read_rows: int) -> pa.Table:
+    import pyarrow.parquet as pq
+    scorer: Scorer = _WORKER["scorer"]
+    pf = pq.ParquetFile(path)
+    cols = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
+    batches = [scorer.score(b, keep, batch_size) for b in pf.iter_batches(read_rows, row_groups=[row_group], columns=cols)]
+    return pa.Table.from_batches(batches) if batches else None
+
+
+def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, keep: Sequence[str] = (),
+                  batch_size: int = 2048, threads: int | None = None, workers: int = 1,
+                  read_rows: int = 65_536, progress: bool = True) -> int:
+    """Score a Parquet file/folder/glob into one Parquet file (atomic, input row order); returns rows."""
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from recmtl.data import ParquetSource
+    from recmtl.io import atomic_path
+
+    scorer = Scorer(model_path, threads if workers <= 1 else 1)
+    source = ParquetSource(input_spec)
+    scorer.check_columns(source.schema)
+    for k in keep:
+        ParquetSource.require([k], source.schema, input_spec)
+    out_schema = pa.schema([source.schema.field(k) for k in keep] + [pa.field(t, pa.float32()) for t in scorer.tasks])
+    cols = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
+    rows = 0
+    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, out_schema) as writer, \
+            tqdm(total=source.num_rows, unit="row", unit_scale=True, desc="score", disable=not progress,
+                 mininterval=1.0) as bar:
+        def write(table: pa.Table | pa.RecordBatch | None) -> None:
+            nonlocal rows
+            if table is None or table.num_rows == 0:
+                return
+            table = table if isinstance(table, pa.Table) else pa.Table.from_batches([table])
+            writer.write_table(table.cast(out_schema))
+            rows += table.num_rows
+            bar.update(table.num_rows)
+
+        if workers <= 1:
+            for batch in source.batches(read_rows=read_rows, columns=cols):
+                write(scorer.score(batch, keep, batch_size))
+        else:
+            import concurrent.futures as cf
+            import multiprocessing as mp
+            units = [(str(source.paths[i]), rg) for i, rg in source.units]
+            ctx = mp.get_context("spawn")
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                        initargs=(str(model_path), threads or 1)) as pool:
+                pending: list[cf.Future] = []
+                for unit in units:  # a bounded window of row groups in flight, written in order
+                    pending.append(pool.submit(_worker_score, *unit, list(keep), batch_size, read_rows))
+                    if len(pending) >= 2 * workers:
+                        write(pending.pop(0).result())
+                for fut in pending:
+                    write(fut.result())
+    return rows
