@@ -180,3 +180,8 @@ def test_model_scores_in_a_fresh_venv_without_recmtl_or_torch(exported, holey_da
     ours = pa.Table.from_batches(list(score_batches(exported / "model.onnx", [pq.read_table(holey_data / "test.parquet")])))
     for task in ("click", "conversion"):
         np.testing.assert_allclose(np.array(fresh[task]), ours[task].to_numpy(), atol=1e-6)
+
+
+def test_scoring_path_does_not_import_torch():
+    code = "import sys, recmtl.score, recmtl.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,172 @@
+"""Scoring throughput: PyTorch eager vs onnxruntime (model only) vs `recmtl score` (Parquet -> Parquet).
+
+One run, interleaved rounds, medians. Also: the model's FLOPs per row (from the ONNX graph's MatMul/Gemm
+initialisers), the achieved GFLOP/s, the machine's GEMM ceiling (one large MatMul in onnxruntime, same
+threads), and the peak RSS of `recmtl score` on a large file.
+
+    python benchmarks/bench_score.py --rows 2000000 [--rss-rows 10000000] [--work-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECMTL = str(Path(sys.executable).with_name("recmtl"))
+
+CONFIG = """
+seed: 0
+data: {{train: {data}/train.parquet, validation: {data}/valid.parquet}}
+features: {features}
+tasks:
+  - {{name: click, head: binary}}
+  - {{name: conversion, head: esmm, params: {{ctr_task: click}}}}
+encoders: {{categorical: {{name: embedding, dim: 16}}}}
+tower: {{name: mmoe, num_experts: 4, expert_units: [256, 128], task_units: [64]}}
+train: {{batch_size: 2048, epochs: 1, progress: false, early_stopping: {{patience: 0}}}}
+"""
+
+
+def sh(*args: str) -> None:
+    subprocess.run([RECMTL, *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def model_flops_per_row(path: Path) -> int:
+    m = onnx.load(str(path))
+    inits = {i.name: list(i.dims) for i in m.graph.initializer}
+    flops = 0
+    for node in m.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            for name in node.input[1:2]:
+                if name in inits:
+                    flops += 2 * int(np.prod(inits[name]))
+    return flops
+
+
+def gemm_ceiling(threads: int, m: int = 2048, k: int = 1024, n: int = 1024, reps: int = 20) -> float:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.random.rand(k, n).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = np.random.rand(m, k).astype(np.float32)
+    sess.run(None, {"x": x})
+    t = time.perf_counter()
+    for _ in range(reps):
+        sess.run(None, {"x": x})
+    return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rss-rows", type=int, default=0, help="also measure peak RSS of recmtl score on this many rows")
+    ap.add_argument("--work-dir", type=Path)
+    args = ap.parse_args()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="recmtl-bench-score-"))
+    data = work / "data"
+    if not (data / "test.parquet").exists():
+        # a small train split for a 1-epoch model; the scored set is `test` with --rows rows
+        n_train = 200_000
+        total = n_train + args.rows + 20_000
+        sh("datagen", "funnel", str(data), "--rows", str(total), "--valid-fraction", str(20_000 / total),
+           "--test-fraction", str(args.rows / total))
+    run, model_path = work / "run", work / "model.onnx"
+    if not model_path.exists():
+        features = [{"name": c, "kind": "categorical"} for c in ["user_id", "item_id"] + [f"c{i:02d}" for i in range(3, 27)]]
+        features += [{"name": f"d{i:02d}", "kind": "dense"} for i in range(1, 14)]
+        (work / "cfg.yaml").write_text(CONFIG.format(data=data, features=json.dumps(features)))
+        sh("train", str(work / "cfg.yaml"), "--out", str(run))
+        sh("export", str(run), "-o", str(model_path))
+
+    from recmtl.evaluate import load_run
+    from recmtl.score import Scorer, to_feeds
+    table = pq.read_table(data / "test.parquet")
+    n = table.num_rows
+    loaded = load_run(run)
+    torch.set_num_threads(args.threads)
+    arrays = loaded.schema.transform(table, labels=False)
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.inputs.items()}
+    scorer = Scorer(model_path, args.threads)
+    feeds = to_feeds(table, scorer.inputs)
+    bs = args.batch_size
+
+    def torch_eager() -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            for s in range(0, n, bs):
+                loaded.model.predict({k: v[s:s + bs] for k, v in tensors.items()})
+        return n / (time.perf_counter() - t)
+
+    def ort_model_only() -> float:
+        t = time.perf_counter()
+        for s in range(0, n, bs):
+            scorer.session.run(scorer.tasks, {k: v[s:s + bs] for k, v in feeds.items()})
+        return n / (time.perf_counter() - t)
+
+    def recmtl_score() -> float:
+        out = work / "scores.parquet"
+        t = time.perf_counter()
+        subprocess.run([RECMTL, "score", str(model_path), str(data / "test.parquet"), "-o", str(out), "--no-progress",
+                        "--threads", str(args.threads), "--batch-size", str(bs)], check=True, stdout=subprocess.DEVNULL)
+        return n / (time.perf_counter() - t)
+
+    results: dict[str, list[float]] = {"torch_eager": [], "ort_model_only": [], "recmtl_score": [], "gemm_gflops": []}
+    for r in range(args.rounds):
+        results["torch_eager"].append(torch_eager())
+        results["ort_model_only"].append(ort_model_only())
+        results["recmtl_score"].append(recmtl_score())
+        results["gemm_gflops"].append(gemm_ceiling(args.threads))
+        print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:,.0f}" for k, v in results.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    flops = model_flops_per_row(model_path)
+    achieved = med["ort_model_only"] * flops / 1e9
+    report = {
+        "rows": n, "batch_size": bs, "threads": args.threads,
+        "rows_per_s": {k: round(med[k]) for k in ("torch_eager", "ort_model_only", "recmtl_score")},
+        "model_mflops_per_row": round(flops / 1e6, 3),
+        "ort_achieved_gflops": round(achieved, 1), "gemm_ceiling_gflops": round(med["gemm_gflops"], 1),
+        "ratio_ort_over_torch": round(med["ort_model_only"] / med["torch_eager"], 2),
+        "ratio_score_over_ort": round(med["recmtl_score"] / med["ort_model_only"], 3),
+        "ratio_ort_over_ceiling": round(achieved / med["gemm_gflops"], 3),
+    }
+    if args.rss_rows:
+        big = work / "big"
+        if not (big / "train.parquet").exists():
+            sh("datagen", "funnel", str(big), "--rows", str(args.rss_rows), "--valid-fraction", "0", "--test-fraction", "0", "--seed", "9")
+        # a fresh parent whose only child is `recmtl score`, so ru_maxrss is that process's peak
+        cmd = [RECMTL, "score", str(model_path), str(big / "train.parquet"), "-o", str(work / "big_scores.parquet"),
+               "--no-progress", "--threads", str(args.threads), "--keep", "user_id"]
+        probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+                 f"subprocess.run({cmd!r}, check=True, stdout=subprocess.DEVNULL); "
+                 "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        seconds, peak_kb = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
+                                          text=True).stdout.split()
+        report["rss_test"] = {"rows": args.rss_rows, "peak_rss_mb": round(int(peak_kb) / 1024, 1),
+                              "rows_per_s": round(args.rss_rows / float(seconds))}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
