@@ -95,9 +95,10 @@ class Scorer:
         empty = pa.Table.from_batches([], schema=schema) if len(schema) else pa.table({})
         to_feeds(empty, self.inputs)
 
-    def score(self, batch: pa.RecordBatch | pa.Table, keep: Sequence[str] = (), batch_size: int = 2048) -> pa.RecordBatch:
+    def score(self, batch: pa.RecordBatch | pa.Table, keep: Sequence[str] = (), batch_size: int = 2048,
+              feeds: dict[str, np.ndarray] | None = None) -> pa.RecordBatch:
         """Scores for every row of ``batch`` (converted once, run in slices of ``batch_size`` rows)."""
-        feeds = to_feeds(batch, self.inputs)
+        feeds = to_feeds(batch, self.inputs) if feeds is None else feeds
         n = batch.num_rows
         parts: list[list[np.ndarray]] = [[] for _ in self.tasks]
         for start in range(0, n, batch_size):
@@ -124,6 +125,43 @@ def score_batches(model_path: str | Path, batches: Iterable[pa.RecordBatch], kee
 
 
 # ---- Parquet -> Parquet -----------------------------------------------------------------------------
+def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``items`` in a background thread, ``depth`` items ahead (pyarrow and onnxruntime release the GIL)."""
+    import queue
+    import threading
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
 _WORKER: dict[str, Any] = {}
 
 
@@ -171,8 +209,10 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
             bar.update(table.num_rows)
 
         if workers <= 1:
-            for batch in source.batches(read_rows=read_rows, columns=cols):
-                write(scorer.score(batch, keep, batch_size))
+            # reading and Arrow -> numpy conversion of the next batch overlap onnxruntime's run
+            converted = ((b, to_feeds(b, scorer.inputs)) for b in source.batches(read_rows=read_rows, columns=cols))
+            for batch, feeds in _prefetch(converted):
+                write(scorer.score(batch, keep, batch_size, feeds))
         else:
             import concurrent.futures as cf
             import multiprocessing as mp
