@@ -45,6 +45,18 @@ def plugins() -> None:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+@app.command("new-plugin")
+def new_plugin(
+    name: Annotated[str, typer.Argument(help="Package name, e.g. my-tower (registered as my_tower).")],
+    kind: Annotated[str, typer.Option(help="tower, head, balancer or encoder.")] = "tower",
+    directory: Annotated[Path, typer.Option("--dir", help="Where to create the package folder.")] = Path("."),
+) -> None:
+    """Scaffold a pip-installable plugin package (entry point, example, contract test)."""
+    from recmtl.scaffold import scaffold
+    root = scaffold(name, kind, directory)
+    typer.echo(f"created {root}: pip install -e {root} && recmtl plugins   (tests: pytest {root})")
+
+
 @app.command()
 def init(
     data: Annotated[str, typer.Argument(help="Training Parquet file, folder or glob to inspect.")],

@@ -63,6 +63,50 @@ class MultiTaskModel(nn.Module):
             info = TaskInfo(task.name, task.label or task.name, task.head, task.weight)
             self.heads[task.name] = registry.create("head", task.head, dims[task.name], info, **task.params)
         self.order = self._topological_order()
+        self._check_contracts(config)
+
+    @torch.no_grad()
+    def _check_contracts(self, config: Config) -> None:
+        """A two-row dry run naming the plugin that breaks its contract (shapes, missing tasks, errors)."""
+        was_training = self.training
+        self.eval()
+        inputs = {}
+        for kind, enc in self.encoders.items():
+            n_feat = len(enc.features)
+            inputs[kind] = torch.zeros(2, n_feat, dtype=torch.long if kind == "categorical" else torch.float32)
+
+        def call(what: str, fn: Any, *args: Any) -> Any:
+            try:
+                return fn(*args)
+            except Exception as exc:
+                raise PluginError(f"{what} failed on a 2-row dry run: {exc!r}") from exc
+
+        parts = []
+        for kind, enc in self.encoders.items():
+            name = encoder_config(config, kind).name
+            out = call(f"encoder '{name}'", enc, inputs[kind])
+            if tuple(out.shape) != (2, enc.output_dim):
+                raise PluginError(f"encoder '{name}' returned shape {tuple(out.shape)}, expected (batch, output_dim={enc.output_dim})")
+            parts.append(out)
+        x = torch.cat(parts, dim=1)
+        hidden = call(f"tower '{config.tower.name}'", self.tower, x)
+        dims = self.tower.output_dims
+        for t in self.task_names:
+            if not isinstance(hidden, dict) or t not in hidden:
+                raise PluginError(f"tower '{config.tower.name}' returned no output for task '{t}'")
+            if tuple(hidden[t].shape) != (2, dims[t]):
+                raise PluginError(f"tower '{config.tower.name}' returned shape {tuple(hidden[t].shape)} for task '{t}', "
+                                  f"but declares output_dims['{t}'] = {dims[t]}")
+        scores: dict[str, torch.Tensor] = {}
+        for t in self.order:
+            head = self.heads[t]
+            name = f"head '{head.task.head}' of task '{t}'"
+            out = call(name, head, hidden[t], {d: scores[d] for d in head.depends_on})
+            scores[t] = call(name, head.predict, out)
+            if scores[t].shape[0] != 2 or scores[t].dim() != 1:
+                raise PluginError(f"{name}: predict returned shape {tuple(scores[t].shape)}, expected (batch,)")
+        self.tower.diagnostics()  # forget the dry run's statistics
+        self.train(was_training)
 
     def _topological_order(self) -> list[str]:
         order: list[str] = []
