@@ -182,13 +182,18 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")],
     sample: Annotated[Optional[str], typer.Option(help="Parquet rows for the parity check (default: the validation data).")] = None,
     sample_rows: Annotated[int, typer.Option(min=1)] = 4096,
+    triton_repo: Annotated[Optional[Path], typer.Option(help="Also write a Triton model repository here (NAME/1/model.onnx + config.pbtxt).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository (default: the output file's stem).")] = None,
 ) -> None:
     """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
-    from recmtl.export import PARITY_TOLERANCE, export_run
+    from recmtl.export import PARITY_TOLERANCE, export_run, write_triton_repo
     diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled)
     typer.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{t}={d:.2e}" for t, d in diffs.items())
                + f" (limit {PARITY_TOLERANCE:g})")
     typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
+    if triton_repo is not None:
+        folder = write_triton_repo(output, triton_repo, name or output.stem)
+        typer.echo(f"wrote Triton model {folder} (config.pbtxt, 1/model.onnx)")
 
 
 @app.command()
@@ -206,6 +211,23 @@ def score(
     from recmtl.score import score_parquet
     rows = score_parquet(model, data, output, keep, batch_size, threads, workers, progress=progress)
     typer.echo(f"wrote {output}: {rows:,} rows")
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="An ONNX model, or a folder of them (each served under its name).")],
+    host: Annotated[str, typer.Option(help="Interface to bind (default: loopback only).")] = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes.")] = 1,
+    max_batch_size: Annotated[int, typer.Option(min=0, help="Rows merged into one onnxruntime call; 0 disables micro-batching.")] = 256,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request may wait for others to batch with.")] = 2.0,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Larger request bodies get 413.")] = 16.0,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime threads per worker.")] = None,
+) -> None:
+    """Serve exported models over HTTP: Open Inference Protocol (v2), /v1 JSON predict, /metrics."""
+    from recmtl.serve import ServeOptions, serve as run_server
+    typer.echo(f"serving {model} on http://{host}:{port} (v2: /v2/models/NAME/infer, v1: /v1/models/NAME/predict)")
+    run_server(model, host, port, workers, ServeOptions(max_batch_size, max_wait_ms, int(max_body_mb * (1 << 20)), threads))
 
 
 @app.command()

@@ -223,3 +223,34 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
             raise ExportError(f"ONNX scores differ from PyTorch by more than {PARITY_TOLERANCE:g} on {len(sample)} "
                               f"rows of {spec}: {bad}; no file written")
     return diffs
+
+
+TRITON_TYPES = {"int64": "TYPE_INT64", "string": "TYPE_STRING", "float32": "TYPE_FP32"}
+
+
+def write_triton_repo(model_path: str | Path, repo: str | Path, name: str, max_batch_size: int = 1024,
+                      max_queue_delay_us: int = 2000) -> Path:
+    """Write ``repo/name/1/model.onnx`` and ``repo/name/config.pbtxt`` for Triton's onnxruntime backend
+    (dynamic batching on; each 1-D model input/output is a ``[1]`` tensor reshaped to the batch axis)."""
+    import shutil
+
+    from recmtl.score import read_model_schema
+    meta = read_model_schema(model_path)
+    folder = Path(repo) / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "1" / "model.onnx") as tmp:
+        shutil.copyfile(model_path, tmp)
+    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}", "input ["]
+    ins = [f'  {{ name: "{i["name"]}" data_type: {TRITON_TYPES[i["dtype"]]} dims: [ 1 ] reshape: {{ shape: [ ] }} }}'
+           for i in meta["inputs"]]
+    lines.append(",\n".join(ins))
+    lines.append("]")
+    lines.append("output [")
+    outs = [f'  {{ name: "{t["name"]}" data_type: TYPE_FP32 dims: [ 1 ] reshape: {{ shape: [ ] }} }}' for t in meta["tasks"]]
+    lines.append(",\n".join(outs))
+    lines.append("]")
+    lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}")
+    lines.append("instance_group [ { kind: KIND_CPU count: 1 } ]")
+    with atomic_path(folder / "config.pbtxt") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return folder

@@ -67,6 +67,6 @@ def test_census_income_mmoe_end_to_end(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     test = metrics["test"]
     assert test["income"]["rows"] == test["never_married"]["rows"] > 49_000
-    # measured with this budget: about 0.946 / 0.994 (the paper's best MMoE: 0.9410 / 0.9926)
+    # measured with this budget (seed 1): 0.9466 / 0.9945; the paper's best MMoE: 0.9410 / 0.9926
     assert test["income"]["auc"] >= 0.935, test
     assert test["never_married"]["auc"] >= 0.99, test

@@ -1,0 +1,440 @@
+"""``recmtl serve``: exported ONNX models over HTTP (Starlette + uvicorn).
+
+* Open Inference Protocol (KServe v2, as spoken by Triton): health, model metadata/readiness, and
+  ``POST /v2/models/{name}/infer`` with JSON tensors or Triton's binary-data extension.
+* ``POST /v1/models/{name}/predict`` with ``{"instances": [{column: value, ...}]}`` (raw values, nulls allowed).
+* ``GET /metrics``: Prometheus text (requests by route and status, latency, batch sizes).
+* Dynamic micro-batching: concurrent requests to a model are merged into one onnxruntime call.
+* Anything a client sends wrong is a 4xx with ``{"error": ...}``; bodies over the limit are a 413.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import recmtl
+from recmtl.errors import DataError, RecmtlError
+from recmtl.score import ModelInput, Scorer, to_feeds
+
+V2_TYPES = {"int64": "INT64", "string": "BYTES", "float32": "FP32"}
+NUMPY_OF = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP64": np.float64}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ServeOptions:
+    max_batch_size: int = 256  # rows per onnxruntime call; 0 disables micro-batching
+    max_wait_ms: float = 2.0
+    max_body_bytes: int = 16 << 20
+    threads: int | None = None
+
+
+@dataclass
+class _Pending:
+    feeds: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    scorer: Scorer
+    options: ServeOptions
+    queue: asyncio.Queue | None = None
+    worker: asyncio.Task | None = None
+    batch_rows: Histogram | None = None
+    inputs_by_name: dict[str, ModelInput] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.inputs_by_name = {i.name: i for i in self.scorer.inputs}
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.scorer.session.run(self.scorer.tasks, feeds)
+
+    async def infer(self, feeds: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        """Scores per task for ``rows`` rows; merged with concurrent requests when batching is on."""
+        loop = asyncio.get_running_loop()
+        if self.options.max_batch_size <= 0 or rows >= self.options.max_batch_size:
+            self.batch_rows.observe(rows)
+            return await loop.run_in_executor(None, self._run, feeds)
+        if self.worker is None:
+            self.queue = asyncio.Queue()
+            self.worker = loop.create_task(self._batch_loop())
+        fut = loop.create_future()
+        await self.queue.put(_Pending(feeds, rows, fut))
+        return await fut
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            batch, rows = [first], first.rows
+            deadline = loop.time() + self.options.max_wait_ms / 1000
+            while rows < self.options.max_batch_size:
+                timeout = deadline - loop.time()
+                if timeout <= 0 and self.queue.empty():
+                    break
+                try:
+                    item = self.queue.get_nowait() if self.queue.qsize() else await asyncio.wait_for(self.queue.get(), max(timeout, 0))
+                except asyncio.TimeoutError:
+                    break
+                if rows + item.rows > self.options.max_batch_size:
+                    self.queue.put_nowait(item)  # next batch; order is irrelevant for scoring
+                    break
+                batch.append(item)
+                rows += item.rows
+            feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds} if len(batch) > 1 else batch[0].feeds
+            self.batch_rows.observe(rows)
+            try:
+                outputs = await loop.run_in_executor(None, self._run, feeds)
+            except Exception as exc:  # pragma: no cover - onnxruntime failure on valid input
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            start = 0
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_result([o[start:start + p.rows] for o in outputs])
+                start += p.rows
+
+    # ---- request decoding -----------------------------------------------------------------------
+    def feeds_from_instances(self, body: Any) -> tuple[dict[str, np.ndarray], int]:
+        if not isinstance(body, dict) or "instances" not in body:
+            raise ClientError(400, 'body must be a JSON object {"instances": [{column: value, ...}, ...]}')
+        instances = body["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise ClientError(400, '"instances" must be a non-empty list of objects')
+        expected = set(self.inputs_by_name)
+        for i, row in enumerate(instances):
+            if not isinstance(row, dict):
+                raise ClientError(400, f"instance {i} must be an object of column: value")
+            unknown = set(row) - expected
+            missing = expected - set(row)
+            if unknown:
+                raise ClientError(400, f"instance {i}: unknown feature(s) {sorted(unknown)}; the model takes {sorted(expected)}")
+            if missing:
+                raise ClientError(400, f"instance {i}: missing feature(s) {sorted(missing)} (send null for a missing value)")
+        try:
+            table = pa.Table.from_pylist(instances)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+            raise ClientError(400, f"instances have values of inconsistent or unsupported types: {exc}") from None
+        for inp in self.scorer.inputs:  # an all-null column arrives typed null: give it the model's type
+            if pa.types.is_null(table.schema.field(inp.name).type):
+                typ = {"int64": pa.int64(), "string": pa.string(), "float32": pa.float32()}[inp.dtype]
+                table = table.set_column(table.schema.get_field_index(inp.name), inp.name, pa.nulls(table.num_rows, typ))
+        try:
+            return to_feeds(table, self.scorer.inputs), table.num_rows
+        except DataError as exc:
+            raise ClientError(400, str(exc)) from None
+
+    def feeds_from_v2(self, header: dict[str, Any], binary: bytes) -> tuple[dict[str, np.ndarray], int, dict[str, bool]]:
+        """KServe v2 inputs (JSON data or Triton binary data) -> feeds; also which outputs want binary."""
+        inputs = header.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise ClientError(400, '"inputs" must be a non-empty list of tensors')
+        feeds: dict[str, np.ndarray] = {}
+        offset = 0
+        rows = None
+        for t in inputs:
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+                raise ClientError(400, "each input needs a name, shape, datatype and data")
+            name = t["name"]
+            if name not in self.inputs_by_name:
+                raise ClientError(400, f"unknown input '{name}'; the model takes {sorted(self.inputs_by_name)}")
+            shape, dtype = t.get("shape"), t.get("datatype")
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and 1 <= len(shape) <= 2
+                    and (len(shape) == 1 or shape[1] == 1)):
+                raise ClientError(400, f"input '{name}': shape must be [batch] or [batch, 1], got {shape}")
+            n = shape[0]
+            want = V2_TYPES[self.inputs_by_name[name].dtype]
+            size = (t.get("parameters") or {}).get("binary_data_size")
+            if size is not None:
+                if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                    raise ClientError(400, f"input '{name}': binary_data_size {size} exceeds the body")
+                chunk = binary[offset:offset + size]
+                offset += size
+                values = _decode_binary(name, dtype, chunk, n)
+            else:
+                data = t.get("data")
+                if not isinstance(data, list):
+                    raise ClientError(400, f"input '{name}': data must be a flat list")
+                if data and isinstance(data[0], list):
+                    data = [v for row in data for v in (row if isinstance(row, list) else [row])]
+                if len(data) != n:
+                    raise ClientError(400, f"input '{name}': shape {shape} needs {n} values, got {len(data)}")
+                values = _decode_json(name, dtype, data)
+            if want == "BYTES" and dtype != "BYTES" or want != "BYTES" and dtype == "BYTES":
+                raise ClientError(400, f"input '{name}': datatype {dtype}, the model expects {want}")
+            if want == "INT64":
+                if values.dtype.kind not in "iu":
+                    raise ClientError(400, f"input '{name}': datatype {dtype}, the model expects INT64")
+                values = values.astype(np.int64)
+            elif want == "FP32":
+                values = values.astype(np.float32)
+            if rows is not None and n != rows:
+                raise ClientError(400, f"input '{name}' has {n} rows, other inputs have {rows}")
+            rows = n
+            feeds[name] = values
+        missing = set(self.inputs_by_name) - set(feeds)
+        if missing:
+            raise ClientError(400, f"missing input(s) {sorted(missing)}")
+        if not rows:
+            raise ClientError(400, "inputs hold no rows")
+        binary_default = bool((header.get("parameters") or {}).get("binary_data_output", False))
+        wants: dict[str, bool] = {}
+        requested = header.get("outputs")
+        if requested:
+            for o in requested:
+                name = o.get("name") if isinstance(o, dict) else None
+                if name not in self.scorer.tasks:
+                    raise ClientError(400, f"unknown output '{name}'; the model has {self.scorer.tasks}")
+                wants[name] = bool((o.get("parameters") or {}).get("binary_data", binary_default))
+        else:
+            wants = {t: binary_default for t in self.scorer.tasks}
+        return feeds, rows, wants
+
+
+def _decode_json(name: str, dtype: Any, data: list) -> np.ndarray:
+    if dtype == "BYTES":
+        if not all(isinstance(v, str) for v in data):
+            raise ClientError(400, f"input '{name}': BYTES data must be strings")
+        return np.array(data, dtype=object)
+    if dtype not in NUMPY_OF:
+        raise ClientError(400, f"input '{name}': unsupported datatype {dtype!r} (INT64, INT32, FP32, FP64, BYTES)")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data):
+        raise ClientError(400, f"input '{name}': {dtype} data must be numbers")
+    try:
+        return np.array(data, dtype=NUMPY_OF[dtype])
+    except (OverflowError, ValueError) as exc:
+        raise ClientError(400, f"input '{name}': {exc}") from None
+
+
+def _decode_binary(name: str, dtype: Any, chunk: bytes, n: int) -> np.ndarray:
+    if dtype == "BYTES":
+        out, pos = [], 0
+        while pos < len(chunk):
+            if pos + 4 > len(chunk):
+                raise ClientError(400, f"input '{name}': truncated BYTES element")
+            (length,) = struct.unpack_from("<I", chunk, pos)
+            pos += 4
+            out.append(chunk[pos:pos + length].decode("utf-8", errors="replace"))
+            pos += length
+        if len(out) != n:
+            raise ClientError(400, f"input '{name}': {n} rows declared, {len(out)} BYTES elements sent")
+        return np.array(out, dtype=object)
+    if dtype not in NUMPY_OF:
+        raise ClientError(400, f"input '{name}': unsupported datatype {dtype!r}")
+    width = np.dtype(NUMPY_OF[dtype]).itemsize
+    if len(chunk) != n * width:
+        raise ClientError(400, f"input '{name}': {n} rows of {dtype} need {n * width} bytes, got {len(chunk)}")
+    return np.frombuffer(chunk, dtype=NUMPY_OF[dtype])
+
+
+def discover_models(target: str | Path) -> dict[str, Path]:
+    path = Path(target)
+    if path.is_file():
+        return {path.stem: path}
+    if path.is_dir():
+        found = {p.stem: p for p in sorted(path.glob("*.onnx"))}
+        found.update({p.parent.parent.name: p for p in sorted(path.glob("*/1/model.onnx"))})  # Triton layout
+        if not found:
+            raise DataError(f"{path} holds no .onnx models")
+        return found
+    raise DataError(f"no such model file or folder: {path}")
+
+
+def create_app(target: str | Path, options: ServeOptions | None = None) -> Starlette:
+    options = options or ServeOptions()
+    registry = CollectorRegistry()
+    requests = Counter("recmtl_requests", "HTTP requests", ["route", "status"], registry=registry)
+    latency = Histogram("recmtl_request_seconds", "Request latency", ["route"], registry=registry,
+                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+    batch_rows = Histogram("recmtl_batch_rows", "Rows per onnxruntime call", ["model"], registry=registry,
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+    models: dict[str, ServedModel] = {}
+    for name, path in discover_models(target).items():
+        m = ServedModel(name, path, Scorer(path, options.threads), options)
+        m.batch_rows = batch_rows.labels(name)
+        models[name] = m
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def model_of(request: Request) -> ServedModel:
+        name = request.path_params["name"]
+        if name not in models:
+            raise ClientError(404, f"unknown model '{name}'; served: {sorted(models)}")
+        return models[name]
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > options.max_body_bytes:
+            raise ClientError(413, f"body of {declared} bytes exceeds the limit of {options.max_body_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > options.max_body_bytes:
+                raise ClientError(413, f"body exceeds the limit of {options.max_body_bytes} bytes")
+        return bytes(body)
+
+    def endpoint(route: str):
+        def wrap(fn):
+            async def handler(request: Request) -> Response:
+                start = time.perf_counter()
+                try:
+                    response = await fn(request)
+                except ClientError as exc:
+                    response = error(exc.status, str(exc))
+                except RecmtlError as exc:
+                    response = error(400, str(exc))
+                requests.labels(route, str(response.status_code)).inc()
+                latency.labels(route).observe(time.perf_counter() - start)
+                return response
+            return handler
+        return wrap
+
+    @endpoint("live")
+    async def live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    @endpoint("ready")
+    async def ready(request: Request) -> Response:
+        return JSONResponse({"ready": True})
+
+    @endpoint("server")
+    async def server_meta(request: Request) -> Response:
+        return JSONResponse({"name": "recmtl", "version": recmtl.__version__, "extensions": ["binary_tensor_data"]})
+
+    @endpoint("model")
+    async def model_meta(request: Request) -> Response:
+        m = model_of(request)
+        return JSONResponse({
+            "name": m.name, "versions": ["1"], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": i.name, "datatype": V2_TYPES[i.dtype], "shape": [-1]} for i in m.scorer.inputs],
+            "outputs": [{"name": t, "datatype": "FP32", "shape": [-1]} for t in m.scorer.tasks],
+        })
+
+    @endpoint("model_ready")
+    async def model_ready(request: Request) -> Response:
+        m = model_of(request)
+        return JSONResponse({"name": m.name, "ready": True})
+
+    @endpoint("infer")
+    async def infer(request: Request) -> Response:
+        m = model_of(request)
+        body = await read_body(request)
+        header_len = request.headers.get(HEADER_LENGTH.lower())
+        try:
+            if header_len is not None:
+                if not header_len.isdigit() or int(header_len) > len(body):
+                    raise ClientError(400, f"{HEADER_LENGTH} {header_len!r} does not fit the body")
+                header, binary = json.loads(body[:int(header_len)]), body[int(header_len):]
+            else:
+                header, binary = json.loads(body), b""
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ClientError(400, f"malformed JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise ClientError(400, "the request must be a JSON object with 'inputs'")
+        feeds, rows, wants = m.feeds_from_v2(header, binary)
+        outputs = dict(zip(m.scorer.tasks, await m.infer(feeds, rows)))
+        out_json, blobs = [], []
+        for name, binary_out in wants.items():
+            values = outputs[name].reshape(-1).astype(np.float32)
+            entry: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": [rows]}
+            if binary_out:
+                raw = values.tobytes()
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                blobs.append(raw)
+            else:
+                entry["data"] = values.tolist()
+            out_json.append(entry)
+        result: dict[str, Any] = {"model_name": m.name, "model_version": "1", "outputs": out_json}
+        if "id" in header:
+            result["id"] = header["id"]
+        if not blobs:
+            return JSONResponse(result)
+        head = json.dumps(result).encode()
+        return Response(head + b"".join(blobs), media_type="application/octet-stream",
+                        headers={HEADER_LENGTH: str(len(head))})
+
+    @endpoint("predict")
+    async def predict(request: Request) -> Response:
+        m = model_of(request)
+        body = await read_body(request)
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ClientError(400, f"malformed JSON: {exc}") from None
+        feeds, rows = m.feeds_from_instances(payload)
+        outputs = await m.infer(feeds, rows)
+        columns = [o.reshape(-1).astype(float).tolist() for o in outputs]
+        return JSONResponse({"model_name": m.name,
+                             "predictions": [dict(zip(m.scorer.tasks, row)) for row in zip(*columns)]})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error(404, f"no route {request.method} {request.url.path}")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return error(405, f"method {request.method} not allowed on {request.url.path}")
+
+    routes = [
+        Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", server_meta),
+        Route("/v2/models/{name}", model_meta), Route("/v2/models/{name}/versions/1", model_meta),
+        Route("/v2/models/{name}/ready", model_ready),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/1/infer", infer, methods=["POST"]),
+        Route("/v1/models/{name}/predict", predict, methods=["POST"]),
+        Route("/metrics", metrics),
+    ]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed})
+
+
+def app_from_env() -> Starlette:
+    """Factory for ``uvicorn --factory`` with several workers: settings come from RECMTL_SERVE_* variables."""
+    options = ServeOptions(
+        max_batch_size=int(os.environ.get("RECMTL_SERVE_MAX_BATCH", "256")),
+        max_wait_ms=float(os.environ.get("RECMTL_SERVE_MAX_WAIT_MS", "2")),
+        max_body_bytes=int(os.environ.get("RECMTL_SERVE_MAX_BODY", str(16 << 20))),
+        threads=int(os.environ["RECMTL_SERVE_THREADS"]) if os.environ.get("RECMTL_SERVE_THREADS") else None,
+    )
+    return create_app(os.environ["RECMTL_SERVE_TARGET"], options)
+
+
+def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          options: ServeOptions | None = None, log_level: str = "warning") -> None:
+    import uvicorn
+    options = options or ServeOptions()
+    discover_models(target)  # fail early with a clear message
+    os.environ.update({
+        "RECMTL_SERVE_TARGET": str(Path(target).resolve()), "RECMTL_SERVE_MAX_BATCH": str(options.max_batch_size),
+        "RECMTL_SERVE_MAX_WAIT_MS": str(options.max_wait_ms), "RECMTL_SERVE_MAX_BODY": str(options.max_body_bytes),
+        "RECMTL_SERVE_THREADS": str(options.threads or ""),
+    })
+    uvicorn.run("recmtl.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level, timeout_graceful_shutdown=30)
