@@ -104,7 +104,7 @@ def _infer(col: pa.ChunkedArray) -> pa.DataType:
 
 
 def split_parquet(src: str, outs: Sequence[str | Path], fractions: Sequence[float], seed: int = 0) -> list[int]:
-    """Assign each row of ``src`` at random to one of ``outs`` with the given ``fractions`` (streaming)."""
+    """Assign the rows of ``src`` at random to ``outs`` in exactly the given ``fractions`` (streaming)."""
     if len(outs) != len(fractions):
         raise ConfigError(f"{len(outs)} outputs but {len(fractions)} fractions")
     total = float(sum(fractions))
@@ -112,14 +112,19 @@ def split_parquet(src: str, outs: Sequence[str | Path], fractions: Sequence[floa
         raise ConfigError(f"--fractions must be positive and sum to 1, got {list(fractions)}")
     source = ParquetSource(src)
     rng = np.random.default_rng(seed)
-    edges = np.cumsum(fractions)[:-1]
+    # exact sizes: a shuffled assignment of rows to outputs (one byte per row, bounded by the row count)
+    sizes = np.floor(np.array(fractions) / total * source.num_rows).astype(np.int64)
+    sizes[: source.num_rows - int(sizes.sum())] += 1
+    assignment = rng.permutation(np.repeat(np.arange(len(outs), dtype=np.uint8), sizes))
     counts = [0] * len(outs)
+    seen = 0
     paths = [Path(o) for o in outs]
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_path(p)) for p in paths]
         writers = [stack.enter_context(pq.ParquetWriter(t, source.schema)) for t in tmps]
         for batch in source.batches():
-            which = np.searchsorted(edges, rng.random(batch.num_rows), side="right")
+            which = assignment[seen:seen + batch.num_rows]
+            seen += batch.num_rows
             for i, w in enumerate(writers):
                 part = batch.filter(pa.array(which == i))
                 if part.num_rows:

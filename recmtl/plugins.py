@@ -89,9 +89,11 @@ class Registry:
         accepted = [p for p in sig.parameters if p not in set(fixed) and p != "self"]
         for key in params:
             if key not in accepted:
+                hint = (f" (switching {kind}s with --set? replace the whole section: --set '{kind}={{name: {name}}}')"
+                        if kind in ("tower", "balancer") else "")
                 raise ConfigError(
                     f"{kind} '{name}' does not take parameter '{key}'{close_matches(key, accepted)}; "
-                    f"it takes: {', '.join(accepted) or 'no parameters'}"
+                    f"it takes: {', '.join(accepted) or 'no parameters'}{hint}"
                 )
 
     def create(self, kind: str, name: str, *args: Any, **params: Any) -> Any:

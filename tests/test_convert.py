@@ -51,5 +51,5 @@ def test_split_preserves_rows(cli, funnel_dir, tmp_path):
     assert r.code == 0, r
     n = pq.read_metadata(funnel_dir / "test.parquet").num_rows
     na, nb = pq.read_metadata(a).num_rows, pq.read_metadata(b).num_rows
-    assert na + nb == n and abs(na - nb) < 0.1 * n
+    assert na + nb == n and abs(na - nb) <= 1  # exact halves
     assert cli("split", funnel_dir / "test.parquet", "-o", a, "--fractions", "0.5,0.5").code == 2
