@@ -66,6 +66,7 @@ class ServedModel:
     worker: asyncio.Task | None = None
     batch_rows: Histogram | None = None
     inputs_by_name: dict[str, ModelInput] = field(default_factory=dict)
+    active: int = 0  # requests waiting for a batched result
 
     def __post_init__(self) -> None:
         self.inputs_by_name = {i.name: i for i in self.scorer.inputs}
@@ -83,42 +84,61 @@ class ServedModel:
             self.queue = asyncio.Queue()
             self.worker = loop.create_task(self._batch_loop())
         fut = loop.create_future()
-        await self.queue.put(_Pending(feeds, rows, fut))
-        return await fut
+        self.active += 1
+        try:
+            await self.queue.put(_Pending(feeds, rows, fut))
+            return await fut
+        finally:
+            self.active -= 1
 
     async def _batch_loop(self) -> None:
+        """Collect requests until ``max_batch_size`` rows or ``max_wait_ms`` after the first, then run
+        them as one call; up to two calls run at once so decoding the next requests overlaps inference."""
         loop = asyncio.get_running_loop()
+        running = asyncio.Semaphore(2)
+        carry: _Pending | None = None
         while True:
-            first = await self.queue.get()
+            first = carry or await self.queue.get()
+            carry = None
             batch, rows = [first], first.rows
             deadline = loop.time() + self.options.max_wait_ms / 1000
             while rows < self.options.max_batch_size:
-                timeout = deadline - loop.time()
-                if timeout <= 0 and self.queue.empty():
-                    break
                 try:
-                    item = self.queue.get_nowait() if self.queue.qsize() else await asyncio.wait_for(self.queue.get(), max(timeout, 0))
-                except asyncio.TimeoutError:
-                    break
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 or self.active <= len(batch):
+                        break  # waited enough, or nobody else is waiting: do not add latency
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
                 if rows + item.rows > self.options.max_batch_size:
-                    self.queue.put_nowait(item)  # next batch; order is irrelevant for scoring
+                    carry = item  # starts the next batch
                     break
                 batch.append(item)
                 rows += item.rows
+            await running.acquire()
+            loop.create_task(self._run_batch(batch, rows, running))
+
+    async def _run_batch(self, batch: list[_Pending], rows: int, running: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        try:
             feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds} if len(batch) > 1 else batch[0].feeds
             self.batch_rows.observe(rows)
-            try:
-                outputs = await loop.run_in_executor(None, self._run, feeds)
-            except Exception as exc:  # pragma: no cover - onnxruntime failure on valid input
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            start = 0
+            outputs = await loop.run_in_executor(None, self._run, feeds)
+        except Exception as exc:  # pragma: no cover - onnxruntime failure on valid input
             for p in batch:
                 if not p.future.done():
-                    p.future.set_result([o[start:start + p.rows] for o in outputs])
-                start += p.rows
+                    p.future.set_exception(exc)
+            return
+        finally:
+            running.release()
+        start = 0
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result([o[start:start + p.rows] for o in outputs])
+            start += p.rows
 
     # ---- request decoding -----------------------------------------------------------------------
     def feeds_from_instances(self, body: Any) -> tuple[dict[str, np.ndarray], int]:

@@ -1,0 +1,111 @@
+"""Load test of `recmtl serve` on loopback: 1-row requests at concurrency 1, 16, 64 (p50/p99 latency,
+requests/s), 256-row requests (rows/s), with micro-batching on and off. Bounded in time and requests.
+
+    python benchmarks/bench_serve.py MODEL.onnx DATA.parquet [--seconds 8] [--max-requests 20000]
+
+The load generator (asyncio + httpx, one process) shares the machine's cores with the server.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+
+RECMTL = str(Path(sys.executable).with_name("recmtl"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model: str, *flags: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([RECMTL, "serve", model, "--port", str(port), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/v2/health/live", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+async def load(url: str, name: str, bodies: list[bytes], concurrency: int, seconds: float, max_requests: int) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        async def worker(k: int) -> None:
+            nonlocal errors, sent
+            i = k
+            while time.perf_counter() < stop and sent < max_requests:
+                sent += 1
+                body = bodies[i % len(bodies)]
+                i += concurrency
+                t = time.perf_counter()
+                r = await client.post(f"{url}/v1/models/{name}/predict", content=body,
+                                      headers={"content-type": "application/json"})
+                latencies.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    errors += 1
+        # warm-up
+        await client.post(f"{url}/v1/models/{name}/predict", content=bodies[0], headers={"content-type": "application/json"})
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+    return {"requests": len(lat), "errors": errors, "req_per_s": round(len(lat) / wall, 1),
+            "p50_ms": round(1000 * lat[len(lat) // 2], 2), "p99_ms": round(1000 * lat[int(len(lat) * 0.99) - 1], 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("data")
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--max-requests", type=int, default=20_000)
+    args = ap.parse_args()
+    name = Path(args.model).stem
+    table = pq.read_table(args.data).slice(0, 4096)
+    cols = [c for c in table.column_names if c not in ("click", "conversion")]
+    rows = table.select(cols).to_pylist()
+    one_row = [json.dumps({"instances": [r]}).encode() for r in rows[:1024]]
+    many = [json.dumps({"instances": rows[i:i + 256]}).encode() for i in range(0, 4096, 256)]
+    report: dict[str, dict] = {}
+    for mode, flags in (("batching", ["--max-batch-size", "256", "--max-wait-ms", "2"]), ("no_batching", ["--max-batch-size", "0"])):
+        proc, url = start(args.model, *flags)
+        try:
+            for c in (1, 16, 64):
+                report[f"{mode}/1row/c{c}"] = asyncio.run(load(url, name, one_row, c, args.seconds, args.max_requests))
+                print(f"{mode} 1-row c={c}: {report[f'{mode}/1row/c{c}']}", flush=True)
+            r = asyncio.run(load(url, name, many, 4, args.seconds, args.max_requests))
+            r["rows_per_s"] = round(r["req_per_s"] * 256)
+            report[f"{mode}/256rows/c4"] = r
+            print(f"{mode} 256-row c=4: {r}", flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    b, nb = report["batching/1row/c64"]["req_per_s"], report["no_batching/1row/c64"]["req_per_s"]
+    report["summary"] = {"p99_ms_c1": report["batching/1row/c1"]["p99_ms"], "c64_batching_speedup": round(b / nb, 2),
+                         "errors": sum(v.get("errors", 0) for v in report.values())}
+    print(json.dumps(report["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
