@@ -39,28 +39,62 @@ def blocks(source: ParquetSource, schema: FittedSchema, read_rows: int, rng: np.
             yield schema.transform(record_batch, labels=labels)
 
 
+def _rows(arrays: Arrays, order: np.ndarray | None, start: int, stop: int) -> Arrays:
+    """Rows ``start:stop`` of ``arrays`` taken in ``order`` (a permutation of its rows; None: as they are).
+    Gathering one minibatch at a time (``np.take``) instead of permuting the whole buffer up front yields the
+    same rows, without writing and re-reading a buffer-sized copy."""
+    if order is None:
+        return arrays.take(slice(start, stop))
+    idx = order[start:stop]
+
+    def sub(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.take(a, idx, axis=0)
+    return Arrays({k: np.take(v, idx, axis=0) for k, v in arrays.inputs.items()}, sub(arrays.labels),
+                  sub(arrays.mask), sub(arrays.group))
+
+
+def _concat_reusing(blocks: list[Arrays], store: dict[str, np.ndarray], spare: int) -> Arrays:
+    """``Arrays.concat(blocks)`` written into arrays kept in ``store`` and reused by the next buffer: a fresh
+    buffer-sized array costs page faults on every write. Only for buffers whose minibatches are copies."""
+    if len(blocks) == 1:
+        return blocks[0]
+    n = sum(len(b) for b in blocks)
+
+    def cat(key: str, items: list[np.ndarray | None]) -> np.ndarray | None:
+        if items[0] is None:
+            return None
+        dtype, tail = np.result_type(*items), items[0].shape[1:]
+        arr = store.get(key)
+        if arr is None or len(arr) < n or arr.dtype != dtype or arr.shape[1:] != tail:
+            arr = store[key] = np.empty((n + spare, *tail), dtype=dtype)
+        return np.concatenate(items, out=arr[:n])
+    return Arrays({k: cat(k, [b.inputs[k] for b in blocks]) for k in blocks[0].inputs},
+                  cat(" labels", [b.labels for b in blocks]), cat(" mask", [b.mask for b in blocks]),
+                  cat(" group", [b.group for b in blocks]))
+
+
 def minibatches(stream: Iterator[Arrays], batch_size: int, buffer_rows: int = 0,
                 rng: np.random.Generator | None = None) -> Iterator[Batch]:
     """Cut a stream of blocks into minibatches; permute rows within a buffer when ``rng`` is given."""
     pending: list[Arrays] = []
     held = 0
+    store: dict[str, np.ndarray] = {}
     limit = max(buffer_rows, batch_size) if rng is not None else batch_size
     for block in stream:
         pending.append(block)
         held += len(block)
         if held < limit:
             continue
-        buf = Arrays.concat(pending)
-        if rng is not None:
-            buf = buf.take(rng.permutation(len(buf)))
+        # shuffled minibatches are gathered copies, so the buffer's memory can be reused
+        buf = _concat_reusing(pending, store, batch_size) if rng is not None else Arrays.concat(pending)
+        order = rng.permutation(len(buf)) if rng is not None else None
         full = (len(buf) // batch_size) * batch_size
         for start in range(0, full, batch_size):
-            yield to_batch(buf.take(slice(start, start + batch_size)))
-        rest = buf.take(slice(full, None))
+            yield to_batch(_rows(buf, order, start, start + batch_size))
+        rest = _rows(buf, order, full, len(buf))
         pending, held = ([rest], len(rest)) if len(rest) else ([], 0)
     if held:
         buf = Arrays.concat(pending)
-        if rng is not None:
-            buf = buf.take(rng.permutation(len(buf)))
+        order = rng.permutation(len(buf)) if rng is not None else None
         for start in range(0, len(buf), batch_size):
-            yield to_batch(buf.take(slice(start, start + batch_size)))
+            yield to_batch(_rows(buf, order, start, start + batch_size))

@@ -59,6 +59,7 @@ class CategoricalColumn:
     hash_buckets: int | None = None
     embedding_dim: int | None = None
     _index: pd.Index | None = field(default=None, repr=False)
+    _table: Any = field(default=None, repr=False, compare=False)  # int vocab over a narrow range: see _int_ids
 
     @property
     def cardinality(self) -> int:
@@ -79,17 +80,45 @@ class CategoricalColumn:
         valid = None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
         if self.hash_buckets:
             out = self._hash(arr)
+        elif self.value_type == "int":
+            out = self._int_ids(arr.fill_null(0).to_numpy())
         else:
-            if self._index is None:
-                self._index = pd.Index(self.vocab, dtype=object if self.value_type == "string" else np.int64)
-            if self.value_type == "int":
-                values = arr.fill_null(0).to_numpy()
+            # look up each distinct value of the batch once, not every row
+            encoded = pc.dictionary_encode(arr)
+            if len(encoded.dictionary) == 0:
+                out = np.zeros(len(arr), dtype=np.int64)
             else:
-                values = arr.to_numpy(zero_copy_only=False)
-            out = self._index.get_indexer(values).astype(np.int64) + 1  # unknown (-1) -> 0
+                codes = self._lookup(encoded.dictionary.to_numpy(zero_copy_only=False))
+                indices = encoded.indices if encoded.indices.null_count == 0 else encoded.indices.fill_null(0)
+                out = codes[indices.to_numpy()]
         if valid is not None:
             out[~valid] = 0
         return out
+
+    def _lookup(self, values: np.ndarray) -> np.ndarray:
+        if self._index is None:
+            self._index = pd.Index(self.vocab, dtype=object if self.value_type == "string" else np.int64)
+        return self._index.get_indexer(values).astype(np.int64) + 1  # unknown (-1) -> 0
+
+    def _int_ids(self, values: np.ndarray) -> np.ndarray:
+        """Integer values -> ids. When the vocabulary spans a narrow range of values (ids, codes), an array
+        indexed by value - (low - 1) maps them, with 0 at both ends for values outside the range; else a hash
+        lookup."""
+        if self._table is None:
+            self._table = False
+            vocab = np.asarray(self.vocab, dtype=np.int64)
+            if len(vocab):
+                low, high = int(vocab.min()), int(vocab.max())
+                if high - low < 4 * len(vocab) + 65_536 and low > np.iinfo(np.int64).min and high < np.iinfo(np.int64).max:
+                    table = np.zeros(high - low + 3, dtype=np.int64)
+                    table[vocab - (low - 1)] = np.arange(1, len(vocab) + 1)
+                    self._table = (low - 1, high + 1, table)
+        if self._table is False:
+            return self._lookup(values)
+        below, above, table = self._table
+        pos = np.clip(values, below, above)
+        pos -= below
+        return table[pos]
 
     def _hash(self, arr: pa.Array) -> np.ndarray:
         buckets = self.hash_buckets
