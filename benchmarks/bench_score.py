@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 

@@ -12,7 +12,6 @@ import asyncio
 import json
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
