@@ -7,6 +7,7 @@ results in benchmarks/RESULTS.md. Skipped when ../shared/data/census-income-kdd 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,16 +19,11 @@ import pytest
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "census-income-kdd"
 RECMTL = str(Path(sys.executable).with_name("recmtl"))
 
-COLUMNS = [
-    "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour", "hs_college",
-    "marital_stat", "major_ind_code", "major_occ_code", "race", "hisp_origin", "sex", "union_member",
-    "unemp_reason", "full_or_part_emp", "capital_gains", "capital_losses", "stock_dividends",
-    "tax_filer_stat", "region_prev_res", "state_prev_res", "det_hh_fam_stat", "det_hh_summ",
-    "instance_weight", "mig_chg_msa", "mig_chg_reg", "mig_move_reg", "mig_same", "mig_prev_sunbelt",
-    "num_emp", "fam_under_18", "country_father", "country_mother", "country_self", "citizenship",
-    "own_or_self", "vet_question", "vet_benefits", "weeks_worked", "year", "income_50k",
-]
-DENSE = ["age", "wage_per_hour", "capital_gains", "capital_losses", "stock_dividends", "num_emp", "weeks_worked"]
+# one source of truth for the UCI column names and the continuous columns: the benchmark script
+_spec = importlib.util.spec_from_file_location("census_income_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "census_income.py")
+_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench)
+COLUMNS, DENSE = _bench.COLUMNS, _bench.DENSE
 
 
 def recmtl(*args: str, cwd: Path, timeout: int = 600) -> str:
