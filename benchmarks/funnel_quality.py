@@ -23,6 +23,11 @@ from pathlib import Path
 # --no-defaults drops them (the plain `recmtl init` config).
 DEFAULT_SETS = [
     "train.progress=false",
+    "train.threads=1",  # one thread: the recorded figures were made so (robust to a busy shared machine)
+    "optimizer.name=adagrad",  # sparse Adagrad for the embeddings, dense Adagrad for the rest
+    "optimizer.lr=0.005",  # dense layers (experts, gates, towers, heads)
+    "optimizer.embedding_lr=0.05",  # embedding tables
+    "tower.dropout=0.1",
 ]
 
 
