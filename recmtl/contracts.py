@@ -75,7 +75,14 @@ class Tower(nn.Module):
         return list(self.parameters())
 
     def diagnostics(self) -> dict[str, Any]:
-        """What the tower learned about task relations (e.g. mean gate weights), JSON-serialisable."""
+        """What the tower learned about task relations since the last call, JSON-serialisable.
+
+        Conventional keys (``recmtl report`` draws them; others are kept in metrics.json as they are):
+        ``gate_weights: {gate: [mean weight per expert]}`` (a gate is a task, or ``level/task`` for
+        multi-level towers), ``gate_entropy: {gate: float}``, ``max_entropy: float``,
+        ``expert_utilisation: {gate: [share of rows whose top expert it is]}`` and
+        ``matrices: {name: {"rows": [...], "cols": [...], "values": [[...]]}}`` (e.g. cross-stitch units).
+        """
         return {}
 
 
