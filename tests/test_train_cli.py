@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 
 import numpy as np
@@ -99,9 +101,6 @@ def test_resume_continues_from_last_checkpoint(cli, funnel_dir, tmp_path):
 
 def test_resume_after_kill(funnel_dir, tmp_path):
     """A real interruption: kill the training process after its first checkpoint, then --resume."""
-    import signal
-    import subprocess
-    import sys
     from conftest import RECMTL
     cfg = write_config(tmp_path / "c.yaml", funnel_dir)
     raw = yaml.safe_load(cfg.read_text())
@@ -122,7 +121,6 @@ def test_resume_after_kill(funnel_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(1, done_before + 2))
-    _ = sys
 
 
 def test_early_stopping_and_monitor(cli, funnel_dir, tmp_path):
