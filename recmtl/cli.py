@@ -177,6 +177,17 @@ def evaluate(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `recmtl train`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for index.html and the PNGs (default: RUN_DIR/report).")] = None,
+) -> None:
+    """Training curves, tower diagnostics and task-balance plots: PNGs and one self-contained index.html."""
+    from recmtl.report import write_report
+    index = write_report(run_dir, out)
+    typer.echo(f"wrote {index}")
+
+
+@app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `recmtl train`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")],

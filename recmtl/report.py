@@ -1,0 +1,624 @@
+"""``recmtl report RUN_DIR``: a run's training curves, tower diagnostics and task-balance log as PNG
+images and one self-contained ``index.html`` (the images are embedded, so the single file can be mailed).
+
+Reads only the run directory: ``metrics.json`` (required), ``config.yaml``, ``run.json`` and
+``balance.jsonl`` (optional). A section whose data is absent (no validation data, a tower without
+diagnostics, no balance log) is left out. Drawing uses matplotlib's Agg canvas directly, so the global
+pyplot state of a caller (e.g. a notebook) is left alone.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recmtl.errors import ConfigError, DataError
+from recmtl.io import atomic_path
+
+DPI = 100
+#: diagnostics keys with a figure of their own; any other key is listed as JSON
+DRAWN_DIAGNOSTICS = ("gate_weights", "gate_entropy", "max_entropy", "expert_utilisation", "matrices")
+#: per-task validation entries that are not metrics
+NOT_METRICS = ("rows",)
+
+
+@dataclass
+class RunData:
+    """What a report is made from."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    config_text: str = ""
+    run_info: dict[str, Any] = field(default_factory=dict)
+    balance: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.metrics["history"]
+
+    @property
+    def best_epoch(self) -> int | None:
+        best = self.metrics.get("best_epoch")
+        return best if isinstance(best, int) and best >= 1 else None
+
+
+@dataclass
+class Image:
+    """One rendered figure: its file name, PNG bytes and pixel size."""
+
+    section: str
+    name: str
+    title: str
+    png: bytes
+    width: int
+    height: int
+    caption: str = ""
+
+
+# ---------------------------------------------------------------- reading
+
+def load_run_data(run_dir: str | Path) -> RunData:
+    """Read a run directory; a missing or unreadable ``metrics.json`` is a user error with one message."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a directory; pass the run directory written by `recmtl train --out`")
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no metrics.json; pass a run directory written by `recmtl train --out` "
+                          "(metrics.json appears after the first epoch)")
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); the file is corrupt") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("history"), list):
+        raise DataError(f"{path} has no 'history' list; it was not written by `recmtl train`")
+    if not metrics["history"]:
+        raise DataError(f"{path} holds no finished epoch yet; nothing to report")
+    if not all(isinstance(r, dict) for r in metrics["history"]):
+        raise DataError(f"{path}: every 'history' entry must be an object (one per epoch)")
+    data = RunData(run_dir, metrics)
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        data.config_text = cfg_path.read_text(errors="replace")
+        try:
+            cfg = yaml.safe_load(data.config_text)
+            data.config = cfg if isinstance(cfg, dict) else {}
+        except yaml.YAMLError:
+            data.notes.append("config.yaml could not be parsed; it is shown as it is")
+    run_json = run_dir / "run.json"
+    if run_json.is_file():
+        try:
+            info = json.loads(run_json.read_text())
+            data.run_info = info if isinstance(info, dict) else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data.notes.append("run.json is not valid JSON; versions are not shown")
+    data.balance, skipped = read_balance_log(run_dir / "balance.jsonl")
+    if skipped:
+        data.notes.append(f"balance.jsonl: {skipped} unreadable line(s) skipped")
+    return data
+
+
+def read_balance_log(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Records of ``balance.jsonl`` (absent file: none) and the number of lines that could not be read
+    (e.g. the last line of a run that was killed while writing it)."""
+    if not path.is_file():
+        return [], 0
+    records, skipped = [], 0
+    with path.open(errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                skipped += 1
+    return records, skipped
+
+
+def _num(v: Any) -> float:
+    """A finite-or-NaN float from a JSON value (None, strings and the like become NaN)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return math.nan
+    return float(v)
+
+
+def _best_record(data: RunData) -> tuple[int, dict[str, Any]]:
+    """(epoch, record) of the best epoch, else the last one."""
+    best = data.best_epoch
+    for rec in data.history:
+        if rec.get("epoch") == best:
+            return best, rec
+    return data.history[-1].get("epoch", len(data.history)), data.history[-1]
+
+
+def _best_diagnostics(data: RunData) -> tuple[int | None, dict[str, Any]]:
+    """Tower diagnostics of the best epoch (else the latest epoch that has some)."""
+    epoch, rec = _best_record(data)
+    if isinstance(rec.get("diagnostics"), dict) and rec["diagnostics"]:
+        return epoch, rec["diagnostics"]
+    for rec in reversed(data.history):
+        if isinstance(rec.get("diagnostics"), dict) and rec["diagnostics"]:
+            return rec.get("epoch"), rec["diagnostics"]
+    return None, {}
+
+
+# ---------------------------------------------------------------- drawing
+
+def _matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError("recmtl report needs matplotlib: pip install 'recmtl[report]'") from None
+    return Figure, FigureCanvasAgg
+
+
+def _new_figure(width_in: float, height_in: float):
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _render(fig, section: str, name: str, title: str, caption: str = "") -> Image:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    width, height = (round(float(v)) for v in fig.get_size_inches() * DPI)
+    return Image(section, name, title, buf.getvalue(), width, height, caption)
+
+
+def _mark_best(ax, best: int | None) -> None:
+    if best is not None:
+        ax.axvline(best, color="0.4", linestyle=":", linewidth=1.2, label=f"best epoch {best}")
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def training_curves(data: RunData) -> Image:
+    """Train loss (solid) and validation loss (dashed) per task, then one panel per validation metric."""
+    hist = data.history
+    epochs = [_num(r.get("epoch", i + 1)) for i, r in enumerate(hist)]
+    tasks = list(dict.fromkeys(t for r in hist for t in (r.get("train_loss") or {})))
+    tasks += [t for r in hist for t in (r.get("validation") or {}) if t not in tasks]
+    metric_names: list[str] = []
+    for r in hist:
+        for m in (r.get("validation") or {}).values():
+            if isinstance(m, dict):
+                metric_names += [k for k in m if k not in NOT_METRICS and k != "loss" and k not in metric_names]
+    panels = ["loss", *metric_names]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _new_figure(4.0 * ncols, 3.5 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colors = {t: f"C{i % 10}" for i, t in enumerate(tasks)}
+    best = data.best_epoch
+
+    def val(r: dict, task: str, metric: str) -> float:
+        m = (r.get("validation") or {}).get(task)
+        return _num(m.get(metric)) if isinstance(m, dict) else math.nan
+
+    ax = axes[0]
+    for t in tasks:
+        ax.plot(epochs, [_num((r.get("train_loss") or {}).get(t)) for r in hist], marker="o", color=colors[t],
+                label=f"{t} train")
+        v = [val(r, t, "loss") for r in hist]
+        if any(not math.isnan(x) for x in v):
+            ax.plot(epochs, v, marker="o", linestyle="--", color=colors[t], label=f"{t} validation")
+    ax.set_title("loss")
+    for ax, metric in zip(axes[1:], metric_names):
+        for t in tasks:
+            v = [val(r, t, metric) for r in hist]
+            if any(not math.isnan(x) for x in v):
+                ax.plot(epochs, v, marker="o", color=colors[t], label=t)
+        ax.set_title(f"validation {metric}")
+    for ax in axes[:len(panels)]:
+        _mark_best(ax, best)
+        _integer_x(ax)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    caption = (f"best epoch {best} by {data.metrics.get('monitor', '?')} (dotted line)" if best else "")
+    return _render(fig, "curves", "curves.png", "Training curves", caption)
+
+
+def _gate_matrix(rows: dict[str, Any]) -> tuple[list[str], list[list[float]], int]:
+    """Gate names, values padded with NaN to the widest gate (levels may differ in expert count)."""
+    if not isinstance(rows, dict) or not rows:
+        raise ValueError("expected {gate: [value per expert]}")
+    names = [str(k) for k in rows]
+    values = []
+    for k, v in rows.items():
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"gate '{k}': expected a list of numbers")
+        values.append([_num(x) for x in v])
+    width = max(len(v) for v in values)
+    return names, [v + [math.nan] * (width - len(v)) for v in values], width
+
+
+def _heatmap(ax, values: list[list[float]], rows: list[str], cols: list[str], cmap: str = "viridis",
+             vmin: float | None = None, vmax: float | None = None, diverging: bool = False) -> None:
+    import numpy as np
+    arr = np.ma.masked_invalid(np.asarray(values, dtype=float))
+    if diverging:
+        lim = float(np.nanmax(np.abs(arr.filled(np.nan)))) if arr.count() else 1.0
+        vmin, vmax = -(lim or 1.0), (lim or 1.0)
+    im = ax.imshow(arr, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    long = max(map(len, cols)) > 6
+    ax.set_xticks(range(len(cols)), labels=cols, rotation=45 if long else 0, ha="right" if long else "center")
+    ax.set_yticks(range(len(rows)), labels=rows)
+    ax.figure.colorbar(im, ax=ax, shrink=0.9)
+    if arr.size <= 400:
+        for i in range(arr.shape[0]):
+            for j in range(arr.shape[1]):
+                if arr.mask is not np.ma.nomask and arr.mask[i, j]:
+                    continue
+                r, g, b, _ = im.cmap(im.norm(arr[i, j]))
+                color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+                ax.text(j, i, f"{arr[i, j]:.2f}", ha="center", va="center", color=color, fontsize="small")
+
+
+def _heatmap_size(n_rows: int, n_cols: int) -> tuple[float, float]:
+    return min(3.0 + 0.8 * n_cols, 16.0), min(1.6 + 0.45 * n_rows, 14.0)
+
+
+def gate_weights_figure(diag: dict[str, Any], epoch: int | None) -> Image:
+    names, values, width = _gate_matrix(diag["gate_weights"])
+    fig = _new_figure(*_heatmap_size(len(names), width))
+    ax = fig.subplots()
+    _heatmap(ax, values, names, [str(j) for j in range(width)], vmin=0.0, vmax=1.0)
+    ax.set_title(f"mean gate weight (epoch {epoch})")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("gate")
+    return _render(fig, "tower", "gate_weights.png", "Gate weights",
+                   f"Mean softmax weight each gate gives each expert on the validation rows, epoch {epoch}. "
+                   "Tasks whose rows use different experts share less.")
+
+
+def gate_entropy_figure(data: RunData) -> Image | None:
+    hist = [r for r in data.history if isinstance(r.get("diagnostics"), dict)
+            and isinstance(r["diagnostics"].get("gate_entropy"), dict)]
+    if not hist:
+        return None
+    gates = list(dict.fromkeys(g for r in hist for g in r["diagnostics"]["gate_entropy"]))
+    epochs = [_num(r.get("epoch")) for r in hist]
+    fig = _new_figure(7.0, 4.0)
+    ax = fig.subplots()
+    for i, g in enumerate(gates):
+        ax.plot(epochs, [_num(r["diagnostics"]["gate_entropy"].get(g)) for r in hist], marker="o",
+                color=f"C{i % 10}", label=g)
+    max_ent = hist[-1]["diagnostics"].get("max_entropy")
+    if isinstance(max_ent, dict):
+        for i, g in enumerate(gates):
+            if g in max_ent:
+                ax.axhline(_num(max_ent[g]), color=f"C{i % 10}", linestyle="--", linewidth=1)
+        ax.plot([], [], color="0.3", linestyle="--", label="max entropy (uniform gate)")
+    elif max_ent is not None:
+        ax.axhline(_num(max_ent), color="0.3", linestyle="--", label="max entropy (uniform gate)")
+    seen = [_num(v) for r in hist for v in r["diagnostics"]["gate_entropy"].values()]
+    seen += [_num(v) for v in max_ent.values()] if isinstance(max_ent, dict) else [_num(max_ent)]
+    top = max([v for v in seen if math.isfinite(v)], default=0.0)
+    ax.set_ylim(0, top * 1.08 if top > 0 else None)
+    _mark_best(ax, data.best_epoch)
+    _integer_x(ax)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean gate entropy (nats)")
+    ax.set_title("gate entropy per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _render(fig, "tower", "gate_entropy.png", "Gate entropy",
+                   "Near the maximum: the gate mixes all experts evenly; near 0: each row picks one expert.")
+
+
+def utilisation_figure(diag: dict[str, Any], epoch: int | None) -> Image:
+    names, values, width = _gate_matrix(diag["expert_utilisation"])
+    fig = _new_figure(*_heatmap_size(len(names), width))
+    ax = fig.subplots()
+    _heatmap(ax, values, names, [str(j) for j in range(width)], cmap="magma", vmin=0.0, vmax=1.0)
+    ax.set_title(f"expert utilisation (epoch {epoch})")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("gate")
+    return _render(fig, "tower", "expert_utilisation.png", "Expert utilisation",
+                   "Share of rows whose largest gate weight goes to each expert; an expert no row picks is idle.")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "matrix"
+
+
+def matrix_figures(diag: dict[str, Any], epoch: int | None) -> list[Image]:
+    mats = diag["matrices"]
+    if not isinstance(mats, dict):
+        raise ValueError("expected {name: {rows, cols, values}}")
+    images, used = [], set()
+    for name, m in mats.items():
+        if not isinstance(m, dict) or not isinstance(m.get("values"), list) or not m["values"]:
+            raise ValueError(f"matrix '{name}': expected rows, cols and a non-empty values list")
+        values = [[_num(x) for x in row] for row in m["values"]]
+        n_rows, n_cols = len(values), max(len(r) for r in values)
+        if any(len(r) != n_cols for r in values):
+            raise ValueError(f"matrix '{name}': rows of different lengths")
+        rows = [str(r) for r in (m.get("rows") or range(n_rows))]
+        cols = [str(c) for c in (m.get("cols") or range(n_cols))]
+        if len(rows) != n_rows or len(cols) != n_cols:
+            raise ValueError(f"matrix '{name}': {len(rows)} row / {len(cols)} column labels for a "
+                             f"{n_rows}x{n_cols} matrix")
+        negative = any(x < 0 for r in values for x in r if not math.isnan(x))
+        fig = _new_figure(*_heatmap_size(n_rows, n_cols))
+        ax = fig.subplots()
+        _heatmap(ax, values, rows, cols, cmap="RdBu_r" if negative else "viridis", diverging=negative)
+        ax.set_title(f"{name} (epoch {epoch})")
+        slug = f"matrix_{_slug(str(name))}"
+        while slug in used:
+            slug += "_"
+        used.add(slug)
+        images.append(_render(fig, "tower", f"{slug}.png", f"Matrix: {name}"))
+    return images
+
+
+def _balance_x(records: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """x positions of the balance records (global step) and the x where each new epoch starts.
+
+    ``step`` is used as it is when it never decreases; a step counter that restarts every epoch is
+    offset by the steps of the epochs before it."""
+    steps = [_num(r.get("step", i)) for i, r in enumerate(records)]
+    if any(math.isnan(s) for s in steps):
+        steps = [float(i) for i in range(len(records))]
+    if any(b < a for a, b in itertools.pairwise(steps)):
+        out, offset, last = [], 0.0, None
+        for s in steps:
+            if last is not None and s < last:
+                offset += last
+            out.append(offset + s)
+            last = s
+        steps = out
+    starts, prev = [], None
+    for x, r in zip(steps, records):
+        if r.get("epoch") != prev and prev is not None:
+            starts.append(x)
+        prev = r.get("epoch")
+    return steps, starts
+
+
+def _series(records: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
+    names = list(dict.fromkeys(k for r in records if isinstance(r.get(key), dict) for k in r[key]))
+    return {n: [_num((r.get(key) or {}).get(n)) if isinstance(r.get(key), dict) else math.nan for r in records]
+            for n in names}
+
+
+def balance_figures(data: RunData) -> list[Image]:
+    records = data.balance
+    if not records:
+        return []
+    x, starts = _balance_x(records)
+    specs = [
+        ("weights", "balance_weights.png", "Task weights", "weight", "per-task loss weight",
+         "The weight the balancer gave each task's loss."),
+        ("grad_norms", "balance_grad_norms.png", "Gradient norms", "norm", "gradient norm on the shared parameters",
+         "Norm of each task's gradient on the shared parameters: a task with a much larger norm dominates the update."),
+        ("cosine", "balance_cosine.png", "Gradient cosine similarity", "cosine",
+         "pairwise cosine of task gradients",
+         ("Cosine similarity of two tasks' gradients on the shared parameters; below 0 (shaded) the tasks "
+          "pull the shared parameters in conflicting directions.")),
+    ]
+    images = []
+    marker = "o" if len(records) <= 60 else None
+    for key, fname, title, ylabel, ax_title, caption in specs:
+        series = _series(records, key)
+        if not series:
+            continue
+        fig = _new_figure(8.0, 4.0)
+        ax = fig.subplots()
+        for i, (n, v) in enumerate(series.items()):
+            ax.plot(x, v, color=f"C{i % 10}", label=n, marker=marker, markersize=3, linewidth=1.2)
+        for s in starts:
+            ax.axvline(s, color="0.8", linewidth=0.8, zorder=0)
+        if key == "cosine":
+            ax.axhline(0.0, color="black", linewidth=1)
+            ax.axhspan(-1.05, 0.0, color="tab:red", alpha=0.08, zorder=0)
+            ax.set_ylim(-1.05, 1.05)
+        if key == "grad_norms":
+            positive = [y for v in series.values() for y in v if y > 0]
+            if positive and max(positive) / min(positive) > 100:
+                ax.set_yscale("log")
+        ax.set_xlabel("step" + (" (grey lines: epoch starts)" if starts else ""))
+        ax.set_ylabel(ylabel)
+        ax.set_title(ax_title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        images.append(_render(fig, "balance", fname, title, caption))
+    return images
+
+
+def conflict_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task pair over the logged steps: mean, minimum and last cosine, share of steps below 0."""
+    out = []
+    for pair, values in _series(records, "cosine").items():
+        v = [c for c in values if not math.isnan(c)]
+        if v:
+            out.append({"pair": pair, "mean": sum(v) / len(v), "min": min(v), "last": v[-1],
+                        "negative": sum(c < 0 for c in v) / len(v), "steps": len(v)})
+    return out
+
+
+# ---------------------------------------------------------------- HTML
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return html.escape(str(v))
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    tasks = {t: m for t, m in metrics.items() if isinstance(m, dict)}
+    names = list(dict.fromkeys(k for m in tasks.values() for k in m))
+    names = [n for n in names if n != "rows"] + (["rows"] if any("rows" in m for m in tasks.values()) else [])
+    return _table(["task", *names], [[t, *[m.get(n, "") for n in names]] for t, m in tasks.items()])
+
+
+def _component(c: Any) -> str:
+    if not isinstance(c, dict):
+        return str(c or "?")
+    params = ", ".join(f"{k}={v}" for k, v in c.items() if k != "name")
+    return f"{c.get('name', '?')}" + (f" ({params})" if params else "")
+
+
+def _summary(data: RunData) -> str:
+    cfg, m = data.config, data.metrics
+    epochs = data.history
+    speeds = [_num(r.get("rows_per_s")) for r in epochs]
+    speeds = [s for s in speeds if not math.isnan(s)]
+    rows = [
+        ["run directory", str(data.run_dir)],
+        ["tower", _component(cfg.get("tower"))],
+        ["balancer", _component(cfg.get("balancer"))],
+        ["monitor", m.get("monitor", "")],
+        ["best epoch", f"{m.get('best_epoch', '?')} of {len(epochs)} trained"],
+    ]
+    if speeds:
+        rows.append(["training speed", f"{sum(speeds) / len(speeds):,.0f} rows/s (mean over epochs)"])
+    out = _table(["", ""], rows).replace("<thead><tr><th></th><th></th></tr></thead>", "")
+    tasks = cfg.get("tasks") if isinstance(cfg.get("tasks"), list) else []
+    if tasks:
+        out += "<h3>Tasks</h3>" + _table(
+            ["task", "head", "label", "weight", "head params"],
+            [[t.get("name"), t.get("head"), t.get("label"), t.get("weight"),
+              ", ".join(f"{k}={v}" for k, v in (t.get("params") or {}).items())] for t in tasks if isinstance(t, dict)])
+    return out
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
+th{background:#f4f4f4}td{font-variant-numeric:tabular-nums}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}.note{color:#a60}
+"""
+
+
+def _figure_html(img: Image) -> str:
+    b64 = base64.b64encode(img.png).decode("ascii")
+    cap = f"<figcaption>{html.escape(img.caption)}</figcaption>" if img.caption else ""
+    return (f'<figure id="{html.escape(img.name)}"><img alt="{html.escape(img.title)}" width="{img.width}" '
+            f'height="{img.height}" src="data:image/png;base64,{b64}">{cap}</figure>')
+
+
+def render_html(data: RunData, images: list[Image], extra_diagnostics: dict[str, Any]) -> str:
+    by_section: dict[str, list[Image]] = {}
+    for img in images:
+        by_section.setdefault(img.section, []).append(img)
+    title = f"recmtl report: {data.run_dir.resolve().name}"
+    parts = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>")]
+    for note in data.notes:
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
+    parts.append("<h2>Summary</h2>" + _summary(data))
+    m = data.metrics
+    if isinstance(m.get("validation"), dict) and m["validation"]:
+        parts.append(f"<h3>Validation (best epoch {_fmt(m.get('best_epoch'))})</h3>" + _metrics_table(m["validation"]))
+    if isinstance(m.get("test"), dict) and m["test"]:
+        parts.append("<h3>Test (best checkpoint)</h3>" + _metrics_table(m["test"]))
+    sections = [("curves", "Training curves", ""),
+                ("tower", "Tower diagnostics", "What the tower learned about how the tasks relate."),
+                ("balance", "Task balance", "Logged every few training steps (balance.jsonl).")]
+    for key, heading, intro in sections:
+        if key in by_section:
+            parts.append(f"<h2>{heading}</h2>" + (f"<p>{intro}</p>" if intro else ""))
+            parts += [f"<h3>{html.escape(i.title)}</h3>" + _figure_html(i) for i in by_section[key]]
+        if key == "balance" and data.balance:
+            conflict = conflict_summary(data.balance)
+            if conflict:
+                parts.append("<h3>Gradient conflict per task pair</h3>" + _table(
+                    ["pair", "mean cosine", "min cosine", "last cosine", "steps with cosine < 0", "logged steps"],
+                    [[c["pair"], c["mean"], c["min"], c["last"], f"{c['negative']:.0%}", c["steps"]] for c in conflict]))
+    if extra_diagnostics:
+        parts.append("<h2>Other tower diagnostics</h2><p>Diagnostics this report does not draw "
+                     "(best epoch), as the tower reported them:</p>"
+                     f"<pre>{html.escape(json.dumps(extra_diagnostics, indent=2, default=str))}</pre>")
+    if data.config_text:
+        parts.append(f"<h2>Config</h2><pre>{html.escape(data.config_text)}</pre>")
+    info = data.run_info
+    if info:
+        rows = [[k, v] for k, v in (info.get("versions") or {}).items()]
+        parts.append("<h2>Run</h2>" + _table(["package", "version"], rows))
+        if info.get("argv"):
+            parts.append(f"<p>command: <code>{html.escape(' '.join(map(str, info['argv'])))}</code></p>")
+        if info.get("started"):
+            parts.append(f"<p>started: {html.escape(str(info['started']))}</p>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- the report
+
+def build_images(data: RunData) -> tuple[list[Image], dict[str, Any]]:
+    """Every figure the run's data allows, and the diagnostics left undrawn (unknown keys, or a known key
+    whose value does not follow the convention, with the reason)."""
+    images = [training_curves(data)]
+    epoch, diag = _best_diagnostics(data)
+    extra = {k: v for k, v in diag.items() if k not in DRAWN_DIAGNOSTICS}
+    builders = [("gate_weights", lambda: gate_weights_figure(diag, epoch)),
+                ("gate_entropy", lambda: gate_entropy_figure(data)),
+                ("expert_utilisation", lambda: utilisation_figure(diag, epoch)),
+                ("matrices", lambda: matrix_figures(diag, epoch))]
+    for key, build in builders:
+        if key not in diag:
+            continue
+        try:
+            out = build()
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            extra[key] = {"not drawn": str(exc), "value": diag[key]}
+            continue
+        images += out if isinstance(out, list) else ([out] if out else [])
+    images += balance_figures(data)
+    return images, extra
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write the PNGs and ``index.html`` for ``run_dir`` into ``out_dir`` (default ``RUN_DIR/report``);
+    returns the path of ``index.html``."""
+    _matplotlib()
+    data = load_run_data(run_dir)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
+    images, extra = build_images(data)
+    for img in images:
+        with atomic_path(out / img.name) as tmp:
+            tmp.write_bytes(img.png)
+    index = out / "index.html"
+    with atomic_path(index) as tmp:
+        tmp.write_text(render_html(data, images, extra), encoding="utf-8")
+    return index
