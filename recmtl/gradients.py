@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recmtl.contracts import Balancer
+
 
 def task_gradients(losses: list[torch.Tensor], params: list[nn.Parameter], retain_graph: bool = True) -> torch.Tensor:
     """``[num_tasks, num_shared_values]``: row ``i`` is d losses[i] / d params, flattened (zeros where a
@@ -51,3 +53,38 @@ def conflict_stats(grads: torch.Tensor, task_names: list[str]) -> dict[str, dict
     pairs = {f"{a}/{b}": round(float(cos[i, j]), 5) for i, a in enumerate(task_names)
              for j, b in enumerate(task_names) if i < j}
     return {"grad_norms": {t: round(float(n), 6) for t, n in zip(task_names, norms)}, "cosine": pairs}
+
+
+class GradientBalancer(Balancer):
+    """Base of the gradient-manipulation balancers (PCGrad, MGDA, CAGrad, ...): subclasses implement
+    ``combine``, which turns the per-task gradients on the shared parameters into one direction.
+
+    Each step costs one ``autograd.grad`` per task through the shared part plus one ordinary backward
+    (T + 1 backward passes instead of 1). The config's per-task ``weight`` scales each loss first. The
+    shared parameters get the combined direction; every other parameter (task towers, heads, sparse
+    embeddings) gets the gradient of ``sum_t w_t L_t``, or of ``sum_t c_t w_t L_t`` when the subclass sets
+    ``scale_task_specific`` (its coefficients ``c_t`` then weight the losses everywhere).
+    """
+
+    scale_task_specific: bool = False
+
+    def combine(self, grads: torch.Tensor, losses: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``grads [T, N]``: row t is the gradient of ``w_t L_t`` on the shared parameters, flattened;
+        ``losses [T]``: the detached ``w_t L_t``; ``sizes``: element count of each shared tensor, in order.
+        Returns the shared direction ``[N]`` and one coefficient per task (what ``backward`` reports)."""
+        raise NotImplementedError
+
+    def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
+        scaled = [self.weights.get(t, 1.0) * losses[t] for t in self.task_names]
+        params = [p for p in shared_parameters if p.requires_grad]
+        if not params:  # nothing shared (e.g. independent towers): plain weighted sum
+            sum(scaled).backward()
+            return {t: float(self.weights.get(t, 1.0)) for t in self.task_names}
+        grads = task_gradients(scaled, params)
+        with torch.no_grad():
+            direction, coeffs = self.combine(grads, torch.stack([x.detach() for x in scaled]).to(grads.dtype),
+                                             [p.numel() for p in params])
+        coeffs = coeffs.detach().to(torch.float64).cpu()
+        task_weights = coeffs.tolist() if self.scale_task_specific else [1.0] * len(scaled)
+        backward_with_shared_gradient(scaled, task_weights, params, direction.detach())
+        return {t: float(c) * float(self.weights.get(t, 1.0)) for t, c in zip(self.task_names, coeffs)}

@@ -1,0 +1,89 @@
+"""Nash-MTL: the update as a Nash bargaining solution.
+
+Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik and Fetaya, "Multi-Task Learning as a Bargaining
+Game", ICML 2022. The shared update is ``d = sum_t alpha_t g_t`` with ``alpha > 0`` solving
+``G G^T alpha = 1 / alpha`` (element-wise), i.e. ``alpha_t (G G^T alpha)_t = 1``: every task's
+directional improvement ``g_t . d`` equals ``1 / alpha_t`` (scale-invariant, Pareto-optimal).
+
+No convex-programming package is needed: the solution is the unique minimiser of the strictly convex
+``f(alpha) = 1/2 alpha^T M alpha - sum_t log alpha_t`` (its gradient is ``M alpha - 1/alpha``), found with
+scipy's L-BFGS-B. As in the authors' code the Gram matrix is first divided by its Frobenius norm (so the
+update keeps the gradients' scale), ``alpha`` is re-solved every ``update_weights_every`` steps (the
+steps between reuse it and cost one backward pass), and the shared update is clipped to ``max_norm``
+(0 turns that off). Tasks whose gradient is zero get ``alpha = 0``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import nn
+
+from recmtl import Balancer, hookimpl
+from recmtl.gradients import GradientBalancer
+
+
+def nash_weights(gram: np.ndarray, tol: float = 1e-10) -> np.ndarray:
+    """``alpha > 0`` with ``alpha_t (M alpha)_t = 1`` for a positive-definite Gram matrix ``M``."""
+    m = np.asarray(gram, dtype=np.float64)
+    num = m.shape[0]
+    active = np.diag(m) > 1e-20
+    alpha = np.zeros(num)
+    if not active.any():
+        return alpha
+    ma = m[np.ix_(active, active)]
+
+    def f(a: np.ndarray) -> tuple[float, np.ndarray]:
+        ma_a = ma @ a
+        return 0.5 * float(a @ ma_a) - float(np.log(a).sum()), ma_a - 1.0 / a
+
+    start = 1.0 / np.sqrt(np.diag(ma))  # exact when the gradients are orthogonal
+    res = minimize(f, start, jac=True, method="L-BFGS-B", bounds=[(1e-8, None)] * len(start),
+                   options={"ftol": tol, "gtol": tol, "maxiter": 500})
+    alpha[active] = res.x
+    return alpha
+
+
+class NashMTL(GradientBalancer):
+    """Returns ``alpha`` (also used as the loss weights of the task-specific parameters, as in the
+    authors' code)."""
+
+    scale_task_specific = True
+
+    def __init__(self, task_names: list[str], weights: dict[str, float], update_weights_every: int = 1,
+                 max_norm: float = 1.0) -> None:
+        super().__init__(task_names, weights)
+        if int(update_weights_every) < 1:
+            raise ValueError(f"update_weights_every must be >= 1, got {update_weights_every}")
+        if max_norm < 0:
+            raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+        self.every, self.max_norm = int(update_weights_every), float(max_norm)
+        self.step = 0
+        self.register_buffer("alpha", torch.ones(len(task_names), dtype=torch.float64))
+
+    def combine(self, grads, losses, sizes):
+        gram = grads.double() @ grads.double().T
+        norm = float(torch.linalg.matrix_norm(gram))
+        alpha = torch.as_tensor(nash_weights((gram / norm).cpu().numpy()) if norm > 0 else np.zeros(len(grads)))
+        self.alpha.copy_(alpha)
+        direction = alpha.to(grads) @ grads
+        if self.max_norm > 0:
+            direction = direction * min(1.0, self.max_norm / (float(direction.norm()) + 1e-12))
+        return direction, alpha
+
+    def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
+        self.step += 1
+        if (self.step - 1) % self.every == 0:
+            return super().backward(losses, shared_parameters)
+        # between updates: reuse alpha with one ordinary backward (the shared gradient is then G alpha)
+        a = self.alpha.tolist()
+        total = sum(ai * self.weights.get(t, 1.0) * losses[t] for ai, t in zip(a, self.task_names))
+        total.backward()
+        if self.max_norm > 0:
+            nn.utils.clip_grad_norm_([p for p in shared_parameters if p.grad is not None], self.max_norm)
+        return {t: ai * float(self.weights.get(t, 1.0)) for ai, t in zip(a, self.task_names)}
+
+
+@hookimpl
+def recmtl_register_balancers() -> dict[str, type[Balancer]]:
+    return {"nash_mtl": NashMTL}

@@ -1,0 +1,276 @@
+"""Gradient-manipulation balancers: each method's math on small hand-computed cases, and that
+``backward`` puts exactly the combined direction into the shared parameters' gradient."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from recmtl_plugins.balancers.aligned_mtl import align
+from recmtl_plugins.balancers.cagrad import cagrad
+from recmtl_plugins.balancers.gradvac import gradvac, vaccinate
+from recmtl_plugins.balancers.imtl import imtl_g
+from recmtl_plugins.balancers.mgda import min_norm_weights
+from recmtl_plugins.balancers.nash_mtl import nash_weights
+from recmtl_plugins.balancers.pcgrad import pcgrad
+from torch import nn
+
+from recmtl.errors import ConfigError
+from recmtl.plugins import load_registry
+
+REGISTRY = load_registry()
+GRADIENT_BALANCERS = ["pcgrad", "mgda", "cagrad", "imtl", "gradvac", "nash_mtl", "aligned_mtl", "metabalance"]
+
+
+def t(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def backward_on(name: str, vectors: torch.Tensor, **params):
+    """Losses ``L_i = a_i . theta + h_i^2`` (``h_i`` task-specific, = 1): d L_i / d theta is ``a_i`` exactly.
+    Returns (theta.grad, h.grad, reported weights)."""
+    tasks = [f"t{i}" for i in range(len(vectors))]
+    bal = REGISTRY.create("balancer", name, tasks, {x: 1.0 for x in tasks}, **params)
+    theta = nn.Parameter(torch.zeros(vectors.shape[1], dtype=torch.float64))
+    h = nn.Parameter(torch.ones(len(tasks), dtype=torch.float64))
+    losses = {x: vectors[i] @ theta + h[i] ** 2 for i, x in enumerate(tasks)}
+    weights = bal.backward(losses, [theta])
+    return theta.grad, h.grad, [weights[x] for x in tasks]
+
+
+def test_every_gradient_balancer_is_registered():
+    assert set(GRADIENT_BALANCERS) <= set(REGISTRY.names("balancer"))
+
+
+# --- PCGrad ---------------------------------------------------------------------------------------
+
+def test_pcgrad_projects_conflicting_vectors():
+    # g1 = (1, 0), g2 = (-1, 1): g1.g2 = -1 < 0.
+    # g1' = g1 - (-1 / 2) g2 = (0.5, 0.5) (orthogonal to g2); g2' = g2 - (-1 / 1) g1 = (0, 1) (orthogonal to g1)
+    direction, coeffs = pcgrad(t([1, 0], [-1, 1]))
+    assert direction.tolist() == pytest.approx([0.5, 1.5])
+    assert coeffs.tolist() == pytest.approx([2.0, 1.5])  # g1' + g2' = 2 g1 + 1.5 g2
+
+
+def test_pcgrad_leaves_non_conflicting_vectors_alone():
+    direction, coeffs = pcgrad(t([1, 0], [1, 1]))
+    assert direction.tolist() == pytest.approx([2.0, 1.0])
+    assert coeffs.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_pcgrad_backward_sets_the_shared_gradient_and_keeps_task_gradients():
+    shared, task, weights = backward_on("pcgrad", t([1, 0], [-1, 1]))
+    assert shared.tolist() == pytest.approx([0.5, 1.5])
+    assert task.tolist() == pytest.approx([2.0, 2.0])  # d h_i^2 / d h_i, unweighted
+    assert weights == pytest.approx([2.0, 1.5])
+
+
+# --- MGDA -----------------------------------------------------------------------------------------
+
+def closed_form_gamma(g1: torch.Tensor, g2: torch.Tensor) -> float:
+    return min(max(float((g2 - g1) @ g2) / float((g1 - g2) @ (g1 - g2)), 0.0), 1.0)
+
+
+@pytest.mark.parametrize("g1,g2", [([1, 0], [0, 2]), ([1, 0], [2, 0]), ([1, 1], [-2, 0.5]), ([0, 3], [1, -1])])
+def test_mgda_two_tasks_matches_the_closed_form(g1, g2):
+    g = t(g1, g2)
+    gamma = min_norm_weights(g @ g.T)
+    assert float(gamma[0]) == pytest.approx(closed_form_gamma(g[0], g[1]), abs=1e-12)
+    assert float(gamma.sum()) == pytest.approx(1.0)
+
+
+def test_mgda_hand_computed_case_through_backward():
+    # g1 = (1, 0), g2 = (0, 2): gamma = (g2 - g1).g2 / ||g1 - g2||^2 = 4 / 5
+    shared, task, weights = backward_on("mgda", t([1, 0], [0, 2]))
+    assert weights == pytest.approx([0.8, 0.2])
+    assert shared.tolist() == pytest.approx([0.8, 0.4])  # the min-norm point, orthogonal to g1 - g2
+    assert task.tolist() == pytest.approx([2.0, 2.0])
+
+
+def test_mgda_frank_wolfe_finds_the_min_norm_point_of_three_gradients():
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    gamma = min_norm_weights(g @ g.T, max_iter=5000, tol=1e-12)
+    best = min(float((w @ g).norm()) for w in torch.distributions.Dirichlet(torch.ones(3, dtype=torch.float64))
+               .sample((20000,)))
+    assert float((gamma @ g).norm()) <= best + 1e-3
+    assert float(gamma.sum()) == pytest.approx(1.0) and (gamma >= 0).all()
+
+
+def test_mgda_rejects_the_representation_variant():
+    with pytest.raises(ConfigError, match="parameters"):
+        REGISTRY.create("balancer", "mgda", ["a", "b"], {}, on="representation")
+
+
+# --- CAGrad ---------------------------------------------------------------------------------------
+
+def test_cagrad_with_c_zero_is_the_average_gradient():
+    g = t([1, 0], [-1, 1], [0.5, 2])
+    direction, coeffs = cagrad(g, c=0.0)
+    assert direction.tolist() == pytest.approx(g.mean(0).tolist())
+    assert coeffs.tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_cagrad_stays_in_the_ball_and_helps_the_worst_task():
+    g = t([1, 0], [-0.8, 0.3])
+    g0 = g.mean(0)
+    d, _ = cagrad(g, c=0.5, rescale=False)
+    assert float((d - g0).norm()) == pytest.approx(0.5 * float(g0.norm()), rel=1e-3)  # on the ball's boundary
+    assert float((g @ d).min()) > float((g @ g0).min()) + 1e-3  # the worst task improves more than with g0
+
+
+# --- IMTL-G ---------------------------------------------------------------------------------------
+
+def test_imtl_hand_computed_two_tasks():
+    # g1 = (1, 0), g2 = (0, 3): g = (a, 3 (1 - a)); g.u1 = g.u2 gives a = 3/4, g = (0.75, 0.75)
+    direction, alpha = imtl_g(t([1, 0], [0, 3]))
+    assert alpha.tolist() == pytest.approx([0.75, 0.25])
+    assert direction.tolist() == pytest.approx([0.75, 0.75])
+
+
+def test_imtl_equal_projections_on_every_unit_gradient():
+    g = t([2, 0, 1], [-1, 1, 0], [0, 0.5, 3])
+    direction, alpha = imtl_g(g)
+    unit = g / g.norm(dim=1, keepdim=True)
+    proj = unit @ direction
+    assert proj.tolist() == pytest.approx([float(proj[0])] * 3, rel=1e-9)
+    assert float(alpha.sum()) == pytest.approx(1.0)
+
+
+# --- GradVac --------------------------------------------------------------------------------------
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("target", [0.0, 0.5, -0.3])
+def test_gradvac_raises_the_cosine_to_its_target(target):
+    g1, g2 = t([1, 0], [-1, 1])[0], t([1, 0], [-1, 1])[1]  # cosine -0.7071
+    a = vaccinate(g1, g2, target)
+    assert a > 0
+    assert cos(g1 + a * g2, g2) == pytest.approx(target, abs=1e-12)
+
+
+def test_gradvac_leaves_pairs_above_target_alone_and_tracks_the_ema():
+    g = t([1, 0], [1, 1])  # cosine 0.7071 >= target 0
+    targets = torch.zeros(2, 2, dtype=torch.float64)
+    direction, coeffs = gradvac(g, targets, beta=0.1)
+    assert direction.tolist() == pytest.approx([2.0, 1.0]) and coeffs.tolist() == pytest.approx([1.0, 1.0])
+    assert float(targets[0, 1]) == pytest.approx(0.1 * math.sqrt(0.5))  # (1 - beta) 0 + beta phi
+
+
+def test_gradvac_with_target_zero_equals_pcgrad_on_the_first_step():
+    g = t([1, 0], [-1, 1])
+    targets = torch.zeros(2, 2, dtype=torch.float64)
+    direction, _ = gradvac(g, targets, beta=0.01)
+    assert direction.tolist() == pytest.approx([0.5, 1.5])
+
+
+# --- Nash-MTL -------------------------------------------------------------------------------------
+
+def test_nash_hand_computed_orthogonal_case():
+    # G G^T = diag(1, 4): alpha_i^2 M_ii = 1 -> alpha = (1, 0.5)
+    assert nash_weights(np.diag([1.0, 4.0])).tolist() == pytest.approx([1.0, 0.5], rel=1e-6)
+
+
+def test_nash_solution_satisfies_the_bargaining_equations():
+    g = np.array([[1.0, 0.2, -0.5], [-0.3, 1.5, 0.1], [0.4, -0.2, 0.8]])
+    m = g @ g.T
+    alpha = nash_weights(m)
+    assert (alpha > 0).all()
+    assert (alpha * (m @ alpha)).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+
+
+def test_nash_backward_uses_the_normalised_gram_and_weights_everything():
+    g = t([1, 0.5], [-0.5, 2])
+    shared, task, weights = backward_on("nash_mtl", g, max_norm=0.0)
+    m = (g @ g.T) / torch.linalg.matrix_norm(g @ g.T)
+    a = torch.tensor(weights, dtype=torch.float64)
+    assert (a * (m @ a)).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert shared.tolist() == pytest.approx((a @ g).tolist())
+    assert task.tolist() == pytest.approx((2 * a).tolist())  # alpha also weights the task-specific losses
+
+
+def test_nash_clips_the_shared_update():
+    shared, _, _ = backward_on("nash_mtl", t([10, 0], [0, 30]), max_norm=1.0)
+    assert float(shared.norm()) == pytest.approx(1.0)
+
+
+# --- Aligned-MTL ----------------------------------------------------------------------------------
+
+def test_aligned_mtl_hand_computed_orthogonal_case():
+    # g1 = (3, 0), g2 = (0, 1): eigenvalues 9 and 1, B = diag(1/3, 1): aligned gradients (1, 0) and (0, 1)
+    aligned, _ = align(t([3, 0], [0, 1]))
+    assert aligned.tolist() == [pytest.approx([1.0, 0.0]), pytest.approx([0.0, 1.0])]
+    shared, _, weights = backward_on("aligned_mtl", t([3, 0], [0, 1]))
+    assert weights == pytest.approx([1 / 3, 1.0])
+    assert shared.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_aligned_mtl_makes_task_gradients_orthogonal_with_equal_norms():
+    g = t([1, 0, 0], [1, 1, 0], [0.2, -0.5, 2])
+    aligned, _ = align(g)
+    lam_min = float(torch.linalg.eigvalsh(g @ g.T).min())
+    assert (aligned @ aligned.T).numpy() == pytest.approx(lam_min * np.eye(3), abs=1e-9)
+
+
+def test_aligned_mtl_rank_deficient_system():
+    aligned, _ = align(t([1, 1], [2, 2]))  # one direction: rank 1, nothing to divide by zero
+    assert torch.isfinite(aligned).all() and float(aligned.norm()) > 0
+
+
+# --- MetaBalance ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aux", [[1.0, 0.0], [0.0, 10.0]])
+def test_metabalance_scales_the_aux_norm_towards_the_target(aux):
+    target = [3.0, 4.0]  # norm 5
+    shared, _, weights = backward_on("metabalance", t(target, aux), relax_factor=0.7)
+    aux_t = torch.tensor(aux, dtype=torch.float64)
+    expected_norm = 0.7 * 5.0 + 0.3 * float(aux_t.norm())
+    expected = torch.tensor(target, dtype=torch.float64) + aux_t * expected_norm / aux_t.norm()
+    assert shared.tolist() == pytest.approx(expected.tolist())
+    assert weights == pytest.approx([1.0, expected_norm / float(aux_t.norm())])
+
+
+def test_metabalance_target_task_and_moving_average():
+    bal = REGISTRY.create("balancer", "metabalance", ["ctr", "cvr"], {}, target_task="cvr", beta=0.5)
+    theta = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    norms = []
+    for ctr, cvr in ((1.0, 4.0), (3.0, 4.0)):
+        theta.grad = None
+        bal.backward({"ctr": ctr * theta.sum(), "cvr": cvr * theta.sum()}, [theta])
+        norms.append(float(theta.grad) - cvr)  # the rescaled ctr gradient
+    # step 1: averages ctr 0.5 * 1, cvr 0.5 * 4: the ratio is the current 4 / 1: ctr -> 0.7 * 4 + 0.3 * 1 = 3.1
+    # step 2: averages ctr 0.5 * 0.5 + 0.5 * 3 = 1.75, cvr 0.5 * 2 + 0.5 * 4 = 3: ctr -> 3 (0.7 * 3 / 1.75 + 0.3)
+    assert norms == pytest.approx([3.1, 4.5])
+    with pytest.raises(ConfigError, match="target_task"):
+        REGISTRY.create("balancer", "metabalance", ["ctr", "cvr"], {}, target_task="ctcvr")
+
+
+def test_metabalance_works_tensor_by_tensor():
+    bal = REGISTRY.create("balancer", "metabalance", ["a", "b"], {}, relax_factor=1.0)
+    p, q = nn.Parameter(torch.zeros(1, dtype=torch.float64)), nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    bal.backward({"a": 2 * p.sum() + 1 * q.sum(), "b": 1 * p.sum() + 4 * q.sum()}, [p, q])
+    # r = 1: each aux block gets the target block's norm: p: 2 + 2, q: 1 + 1
+    assert [float(p.grad), float(q.grad)] == pytest.approx([4.0, 2.0])
+
+
+# --- all of them ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", GRADIENT_BALANCERS)
+def test_config_weights_scale_the_losses_first(name):
+    tasks = ["a", "b"]
+    bal = REGISTRY.create("balancer", name, tasks, {"a": 1.0, "b": 0.0})
+    theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    bal.backward({"a": torch.tensor([1.0, 2.0], dtype=torch.float64) @ theta,
+                  "b": torch.tensor([-5.0, 1.0], dtype=torch.float64) @ theta}, [theta])
+    g = theta.grad
+    assert float(g[0] * 2 - g[1]) == pytest.approx(0.0, abs=1e-9)  # only task a's direction is left
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("name", GRADIENT_BALANCERS)
+def test_zero_gradient_task_does_not_break_the_step(name):
+    shared, _, weights = backward_on(name, t([1, 2], [0, 0]))
+    assert torch.isfinite(shared).all() and all(math.isfinite(w) for w in weights)
