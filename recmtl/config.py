@@ -97,6 +97,8 @@ class TrainConfig(_Strict):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     threads: int | None = Field(None, gt=0)
     progress: bool = True
+    # every N steps: weights, per-task gradient norms and cosines on the shared parameters -> balance.jsonl
+    log_every: int = Field(200, ge=0)
 
 
 class EvaluationConfig(_Strict):

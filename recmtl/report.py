@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import itertools
 import json
 import math
 import re
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from recmtl.errors import ConfigError, DataError
@@ -29,6 +29,8 @@ DPI = 100
 DRAWN_DIAGNOSTICS = ("gate_weights", "gate_entropy", "max_entropy", "expert_utilisation", "matrices")
 #: per-task validation entries that are not metrics
 NOT_METRICS = ("rows",)
+#: balance logs longer than this are drawn as a rolling mean over the faint raw values
+SMOOTH_ABOVE = 200
 
 
 @dataclass
@@ -41,6 +43,7 @@ class RunData:
     config_text: str = ""
     run_info: dict[str, Any] = field(default_factory=dict)
     balance: list[dict[str, Any]] = field(default_factory=list)
+    balance_x: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -105,9 +108,13 @@ def load_run_data(run_dir: str | Path) -> RunData:
             data.run_info = info if isinstance(info, dict) else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             data.notes.append("run.json is not valid JSON; versions are not shown")
-    data.balance, skipped = read_balance_log(run_dir / "balance.jsonl")
+    records, skipped = read_balance_log(run_dir / "balance.jsonl")
     if skipped:
         data.notes.append(f"balance.jsonl: {skipped} unreadable line(s) skipped")
+    data.balance, data.balance_x = order_balance(records)
+    if len(data.balance) < len(records):
+        data.notes.append(f"balance.jsonl: {len(records) - len(data.balance)} line(s) of steps re-trained "
+                          "after --resume replaced by the newer ones")
     return data
 
 
@@ -379,28 +386,36 @@ def matrix_figures(diag: dict[str, Any], epoch: int | None) -> list[Image]:
     return images
 
 
-def _balance_x(records: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
-    """x positions of the balance records (global step) and the x where each new epoch starts.
+def order_balance(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[float]]:
+    """The balance records to draw and their x position (the global training step).
 
-    ``step`` is used as it is when it never decreases; a step counter that restarts every epoch is
-    offset by the steps of the epochs before it."""
-    steps = [_num(r.get("step", i)) for i, r in enumerate(records)]
+    The trainer's ``step`` counts over the whole run. When it goes back without a new epoch, a run was
+    resumed from its last checkpoint and re-trained steps it had logged before: the newer lines replace
+    the older ones. A counter that restarts with every epoch (a plugin's own log) is offset by the
+    steps of the epochs before it."""
+    steps = [_num(r.get("step")) for r in records]
     if any(math.isnan(s) for s in steps):
-        steps = [float(i) for i in range(len(records))]
-    if any(b < a for a, b in itertools.pairwise(steps)):
-        out, offset, last = [], 0.0, None
-        for s in steps:
-            if last is not None and s < last:
-                offset += last
-            out.append(offset + s)
-            last = s
-        steps = out
-    starts, prev = [], None
-    for x, r in zip(steps, records):
-        if r.get("epoch") != prev and prev is not None:
-            starts.append(x)
-        prev = r.get("epoch")
-    return steps, starts
+        return list(records), [float(i + 1) for i in range(len(records))]
+    epochs = [_num(r.get("epoch")) for r in records]
+    back = [i for i in range(1, len(steps)) if steps[i] < steps[i - 1]]
+    if back and all(epochs[i] > epochs[i - 1] for i in back):  # per-epoch counter
+        x, offset = [steps[0]], 0.0
+        for i in range(1, len(steps)):
+            if steps[i] < steps[i - 1]:
+                offset = x[-1]
+            x.append(offset + steps[i])
+        return list(records), x
+    kept: list[int] = []
+    for i, s in enumerate(steps):
+        while kept and steps[kept[-1]] >= s:
+            kept.pop()
+        kept.append(i)
+    return [records[i] for i in kept], [steps[i] for i in kept]
+
+
+def _epoch_starts(records: list[dict[str, Any]], x: list[float]) -> list[float]:
+    """Between the last logged step of an epoch and the first of the next."""
+    return [(x0 + x1) / 2 for x0, x1, a, b in zip(x, x[1:], records, records[1:]) if a.get("epoch") != b.get("epoch")]
 
 
 def _series(records: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
@@ -413,7 +428,7 @@ def balance_figures(data: RunData) -> list[Image]:
     records = data.balance
     if not records:
         return []
-    x, starts = _balance_x(records)
+    x, starts = data.balance_x, _epoch_starts(records, data.balance_x)
     specs = [
         ("weights", "balance_weights.png", "Task weights", "weight", "per-task loss weight",
          "The weight the balancer gave each task's loss."),
@@ -426,6 +441,7 @@ def balance_figures(data: RunData) -> list[Image]:
     ]
     images = []
     marker = "o" if len(records) <= 60 else None
+    window = max(5, len(records) // 50) if len(records) > SMOOTH_ABOVE else 0
     for key, fname, title, ylabel, ax_title, caption in specs:
         series = _series(records, key)
         if not series:
@@ -433,6 +449,9 @@ def balance_figures(data: RunData) -> list[Image]:
         fig = _new_figure(8.0, 4.0)
         ax = fig.subplots()
         for i, (n, v) in enumerate(series.items()):
+            if window:  # many noisy points: faint raw values under a rolling mean
+                ax.plot(x, v, color=f"C{i % 10}", linewidth=0.6, alpha=0.3)
+                v = pd.Series(v).rolling(window, center=True, min_periods=1).mean().tolist()
             ax.plot(x, v, color=f"C{i % 10}", label=n, marker=marker, markersize=3, linewidth=1.2)
         for s in starts:
             ax.axvline(s, color="0.8", linewidth=0.8, zorder=0)
@@ -446,7 +465,7 @@ def balance_figures(data: RunData) -> list[Image]:
                 ax.set_yscale("log")
         ax.set_xlabel("step" + (" (grey lines: epoch starts)" if starts else ""))
         ax.set_ylabel(ylabel)
-        ax.set_title(ax_title)
+        ax.set_title(ax_title + (f" (rolling mean over {window} logged steps)" if window else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         images.append(_render(fig, "balance", fname, title, caption))
@@ -515,7 +534,7 @@ def _summary(data: RunData) -> str:
     if tasks:
         out += "<h3>Tasks</h3>" + _table(
             ["task", "head", "label", "weight", "head params"],
-            [[t.get("name"), t.get("head"), t.get("label"), t.get("weight"),
+            [[t.get("name"), t.get("head"), t.get("label"), f"{_num(t.get('weight')):g}",
               ", ".join(f"{k}={v}" for k, v in (t.get("params") or {}).items())] for t in tasks if isinstance(t, dict)])
     return out
 
@@ -554,11 +573,12 @@ def render_html(data: RunData, images: list[Image], extra_diagnostics: dict[str,
         parts.append("<h3>Test (best checkpoint)</h3>" + _metrics_table(m["test"]))
     sections = [("curves", "Training curves", ""),
                 ("tower", "Tower diagnostics", "What the tower learned about how the tasks relate."),
-                ("balance", "Task balance", "Logged every few training steps (balance.jsonl).")]
+                ("balance", "Task balance", "Logged every <code>train.log_every</code> training steps (balance.jsonl).")]
     for key, heading, intro in sections:
         if key in by_section:
             parts.append(f"<h2>{heading}</h2>" + (f"<p>{intro}</p>" if intro else ""))
-            parts += [f"<h3>{html.escape(i.title)}</h3>" + _figure_html(i) for i in by_section[key]]
+            parts += [(f"<h3>{html.escape(i.title)}</h3>" if i.title != heading else "") + _figure_html(i)
+                      for i in by_section[key]]
         if key == "balance" and data.balance:
             conflict = conflict_summary(data.balance)
             if conflict:

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import recmtl
+from recmtl.balancelog import BalanceLog
 from recmtl.config import Config, dump_config
 from recmtl.contracts import Balancer
 from recmtl.data import ParquetSource
@@ -165,6 +166,7 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
     shared = model.shared_parameters()
     run = TrainRun(config, schema, model, balancer, run_dir)
     hook = registry.pm.hook
+    balance_log = BalanceLog(run_dir / "balance.jsonl", config.train.log_every, model.task_names)
 
     start_epoch, best, best_epoch, bad_epochs = 0, None, -1, 0
     if resume:
@@ -175,6 +177,7 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
             opt.load_state_dict(opt_state)
         start_epoch, best, best_epoch, bad_epochs = state["epoch"] + 1, state["best"], state["best_epoch"], state["bad_epochs"]
         run.history = state["history"]
+        balance_log.step = state.get("global_step", 0)
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         say(f"resuming {run_dir} after epoch {state['epoch'] + 1} (best {monitor.spec} = {best} at epoch {best_epoch + 1})")
@@ -202,7 +205,9 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
                 losses = model.losses(outputs, batch.labels, batch.mask)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
+                balance_log.before_backward(losses, shared)
                 applied = balancer.backward(losses, shared)
+                balance_log.after_backward(epoch + 1, applied)
                 for opt in optimizers:
                     opt.step()
                 for t, loss in losses.items():
@@ -249,6 +254,7 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         state = {"model": model.state_dict(), "balancer": balancer.state_dict(),
                  "optimizers": [o.state_dict() for o in optimizers], "epoch": epoch, "best": best,
                  "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": run.history, "stopped_early": stop,
+                 "global_step": balance_log.step,
                  "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
         if improved:
             _save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})

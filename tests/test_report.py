@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_config
+from recmtl.config import TrainConfig
 
 pytest.importorskip("matplotlib")
 
@@ -46,7 +47,9 @@ def test_report_of_a_real_mmoe_run(tmp_path, funnel_dir, cli):
             "test": str(funnel_dir / "test.parquet"), "shuffle_buffer": 4096, "read_rows": 2048}
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, data=data)
     run = tmp_path / "run"
-    r = cli("train", cfg, "--out", run, "--set", "train.threads=1", "--set", "train.epochs=2")
+    logging = "log_every" in TrainConfig.model_fields  # the balance log (#6)
+    r = cli("train", cfg, "--out", run, "--set", "train.threads=1", "--set", "train.epochs=2",
+            *(["--set", "train.log_every=4"] if logging else []))
     assert r.code == 0, r
     r = cli("report", run)
     assert r.code == 0, r
@@ -55,7 +58,10 @@ def test_report_of_a_real_mmoe_run(tmp_path, funnel_dir, cli):
     page = (out / "index.html").read_text()
     images = check_images(out, page)
     assert {"curves.png", "gate_weights.png", "gate_entropy.png"} <= set(images)
-    assert "balance_cosine.png" not in images or (run / "balance.jsonl").is_file()
+    if logging:  # 2 epochs of 32 steps, every 4th logged
+        assert {"balance_weights.png", "balance_grad_norms.png", "balance_cosine.png"} <= set(images)
+        assert png_size(images["balance_cosine.png"]) == (800, 400)
+        assert "<td>click/conversion</td>" in page and "<td>16</td>" in page
     # curves: one row of 3 panels (loss, auc, logloss) of 4 x 3.5 inches at 100 dpi
     assert png_size(images["curves.png"]) == (1200, 350)
     # gate heatmap: 2 gates x 2 experts
@@ -138,12 +144,22 @@ def test_synthetic_run_draws_matrices_gates_and_conflict(tmp_path, cli):
     assert "Test (best checkpoint)" not in page
 
 
-def test_a_step_counter_that_restarts_each_epoch_becomes_a_global_step():
-    from recmtl.report import _balance_x
-    recs = [{"epoch": 1, "step": 10}, {"epoch": 1, "step": 20}, {"epoch": 2, "step": 10}, {"epoch": 2, "step": 20}]
-    assert _balance_x(recs) == ([10, 20, 30, 40], [30])
-    recs = [{"epoch": 1, "step": 50}, {"epoch": 2, "step": 150}]
-    assert _balance_x(recs) == ([50, 150], [150])
+def test_balance_steps_per_epoch_counters_and_resumed_runs():
+    from recmtl.report import order_balance
+
+    def rec(epoch, step):
+        return {"epoch": epoch, "step": step}
+
+    # the trainer's global step: used as it is
+    recs = [rec(1, 50), rec(1, 100), rec(2, 150)]
+    assert order_balance(recs) == (recs, [50, 100, 150])
+    # a counter restarting every epoch: offset by the previous epochs' steps
+    recs = [rec(1, 10), rec(1, 20), rec(2, 10), rec(2, 20)]
+    assert order_balance(recs) == (recs, [10, 20, 30, 40])
+    # killed during epoch 2 after step 250, resumed from the end of epoch 1 (step 200): the re-trained
+    # steps' newer lines replace the old ones
+    recs = [rec(1, 100), rec(1, 200), rec(2, 250), rec(2, 300), rec(2, 250), rec(2, 300), rec(2, 350)]
+    assert order_balance(recs) == ([recs[0], recs[1], *recs[4:]], [100, 200, 250, 300, 350])
 
 
 def test_sections_without_data_are_left_out(tmp_path, cli):
