@@ -21,6 +21,7 @@ code's. The per-task ``weight`` of the config is not used.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ class FAMO(Balancer):
         return {"optimizer": self.logit_optimizer.state_dict(), "prev_losses": self.prev_losses}
 
     def set_extra_state(self, state: Any) -> None:
-        self.logit_optimizer.load_state_dict(state["optimizer"])
+        self.logit_optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.prev_losses = state["prev_losses"]
 
 
