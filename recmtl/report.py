@@ -44,6 +44,7 @@ class RunData:
     run_info: dict[str, Any] = field(default_factory=dict)
     balance: list[dict[str, Any]] = field(default_factory=list)
     balance_x: list[float] = field(default_factory=list)
+    diagnostics_epoch: int | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -587,7 +588,7 @@ def render_html(data: RunData, images: list[Image], extra_diagnostics: dict[str,
                     [[c["pair"], c["mean"], c["min"], c["last"], f"{c['negative']:.0%}", c["steps"]] for c in conflict]))
     if extra_diagnostics:
         parts.append("<h2>Other tower diagnostics</h2><p>Diagnostics this report does not draw "
-                     "(best epoch), as the tower reported them:</p>"
+                     f"(epoch {_fmt(data.diagnostics_epoch)}), as the tower reported them:</p>"
                      f"<pre>{html.escape(json.dumps(extra_diagnostics, indent=2, default=str))}</pre>")
     if data.config_text:
         parts.append(f"<h2>Config</h2><pre>{html.escape(data.config_text)}</pre>")
@@ -610,7 +611,9 @@ def build_images(data: RunData) -> tuple[list[Image], dict[str, Any]]:
     whose value does not follow the convention, with the reason)."""
     images = [training_curves(data)]
     epoch, diag = _best_diagnostics(data)
-    extra = {k: v for k, v in diag.items() if k not in DRAWN_DIAGNOSTICS}
+    data.diagnostics_epoch = epoch
+    extra = {k: v for k, v in diag.items()
+             if k not in DRAWN_DIAGNOSTICS or (k == "max_entropy" and "gate_entropy" not in diag)}
     builders = [("gate_weights", lambda: gate_weights_figure(diag, epoch)),
                 ("gate_entropy", lambda: gate_entropy_figure(data)),
                 ("expert_utilisation", lambda: utilisation_figure(diag, epoch)),
