@@ -6,8 +6,8 @@ Game", ICML 2022. The shared update is ``d = sum_t alpha_t g_t`` with ``alpha > 
 directional improvement ``g_t . d`` equals ``1 / alpha_t`` (scale-invariant, Pareto-optimal).
 
 No convex-programming package is needed: the solution is the unique minimiser of the strictly convex
-``f(alpha) = 1/2 alpha^T M alpha - sum_t log alpha_t`` (its gradient is ``M alpha - 1/alpha``), found with
-scipy's L-BFGS-B. As in the authors' code the Gram matrix is first divided by its Frobenius norm (so the
+``f(alpha) = 1/2 alpha^T M alpha - sum_t log alpha_t`` (its gradient is ``M alpha - 1/alpha``), found by
+damped Newton steps on the T x T system (the authors solve a sequence of convex programs with cvxpy). As in the authors' code the Gram matrix is first divided by its Frobenius norm (so the
 update keeps the gradients' scale), ``alpha`` is re-solved every ``update_weights_every`` steps (the
 steps between reuse it and cost one backward pass), and the shared update is clipped to ``max_norm``
 (0 turns that off). Tasks whose gradient is zero get ``alpha = 0``.
@@ -16,31 +16,36 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import nn
 
 from recmtl import Balancer, hookimpl
 from recmtl.gradients import GradientBalancer
 
 
-def nash_weights(gram: np.ndarray, tol: float = 1e-10) -> np.ndarray:
-    """``alpha > 0`` with ``alpha_t (M alpha)_t = 1`` for a positive-definite Gram matrix ``M``."""
+def nash_weights(gram: np.ndarray, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray:
+    """``alpha > 0`` with ``alpha_t (M alpha)_t = 1`` for a positive-definite Gram matrix ``M``: damped
+    Newton on ``f``, which keeps ``alpha`` positive (a T x T solve per iteration, a few iterations)."""
     m = np.asarray(gram, dtype=np.float64)
-    num = m.shape[0]
+    alpha = np.zeros(m.shape[0])
     active = np.diag(m) > 1e-20
-    alpha = np.zeros(num)
     if not active.any():
         return alpha
     ma = m[np.ix_(active, active)]
 
-    def f(a: np.ndarray) -> tuple[float, np.ndarray]:
-        ma_a = ma @ a
-        return 0.5 * float(a @ ma_a) - float(np.log(a).sum()), ma_a - 1.0 / a
+    def f(a: np.ndarray) -> float:
+        return 0.5 * float(a @ ma @ a) - float(np.log(a).sum())
 
-    start = 1.0 / np.sqrt(np.diag(ma))  # exact when the gradients are orthogonal
-    res = minimize(f, start, jac=True, method="L-BFGS-B", bounds=[(1e-8, None)] * len(start),
-                   options={"ftol": tol, "gtol": tol, "maxiter": 500})
-    alpha[active] = res.x
+    a = 1.0 / np.sqrt(np.diag(ma))  # exact when the gradients are orthogonal
+    for _ in range(max_iter):
+        grad = ma @ a - 1.0 / a
+        if np.abs(grad * a).max() < tol:  # relative: alpha_t (M alpha)_t - 1
+            break
+        step = -np.linalg.solve(ma + np.diag(1.0 / (a * a)), grad)
+        t, fa = 1.0, f(a)
+        while t > 1e-12 and (np.any(a + t * step <= 0) or f(a + t * step) > fa + 1e-4 * t * float(grad @ step)):
+            t *= 0.5
+        a = a + t * step
+    alpha[active] = a
     return alpha
 
 

@@ -1,0 +1,331 @@
+"""Every registered loss balancer x {shared_bottom, mmoe} on census-income and on MMoE-synthetic data.
+
+Issue #6's comparison. For each data set, tower, seed and balancer one model is trained with
+``recmtl.train.train`` (in this process: the same code path as ``recmtl train``, without paying a
+Python start-up per run), and the script reports
+
+* the per-task test metric (census-income: AUC of ``income`` and ``never_married``, the MMoE paper's
+  task group 1; mmoe-synthetic: RMSE of ``y1`` and ``y2``), mean ± sample std over the seeds;
+* the training time per step relative to ``fixed`` (epoch-loop seconds / steps, divided by the ``fixed``
+  run of the same data set, tower and seed). Runs are interleaved: seeds outermost, balancers innermost,
+  so load changes on a shared machine hit every balancer alike.
+
+The balancers are discovered from the plugin registry (``recmtl.plugins.load_registry()``), so a newly
+installed balancer is benchmarked without editing this file; every balancer runs with its default
+parameters and equal task weights. A run that fails is reported as failed, not dropped silently.
+
+census-income: the data preparation of ``benchmarks/census_income.py`` (``recmtl convert``, ``split``,
+``init``), then a random subsample of ``--census-rows`` training rows and ``--eval-rows`` validation and
+test rows (the full files with ``--census-rows 0 --eval-rows 0``). mmoe-synthetic: ``recmtl datagen
+mmoe-synthetic --correlation 0.1`` (low task correlation), ``--synthetic-rows`` rows split 80/10/10.
+
+Usage (the figures in RESULTS.md):
+    python benchmarks/balancers.py --work-dir /tmp/balancers --json /tmp/balancers/results.json \
+        --plot benchmarks/balancers.png
+Scale up with --census-rows 0 --eval-rows 0 --epochs 10 --seeds 1,2,3,4,5. ``--resume`` skips runs
+already in the --json file; ``--report-only`` redraws the table and plot from it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import census_income
+
+DATASETS = {
+    "census": {"tasks": list(census_income.TASKS), "metric": "auc", "higher": True},
+    "synthetic": {"tasks": ["y1", "y2"], "metric": "rmse", "higher": False},
+}
+TOWERS = census_income.TOWERS
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def subsample(src: Path, dst: Path, rows: int, seed: int) -> Path:
+    """``rows`` random rows of ``src`` written to ``dst`` (``src`` itself when rows is 0 or too large)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    if rows <= 0:
+        return src
+    if dst.is_file() and pq.ParquetFile(dst).metadata.num_rows == rows:
+        return dst
+    table = pq.read_table(src)
+    if rows >= table.num_rows:
+        return src
+    idx = np.sort(np.random.default_rng(seed).choice(table.num_rows, rows, replace=False))
+    pq.write_table(table.take(idx), dst)
+    return dst
+
+
+def census_config(work: Path, args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The census config written by ``recmtl init`` and the overrides every census run gets."""
+    cfg = census_income.prepare(census_income.recmtl_executable(), work, census_income.DATA_DIR)
+    files = {"train": subsample(work / "train.parquet", work / "train_sub.parquet", args.census_rows, 0),
+             "validation": subsample(work / "valid.parquet", work / "valid_sub.parquet", args.eval_rows, 1),
+             "test": subsample(work / "test.parquet", work / "test_sub.parquet", args.eval_rows, 2)}
+    sets = [f"{k}={v}" for k, v in census_income.COMMON.items() if k != "train.epochs"]
+    sets += [f"data.{k}={p.resolve()}" for k, p in files.items()]
+    return cfg, sets
+
+
+def synthetic_config(work: Path, args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """MMoE-synthetic regression pair with correlation ``--correlation``; 100 dense features."""
+    import yaml
+
+    from recmtl.datagen import mmoe_synthetic
+    data = work / "synthetic"
+    if not (data / "test.parquet").is_file():
+        mmoe_synthetic(data, args.synthetic_rows, args.correlation, seed=0)
+    raw = {
+        "seed": 1,
+        "data": {"train": str(data / "train.parquet"), "validation": str(data / "valid.parquet"),
+                 "test": str(data / "test.parquet")},
+        "features": [{"name": f"x{i:03d}", "kind": "dense"} for i in range(100)],
+        "tasks": [{"name": t, "head": "regression"} for t in DATASETS["synthetic"]["tasks"]],
+        "tower": {"name": "mmoe"},
+    }
+    cfg = work / "synthetic.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    sets = [f"{k}={v}" for k, v in census_income.COMMON.items() if k not in ("train.epochs", "encoders.categorical.dim")]
+    return cfg, sets
+
+
+def train_one(cfg: Path, sets: list[str], run_dir: Path, registry: Any) -> dict[str, Any]:
+    from recmtl.config import load_config
+    from recmtl.train import train
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    config = load_config(cfg, sets)
+    with contextlib.redirect_stderr(io.StringIO()):  # the per-epoch lines; failures still raise
+        summary = train(config, run_dir, registry)
+    history = summary["history"]
+    steps = sum(math.ceil(h["rows"] / config.train.batch_size) for h in history)
+    seconds = sum(h["seconds"] for h in history)
+    return {"test": summary["test"], "steps": steps, "seconds": seconds, "ms_per_step": 1000 * seconds / steps,
+            "best_epoch": summary["best_epoch"], "epochs": len(history)}
+
+
+def run_all(args: argparse.Namespace, results: list[dict[str, Any]], save: Any) -> None:
+    from recmtl.plugins import load_registry
+    registry = load_registry()
+    balancers = args.balancers.split(",") if args.balancers else sorted(registry.names("balancer"))
+    if "fixed" in balancers:  # fixed first in every group: the reference for relative step time
+        balancers = ["fixed"] + [b for b in balancers if b != "fixed"]
+    work = args.work_dir
+    configs = {}
+    if "census" in args.datasets:
+        if census_income.DATA_DIR.is_dir():
+            configs["census"] = census_config(work, args)
+        else:
+            log(f"census-income data not found at {census_income.DATA_DIR}: skipping that data set")
+    if "synthetic" in args.datasets:
+        configs["synthetic"] = synthetic_config(work, args)
+    done = {(r["dataset"], r["tower"], r["seed"], r["balancer"]) for r in results}
+    for dataset, (cfg, base_sets) in configs.items():  # warm-up (discarded): first-run costs skew step times
+        train_one(cfg, base_sets + ["train.epochs=1", f"tower={TOWERS[args.towers[0]]}"], work / "runs" / "warmup",
+                  registry)
+    epochs = {"census": args.epochs, "synthetic": args.synthetic_epochs}
+    for seed in args.seeds:
+        for dataset, (cfg, base_sets) in configs.items():
+            for tower in args.towers:
+                for balancer in balancers:
+                    key = (dataset, tower, seed, balancer)
+                    if key in done:
+                        continue
+                    sets = base_sets + [f"tower={TOWERS[tower]}", f"seed={seed}", f"train.epochs={epochs[dataset]}",
+                                        f"train.batch_size={args.batch_size}",
+                                        f"balancer={{name: {balancer}}}"]
+                    run_dir = work / "runs" / f"{dataset}-{tower}-{balancer}-seed{seed}"
+                    row: dict[str, Any] = {"dataset": dataset, "tower": tower, "seed": seed, "balancer": balancer}
+                    t0 = time.perf_counter()
+                    try:
+                        row.update(train_one(cfg, sets, run_dir, registry))
+                    except Exception as exc:  # noqa: BLE001 - a broken balancer is reported, the rest still run
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    row["wall_s"] = time.perf_counter() - t0
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    results.append(row)
+                    save()
+                    metric = DATASETS[dataset]["metric"]
+                    log(f"{dataset} {tower} seed {seed} {balancer}: " + (
+                        row["error"] if "error" in row else
+                        " ".join(f"{t} {metric} {row['test'][t][metric]:.4f}" for t in DATASETS[dataset]["tasks"])
+                        + f", {row['ms_per_step']:.1f} ms/step, {row['wall_s']:.0f} s"))
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(dataset, tower, balancer) -> per-task metric values, relative step times, failures."""
+    ref = {(r["dataset"], r["tower"], r["seed"]): r["ms_per_step"] for r in results
+           if r["balancer"] == "fixed" and "error" not in r}
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in results:
+        s = out.setdefault((r["dataset"], r["tower"], r["balancer"]),
+                           {"metric": {t: [] for t in DATASETS[r["dataset"]]["tasks"]}, "rel": [], "ms": [],
+                            "errors": [], "seeds": []})
+        if "error" in r:
+            s["errors"].append(r["error"])
+            continue
+        s["seeds"].append(r["seed"])
+        m = DATASETS[r["dataset"]]["metric"]
+        for t in s["metric"]:
+            s["metric"][t].append(r["test"][t][m])
+        s["ms"].append(r["ms_per_step"])
+        fixed = ref.get((r["dataset"], r["tower"], r["seed"]))
+        if fixed:
+            s["rel"].append(r["ms_per_step"] / fixed)
+    return out
+
+
+def table(results: list[dict[str, Any]], dataset: str) -> str:
+    summary = summarise(results)
+    spec = DATASETS[dataset]
+    tasks, metric = spec["tasks"], spec["metric"]
+    head = ["balancer", "tower"] + [f"{t} test {metric.upper()}" for t in tasks] + [
+        "time/step vs fixed", "ms/step", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = sorted((k for k in summary if k[0] == dataset), key=lambda k: (k[2] != "fixed", k[2], k[1]))
+    for _, tower, balancer in keys:
+        s = summary[(dataset, tower, balancer)]
+        if not s["seeds"]:
+            lines.append(f"| {balancer} | {tower} | failed: {s['errors'][0]} |" + " |" * (len(head) - 3))
+            continue
+        cells = [balancer, tower] + [mean_std(s["metric"][t], 4) for t in tasks]
+        cells += [mean_std(s["rel"], 2) + "×", mean_std(s["ms"], 1), ",".join(map(str, s["seeds"]))
+                  + (f" ({len(s['errors'])} failed)" if s["errors"] else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summary = summarise(results)
+    datasets = [d for d in DATASETS if any(k[0] == d for k in summary)]
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(12, 0.9 + 2.6 * len(datasets) + 0.12 * len(summary) / 2),
+                             squeeze=False)
+    markers = {"mmoe": ("o", "C0"), "shared_bottom": ("s", "C1")}
+    for row, dataset in enumerate(datasets):
+        spec = DATASETS[dataset]
+        names = sorted({k[2] for k in summary if k[0] == dataset}, key=lambda b: (b != "fixed", b))
+        ypos = {b: i for i, b in enumerate(reversed(names))}
+        panels = [(t, f"{dataset}: {t} test {spec['metric'].upper()}") for t in spec["tasks"]] + [
+            (None, f"{dataset}: time per step / fixed")]
+        for col, (task, title) in enumerate(panels):
+            ax = axes[row][col]
+            for k, (tower, (marker, color)) in enumerate(markers.items()):
+                for b in names:
+                    s = summary.get((dataset, tower, b))
+                    if not s or not s["seeds"]:
+                        continue
+                    vals = s["metric"][task] if task else s["rel"]
+                    if not vals:
+                        continue
+                    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                    ax.errorbar(statistics.mean(vals), ypos[b] + (0.15 if k == 0 else -0.15), xerr=sd, fmt=marker,
+                                color=color, ms=4, capsize=2, label=tower if b == names[0] else None)
+                fixed = summary.get((dataset, tower, "fixed"))
+                if task and fixed and fixed["seeds"]:
+                    ax.axvline(statistics.mean(fixed["metric"][task]), color=color, lw=0.8, ls="--")
+            if task is None:
+                ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_yticks(list(ypos.values()), list(ypos.keys()), fontsize=7)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.set_title(title, fontsize=8)
+            ax.grid(axis="x", alpha=0.3)
+        axes[row][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def report(data: dict[str, Any], plot_path: Path | None) -> str:
+    results = data["results"]
+    out = [f"{data['machine']}; {data['date']}; command: `{data['command']}`", ""]
+    for dataset in DATASETS:
+        if any(r["dataset"] == dataset for r in results):
+            out += [f"**{dataset}**", "", table(results, dataset), ""]
+    failures = sorted({(r["balancer"], r["error"]) for r in results if "error" in r})
+    for b, err in failures:
+        out.append(f"- `{b}` failed: {err}")
+    if plot_path:
+        plot(results, plot_path)
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--towers", default="shared_bottom,mmoe")
+    ap.add_argument("--datasets", default="census,synthetic")
+    ap.add_argument("--balancers", default="", help="comma-separated (default: every registered balancer)")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per census run (best epoch by validation; default 3)")
+    ap.add_argument("--synthetic-epochs", type=int, default=8, help="epochs per mmoe-synthetic run (default 8)")
+    ap.add_argument("--batch-size", type=int, default=512, help="default 512")
+    ap.add_argument("--census-rows", type=int, default=30000, help="training rows sampled from census (0 = all 199,523)")
+    ap.add_argument("--eval-rows", type=int, default=20000, help="validation and test rows sampled each (0 = all)")
+    ap.add_argument("--synthetic-rows", type=int, default=20000, help="mmoe-synthetic rows (80/10/10 split)")
+    ap.add_argument("--correlation", type=float, default=0.1, help="mmoe-synthetic task correlation (default 0.1)")
+    ap.add_argument("--work-dir", type=Path, default=None, help="data and runs (default: a temporary folder)")
+    ap.add_argument("--json", type=Path, default=None, help="write every run's result here (after each run)")
+    ap.add_argument("--resume", action="store_true", help="skip the runs already in --json")
+    ap.add_argument("--report-only", action="store_true", help="only redraw table and plot from --json")
+    ap.add_argument("--plot", type=Path, default=None, help="write the comparison plot (PNG) here")
+    args = ap.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.towers = [t for t in args.towers.split(",") if t]
+    args.datasets = [d for d in args.datasets.split(",") if d]
+    bad = [t for t in args.towers if t not in TOWERS] + [d for d in args.datasets if d not in DATASETS]
+    if bad:
+        sys.exit(f"balancers: unknown tower or data set {bad}; towers {list(TOWERS)}, data sets {list(DATASETS)}")
+
+    data: dict[str, Any] = {"results": []}
+    if (args.resume or args.report_only) and args.json and args.json.is_file():
+        data = json.loads(args.json.read_text())
+    if not args.report_only:
+        data.update({"machine": f"{platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
+                     "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/balancers.py " + " ".join(sys.argv[1:])})
+        tmp = None
+        if args.work_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="balancers-")
+            args.work_dir = Path(tmp.name)
+        args.work_dir = args.work_dir.resolve()
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+
+        def save() -> None:
+            if args.json:
+                args.json.write_text(json.dumps(data, indent=1))
+        try:
+            run_all(args, data["results"], save)
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+    print(report(data, args.plot))
+
+
+if __name__ == "__main__":
+    main()
