@@ -55,10 +55,3 @@ class BalanceLog:
             f.write(json.dumps(line) + "\n")
             f.flush()
 
-
-def read_balance_log(path: str | Path) -> list[dict[str, Any]]:
-    """The lines of a ``balance.jsonl`` (empty when there is none)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from conftest import write_config
-from recmtl.balancelog import read_balance_log
 from recmtl_plugins.balancers.dbmtl import DualBalancing
 from recmtl_plugins.balancers.dwa import DynamicWeightAverage
 from recmtl_plugins.balancers.famo import FAMO
@@ -234,6 +233,10 @@ def test_famo_state_resumes():
 # --- through the CLI ---------------------------------------------------------------------------------
 
 BALANCERS = ["dwa", "rlw", "gradnorm", "dbmtl", "famo"]
+
+
+def read_balance_log(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def _train(cli, funnel_dir, tmp_path, balancer: str, epochs: int = 1, log_every: int = 5, *extra: str):
