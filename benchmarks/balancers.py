@@ -1,8 +1,8 @@
 """Every registered loss balancer x {shared_bottom, mmoe} on census-income and on MMoE-synthetic data.
 
-Issue #6's comparison. For each data set, tower, seed and balancer one model is trained with
-``recmtl.train.train`` (in this process: the same code path as ``recmtl train``, without paying a
-Python start-up per run), and the script reports
+Issue #6's comparison. For each data set, tower, seed and balancer one model is trained through the CLI,
+``recmtl train CONFIG --out RUN --set ...`` (``recmtl.cli.main`` called in this process, so no Python
+start-up per run), and the script reports
 
 * the per-task test metric (census-income: AUC of ``income`` and ``never_married``, the MMoE paper's
   task group 1; mmoe-synthetic: RMSE of ``y1`` and ``y2``), mean ± sample std over the seeds;
@@ -105,16 +105,26 @@ def synthetic_config(work: Path, args: argparse.Namespace) -> tuple[Path, list[s
     return cfg, sets
 
 
-def train_one(cfg: Path, sets: list[str], run_dir: Path, registry: Any) -> dict[str, Any]:
-    from recmtl.config import load_config
-    from recmtl.train import train
+def train_one(cfg: Path, sets: list[str], run_dir: Path, batch_size: int) -> dict[str, Any]:
+    """One ``recmtl train`` through the CLI, in this process; returns test metrics and step timing."""
+    from recmtl.cli import main as recmtl_main
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    config = load_config(cfg, sets)
-    with contextlib.redirect_stderr(io.StringIO()):  # the per-epoch lines; failures still raise
-        summary = train(config, run_dir, registry)
+    argv = ["train", str(cfg), "--out", str(run_dir)]
+    for item in sets:
+        argv += ["--set", item]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            recmtl_main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if code != 0:
+        raise RuntimeError(f"recmtl train exited {code}: {err.getvalue().strip()[-300:]}")
+    summary = json.loads((run_dir / "metrics.json").read_text())
     history = summary["history"]
-    steps = sum(math.ceil(h["rows"] / config.train.batch_size) for h in history)
+    steps = sum(math.ceil(h["rows"] / batch_size) for h in history)
     seconds = sum(h["seconds"] for h in history)
     return {"test": summary["test"], "steps": steps, "seconds": seconds, "ms_per_step": 1000 * seconds / steps,
             "best_epoch": summary["best_epoch"], "epochs": len(history)}
@@ -138,7 +148,7 @@ def run_all(args: argparse.Namespace, results: list[dict[str, Any]], save: Any) 
     done = {(r["dataset"], r["tower"], r["seed"], r["balancer"]) for r in results}
     for dataset, (cfg, base_sets) in configs.items():  # warm-up (discarded): first-run costs skew step times
         train_one(cfg, base_sets + ["train.epochs=1", f"tower={TOWERS[args.towers[0]]}"], work / "runs" / "warmup",
-                  registry)
+                  args.batch_size)
     epochs = {"census": args.epochs, "synthetic": args.synthetic_epochs}
     for seed in args.seeds:
         for dataset, (cfg, base_sets) in configs.items():
@@ -154,7 +164,7 @@ def run_all(args: argparse.Namespace, results: list[dict[str, Any]], save: Any) 
                     row: dict[str, Any] = {"dataset": dataset, "tower": tower, "seed": seed, "balancer": balancer}
                     t0 = time.perf_counter()
                     try:
-                        row.update(train_one(cfg, sets, run_dir, registry))
+                        row.update(train_one(cfg, sets, run_dir, args.batch_size))
                     except Exception as exc:  # noqa: BLE001 - a broken balancer is reported, the rest still run
                         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                     row["wall_s"] = time.perf_counter() - t0

@@ -2,11 +2,13 @@
 ``backward`` puts exactly the combined direction into the shared parameters' gradient."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_config
 from recmtl_plugins.balancers.aligned_mtl import align
 from recmtl_plugins.balancers.cagrad import cagrad
 from recmtl_plugins.balancers.gradvac import gradvac, vaccinate
@@ -274,3 +276,17 @@ def test_config_weights_scale_the_losses_first(name):
 def test_zero_gradient_task_does_not_break_the_step(name):
     shared, _, weights = backward_on(name, t([1, 2], [0, 0]))
     assert torch.isfinite(shared).all() and all(math.isfinite(w) for w in weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GRADIENT_BALANCERS)
+def test_balancer_trains_mmoe_on_funnel_data_through_the_cli(name, cli, funnel_dir, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, balancer={"name": name},
+                       train={"batch_size": 1024, "epochs": 1, "progress": False, "threads": 1})
+    r = cli("train", cfg, "--out", tmp_path / "run")
+    assert r.code == 0, r
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    epoch = metrics["history"][0]
+    assert all(math.isfinite(v) for v in epoch["train_loss"].values()), epoch
+    assert set(epoch["weights"]) == {"click", "conversion"} and all(math.isfinite(w) for w in epoch["weights"].values())
+    assert metrics["validation"]["click"]["auc"] > 0.6, metrics["validation"]
