@@ -63,15 +63,7 @@ class Tower(nn.Module):
         self.input_dim = input_dim
         self.task_names = list(task_names)
 
-    A tower that sets ``uses_inputs = True`` also reaches the embedding layer (e.g. STEM's task-specific
-    embeddings): it is built with an extra keyword ``features={kind: [FeatureInfo, ...]}`` and called as
-    ``forward(x, inputs)`` where ``inputs`` holds the preprocessed tensors per feature kind, as encoders
-    get them (``categorical``: LongTensor ids ``[batch, n]``, ``dense``: floats ``[batch, n]``).
-
     @property
-    #: True: built with ``features=...`` and called as ``forward(x, inputs)``
-    uses_inputs: ClassVar[bool] = False
-
     def output_dims(self) -> dict[str, int]:
         raise NotImplementedError
 
@@ -88,15 +80,6 @@ class Tower(nn.Module):
         Conventional keys (``recmtl report`` draws them; others are kept in metrics.json as they are):
         ``gate_weights: {gate: [mean weight per expert]}`` (a gate is a task, or ``level/task`` for
         multi-level towers), ``gate_entropy: {gate: float}``, ``max_entropy: float``,
-    def regularization(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """An extra term added to the training loss each step (default: none, a zero scalar).
-
-        ``scores`` are this step's per-task scores (the heads' ``predict``), e.g. for AITM's calibrator;
-        a term on parameters alone (soft parameter sharing's L2 penalty) ignores them. The trainer
-        back-propagates it beside the balancer's task losses; balancers never see it.
-        """
-        return torch.zeros(())
-
         ``expert_utilisation: {gate: [share of rows whose top expert it is]}`` and
         ``matrices: {name: {"rows": [...], "cols": [...], "values": [[...]]}}`` (e.g. cross-stitch units).
         """

@@ -31,7 +31,7 @@ def validate_plugins(config: Config, registry: Registry) -> dict[str, type[Head]
         if getattr(cls, "kind", None) != kind:
             raise ConfigError(f"encoder '{enc.name}' encodes '{cls.kind}' features, not '{kind}'")
         registry.check_params("encoder", enc.name, enc.params, fixed=["features"])
-    registry.check_params("tower", config.tower.name, config.tower.params, fixed=["input_dim", "task_names", "features"])
+    registry.check_params("tower", config.tower.name, config.tower.params, fixed=["input_dim", "task_names"])
     registry.check_params("balancer", config.balancer.name, config.balancer.params, fixed=["task_names", "weights"])
     heads = {}
     task_names = {t.name for t in config.tasks}
@@ -53,12 +53,7 @@ class MultiTaskModel(nn.Module):
             enc = encoder_config(config, kind)
             self.encoders[kind] = registry.create("encoder", enc.name, infos, **enc.params)
         input_dim = sum(e.output_dim for e in self.encoders.values())
-        # a tower with `uses_inputs` also gets the feature infos (and the preprocessed inputs in forward)
-        self.tower_uses_inputs = bool(getattr(registry.get("tower", config.tower.name), "uses_inputs", False))
-        extra = {"features": schema.feature_infos()} if self.tower_uses_inputs else {}
-        self.tower = registry.create("tower", config.tower.name, input_dim, list(self.task_names),
-                                     **config.tower.params, **extra)
-        self._scores: dict[str, torch.Tensor] = {}
+        self.tower = registry.create("tower", config.tower.name, input_dim, list(self.task_names), **config.tower.params)
         dims = self.tower.output_dims
         missing = [t for t in self.task_names if t not in dims]
         if missing:
@@ -94,7 +89,7 @@ class MultiTaskModel(nn.Module):
                 raise PluginError(f"encoder '{name}' returned shape {tuple(out.shape)}, expected (batch, output_dim={enc.output_dim})")
             parts.append(out)
         x = torch.cat(parts, dim=1)
-        hidden = call(f"tower '{config.tower.name}'", self.call_tower, x, inputs)
+        hidden = call(f"tower '{config.tower.name}'", self.tower, x)
         dims = self.tower.output_dims
         for t in self.task_names:
             if not isinstance(hidden, dict) or t not in hidden:
@@ -140,7 +135,7 @@ class MultiTaskModel(nn.Module):
 
     def run(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Raw outputs (what each head's ``loss`` takes) and scores per task, heads in dependency order."""
-        hidden = self.call_tower(self.encode(inputs), inputs)
+        hidden = self.tower(self.encode(inputs))
         outputs: dict[str, torch.Tensor] = {}
         scores: dict[str, torch.Tensor] = {}
         for t in self.order:
@@ -153,21 +148,7 @@ class MultiTaskModel(nn.Module):
         return self.run(inputs)[0]
 
     def predict(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.training:
-            self._scores = scores  # for the tower's regularization term of this step
         return self.run(inputs)[1]
-
-    def call_tower(self, x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.tower(x, inputs) if self.tower_uses_inputs else self.tower(x)
-
-    def backward_regularization(self) -> float:
-        """Back-propagate the tower's extra loss term for the last training forward (kept graph, so
-        the balancer's backward still runs after it); returns its value."""
-        reg = self.tower.regularization(self._scores)
-        self._scores = {}  # keep no graph on the module
-        if reg.requires_grad:
-            reg.backward(retain_graph=True)
-        return float(reg)
 
     def losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         return {t: self.heads[t].loss(outputs[t], labels[:, i], mask[:, i]) for i, t in enumerate(self.task_names)}

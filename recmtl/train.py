@@ -246,7 +246,6 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         run.history.append(record)
         summary = "  ".join(
             f"{t}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if k in ("auc", "logloss", "rmse", "gauc"))
-                model.backward_regularization()  # the tower's extra term (e.g. soft sharing's L2), if any
             for t, m in record.get("validation", {}).items())
         say(f"epoch {epoch + 1}: {rows / seconds:,.0f} rows/s  train loss "
             + " ".join(f"{t}={v:.4f}" for t, v in train_loss.items())
