@@ -56,7 +56,15 @@ class Tower(nn.Module):
     """Decides how tasks share parameters: ``forward(x) -> {task: h_task}``.
 
     Built as ``cls(input_dim, task_names, **params)``; ``output_dims[task]`` is the width of ``h_task``.
+
+    A tower that sets ``uses_inputs = True`` also reaches the embedding layer (e.g. STEM's task-specific
+    embeddings): it is built with an extra keyword ``features={kind: [FeatureInfo, ...]}`` and called as
+    ``forward(x, inputs)`` where ``inputs`` holds the preprocessed tensors per feature kind, as encoders
+    get them (``categorical``: LongTensor ids ``[batch, n]``, ``dense``: floats ``[batch, n]``).
     """
+
+    #: True: built with ``features=...`` and called as ``forward(x, inputs)``
+    uses_inputs: ClassVar[bool] = False
 
     def __init__(self, input_dim: int, task_names: list[str]) -> None:
         super().__init__()
@@ -73,6 +81,15 @@ class Tower(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters used by more than one task (what gradient-surgery balancers act on)."""
         return list(self.parameters())
+
+    def regularization(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """An extra term added to the training loss each step (default: none, a zero scalar).
+
+        ``scores`` are this step's per-task scores (the heads' ``predict``), e.g. for AITM's calibrator;
+        a term on parameters alone (soft parameter sharing's L2 penalty) ignores them. The trainer
+        back-propagates it beside the balancer's task losses; balancers never see it.
+        """
+        return torch.zeros(())
 
     def diagnostics(self) -> dict[str, Any]:
         """What the tower learned about task relations since the last call, JSON-serialisable.

@@ -31,7 +31,7 @@ def validate_plugins(config: Config, registry: Registry) -> dict[str, type[Head]
         if getattr(cls, "kind", None) != kind:
             raise ConfigError(f"encoder '{enc.name}' encodes '{cls.kind}' features, not '{kind}'")
         registry.check_params("encoder", enc.name, enc.params, fixed=["features"])
-    registry.check_params("tower", config.tower.name, config.tower.params, fixed=["input_dim", "task_names"])
+    registry.check_params("tower", config.tower.name, config.tower.params, fixed=["input_dim", "task_names", "features"])
     registry.check_params("balancer", config.balancer.name, config.balancer.params, fixed=["task_names", "weights"])
     heads = {}
     task_names = {t.name for t in config.tasks}
@@ -53,7 +53,12 @@ class MultiTaskModel(nn.Module):
             enc = encoder_config(config, kind)
             self.encoders[kind] = registry.create("encoder", enc.name, infos, **enc.params)
         input_dim = sum(e.output_dim for e in self.encoders.values())
-        self.tower = registry.create("tower", config.tower.name, input_dim, list(self.task_names), **config.tower.params)
+        # a tower with `uses_inputs` also gets the feature infos (and the preprocessed inputs in forward)
+        self.tower_uses_inputs = bool(getattr(registry.get("tower", config.tower.name), "uses_inputs", False))
+        extra = {"features": schema.feature_infos()} if self.tower_uses_inputs else {}
+        self.tower = registry.create("tower", config.tower.name, input_dim, list(self.task_names),
+                                     **config.tower.params, **extra)
+        self._scores: dict[str, torch.Tensor] = {}
         dims = self.tower.output_dims
         missing = [t for t in self.task_names if t not in dims]
         if missing:
@@ -89,7 +94,7 @@ class MultiTaskModel(nn.Module):
                 raise PluginError(f"encoder '{name}' returned shape {tuple(out.shape)}, expected (batch, output_dim={enc.output_dim})")
             parts.append(out)
         x = torch.cat(parts, dim=1)
-        hidden = call(f"tower '{config.tower.name}'", self.tower, x)
+        hidden = call(f"tower '{config.tower.name}'", self.call_tower, x, inputs)
         dims = self.tower.output_dims
         for t in self.task_names:
             if not isinstance(hidden, dict) or t not in hidden:
@@ -135,14 +140,28 @@ class MultiTaskModel(nn.Module):
 
     def run(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Raw outputs (what each head's ``loss`` takes) and scores per task, heads in dependency order."""
-        hidden = self.tower(self.encode(inputs))
+        hidden = self.call_tower(self.encode(inputs), inputs)
         outputs: dict[str, torch.Tensor] = {}
         scores: dict[str, torch.Tensor] = {}
         for t in self.order:
             head = self.heads[t]
             outputs[t] = head(hidden[t], {d: scores[d] for d in head.depends_on})
             scores[t] = head.predict(outputs[t])
+        if self.training:
+            self._scores = scores  # for the tower's regularization term of this step
         return outputs, scores
+
+    def call_tower(self, x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.tower(x, inputs) if self.tower_uses_inputs else self.tower(x)
+
+    def backward_regularization(self) -> float:
+        """Back-propagate the tower's extra loss term for the last training forward (kept graph, so
+        the balancer's backward still runs after it); returns its value."""
+        reg = self.tower.regularization(self._scores)
+        self._scores = {}  # keep no graph on the module
+        if reg.requires_grad:
+            reg.backward(retain_graph=True)
+        return float(reg)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.run(inputs)[0]

@@ -23,35 +23,75 @@ def _name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _fit(params: list[nn.Parameter], loss_fn: Any, steps: int = 60, lr: float = 0.02) -> tuple[float, float]:
-    opt = torch.optim.Adam(params, lr=lr)
+def _fit(params: list[nn.Parameter], loss_fn: Any, steps: int = 60, lr: float = 0.02,
+         sparse: list[nn.Parameter] = ()) -> tuple[float, float]:
+    """Adam on ``params``; SparseAdam on the ``sparse`` ones among them (embedding tables with sparse=True)."""
+    sparse_ids = {id(p) for p in sparse}
+    opts = [torch.optim.Adam([p for p in params if id(p) not in sparse_ids], lr=lr)]
+    if sparse:
+        opts.append(torch.optim.SparseAdam(list(sparse), lr=lr))
     first = last = None
     for _ in range(steps):
-        opt.zero_grad()
+        for opt in opts:
+            opt.zero_grad()
         loss = loss_fn()
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
         first = loss.item() if first is None else first
         last = loss.item()
     return first, last
 
 
+def sample_features() -> dict[str, list[FeatureInfo]]:
+    """The feature infos ``check_tower`` gives a tower with ``uses_inputs``: 2 categorical, 2 dense."""
+    return {"categorical": [FeatureInfo("c1", "categorical", 10), FeatureInfo("c2", "categorical", 3)],
+            "dense": [FeatureInfo("d1", "dense"), FeatureInfo("d2", "dense")]}
+
+
+def sample_inputs(features: dict[str, list[FeatureInfo]], n: int) -> dict[str, torch.Tensor]:
+    """Preprocessed tensors per kind, as a ``uses_inputs`` tower receives them."""
+    out = {}
+    for kind, infos in features.items():
+        if kind == "categorical":
+            out[kind] = torch.stack([torch.randint(0, max(f.cardinality, 1), (n,)) for f in infos], 1)
+        else:
+            out[kind] = torch.randn(n, len(infos))
+    return out
+
+
 def check_tower(cls: type[Tower], input_dim: int = 12, **params: Any) -> Tower:
-    """Shapes per task, gradients reach every parameter, a few steps fit a tiny two-task problem."""
+    """Shapes per task, gradients reach every parameter, a few steps fit a tiny two-task problem, the
+    regularization term is a finite scalar. A tower with ``uses_inputs`` is built with ``features=``
+    (default: ``sample_features()``) and called with matching preprocessed inputs."""
     torch.manual_seed(0)
     name = _name(cls)
+    uses_inputs = bool(getattr(cls, "uses_inputs", False))
+    if uses_inputs:
+        params.setdefault("features", sample_features())
     tower = cls(input_dim, list(TASKS), **params)
     assert isinstance(tower, Tower), f"{name} must subclass recmtl.Tower"
+
+    def run(x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tower(x, inputs) if uses_inputs else tower(x)
+
+    def inputs_for(n: int) -> dict[str, torch.Tensor]:
+        return sample_inputs(params["features"], n) if uses_inputs else {}
+
     dims = tower.output_dims
     for t in TASKS:
         assert t in dims and int(dims[t]) > 0, f"{name}.output_dims has no positive width for task '{t}': {dims}"
     x = torch.randn(32, input_dim)
-    out = tower(x)
+    out = run(x, inputs_for(32))
     assert isinstance(out, dict), f"{name}.forward must return a dict task -> tensor"
     for t in TASKS:
         assert t in out, f"{name}.forward returned no entry for task '{t}' (got {sorted(out)})"
         assert tuple(out[t].shape) == (32, dims[t]), f"{name}: task '{t}' output {tuple(out[t].shape)}, expected (32, {dims[t]})"
-    sum(o.sum() for o in out.values()).backward()
+    scores = {t: torch.sigmoid(o.sum(-1)) for t, o in out.items()}
+    reg = tower.regularization(scores)
+    assert isinstance(reg, torch.Tensor) and reg.dim() == 0 and torch.isfinite(reg), \
+        f"{name}.regularization must return a finite scalar tensor, got {reg!r}"
+    (sum(o.sum() for o in out.values()) + reg).backward()
     all_params = {id(p) for p in tower.parameters()}
     for p in tower.shared_parameters():
         assert id(p) in all_params, f"{name}.shared_parameters returned a parameter the tower does not own"
@@ -61,17 +101,19 @@ def check_tower(cls: type[Tower], input_dim: int = 12, **params: Any) -> Tower:
     heads = nn.ModuleDict({t: nn.Linear(dims[t], 1) for t in TASKS})
     w = torch.randn(len(TASKS), input_dim)
     xs = torch.randn(256, input_dim)
+    xs_inputs = inputs_for(256)
     ys = xs @ w.T
     tower.train()
 
     def loss() -> torch.Tensor:
-        h = tower(xs)
+        h = run(xs, xs_inputs)
         return sum(((heads[t](h[t]).squeeze(-1) - ys[:, i]) ** 2).mean() for i, t in enumerate(TASKS))
 
-    first, last = _fit(list(tower.parameters()) + list(heads.parameters()), loss)
+    sparse = [m.weight for m in tower.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    first, last = _fit(list(tower.parameters()) + list(heads.parameters()), loss, sparse=sparse)
     assert last < 0.7 * first, f"{name}: 60 Adam steps did not reduce a tiny regression loss ({first:.4f} -> {last:.4f})"
     tower.eval()
-    tower(xs)
+    run(xs, xs_inputs)
     json.dumps(tower.diagnostics())
     return tower
 
@@ -176,4 +218,5 @@ def check_registered(kind: str, name: str, factory: Any) -> None:
     {"tower": check_tower, "head": check_head, "balancer": check_balancer, "encoder": check_encoder}[kind](factory)
 
 
-__all__ = ["check_balancer", "check_encoder", "check_head", "check_registered", "check_tower"]
+__all__ = ["check_balancer", "check_encoder", "check_head", "check_registered", "check_tower", "sample_features",
+           "sample_inputs"]

@@ -206,6 +206,7 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 balance_log.before_backward(losses, shared)
+                model.backward_regularization()  # the tower's extra term (e.g. soft sharing's L2), if any
                 applied = balancer.backward(losses, shared)
                 balance_log.after_backward(epoch + 1, applied)
                 for opt in optimizers:

@@ -6,8 +6,9 @@ experts and its own tower on the gated mixture.
 
 The first layer of all experts is one matrix product (the input is shared), later layers are one
 batched product over experts; every expert has its own random initialisation, so experts do not start
-identical (no collapse by construction). ``diagnostics()`` reports each task's mean gate weight per
-expert and the gate entropy, averaged over the rows seen since the last call.
+identical (no collapse by construction, and ``Experts`` refuses identical ones). ``diagnostics()`` reports
+each task's mean gate weight per expert, the gate entropy and the expert utilisation (share of rows whose
+top expert it is), over the evaluation rows seen since the last call.
 """
 from __future__ import annotations
 
@@ -19,33 +20,9 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units, mlp
+from recmtl_plugins.towers._moe import Experts, GateStats
 
-
-class Experts(nn.Module):
-    """``num_experts`` MLPs over the same input, evaluated as batched matrix products."""
-
-    def __init__(self, input_dim: int, num_experts: int, units: list[int], dropout: float) -> None:
-        super().__init__()
-        self.num_experts = num_experts
-        self.units = units
-        widths = [input_dim] + units
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
-            bound = 1 / math.sqrt(w_in)
-            shape = (w_in, num_experts * w_out) if i == 0 else (num_experts, w_in, w_out)
-            self.weights.append(nn.Parameter(torch.empty(shape).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_experts, 1, w_out).uniform_(-bound, bound)))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[batch, input_dim] -> [num_experts, batch, units[-1]]``."""
-        e, b = self.num_experts, x.shape[0]
-        h = (x @ self.weights[0]).view(b, e, -1).transpose(0, 1) + self.biases[0]
-        h = self.dropout(torch.relu(h))
-        for w, bias in zip(list(self.weights)[1:], list(self.biases)[1:]):
-            h = self.dropout(torch.relu(torch.baddbmm(bias, h, w)))
-        return h
+__all__ = ["Experts", "MMoE"]
 
 
 class MMoE(Tower):
@@ -65,9 +42,7 @@ class MMoE(Tower):
         width = expert_units[-1]
         self.towers = nn.ModuleDict({t: mlp(width, task_units, dropout) for t in task_names})
         self._out = task_units[-1] if task_units else width
-        self.register_buffer("_gate_sum", torch.zeros(len(task_names), num_experts), persistent=False)
-        self.register_buffer("_entropy_sum", torch.zeros(len(task_names)), persistent=False)
-        self._rows = 0
+        self.stats = GateStats({t: num_experts for t in task_names})
 
     @property
     def output_dims(self) -> dict[str, int]:
@@ -77,29 +52,16 @@ class MMoE(Tower):
         experts = self.experts(x)  # [E, B, D]
         gates = torch.softmax(self.gates(x).view(x.shape[0], len(self.task_names), self.num_experts), dim=-1)
         mixed = torch.einsum("bte,ebd->tbd", gates, experts)  # [T, B, D]
-        if not self.training:
-            with torch.no_grad():
-                self._gate_sum += gates.sum(0)
-                self._entropy_sum += -(gates * torch.log(gates.clamp_min(1e-12))).sum(-1).sum(0)
-                self._rows += x.shape[0]
+        if GateStats.active(self):
+            for i, t in enumerate(self.task_names):
+                self.stats.update(t, gates[:, i])
         return {t: self.towers[t](mixed[i]) for i, t in enumerate(self.task_names)}
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.experts.parameters())
 
     def diagnostics(self) -> dict[str, Any]:
-        if self._rows == 0:
-            return {}
-        mean = (self._gate_sum / self._rows).tolist()
-        entropy = (self._entropy_sum / self._rows).tolist()
-        self._gate_sum.zero_()
-        self._entropy_sum.zero_()
-        self._rows = 0
-        return {
-            "gate_weights": {t: [round(w, 4) for w in mean[i]] for i, t in enumerate(self.task_names)},
-            "gate_entropy": {t: round(entropy[i], 4) for i, t in enumerate(self.task_names)},
-            "max_entropy": round(math.log(self.num_experts), 4),
-        }
+        return self.stats.diagnostics()
 
 
 @hookimpl

@@ -1,0 +1,230 @@
+"""Behaviour of the built-in towers beyond the shared contract: collapse guard, diagnostics conventions,
+soft sharing's penalty, DSelect-k's sparsity, AITM's funnel transfer and calibrator, STEM's embeddings."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from recmtl.model import sparse_parameters
+from recmtl.plugins import load_registry
+from recmtl.testing import TASKS, sample_features, sample_inputs
+from recmtl_plugins.towers._moe import Experts
+from recmtl_plugins.towers.aitm import AITM
+from recmtl_plugins.towers.cross_stitch import CrossStitch
+from recmtl_plugins.towers.dselect_k import DSelectK, smooth_step
+from recmtl_plugins.towers.soft_sharing import SoftSharing
+from recmtl_plugins.towers.stem import STEM
+
+REGISTRY = load_registry()
+MOE = ["mmoe", "omoe", "cgc", "ple", "hmoe", "dselect_k", "stem"]
+SMALL = {"expert_units": [8]}
+
+
+def build(name: str, **params):
+    cls = REGISTRY.get("tower", name)
+    if getattr(cls, "uses_inputs", False):
+        params.setdefault("features", sample_features())
+    return cls(6, list(TASKS), **params)
+
+
+def call(tower, x: torch.Tensor):
+    return tower(x, sample_inputs(sample_features(), x.shape[0])) if tower.uses_inputs else tower(x)
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_experts_start_different(name):
+    torch.manual_seed(0)
+    tower = build(name, **SMALL)
+    experts = [m for m in tower.modules() if isinstance(m, Experts) and m.num_experts > 1]
+    assert experts, f"{name} has no batched experts"
+    x = torch.randn(16, 6)
+    for m in experts:
+        inp = x if m.layer_weights(0).shape[1] == 6 else torch.randn(m.num_experts, 16, m.layer_weights(0).shape[1])
+        out = m(inp).flatten(1)  # one row per expert
+        dist = torch.cdist(out, out) + torch.eye(m.num_experts) * 1e9
+        assert dist.min() > 1e-3, f"{name}: two experts compute the same function at init"
+
+
+def test_identical_experts_are_refused():
+    m = Experts(4, 3, [5])
+    with torch.no_grad():
+        w = m.layer_weights(0)
+        w[1] = w[0]  # a view: writes the shared first-layer matrix
+    with pytest.raises(ValueError, match="identical"):
+        m.check_distinct()
+
+
+@pytest.mark.parametrize("name", MOE + ["aitm"])
+def test_gate_diagnostics_follow_the_conventions(name):
+    torch.manual_seed(0)
+    tower = build(name, **({} if name == "aitm" else SMALL)).eval()
+    tower.train()
+    call(tower, torch.randn(8, 6))
+    assert tower.diagnostics() == {}, "training passes must not be counted"
+    tower.eval()
+    with torch.no_grad():
+        call(tower, torch.randn(40, 6))
+        call(tower, torch.randn(24, 6))
+    d = tower.diagnostics()
+    assert set(d) >= {"gate_weights", "gate_entropy", "max_entropy", "expert_utilisation"}
+    for gate, weights in d["gate_weights"].items():
+        assert math.isclose(sum(weights), 1.0, abs_tol=2e-3), (gate, weights)
+        util = d["expert_utilisation"][gate]
+        assert len(util) == len(weights) and math.isclose(sum(util), 1.0, abs_tol=1e-3)
+        assert all(abs(u * 64 - round(u * 64)) < 0.01 for u in util), "utilisation is a share of the 64 rows"
+        limit = d.get("gate_max_entropy", {}).get(gate, d["max_entropy"])
+        assert 0 <= d["gate_entropy"][gate] <= limit + 1e-4
+        if "expert_names" in d:
+            assert len(d["expert_names"][gate]) == len(weights)
+    assert tower.diagnostics() == {}, "diagnostics() forgets what it reported"
+
+
+def test_gate_names_per_tower():
+    for name, gates in [("mmoe", set(TASKS)), ("omoe", {"shared"}), ("cgc", set(TASKS)),
+                        ("ple", {"level1/task_a", "level1/task_b", "level1/shared", "level2/task_a", "level2/task_b"}),
+                        ("aitm", {"task_b"})]:
+        tower = build(name).eval()
+        call(tower, torch.randn(4, 6))
+        assert set(tower.diagnostics()["gate_weights"]) == gates, name
+    cgc = build("cgc", num_task_experts=2, num_shared_experts=3).eval()
+    cgc(torch.randn(4, 6))
+    assert cgc.diagnostics()["expert_names"]["task_a"] == ["task_a/0", "task_a/1", "shared/0", "shared/1", "shared/2"]
+
+
+def test_hmoe_weights_are_group_times_inner():
+    tower = build("hmoe", num_groups=3, experts_per_group=2, **SMALL).eval()
+    x = torch.randn(10, 6)
+    weights, group = tower.gate_weights(x)
+    assert weights.shape == (10, 2, 6) and group.shape == (10, 2, 3)
+    assert torch.allclose(weights.view(10, 2, 3, 2).sum(-1), group, atol=1e-6)
+    tower(x)
+    d = tower.diagnostics()
+    assert len(d["group_weights"]["task_a"]) == 3 and math.isclose(sum(d["group_weights"]["task_a"]), 1, abs_tol=2e-3)
+
+
+def test_cross_stitch_matrices():
+    tower = CrossStitch(6, ["a", "b", "c"], units=[8, 4], init_self=0.8)
+    d = tower.diagnostics()["matrices"]
+    assert list(d) == ["cross_stitch_1", "cross_stitch_2"]
+    m = d["cross_stitch_1"]
+    assert m["rows"] == m["cols"] == ["a", "b", "c"]
+    assert m["values"] == [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]]
+    # init_self = 1: the columns do not mix, task a's output ignores task b's column
+    alone = CrossStitch(6, ["a", "b"], units=[8, 4], init_self=1.0)
+    alone(torch.randn(5, 6))["a"].sum().backward()
+    b_grad = alone.columns[1].weights[0].grad.view(8, 2, 4)[:, 1]
+    assert torch.count_nonzero(b_grad) == 0
+
+
+def test_soft_sharing_penalty_hand_computed_and_pulls_together():
+    tower = SoftSharing(3, ["a", "b"], units=[2], penalty=0.5)
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.zero_()
+        tower.columns.layer_weights(0)[0].fill_(1.0)  # task a: weights 1, task b: 0, biases 0
+        tower.columns.biases[0][1].fill_(2.0)  # task b: biases 2
+    # weights: 6 entries differ by 1 -> each task 0.5 from the mean: 2 * 6 * 0.25 = 3; biases: 2 * 2 * 1 = 4
+    assert tower.distance().item() == pytest.approx(7.0)
+    assert tower.regularization({}).item() == pytest.approx(3.5)
+    assert tower.diagnostics() == {"parameter_distance": 7.0}
+    # gradient steps on the penalty alone move the columns towards each other
+    torch.manual_seed(0)
+    tower = SoftSharing(6, ["a", "b"], units=[8, 4], penalty=1.0)
+    before = tower.distance().item()
+    assert before > 0 and tower.regularization({}).item() > 0
+    opt = torch.optim.SGD(tower.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        tower.regularization({}).backward()
+        opt.step()
+    # d penalty / d W_t = 2 (W_t - mean): each SGD step scales every deviation by 1 - 2 * 0.1, the distance by 0.8^2
+    assert tower.distance().item() == pytest.approx(before * 0.8 ** 10, rel=1e-4)
+    assert SoftSharing(6, ["a", "b"], penalty=0.0).regularization({}).item() == 0
+
+
+def test_smooth_step_values():
+    t = torch.tensor([-1.0, -0.5, 0.0, 0.25, 0.5, 2.0])
+    assert smooth_step(t, 1.0).tolist() == pytest.approx([0, 0, 0.5, 0.84375, 1, 1])
+
+
+def test_dselect_k_selects_k_experts_once_binary():
+    tower = DSelectK(6, ["a", "b"], num_experts=8, k=3, expert_units=[4], task_units=[])
+    codes = {"a": [1, 4, 6], "b": [0, 7, 2]}  # the experts each selector should pick
+    with torch.no_grad():
+        tower.z.weight.zero_()
+        bias = tower.z.bias.view(2, 3, tower.m)
+        for ti, t in enumerate("ab"):
+            for i, expert in enumerate(codes[t]):
+                for j in range(tower.m):  # bit j of the expert index -> +gamma (S = 1) or -gamma (S = 0)
+                    bias[ti, i, j] = 1.0 if (expert >> j) & 1 else -1.0
+    gates = tower.gate_weights(torch.randn(20, 6))
+    for ti, t in enumerate("ab"):
+        nonzero = (gates[:, ti] > 0).sum(-1)
+        assert nonzero.tolist() == [3] * 20
+        assert sorted(torch.nonzero(gates[0, ti]).flatten().tolist()) == sorted(codes[t])
+    assert torch.allclose(gates.sum(-1), torch.ones(20, 2))
+
+
+def test_dselect_k_entropy_regularisation_moves_towards_k_experts():
+    def train(entropy_reg: float) -> float:
+        torch.manual_seed(0)
+        tower = DSelectK(12, ["a", "b"], num_experts=4, k=2, entropy_reg=entropy_reg, expert_units=[8], task_units=[])
+        xs = torch.randn(256, 12)
+        ys = xs @ torch.randn(2, 12).T
+        heads = nn.ModuleDict({n: nn.Linear(8, 1) for n in "ab"})
+        opt = torch.optim.Adam(list(tower.parameters()) + list(heads.parameters()), lr=0.02)
+        for _ in range(100):
+            opt.zero_grad()
+            h = tower(xs)
+            loss = sum(((heads[n](h[n]).squeeze(-1) - ys[:, i]) ** 2).mean() for i, n in enumerate("ab"))
+            (loss + tower.regularization({})).backward()
+            opt.step()
+        tower.eval()
+        with torch.no_grad():
+            tower(xs)
+        selected = tower.diagnostics()["selected_experts"]
+        return sum(selected.values()) / 2
+
+    free, regularised = train(0.0), train(1.0)
+    assert regularised < free and regularised < 2.5, (free, regularised)
+
+
+def test_aitm_transfers_along_the_task_order_and_calibrates():
+    torch.manual_seed(0)
+    tower = AITM(6, ["impression", "click", "buy"], units=[8], calibrator_weight=0.5)
+    out = tower(torch.randn(5, 6))
+    out["impression"].sum().backward()
+    later = tower.towers.weights[0].grad.view(6, 3, 8)
+    assert torch.count_nonzero(later[:, 1:]) == 0, "the first task receives nothing from later ones"
+    tower.zero_grad()
+    out = tower(torch.randn(5, 6))
+    out["buy"].sum().backward()
+    grads = tower.towers.weights[0].grad.view(6, 3, 8)
+    assert all(torch.count_nonzero(grads[:, i]) > 0 for i in range(3)), "the last task hears every earlier one"
+    scores = {"impression": torch.tensor([0.5, 0.2]), "click": torch.tensor([0.7, 0.1]), "buy": torch.tensor([0.1, 0.3])}
+    # 0.5 * (mean(relu([0.2, -0.1])) + mean(relu([-0.6, 0.2]))) = 0.5 * (0.1 + 0.1)
+    assert tower.regularization(scores).item() == pytest.approx(0.1)
+    assert AITM(6, ["a", "b"]).regularization(scores | {"a": scores["click"], "b": scores["buy"]}).item() == 0
+
+
+def test_stem_owns_sparse_task_embeddings_behind_a_stop_gradient():
+    torch.manual_seed(0)
+    feats = sample_features()
+    tower = STEM(6, ["a", "b"], features=feats, embedding_dim=3, expert_units=[8])
+    assert set(tower.embeddings) == {"a", "b"}
+    assert all(t.sparse and t.num_embeddings == 13 and t.embedding_dim == 3 for t in tower.embeddings.values())
+    assert {id(t.weight) for t in tower.embeddings.values()} <= {id(p) for p in sparse_parameters(tower)}
+    inputs = sample_inputs(feats, 7)
+    out = tower(torch.randn(7, 6), inputs)
+    out["a"].sum().backward()
+    assert tower.embeddings["a"].weight.grad is not None
+    b_grad = tower.embeddings["b"].weight.grad
+    assert b_grad is None or torch.count_nonzero(b_grad.coalesce().values()) == 0, \
+        "task a's loss must not train task b's embeddings"
+    b_experts = tower.task_experts.weights[0].grad.view(-1, 2, 8)[:, 1]
+    assert torch.count_nonzero(b_experts) == 0, "nor task b's experts"
+    with pytest.raises(ValueError, match="categorical"):
+        STEM(6, ["a", "b"], features={"dense": feats["dense"]})
