@@ -131,6 +131,13 @@ def test_imtl_hand_computed_two_tasks():
     assert direction.tolist() == pytest.approx([0.75, 0.75])
 
 
+def test_imtl_two_tasks_weights_are_the_swapped_norm_shares():
+    g = t([3, 1], [-1, 2])  # norms sqrt(10) and sqrt(5); any angle gives alpha = (|g2|, |g1|) / (|g1| + |g2|)
+    _, alpha = imtl_g(g)
+    n1, n2 = math.sqrt(10), math.sqrt(5)
+    assert alpha.tolist() == pytest.approx([n2 / (n1 + n2), n1 / (n1 + n2)])
+
+
 def test_imtl_equal_projections_on_every_unit_gradient():
     g = t([2, 0, 1], [-1, 1, 0], [0, 0.5, 3])
     direction, alpha = imtl_g(g)

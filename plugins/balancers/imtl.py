@@ -32,7 +32,8 @@ def imtl_g(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class IMTL(GradientBalancer):
-    """IMTL-G; returns ``alpha`` (sums to 1; an entry may be negative when gradients conflict strongly)."""
+    """IMTL-G; returns ``alpha`` (sums to 1; for two tasks ``alpha = (||g_2||, ||g_1||) / (||g_1|| + ||g_2||)``,
+    with three or more an entry can be negative)."""
 
     def combine(self, grads, losses, sizes):
         return imtl_g(grads)
