@@ -18,7 +18,7 @@ The data is read from ``../shared/data/census-income-kdd`` next to the repositor
 nothing is copied into the repository: every output goes to ``--work-dir`` (a temporary folder unless
 given; kept when given, and the converted Parquet files found there are reused).
 
-Usage: python benchmarks/census_income.py [--seeds 1,2,3] [--towers mmoe,shared_bottom] [--work-dir DIR]
+Usage: python benchmarks/census_income.py [--seeds 1,2,3] [--towers mmoe,shared_bottom | all] [--work-dir DIR]
 """
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ POSITIVE = {"income_50k": "50000+.", "marital_stat": "Never married"}
 TOWERS = {
     "mmoe": "{name: mmoe, num_experts: 8, expert_units: [16], task_units: [8]}",
     "shared_bottom": "{name: shared_bottom, bottom_units: [128], task_units: [8]}",
+    # the other built-in towers at comparable sizes (8 experts / columns of 16 units where that applies)
+    "omoe": "{name: omoe, num_experts: 8, expert_units: [16], task_units: [8]}",
+    "cgc": "{name: cgc, num_task_experts: 2, num_shared_experts: 4, expert_units: [16], task_units: [8]}",
+    "ple": "{name: ple, num_levels: 2, num_task_experts: 2, num_shared_experts: 4, expert_units: [16], task_units: [8]}",
+    "hmoe": "{name: hmoe, num_groups: 2, experts_per_group: 4, expert_units: [16], task_units: [8]}",
+    "dselect_k": "{name: dselect_k, num_experts: 8, k: 2, expert_units: [16], task_units: [8]}",
+    "stem": "{name: stem, embedding_dim: 16, num_task_experts: 2, num_shared_experts: 4, expert_units: [16], task_units: [8]}",
+    "cross_stitch": "{name: cross_stitch, units: [64, 16], task_units: [8]}",
+    "soft_sharing": "{name: soft_sharing, units: [64, 16, 8], penalty: 0.001}",
+    "aitm": "{name: aitm, units: [64, 16, 8]}",
 }
 # The same for both towers (recmtl init's defaults otherwise: embedding dim 16, Adam, batch 2048).
 COMMON = {
@@ -188,7 +198,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (default 1,2,3)")
-    ap.add_argument("--towers", default="mmoe,shared_bottom", help=f"comma-separated, of {', '.join(TOWERS)}")
+    ap.add_argument("--towers", default="mmoe,shared_bottom", help=f"comma-separated, of {', '.join(TOWERS)}; or all")
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="folder for Parquet files, config and runs (default: a temporary folder, removed after)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -203,7 +213,7 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         sys.exit(f"census_income: --seeds '{args.seeds}' must be integers like 1,2,3")
-    towers = [t.strip() for t in args.towers.split(",") if t.strip()]
+    towers = list(TOWERS) if args.towers == "all" else [t.strip() for t in args.towers.split(",") if t.strip()]
     unknown = [t for t in towers if t not in TOWERS]
     if unknown or not towers or not seeds:
         sys.exit(f"census_income: --towers must name some of {', '.join(TOWERS)} (got {args.towers}); --seeds some integers")

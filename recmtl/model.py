@@ -161,7 +161,7 @@ class MultiTaskModel(nn.Module):
         self._scores = {}  # keep no graph on the module
         if reg.requires_grad:
             reg.backward(retain_graph=True)
-        return float(reg)
+        return float(reg.detach())
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.run(inputs)[0]

@@ -228,3 +228,73 @@ def test_stem_owns_sparse_task_embeddings_behind_a_stop_gradient():
     assert torch.count_nonzero(b_experts) == 0, "nor task b's experts"
     with pytest.raises(ValueError, match="categorical"):
         STEM(6, ["a", "b"], features={"dense": feats["dense"]})
+
+
+# ---- every tower through the CLI on a small funnel ------------------------------------------------------------
+
+SMALL_CLI = {
+    "shared_bottom": {"bottom_units": [16], "task_units": [8]},
+    "mmoe": {"num_experts": 2, "expert_units": [16], "task_units": [8]},
+    "omoe": {"num_experts": 2, "expert_units": [16], "task_units": [8]},
+    "cgc": {"expert_units": [16], "task_units": [8]},
+    "ple": {"num_levels": 2, "expert_units": [16], "task_units": [8]},
+    "hmoe": {"num_groups": 2, "experts_per_group": 2, "expert_units": [16], "task_units": [8]},
+    "dselect_k": {"num_experts": 4, "k": 2, "entropy_reg": 0.01, "expert_units": [16], "task_units": [8]},
+    "stem": {"embedding_dim": 4, "expert_units": [16], "task_units": [8]},
+    "cross_stitch": {"units": [16, 8]},
+    "soft_sharing": {"units": [16, 8], "penalty": 0.01},
+    "aitm": {"units": [16, 8], "calibrator_weight": 0.1},
+}
+
+
+@pytest.fixture(scope="module")
+def small_funnel(tmp_path_factory):
+    from recmtl.datagen import funnel
+    out = tmp_path_factory.mktemp("towers_funnel")
+    funnel(out, rows=4000, seed=5, categorical=6, dense=4, cardinality=50)
+    return out
+
+
+def test_every_builtin_tower_is_in_the_cli_test():
+    assert set(SMALL_CLI) == set(REGISTRY.names("tower")) - {"independent"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL_CLI))
+def test_tower_trains_through_the_cli(name, small_funnel, tmp_path, cli):
+    import json
+
+    from conftest import write_config
+    cfg = write_config(tmp_path / "c.yaml", small_funnel, tower={"name": name, **SMALL_CLI[name]},
+                       train={"batch_size": 256, "epochs": 1, "progress": False, "threads": 1})
+    res = cli("train", cfg, "--out", tmp_path / "run")
+    assert res.code == 0, res
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for task in ("click", "conversion"):
+        assert math.isfinite(metrics["history"][0]["train_loss"][task])
+        assert 0 < metrics["validation"][task]["auc"] < 1
+    diag = metrics["history"][0].get("diagnostics", {})
+    if name in MOE:
+        assert set(diag["gate_weights"]) and all(math.isclose(sum(w), 1, abs_tol=2e-3) for w in diag["gate_weights"].values())
+    if name == "cross_stitch":
+        assert len(diag["matrices"]["cross_stitch_1"]["values"]) == 2
+    if name in ("stem", "ple"):  # export traces the model (STEM's own embedding tables too) and checks parity
+        res = cli("export", tmp_path / "run", "-o", tmp_path / "model.onnx")
+        assert res.code == 0 and (tmp_path / "model.onnx").is_file(), res
+
+
+@pytest.mark.slow
+def test_soft_sharing_penalty_is_part_of_training(small_funnel, tmp_path, cli):
+    """train.py adds the tower's regularization: a large penalty ends with much closer task columns."""
+    import json
+
+    from conftest import write_config
+    distance = {}
+    for penalty in (0.0, 1.0):
+        cfg = write_config(tmp_path / f"c{penalty}.yaml", small_funnel,
+                           tower={"name": "soft_sharing", "units": [16, 8], "penalty": penalty},
+                           train={"batch_size": 256, "epochs": 1, "progress": False, "threads": 1})
+        assert cli("train", cfg, "--out", tmp_path / f"run{penalty}").code == 0
+        metrics = json.loads((tmp_path / f"run{penalty}" / "metrics.json").read_text())
+        distance[penalty] = metrics["history"][0]["diagnostics"]["parameter_distance"]
+    assert distance[1.0] < 0.2 * distance[0.0], distance
