@@ -99,8 +99,12 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     set_: Annotated[list[str], typer.Option("--set", help="Override a config value: key.path=value; repeatable.")] = [],
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (default: train.device of the config, auto).")] = None,
 ) -> None:
-    """Train a multi-task model; writes best.pt, last.pt, config.yaml, schema.json, metrics.json to --out."""
+    """Train a multi-task model; writes best.pt, last.pt, config.yaml, schema.json, metrics.json to --out.
+    Under `torchrun --nproc-per-node N` the same command trains data-parallel on N processes."""
+    if device is not None:
+        set_ = [*set_, f"train.device={device}"]
     from recmtl.config import load_config, parse_config, read_raw, set_dotted
     from recmtl.evaluate import format_table
     from recmtl.train import train as run_training
@@ -113,6 +117,8 @@ def train(
     else:
         cfg = load_config(config, set_)
     summary = run_training(cfg, out, _registry(cfg.plugin_modules()), resume=resume)
+    if __import__("os").environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 prints the results
     if summary.get("validation"):
         typer.echo(f"best epoch {summary['best_epoch']} by {summary['monitor']}; validation:")
         typer.echo(format_table(summary["validation"]))

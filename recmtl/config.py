@@ -97,6 +97,11 @@ class TrainConfig(_Strict):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     threads: int | None = Field(None, gt=0)
     progress: bool = True
+    # cpu, cuda or auto (cuda when available); batch_size is the global batch: under torchrun each of N
+    # ranks takes batch_size / N rows a step
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: fp32 on CPU; on GPU bf16 autocast where supported, else fp16 with loss scaling
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # every N steps: weights, per-task gradient norms and cosines on the shared parameters -> balance.jsonl
     log_every: int = Field(200, ge=0)
 

@@ -51,6 +51,7 @@ class ParquetSource:
         self.columns = list(columns) if columns is not None else self.schema.names
         self.num_rows = sum(pf.metadata.num_rows for pf in self.files)
         self.units = [(i, rg) for i, pf in enumerate(self.files) for rg in range(pf.num_row_groups)]
+        self.unit_rows = [self.files[i].metadata.row_group(rg).num_rows for i, rg in self.units]
 
     @staticmethod
     def require(columns: Sequence[str], schema: pa.Schema, path: Path | str) -> None:
@@ -63,15 +64,47 @@ class ParquetSource:
         return self.schema.field(name)
 
     def batches(self, read_rows: int = 65_536, rng: np.random.Generator | None = None,
-                columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """Record batches of at most ``read_rows`` rows; row groups in random order when ``rng`` is given."""
-        units = list(self.units)
+                columns: Sequence[str] | None = None, shard: tuple[int, int] | None = None) -> Iterator[pa.RecordBatch]:
+        """Record batches of at most ``read_rows`` rows; row groups in random order when ``rng`` is given.
+
+        ``shard=(rank, world)``: only this rank's share (:func:`shard_units`); every rank must pass the same
+        ``rng`` state so that they agree on the order."""
+        order = list(range(len(self.units)))
         if rng is not None:
-            units = [units[i] for i in rng.permutation(len(units))]
+            order = [order[i] for i in rng.permutation(len(order))]
+        keep_slice = None
+        if shard is not None and shard[1] > 1:
+            rank, world = shard
+            if len(order) >= MIN_UNITS_PER_RANK * world:
+                order = shard_units(order, [self.unit_rows[i] for i in order], world)[rank]
+            else:  # too few row groups to share out: rank r takes rows r, r + world, ... of every read
+                keep_slice = (rank, world)
         cols = list(columns) if columns is not None else self.columns
-        for file_index, row_group in units:
+        for u in order:
+            file_index, row_group = self.units[u]
             pf = self.files[file_index]
             try:
-                yield from pf.iter_batches(batch_size=read_rows, row_groups=[row_group], columns=cols)
+                for batch in pf.iter_batches(batch_size=read_rows, row_groups=[row_group], columns=cols):
+                    if keep_slice is not None:
+                        batch = batch.take(pa.array(np.arange(keep_slice[0], batch.num_rows, keep_slice[1])))
+                    yield batch
             except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
                 raise DataError(f"failed reading {self.paths[file_index]} (row group {row_group}): {exc}") from None
+
+
+#: with fewer row groups than this per rank, ranks share the rows of every row group instead (each rank then
+#: decodes every row group but preprocesses only its rows)
+MIN_UNITS_PER_RANK = 4
+
+
+def shard_units(order: Sequence[int], rows: Sequence[int], world: int) -> list[list[int]]:
+    """Deal row groups (in ``order``, with ``rows`` rows each) to ``world`` ranks: each goes to the rank
+    holding the fewest rows so far (ties: the lowest rank), so equal row groups go round-robin
+    (rank ``r`` gets ``r, r + world, ...``) and the ranks' row counts differ by at most one row group."""
+    shares: list[list[int]] = [[] for _ in range(world)]
+    held = [0] * world
+    for unit, n in zip(order, rows):
+        r = min(range(world), key=lambda i: (held[i], i))
+        shares[r].append(unit)
+        held[r] += n
+    return shares

@@ -29,26 +29,33 @@ class Predictions:
 
 @torch.no_grad()
 def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, batch_size: int,
-            read_rows: int = 65_536) -> Predictions:
-    """Score every row of ``source`` in order (labels are read too, for metrics and losses)."""
+            read_rows: int = 65_536, shard: tuple[int, int] | None = None) -> Predictions:
+    """Score every row of ``source`` in order (labels are read too, for metrics and losses), on the
+    model's device; ``shard=(rank, world)``: only this rank's share (see :func:`merge_predictions`)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     scores: dict[str, list[np.ndarray]] = {t: [] for t in model.task_names}
     labels, masks, groups = [], [], []
     loss_sum = {t: 0.0 for t in model.task_names}
-    for batch in minibatches(blocks(source, schema, read_rows), batch_size):
+    for batch in minibatches(blocks(source, schema, read_rows, shard=shard), batch_size):
+        batch = batch.to(device) if device.type != "cpu" else batch
         outputs, preds = model.run(batch.inputs)
         for i, t in enumerate(model.task_names):
-            scores[t].append(preds[t].numpy())
+            scores[t].append(preds[t].float().cpu().numpy())
             n_lab = float(batch.mask[:, i].sum())
             if n_lab:
                 loss_sum[t] += float(model.heads[t].loss(outputs[t], batch.labels[:, i], batch.mask[:, i])) * n_lab
-        labels.append(batch.labels.numpy())
-        masks.append(batch.mask.numpy().astype(bool))
+        labels.append(batch.labels.cpu().numpy())
+        masks.append(batch.mask.cpu().numpy().astype(bool))
         if batch.group is not None:
             groups.append(batch.group)
     model.train(was_training)
     if not labels:
+        if shard is not None:  # a rank may get no validation rows; merge_predictions skips it
+            return Predictions({t: np.zeros(0, np.float32) for t in model.task_names},
+                               np.zeros((0, len(model.task_names)), np.float32),
+                               np.zeros((0, len(model.task_names)), bool), None, {t: math.nan for t in model.task_names})
         raise DataError(f"{source.spec} has no rows")
     mask = np.concatenate(masks)
     counts = mask.sum(0)
@@ -58,6 +65,27 @@ def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, 
         np.concatenate(groups) if groups else None,
         {t: (loss_sum[t] / counts[i] if counts[i] else math.nan) for i, t in enumerate(model.task_names)},
     )
+
+
+def merge_predictions(parts: list[Predictions], spec: str = "") -> Predictions:
+    """One :class:`Predictions` from the ranks' shares (row order does not matter to the metrics);
+    each task's loss is the mean over all its labelled rows."""
+    parts = [p for p in parts if len(p.mask)]
+    if not parts:
+        raise DataError(f"{spec} has no rows")
+    if len(parts) == 1:
+        return parts[0]
+    mask = np.concatenate([p.mask for p in parts])
+    tasks = list(parts[0].scores)
+    losses = {}
+    for i, t in enumerate(tasks):
+        counts = [int(p.mask[:, i].sum()) for p in parts]
+        total = sum(counts)
+        losses[t] = sum(p.losses[t] * c for p, c in zip(parts, counts) if c) / total if total else math.nan
+    groups = [p.group for p in parts]
+    return Predictions({t: np.concatenate([p.scores[t] for p in parts]) for t in tasks},
+                       np.concatenate([p.labels for p in parts]), mask,
+                       np.concatenate(groups) if all(g is not None for g in groups) else None, losses)
 
 
 def task_metrics(model: MultiTaskModel, pred: Predictions) -> dict[str, dict[str, float]]:

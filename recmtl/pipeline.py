@@ -24,6 +24,12 @@ class Batch:
     group: np.ndarray | None
     rows: int
 
+    def to(self, device: torch.device) -> Batch:
+        """The tensors on ``device`` (``group`` stays a numpy array)."""
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+        return Batch({k: mv(v) for k, v in self.inputs.items()}, mv(self.labels), mv(self.mask), self.group, self.rows)
+
 
 def to_batch(arrays: Arrays) -> Batch:
     def t(a: np.ndarray | None) -> torch.Tensor | None:
@@ -33,8 +39,9 @@ def to_batch(arrays: Arrays) -> Batch:
 
 
 def blocks(source: ParquetSource, schema: FittedSchema, read_rows: int, rng: np.random.Generator | None = None,
-           labels: bool = True) -> Iterator[Arrays]:
-    for record_batch in source.batches(read_rows=read_rows, rng=rng):
+           labels: bool = True, shard: tuple[int, int] | None = None) -> Iterator[Arrays]:
+    """Preprocessed blocks of ``source``; ``shard=(rank, world)``: this rank's share only."""
+    for record_batch in source.batches(read_rows=read_rows, rng=rng, shard=shard):
         if record_batch.num_rows:
             yield schema.transform(record_batch, labels=labels)
 

@@ -3,6 +3,7 @@ checkpoints, ``--resume``, and the run directory."""
 from __future__ import annotations
 
 import math
+import os
 import platform
 import random
 import sys
@@ -21,8 +22,17 @@ from recmtl.balancelog import BalanceLog
 from recmtl.config import Config, dump_config
 from recmtl.contracts import Balancer
 from recmtl.data import ParquetSource
+from recmtl.device import Precision, batches_to, resolve_precision
+from recmtl.distributed import (
+    Context,
+    env_world,
+    format_bytes,
+    mark_sparse,
+    memory_estimate,
+    setup,
+)
 from recmtl.errors import ConfigError, DataError
-from recmtl.evaluate import predict, task_metrics
+from recmtl.evaluate import merge_predictions, predict, task_metrics
 from recmtl.io import atomic_path, write_json, write_text
 from recmtl.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.pipeline import blocks, minibatches
@@ -31,7 +41,8 @@ from recmtl.schema import FittedSchema, check_types, fit_schema
 
 
 def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
+        print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -128,10 +139,16 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
     """Train ``config`` into ``run_dir``; returns the content of ``metrics.json``."""
     run_dir = Path(run_dir)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if resume and not last_path.is_file():
+    rank, world, _ = env_world()
+    if config.train.batch_size % world:
+        raise ConfigError(f"train.batch_size {config.train.batch_size} is the global batch and must be divisible by "
+                          f"the number of processes ({world})")
+    if rank == 0 and resume and not last_path.is_file():
         raise ConfigError(f"nothing to resume: {run_dir} has no last.pt")
-    if not resume and (last_path.is_file() or best_path.is_file()):
+    if rank == 0 and not resume and (last_path.is_file() or best_path.is_file()):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    ctx = setup(config.train.device)  # under torchrun: joins the process group (recmtl/distributed.py)
+    main = ctx.is_main  # only rank 0 reads and writes the run directory
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
@@ -145,7 +162,9 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         if src is not None:
             check_types(config, src)
 
-    if resume:
+    if not main:
+        schema = None  # rank 0 fits (or loads) it and broadcasts it below
+    elif resume:
         schema = FittedSchema.load(run_dir)
     else:
         with tqdm(total=train_src.num_rows, desc="fit schema", unit="row", unit_scale=True,
@@ -155,23 +174,32 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         schema.save(run_dir)
         write_text(run_dir / "config.yaml", dump_config(config))
         write_json(run_dir / "run.json", {"versions": versions(), "argv": sys.argv,
-                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                          "world_size": ctx.world})
+    schema = ctx.broadcast_object(schema)
 
     model = MultiTaskModel(config, schema, registry)
     weights = {t.name: t.weight for t in config.tasks}
     balancer = registry.create("balancer", config.balancer.name, [t.name for t in config.tasks], weights,
                                **config.balancer.params)
+    model.to(ctx.device)
+    balancer.to(ctx.device)
+    ctx.broadcast_state([model, balancer])  # every rank starts from rank 0's parameters
+    mark_sparse(sparse_parameters(model))
+    precision = Precision(resolve_precision(config.train.precision, ctx.device), ctx.device)
     optimizers = make_optimizers(config, model, balancer)
+    _report_memory(config, schema, model, balancer, optimizers, ctx, precision)
     monitor = Monitor(config.train.early_stopping.monitor, model)
     shared = model.shared_parameters()
     run = TrainRun(config, schema, model, balancer, run_dir)
     hook = registry.pm.hook
-    balance_log = BalanceLog(run_dir / "balance.jsonl", config.train.log_every, model.task_names)
+    balance_log = BalanceLog(run_dir / "balance.jsonl", config.train.log_every if main else 0, model.task_names)
 
     start_epoch, best, best_epoch, bad_epochs = 0, None, -1, 0
     if resume:
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        state = ctx.broadcast_object(torch.load(last_path, map_location="cpu", weights_only=False) if main else None)
         model.load_state_dict(state["model"])
+        precision.load_state_dict(state.get("amp", {}))
         balancer.load_state_dict(state["balancer"])
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
@@ -187,7 +215,10 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         elif start_epoch >= config.train.epochs:
             say(f"the run already trained {start_epoch} epochs (train.epochs = {config.train.epochs}); nothing to train")
 
-    hook.recmtl_train_start(run=run)
+    if main:  # life-cycle hooks run on rank 0 only
+        hook.recmtl_train_start(run=run)
+    rank_batch = config.train.batch_size // ctx.world
+    sync_params = list(model.parameters()) + list(balancer.parameters())
     patience = config.train.early_stopping.patience
     tc = config.train
     for epoch in range(start_epoch, tc.epochs):
@@ -196,29 +227,35 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         loss_sum = {t: 0.0 for t in model.task_names}
         steps, rows, t0 = 0, 0, time.perf_counter()
         applied: dict[str, float] = {}
-        stream = minibatches(blocks(train_src, schema, config.data.read_rows, rng), tc.batch_size,
+        stream = minibatches(blocks(train_src, schema, config.data.read_rows, rng, shard=ctx.shard), rank_batch,
                              config.data.shuffle_buffer, rng)
         with tqdm(total=train_src.num_rows, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="row", unit_scale=True,
-                  disable=not tc.progress, file=sys.stderr, mininterval=1.0) as bar:
-            for batch in stream:
-                outputs = model(batch.inputs)
-                losses = model.losses(outputs, batch.labels, batch.mask)
+                  disable=not tc.progress or not main, file=sys.stderr, mininterval=1.0) as bar:
+            for batch in ctx.steps(batches_to(stream, ctx.device)):  # the same step count on every rank
+                with precision.autocast():
+                    outputs = model(batch.inputs)
+                    losses = model.losses(outputs, batch.labels, batch.mask)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 balance_log.before_backward(losses, shared)
                 model.backward_regularization()  # the tower's extra term (e.g. soft sharing's L2), if any
-                applied = balancer.backward(losses, shared)
+                applied = balancer.backward(precision.scale_losses(losses), shared)
                 balance_log.after_backward(epoch + 1, applied)
-                for opt in optimizers:
-                    opt.step()
+                ctx.average_gradients(sync_params)  # gradients averaged over ranks (no-op in one process)
+                precision.step(optimizers, unscaled=balancer.parameters())
                 for t, loss in losses.items():
                     loss_sum[t] += loss.item()
                 steps += 1
                 rows += batch.rows
-                bar.update(batch.rows)
+                bar.update(batch.rows * ctx.world)
                 if steps % 50 == 0:
                     bar.set_postfix({t: f"{loss_sum[t] / steps:.4f}" for t in model.task_names}, refresh=False)
         seconds = time.perf_counter() - t0
+        if ctx.world > 1:  # every rank's losses, steps and rows
+            *sums, steps, rows = ctx.all_sum([*loss_sum.values(), steps, rows])
+            steps, rows = int(steps), int(rows)
+            loss_sum = {t: v / ctx.world for t, v in zip(loss_sum, sums)}
+            steps //= ctx.world
         if steps == 0:
             raise DataError(f"training data {train_src.spec} produced no batches")
         train_loss = {t: v / steps for t, v in loss_sum.items()}
@@ -230,7 +267,7 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "weights": applied,
                                   "rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1)}
         if valid_src is not None:
-            val = task_metrics(model, predict(model, schema, valid_src, tc.eval_batch_size, config.data.read_rows))
+            val = _metrics(ctx, model, schema, valid_src, config, [balancer])
             record["validation"] = val
             score = monitor.value(val)
             diag = model.diagnostics()
@@ -257,26 +294,55 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
                  "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": run.history, "stopped_early": stop,
                  "global_step": balance_log.step,
                  "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
-        if improved:
+        state["amp"] = precision.state_dict()
+        if improved and main:
             _save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})
             hook.recmtl_checkpoint_saved(run=run, path=str(best_path), is_best=True)
-        _save_checkpoint(last_path, state)
-        hook.recmtl_checkpoint_saved(run=run, path=str(last_path), is_best=False)
-        write_json(run_dir / "metrics.json", _summary(run.history, best_epoch, monitor.spec, None))
-        hook.recmtl_epoch_end(run=run, epoch=epoch + 1, metrics=record)
+        if main:
+            _save_checkpoint(last_path, state)
+            hook.recmtl_checkpoint_saved(run=run, path=str(last_path), is_best=False)
+            write_json(run_dir / "metrics.json", _summary(run.history, best_epoch, monitor.spec, None))
+            hook.recmtl_epoch_end(run=run, epoch=epoch + 1, metrics=record)
         if stop:
             say(f"early stopping: {monitor.spec} did not improve for {patience} epochs; best epoch {best_epoch + 1}")
             break
 
     # final metrics from the best checkpoint
-    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+    best_state = torch.load(best_path, map_location="cpu", weights_only=False)["model"] if main else None
+    model.load_state_dict(ctx.broadcast_object(best_state))
     test_metrics = None
     if test_src is not None:
-        test_metrics = task_metrics(model, predict(model, schema, test_src, tc.eval_batch_size, config.data.read_rows))
+        test_metrics = _metrics(ctx, model, schema, test_src, config)
     summary = _summary(run.history, best_epoch, monitor.spec, test_metrics)
-    write_json(run_dir / "metrics.json", summary)
-    hook.recmtl_train_end(run=run, metrics=summary)
+    if main:
+        write_json(run_dir / "metrics.json", summary)
+        hook.recmtl_train_end(run=run, metrics=summary)
+    ctx.barrier()
+    ctx.close()
     return summary
+
+
+def _metrics(ctx: Context, model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, config: Config,
+             others: list[torch.nn.Module] = ()) -> dict[str, dict[str, float]]:
+    """Per-task metrics over all of ``source``: each rank predicts its share, rank 0 gathers the predictions
+    (AUC and GAUC do not average over shards) and computes the metrics, every rank receives them."""
+    ctx.broadcast_state([model, *others], buffers_only=True)  # e.g. batch-norm statistics: rank 0's
+    part = predict(model, schema, source, config.train.eval_batch_size, config.data.read_rows, shard=ctx.shard)
+    parts = ctx.gather_object(part)
+    metrics = task_metrics(model, merge_predictions(parts, source.spec)) if ctx.is_main else None
+    return ctx.broadcast_object(metrics)
+
+
+def _report_memory(config: Config, schema: FittedSchema, model: MultiTaskModel, balancer: Balancer,
+                   optimizers: list[torch.optim.Optimizer], ctx: Context, precision: Precision) -> None:
+    """Print what one rank needs before training starts (every rank holds the whole model)."""
+    row_bytes = 8 * len(schema.feature_columns) + 8 * len(config.tasks) + 8
+    buffered = max(config.data.shuffle_buffer, config.train.batch_size // ctx.world) + config.data.read_rows
+    est = memory_estimate(model, balancer, optimizers, sparse_parameters(model), buffered, row_bytes)
+    say(f"memory per rank (estimate, {ctx.world} process(es) on {ctx.device}, {precision.mode}): "
+        f"parameters {format_bytes(est['parameters'])} (embedding tables {format_bytes(est['embedding_tables'])}), "
+        f"gradients {format_bytes(est['gradients'])}, optimizer state {format_bytes(est['optimizer_state'])}, "
+        f"data buffers {format_bytes(est['data'])}; total {format_bytes(est['total'])} plus activations")
 
 
 def _summary(history: list[dict[str, Any]], best_epoch: int, monitor: str, test: dict | None) -> dict[str, Any]:

@@ -1,0 +1,112 @@
+"""Where training runs and in which precision: ``--device cpu|cuda|auto`` and ``train.precision``.
+
+Mixed precision is ``torch.autocast``: ``bf16`` needs no loss scaling; ``fp16`` uses ``torch.amp.GradScaler``.
+Balancers do their own backward pass (``Balancer.backward``), so the loss scale cannot simply multiply the
+combined loss: a balancer with learnt weights (uncertainty weighting) would see scaled loss values. Instead
+each task loss passes through an identity whose backward multiplies the gradient by the scale, so balancers
+see true loss values and every model gradient comes out multiplied by the scale; the balancer's own
+parameters (which sit after the losses) get their gradient multiplied here, and ``GradScaler`` then unscales,
+checks for inf/NaN, skips such steps and adapts the scale as usual. Balancers that compare per-task gradient
+norms see them multiplied by one common factor; prefer bf16 for them.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from recmtl.errors import ConfigError
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``cpu``, ``cuda`` (the GPU of this process's local rank) or ``auto`` (cuda when available)."""
+    if spec not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device '{spec}': use cpu, cuda or auto")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(f"--device cuda: CUDA is not available here (torch {torch.__version__} is {build}, "
+                          "or no GPU is visible); use --device cpu or --device auto")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"local rank {local_rank} needs GPU {local_rank} but only {count} GPU(s) are visible; "
+                          "start at most that many processes per node")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """``auto``: fp32 on CPU, bf16 on GPUs that support it, else fp16."""
+    if spec not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision '{spec}': use auto, fp32, bf16 or fp16")
+    if spec != "auto":
+        return spec
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None
+
+
+class Precision:
+    """Autocast for the forward pass and, for fp16, loss scaling around the balancer's backward."""
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        self.mode, self.device = mode, device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def scale_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses in fp32; with fp16, wrapped so their gradients are multiplied by the loss scale."""
+        losses = {t: v.float() for t, v in losses.items()}
+        if self.scaler is None:
+            return losses
+        scale = self.scaler.scale(torch.ones((), device=self.device))  # also creates the scale lazily
+        return {t: _ScaleGrad.apply(v, scale.detach()) for t, v in losses.items()}
+
+    def step(self, optimizers: Iterable[torch.optim.Optimizer], unscaled: Iterable[nn.Parameter] = ()) -> None:
+        """``unscaled``: parameters whose gradient did not pass through a loss (the balancer's own)."""
+        if self.scaler is None:
+            for opt in optimizers:
+                opt.step()
+            return
+        scale = self.scaler.get_scale()
+        for p in unscaled:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        for opt in optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+def batches_to(stream: Iterable, device: torch.device) -> Iterator:
+    """Move each batch of ``stream`` to ``device`` (a no-op on CPU)."""
+    for batch in stream:
+        yield batch.to(device) if device.type != "cpu" else batch

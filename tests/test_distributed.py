@@ -1,0 +1,237 @@
+"""Data-parallel training under torchrun (gloo on CPU, loopback), the data sharding, --device and the
+per-rank memory estimate."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import RECMTL, write_config
+from torch import nn
+
+from recmtl.data import ParquetSource, shard_units
+from recmtl.distributed import memory_estimate
+
+TORCHRUN_TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={nproc}",
+            "--master-addr", "127.0.0.1", f"--master-port={free_port()}", RECMTL, *map(str, args)]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:
+    r = subprocess.run(torchrun_cmd(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=env(),
+                       check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def config(tmp_path: Path, data_dir: Path, **train) -> Path:
+    cfg = write_config(tmp_path / "c.yaml", data_dir)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"].update({"threads": 1, **train})
+    cfg.write_text(yaml.safe_dump(raw))
+    return cfg
+
+
+# ---- sharding (no processes) ----------------------------------------------------------------------
+def test_shard_units_balances_rows_and_deals_equal_groups_round_robin():
+    assert shard_units([5, 3, 0, 1, 4, 2], [10] * 6, 2) == [[5, 0, 4], [3, 1, 2]]
+    shares = shard_units(list(range(5)), [100, 10, 10, 10, 100], 2)
+    assert shares == [[0], [1, 2, 3, 4]]  # 100 vs 130 rows; round-robin ([0, 2, 4] / [1, 3]) would be 210 vs 20
+
+
+@pytest.mark.parametrize("row_group_size", [1000, 100_000])  # row groups dealt out / rows of one group shared
+def test_rank_shards_partition_the_rows(funnel_dir, tmp_path, row_group_size):
+    table = pq.read_table(funnel_dir / "train.parquet", columns=["user_id"])
+    table = table.append_column("row", pa.array(np.arange(table.num_rows)))
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=row_group_size)
+    src = ParquetSource(str(tmp_path / "t.parquet"))
+    seen = [np.concatenate([b.column("row").to_numpy() for b in
+                            src.batches(read_rows=512, rng=np.random.default_rng([1, 0]), shard=(r, 2))])
+            for r in range(2)]
+    assert sorted(np.concatenate(seen).tolist()) == list(range(table.num_rows))
+    # whole row groups: the ranks differ by at most one group; one group: by at most one row per read
+    assert abs(len(seen[0]) - len(seen[1])) <= (row_group_size if row_group_size < table.num_rows else 1)
+
+
+# ---- memory estimate and devices -------------------------------------------------------------------
+def test_memory_estimate_counts_parameters_gradients_and_optimizer_state():
+    model = nn.Sequential(nn.Embedding(100, 8, sparse=True), nn.Linear(8, 4))
+    balancer = nn.Module()
+    table, dense = [model[0].weight], list(model[1].parameters())
+    opts = [torch.optim.Adam(dense), torch.optim.SparseAdam(table)]
+    est = memory_estimate(model, balancer, opts, table, rows_in_memory=1000, bytes_per_row=24)
+    assert est == {"parameters": (800 + 36) * 4, "embedding_tables": 800 * 4, "gradients": 36 * 4,
+                   "optimizer_state": 2 * 36 * 4 + 2 * 800 * 4, "data": 24_000,
+                   "total": 836 * 4 + 36 * 4 + 2 * 836 * 4 + 24_000}
+
+
+def test_train_prints_memory_and_auto_picks_cpu(cli, funnel_dir, tmp_path):
+    cfg = config(tmp_path, funnel_dir, epochs=1)
+    r = cli("train", cfg, "--out", tmp_path / "run", "--device", "auto")
+    assert r.code == 0, r
+    assert "memory per rank (estimate, 1 process(es) on cpu, fp32): parameters" in r.err
+    if not torch.cuda.is_available():
+        r = cli("train", cfg, "--out", tmp_path / "run2", "--device", "cuda")
+        assert r.code == 2 and "CUDA is not available" in r.err and "--device cpu" in r.err, r
+        assert not (tmp_path / "run2").exists()
+
+
+def test_global_batch_must_divide_by_world_size(cli, funnel_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    r = cli("train", config(tmp_path, funnel_dir), "--out", tmp_path / "run")
+    assert r.code == 2 and "train.batch_size 512 is the global batch" in r.err, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_matches_fp32_quality(cli, funnel_dir, tmp_path, precision):
+    """The autocast and loss-scaling path used on GPUs, run on CPU."""
+    cfg = config(tmp_path, funnel_dir, epochs=2)
+    out = {}
+    for p in ("fp32", precision):
+        assert cli("train", cfg, "--out", tmp_path / p, "--set", f"train.precision={p}").code == 0
+        out[p] = json.loads((tmp_path / p / "metrics.json").read_text())["validation"]
+    for task in ("click", "conversion"):
+        assert abs(out[precision][task]["auc"] - out["fp32"][task]["auc"]) < 0.005
+
+
+# ---- torchrun ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_match_one_process_quality(cli, funnel_dir, tmp_path):
+    """Same global batch (512 = 2 x 256): validation AUC within 0.005 of a single process."""
+    cfg = config(tmp_path, funnel_dir, epochs=3)
+    assert cli("train", cfg, "--out", tmp_path / "one").code == 0
+    r = torchrun("train", cfg, "--out", tmp_path / "two")
+    assert r.stdout.count("run saved in") == 1  # only rank 0 prints
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for task in ("click", "conversion"):
+        assert abs(one["validation"][task]["auc"] - two["validation"][task]["auc"]) < 0.005, (one, two)
+        assert two["validation"][task]["rows"] == one["validation"][task]["rows"]  # all ranks' shares gathered
+    assert [h["rows"] for h in two["history"]] == [h["rows"] for h in one["history"]] == [16000] * 3
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+
+
+SURGERY = '''
+"""Test balancer: per-task gradients with torch.autograd.grad (bypassing any DDP hook), the conflicting
+part projected out (PCGrad-style), plus a learnt parameter; dumps what each rank holds after each epoch."""
+import os
+import torch
+from torch import nn
+from recmtl import Balancer, hookimpl
+from recmtl.gradients import backward_with_shared_gradient, task_gradients
+
+
+class Surgery(Balancer):
+    def __init__(self, task_names, weights, out=""):
+        super().__init__(task_names, weights)
+        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.out = out
+        self.shared = []
+
+    def backward(self, losses, shared):
+        self.shared = shared
+        ls = [losses[t] for t in self.task_names]
+        g = task_gradients(ls, shared)
+        a, b = g[0], g[1]
+        dot = a @ b
+        if dot < 0:
+            a = a - dot / b.norm().clamp_min(1e-12) ** 2 * b
+        backward_with_shared_gradient(ls, [1.0, 1.0], shared, a + b)
+        (self.log_scale.exp() * sum(x.detach() for x in ls) - self.log_scale).backward()
+        return {t: 1.0 for t in self.task_names}
+
+    def on_epoch_end(self, epoch, train_losses):
+        torch.save({"shared": [p.detach().clone() for p in self.shared], "log_scale": self.log_scale.detach().clone(),
+                    "train_losses": train_losses}, os.path.join(self.out, f"rank{os.environ.get('RANK', '0')}_{epoch}.pt"))
+
+
+@hookimpl
+def recmtl_register_balancers():
+    return {"surgery": Surgery}
+'''
+
+
+@pytest.mark.slow
+def test_ranks_hold_identical_parameters_with_gradient_surgery_and_unequal_shards(funnel_dir, tmp_path):
+    """Row groups of unequal size: the ranks get different row counts, must still run the same number of
+    steps (no hang), and end every epoch with bit-identical parameters under a gradient-surgery balancer."""
+    table = pq.read_table(funnel_dir / "train.parquet")
+    pq.write_table(table, tmp_path / "train.parquet", row_group_size=1700)  # 9 x 1700 + 700 rows
+    (tmp_path / "surgery.py").write_text(SURGERY)
+    (tmp_path / "dumps").mkdir()
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, plugins=[str(tmp_path / "surgery.py")],
+                       balancer={"name": "surgery", "out": str(tmp_path / "dumps")})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["train"] = str(tmp_path / "train.parquet")
+    raw["train"].update({"threads": 1, "epochs": 2, "batch_size": 512})
+    cfg.write_text(yaml.safe_dump(raw))
+    torchrun("train", cfg, "--out", tmp_path / "run", timeout=90)
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    src = ParquetSource(str(tmp_path / "train.parquet"))
+    for epoch in range(2):
+        a, b = (torch.load(tmp_path / "dumps" / f"rank{r}_{epoch}.pt") for r in range(2))
+        assert len(a["shared"]) > 0
+        assert all(torch.equal(x, y) for x, y in zip(a["shared"], b["shared"]))
+        assert torch.equal(a["log_scale"], b["log_scale"]) and a["train_losses"] == b["train_losses"]
+        # the rows trained: every rank stops when the first one runs out of batches
+        order = list(np.random.default_rng([1, epoch]).permutation(len(src.units)))
+        held = [sum(src.unit_rows[u] for u in share) for share in shard_units(order, [src.unit_rows[u] for u in order], 2)]
+        assert held[0] != held[1]
+        steps = [-(-n // 256) for n in held]
+        expected = sum(n if s == min(steps) else min(steps) * 256 for n, s in zip(held, steps))
+        assert history[epoch]["rows"] == expected < 16000
+    final = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert torch.equal(final["balancer"]["log_scale"], a["log_scale"])
+
+
+@pytest.mark.slow
+def test_distributed_run_killed_after_first_checkpoint_resumes(funnel_dir, tmp_path):
+    cfg = config(tmp_path, funnel_dir, epochs=50, early_stopping={"patience": 0})
+    run = tmp_path / "run"
+    proc = subprocess.Popen(torchrun_cmd("train", cfg, "--out", run), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env())
+    deadline = time.time() + TORCHRUN_TIMEOUT
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (run / "last.pt").exists(), proc.communicate()[1].decode()[-3000:]
+    # torchrun starts each rank in its own session: kill the agent and every rank, as a crash would
+    victims = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    assert len(victims) >= 3
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in victims)
+    done = len(json.loads((run / "metrics.json").read_text())["history"])
+    assert 1 <= done < 50
+    r = torchrun("train", cfg, "--out", run, "--resume", "--set", f"train.epochs={done + 1}")
+    assert f"resuming {run} after epoch {done}" in r.stderr
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(1, done + 2))
+    assert history[-1]["rows"] == 16000
