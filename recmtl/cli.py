@@ -149,7 +149,7 @@ def evaluate(
     from recmtl.schema import check_types
 
     run = load_run(run_dir, State.plugins, State.disabled)
-    cols = [t.label for t in run.config.tasks] + run.schema.feature_columns
+    cols = [c for t in run.config.tasks for c in t.label_columns] + run.schema.feature_columns
     if run.schema.group_column:
         cols.append(run.schema.group_column)
     source = ParquetSource(data, cols)
@@ -162,15 +162,24 @@ def evaluate(
         if ref.num_rows != len(pred.mask):
             raise ConfigError(f"--reference {reference} has {ref.num_rows} rows, {data} has {len(pred.mask)}")
         ref_metrics = {}
-        for i, t in enumerate(run.model.task_names):
+        for t in run.model.task_names:
             if t in ref.column_names:
-                m = pred.mask[:, i]
-                ref_metrics[t] = {"auc": auc(pred.labels[m, i], ref.column(t).to_numpy()[m])}
+                label, m = pred.task_label(t)
+                ref_metrics[t] = {"auc": auc(label[m], ref.column(t).to_numpy()[m])}
     if save_predictions is not None:
         table = {}
-        for i, t in enumerate(run.model.task_names):
-            table[t] = pa.array(pred.scores[t])
-            table[f"{t}__label"] = pa.array(pred.labels[:, i], mask=~pred.mask[:, i])
+        for t in run.model.task_names:
+            label, m = pred.task_label(t)
+            if pred.scores[t].ndim == 2:  # K class/attribute probabilities: fixed_size_list<float>[K]
+                k = pred.scores[t].shape[1]
+                table[t] = pa.FixedSizeListArray.from_arrays(pa.array(pred.scores[t].reshape(-1)), k)
+            else:
+                table[t] = pa.array(pred.scores[t])
+            if label.ndim == 2:  # multilabel: a list of K labels, null where an attribute is unlabelled
+                table[f"{t}__label"] = pa.FixedSizeListArray.from_arrays(
+                    pa.array(label.reshape(-1), mask=np.isnan(label.reshape(-1))), label.shape[1], mask=pa.array(~m))
+            else:
+                table[f"{t}__label"] = pa.array(label, mask=~m)
         with atomic_path(save_predictions) as tmp:
             pq.write_table(pa.table(table), tmp)
     if as_json:
@@ -311,6 +320,34 @@ def datagen_mmoe(
     from recmtl.datagen import mmoe_synthetic
     paths = mmoe_synthetic(out, rows, correlation, seed, dim, valid_fraction=valid_fraction, test_fraction=test_fraction)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@datagen_app.command("digits-attributes")
+def datagen_digits(
+    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet and config.yaml.")],
+    seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 0,
+    valid_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> None:
+    """scikit-learn's bundled handwritten digits (8x8 PNG) with the digit and attributes (even, > 4, closed loop, ...)."""
+    from recmtl.datagen import digits_attributes
+    paths = digits_attributes(out, seed, valid_fraction, test_fraction)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths) + f" and {out / 'config.yaml'}")
+
+
+@datagen_app.command("shapes")
+def datagen_shapes(
+    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet (+ .truth.parquet) and config.yaml.")],
+    rows: Annotated[int, typer.Option(help="Total images over all splits.")] = 10_000,
+    size: Annotated[int, typer.Option(help="Image width and height in pixels.")] = 32,
+    seed: int = 0,
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> None:
+    """Drawn shapes (RGB PNG) with a known class (shape) and attributes (colour, fill, size)."""
+    from recmtl.datagen import shapes
+    paths = shapes(out, rows, seed, size, valid_fraction, test_fraction)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths) + f" (+ .truth.parquet with the geometry) and {out / 'config.yaml'}")
 
 
 @app.command()

@@ -18,30 +18,39 @@ class _Strict(BaseModel):
 class FeatureConfig(_Strict):
     """One input column. Categorical: ints or strings mapped to ids through a fitted vocabulary (values
     seen fewer than ``min_count`` times, unseen values and nulls share id 0) or hashed into
-    ``hash_buckets``. Dense: numbers; nulls/NaN filled with ``fill`` then standardised."""
+    ``hash_buckets``. Dense: numbers; nulls/NaN filled with ``fill`` then standardised. Image: encoded
+    PNG/JPEG bytes or fixed-shape number lists of ``channels x height x width`` (see recmtl/images.py)."""
 
     name: str
-    kind: Literal["categorical", "dense"]
+    kind: Literal["categorical", "dense", "image"]
     min_count: int = Field(1, ge=1)
     max_size: int | None = Field(None, ge=1)
     hash_buckets: int | None = Field(None, ge=1)
     embedding_dim: int | None = Field(None, ge=1)
     fill: Literal["mean", "zero"] | float = "mean"
     standardize: bool = True
+    height: int | None = Field(None, ge=1)
+    width: int | None = Field(None, ge=1)
+    channels: Literal[1, 3, 4] | None = None  # image: 1 (grey, the default), 3 (RGB) or 4 (RGBA)
 
     @model_validator(mode="after")
     def _kind_options(self) -> FeatureConfig:
-        if self.kind == "dense" and (self.hash_buckets or self.max_size or self.embedding_dim or self.min_count != 1):
+        if self.kind != "categorical" and (self.hash_buckets or self.max_size or self.embedding_dim or self.min_count != 1):
             raise ValueError(f"feature '{self.name}': hash_buckets/max_size/min_count/embedding_dim apply to categorical features only")
+        if self.kind == "image" and (self.height is None or self.width is None):
+            raise ValueError(f"feature '{self.name}': an image feature needs height and width (and channels: 1, 3 or 4)")
+        if self.kind != "image" and (self.height is not None or self.width is not None or self.channels is not None):
+            raise ValueError(f"feature '{self.name}': height/width/channels apply to image features only")
         return self
 
 
 class TaskConfig(_Strict):
     """One task: its label column, its head and its weight. With ``positive``, the label is 1 where the
-    column's value is one of those values and 0 elsewhere (nulls stay unlabelled)."""
+    column's value is one of those values and 0 elsewhere (nulls stay unlabelled). A multilabel head takes
+    a list of 0/1 columns (one per attribute) or one fixed-length list column."""
 
     name: str
-    label: str | None = None
+    label: str | list[str] | None = None
     head: str = "binary"
     weight: float = Field(1.0, ge=0)
     positive: list[str | int | float] | None = None
@@ -51,7 +60,17 @@ class TaskConfig(_Strict):
     def _default_label(self) -> TaskConfig:
         if self.label is None:
             self.label = self.name
+        if isinstance(self.label, list):
+            if not self.label:
+                raise ValueError(f"task '{self.name}': label is an empty list")
+            _no_duplicates(self.label, f"label column of task '{self.name}'")
+            if self.positive is not None:
+                raise ValueError(f"task '{self.name}': positive applies to a single label column")
         return self
+
+    @property
+    def label_columns(self) -> list[str]:
+        return list(self.label) if isinstance(self.label, list) else [self.label]
 
 
 class ComponentConfig(BaseModel):
@@ -136,11 +155,12 @@ class Config(_Strict):
         _no_duplicates([t.name for t in self.tasks], "task")
         feature_names = {f.name for f in self.features}
         for task in self.tasks:
-            if task.label in feature_names:
-                raise ValueError(
-                    f"column '{task.label}' is the label of task '{task.name}' and also a feature: "
-                    "a model would read its own answer; remove it from features"
-                )
+            for label in task.label_columns:
+                if label in feature_names:
+                    raise ValueError(
+                        f"column '{label}' is the label of task '{task.name}' and also a feature: "
+                        "a model would read its own answer; remove it from features"
+                    )
         return self
 
     # where relative data paths are resolved
@@ -158,7 +178,7 @@ class Config(_Strict):
 
     def columns(self) -> list[str]:
         """Every column a training run reads."""
-        cols = [f.name for f in self.features] + [t.label for t in self.tasks]
+        cols = [f.name for f in self.features] + [c for t in self.tasks for c in t.label_columns]
         if self.evaluation.group_column:
             cols.append(self.evaluation.group_column)
         return list(dict.fromkeys(cols))

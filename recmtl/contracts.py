@@ -24,16 +24,21 @@ class TaskInfo:
     """What a head knows about its task."""
 
     name: str
-    label: str
+    label: str | tuple[str, ...]
     head: str
     weight: float = 1.0
+    #: fitted label values: the classes of a ``label_type = "class"`` head in id order (ints 0..K-1, or the
+    #: label strings), the attribute names of a ``"multi"`` head; empty for scalar labels
+    classes: tuple[Any, ...] = ()
 
 
 class Encoder(nn.Module):
     """Turns the preprocessed tensor of all features of one ``kind`` into ``[batch, output_dim]``.
 
     Categorical input is a LongTensor ``[batch, n_features]`` of ids in ``[0, cardinality)`` (0 is the
-    OOV/null bucket); dense input is a FloatTensor ``[batch, n_features]``, standardised, nulls filled.
+    OOV/null bucket); dense input is a FloatTensor ``[batch, n_features]``, standardised, nulls filled;
+    image input is a FloatTensor ``[batch, n_features, channels, height, width]`` scaled to [0, 1]
+    (``FeatureInfo.options`` holds ``channels``, ``height``, ``width``).
     Embedding tables built with ``sparse=True`` are updated with a sparse optimiser, so a step costs
     time proportional to the ids in the batch, not the vocabulary.
     """
@@ -108,9 +113,15 @@ class Head(nn.Module):
 
     Built as ``cls(input_dim, task, **params)``. A head may depend on other tasks' scores
     (``depends_on``): they arrive in ``upstream`` (ESMM's CTCVR = CTR x CVR).
+
+    ``label_type`` says what the label tensor is: ``"value"`` (default) a float ``[batch]`` and a score
+    ``[batch]``; ``"class"`` class ids ``0..K-1`` as floats ``[batch]`` (string labels go through a fitted
+    vocabulary, ``task.classes``) and a score ``[batch, K]``; ``"multi"`` K 0/1 attributes ``[batch, K]`` with
+    a mask ``[batch, K]`` (attributes may be missing one by one) and a score ``[batch, K]``.
     """
 
     depends_on: tuple[str, ...] = ()
+    label_type: ClassVar[str] = "value"
     #: metrics where larger is better (used by early stopping)
     higher_is_better: ClassVar[frozenset[str]] = frozenset({"auc", "gauc", "accuracy", "f1"})
 
@@ -136,7 +147,8 @@ class Head(nn.Module):
         return None
 
     def metrics(self, label: np.ndarray, score: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
-        """Metrics over labelled rows only (``label`` has no nulls here)."""
+        """Metrics over labelled rows only (``label`` has no nulls here; for ``"multi"`` heads the rows with
+        at least one labelled attribute, NaN marking the missing ones)."""
         return {}
 
 

@@ -152,3 +152,180 @@ def mmoe_synthetic(out: str | Path, rows: int, correlation: float, seed: int = 0
         return pa.table({**cols, "y1": y1.astype(np.float32), "y2": y2.astype(np.float32)}), None
 
     return _write_splits(Path(out), sizes, make_chunk)
+
+
+# ---- images: digits with attributes, drawn shapes -------------------------------------------------
+DIGIT_ATTRIBUTES = {  # attribute -> the digits that have it
+    "even": (0, 2, 4, 6, 8),
+    "greater_than_4": (5, 6, 7, 8, 9),
+    "closed_loop": (0, 4, 6, 8, 9),  # a closed loop as usually handwritten (4 written closed)
+    "prime": (2, 3, 5, 7),
+    "straight_strokes": (1, 4, 7),  # drawn with straight lines only
+}
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_table(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+
+
+def digits_attributes(out: str | Path, seed: int = 0, valid_fraction: float = 0.15,
+                      test_fraction: float = 0.15) -> list[Path]:
+    """scikit-learn's bundled handwritten digits (1,797 real 8x8 images, UCI optdigits test set; no
+    download) as Parquet: ``image`` (8x8 grey PNG, the 0..16 intensities scaled to 0..255), ``digit``
+    (0..9, a multiclass task) and one 0/1 column per attribute of ``DIGIT_ATTRIBUTES`` (a multilabel task
+    or binary tasks), plus ``image_id`` (the index in ``load_digits``). The split is stratified by digit
+    and fixed by ``seed``. Also writes ``config.yaml``: a shared CNN with a multiclass and a multilabel head."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not (0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1):
+        raise ConfigError("--valid-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    target = digits.target.astype(np.int64)
+    index = np.arange(len(target))
+    rest, test = train_test_split(index, test_size=test_fraction, stratify=target, random_state=seed)
+    train, valid = train_test_split(rest, test_size=valid_fraction / (1 - test_fraction), stratify=target[rest],
+                                    random_state=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split, rows in (("train", np.sort(train)), ("valid", np.sort(valid)), ("test", np.sort(test))):
+        cols: dict[str, pa.Array] = {
+            "image_id": pa.array(rows),
+            "image": pa.array([_png(pixels[i]) for i in rows], type=pa.binary()),
+            "digit": pa.array(target[rows]),
+        }
+        for name, members in DIGIT_ATTRIBUTES.items():
+            cols[name] = pa.array(np.isin(target[rows], members).astype(np.int8))
+        _write_table(out / f"{split}.parquet", pa.table(cols))
+        written.append(out / f"{split}.parquet")
+    config = {
+        "seed": seed,
+        "data": {"train": "train.parquet", "validation": "valid.parquet", "test": "test.parquet",
+                 "shuffle_buffer": 4096, "read_rows": 4096},
+        "features": [{"name": "image", "kind": "image", "height": 8, "width": 8, "channels": 1}],
+        "tasks": [{"name": "digit", "label": "digit", "head": "multiclass"},
+                  {"name": "attributes", "label": list(DIGIT_ATTRIBUTES), "head": "multilabel"}],
+        "encoders": {"image": {"name": "cnn", "channels": [32, 64], "output_dim": 128}},
+        "tower": {"name": "shared_bottom", "bottom_units": [128], "task_units": [64]},
+        "optimizer": {"lr": 0.002},
+        "train": {"batch_size": 64, "epochs": 40, "eval_batch_size": 1024,
+                  "early_stopping": {"monitor": "digit/accuracy", "patience": 8}},
+    }
+    _write_config(out / "config.yaml", config)
+    return written
+
+
+def _write_config(path: Path, config: dict) -> None:
+    import yaml
+
+    from recmtl.io import write_text
+    write_text(path, "# written by `recmtl datagen`; train with: recmtl train " + path.name + " --out run\n"
+               + yaml.safe_dump(config, sort_keys=False))
+
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40)}
+FILLS = ("solid", "striped", "outline")
+BACKGROUND_MAX = 40  # background pixels are grey noise in 0..BACKGROUND_MAX on every channel
+
+
+def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    """The vertices of a shape of circumradius ``r`` centred at (cx, cy); None for a circle."""
+    if shape == "square":
+        h = r / math.sqrt(2)
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":  # pointing up
+        return [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    return None
+
+
+def draw_shape(size: int, shape: str, colour: str, fill: str, cx: float, cy: float, r: float,
+               noise: np.ndarray) -> np.ndarray:
+    """One ``size x size`` RGB image (uint8 [H, W, 3]): a shape over grey background ``noise``."""
+    from PIL import Image, ImageDraw
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    poly = shape_polygon(shape, cx, cy, r)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    line = max(1, size // 16)
+    if fill == "outline":
+        (draw.ellipse(box, outline=255, width=line) if poly is None else draw.polygon(poly, outline=255, width=line))
+    else:
+        (draw.ellipse(box, fill=255) if poly is None else draw.polygon(poly, fill=255))
+    on = np.asarray(mask) > 0
+    if fill == "striped":  # horizontal stripes two pixels thick, inside an outline
+        stripes = (np.arange(size) // 2 % 2 == 0)[:, None]
+        edge = Image.new("L", (size, size), 0)
+        d2 = ImageDraw.Draw(edge)
+        (d2.ellipse(box, outline=255, width=line) if poly is None else d2.polygon(poly, outline=255, width=line))
+        on = (on & stripes) | (np.asarray(edge) > 0)
+    img = np.repeat(noise[:, :, None], 3, axis=2).astype(np.uint8)
+    img[on] = COLOURS[colour]
+    return img
+
+
+def shapes(out: str | Path, rows: int, seed: int = 0, size: int = 32, valid_fraction: float = 0.1,
+           test_fraction: float = 0.1) -> list[Path]:
+    """Drawn shapes with a known class and attributes (the seed's example: a class label + colour +
+    texture): ``image`` (size x size RGB PNG), ``shape`` (circle/square/triangle/diamond), ``colour``
+    (red/green/blue/yellow), ``fill`` (solid/striped/outline), ``size`` (small/large) and ``large`` (0/1).
+    ``<split>.truth.parquet`` holds the geometry (centre ``cx``, ``cy`` and circumradius ``radius`` in
+    pixels). Also writes ``config.yaml``: one shared CNN, a multiclass head per attribute, a binary head for size."""
+    if size < 16:
+        raise ConfigError(f"--size must be at least 16 pixels, got {size}")
+    sizes = split_sizes(rows, valid_fraction, test_fraction)
+    colour_names = list(COLOURS)
+
+    def make_chunk(start: int, n: int) -> tuple[pa.Table, pa.Table]:
+        r = np.random.default_rng([seed, 5, start])
+        shape_i, colour_i, fill_i = r.integers(0, len(SHAPES), n), r.integers(0, len(COLOURS), n), r.integers(0, len(FILLS), n)
+        large = r.random(n) < 0.5
+        radius = np.where(large, r.uniform(0.34, 0.42, n), r.uniform(0.18, 0.24, n)) * size
+        margin = radius + 0.5  # the whole shape inside the image
+        cx = r.uniform(margin, size - margin)
+        cy = r.uniform(margin, size - margin)
+        images = []
+        for i in range(n):
+            noise = r.integers(0, BACKGROUND_MAX + 1, (size, size))
+            images.append(_png(draw_shape(size, SHAPES[shape_i[i]], colour_names[colour_i[i]], FILLS[fill_i[i]],
+                                          cx[i], cy[i], radius[i], noise)))
+        data = pa.table({
+            "image": pa.array(images, type=pa.binary()),
+            "shape": pa.array([SHAPES[i] for i in shape_i]),
+            "colour": pa.array([colour_names[i] for i in colour_i]),
+            "fill": pa.array([FILLS[i] for i in fill_i]),
+            "size": pa.array(np.where(large, "large", "small")),
+            "large": pa.array(large.astype(np.int8)),
+        })
+        truth = pa.table({"cx": cx.astype(np.float32), "cy": cy.astype(np.float32), "radius": radius.astype(np.float32)})
+        return data, truth
+
+    paths = _write_splits(Path(out), sizes, make_chunk)
+    config = {
+        "seed": seed,
+        "data": {"train": "train.parquet", **({"validation": "valid.parquet"} if "valid" in sizes else {}),
+                 **({"test": "test.parquet"} if "test" in sizes else {}), "shuffle_buffer": 8192, "read_rows": 4096},
+        "features": [{"name": "image", "kind": "image", "height": size, "width": size, "channels": 3}],
+        "tasks": [{"name": "shape", "head": "multiclass"}, {"name": "colour", "head": "multiclass"},
+                  {"name": "fill", "head": "multiclass"}, {"name": "large", "head": "binary"}],
+        "encoders": {"image": {"name": "cnn", "channels": [16, 32, 32], "output_dim": 64}},
+        "tower": {"name": "shared_bottom", "bottom_units": [64], "task_units": [32]},
+        "optimizer": {"lr": 0.003},
+        "train": {"batch_size": 128, "epochs": 10, "early_stopping": {"monitor": "shape/accuracy", "patience": 3}},
+    }
+    _write_config(Path(out) / "config.yaml", config)
+    return paths

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,31 @@ from recmtl.schema import FittedSchema
 
 @dataclass
 class Predictions:
-    scores: dict[str, np.ndarray]  # task -> [n]
-    labels: np.ndarray  # [n, T]
-    mask: np.ndarray  # [n, T] bool
+    scores: dict[str, np.ndarray]  # task -> [n], or [n, K] for class/multilabel heads
+    labels: np.ndarray  # [n, L]: one column per scalar task, K per multilabel task
+    mask: np.ndarray  # [n, L] bool
     group: np.ndarray | None
     losses: dict[str, float]
+    slices: dict[str, tuple[int, int, bool]] = field(default_factory=dict)  # MultiTaskModel.label_slices
+
+    def _slice(self, task: str) -> tuple[int, int, bool]:
+        return self.slices.get(task) or (list(self.scores).index(task), 1, True)
+
+    def task_label(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """The task's labels (``[n]``, or ``[n, K]`` with NaN for missing attributes) and its labelled rows
+        (for a multilabel task: rows with at least one labelled attribute)."""
+        start, width, scalar = self._slice(task)
+        if scalar:
+            return self.labels[:, start], self.mask[:, start]
+        label = self.labels[:, start:start + width].copy()
+        mask = self.mask[:, start:start + width]
+        label[~mask] = np.nan
+        return label, mask.any(1)
+
+    def labelled(self, task: str) -> int:
+        """Labelled entries of the task (rows; attribute values for a multilabel task): its loss weight."""
+        start, width, _ = self._slice(task)
+        return int(self.mask[:, start:start + width].sum())
 
 
 @torch.no_grad()
@@ -41,11 +61,12 @@ def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, 
     for batch in minibatches(blocks(source, schema, read_rows, shard=shard), batch_size):
         batch = batch.to(device) if device.type != "cpu" else batch
         outputs, preds = model.run(batch.inputs)
-        for i, t in enumerate(model.task_names):
+        for t in model.task_names:
             scores[t].append(preds[t].float().cpu().numpy())
-            n_lab = float(batch.mask[:, i].sum())
+            label, mask = model.task_label(batch.labels, batch.mask, t)
+            n_lab = float(mask.sum())
             if n_lab:
-                loss_sum[t] += float(model.heads[t].loss(outputs[t], batch.labels[:, i], batch.mask[:, i])) * n_lab
+                loss_sum[t] += float(model.heads[t].loss(outputs[t], label, mask)) * n_lab
         labels.append(batch.labels.cpu().numpy())
         masks.append(batch.mask.cpu().numpy().astype(bool))
         if batch.group is not None:
@@ -53,18 +74,17 @@ def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, 
     model.train(was_training)
     if not labels:
         if shard is not None:  # a rank may get no validation rows; merge_predictions skips it
+            width = sum(w for _, w, _ in model.label_slices.values())
             return Predictions({t: np.zeros(0, np.float32) for t in model.task_names},
-                               np.zeros((0, len(model.task_names)), np.float32),
-                               np.zeros((0, len(model.task_names)), bool), None, {t: math.nan for t in model.task_names})
+                               np.zeros((0, width), np.float32), np.zeros((0, width), bool), None,
+                               {t: math.nan for t in model.task_names}, dict(model.label_slices))
         raise DataError(f"{source.spec} has no rows")
-    mask = np.concatenate(masks)
-    counts = mask.sum(0)
-    return Predictions(
-        {t: np.concatenate(v) for t, v in scores.items()},
-        np.concatenate(labels), mask,
-        np.concatenate(groups) if groups else None,
-        {t: (loss_sum[t] / counts[i] if counts[i] else math.nan) for i, t in enumerate(model.task_names)},
-    )
+    pred = Predictions({t: np.concatenate(v) for t, v in scores.items()}, np.concatenate(labels),
+                       np.concatenate(masks), np.concatenate(groups) if groups else None, {}, dict(model.label_slices))
+    for t in model.task_names:
+        count = pred.labelled(t)
+        pred.losses[t] = loss_sum[t] / count if count else math.nan
+    return pred
 
 
 def merge_predictions(parts: list[Predictions], spec: str = "") -> Predictions:
@@ -78,23 +98,23 @@ def merge_predictions(parts: list[Predictions], spec: str = "") -> Predictions:
     mask = np.concatenate([p.mask for p in parts])
     tasks = list(parts[0].scores)
     losses = {}
-    for i, t in enumerate(tasks):
-        counts = [int(p.mask[:, i].sum()) for p in parts]
+    for t in tasks:
+        counts = [p.labelled(t) for p in parts]
         total = sum(counts)
         losses[t] = sum(p.losses[t] * c for p, c in zip(parts, counts) if c) / total if total else math.nan
     groups = [p.group for p in parts]
     return Predictions({t: np.concatenate([p.scores[t] for p in parts]) for t in tasks},
                        np.concatenate([p.labels for p in parts]), mask,
-                       np.concatenate(groups) if all(g is not None for g in groups) else None, losses)
+                       np.concatenate(groups) if all(g is not None for g in groups) else None, losses, parts[0].slices)
 
 
 def task_metrics(model: MultiTaskModel, pred: Predictions) -> dict[str, dict[str, float]]:
     """Each head's metrics over its task's labelled rows, plus the loss and the labelled-row count."""
     out: dict[str, dict[str, float]] = {}
-    for i, t in enumerate(model.task_names):
-        m = pred.mask[:, i]
+    for t in model.task_names:
+        label, m = pred.task_label(t)
         group = pred.group[m] if pred.group is not None else None
-        values = model.heads[t].metrics(pred.labels[m, i], pred.scores[t][m], group)
+        values = model.heads[t].metrics(label[m], pred.scores[t][m], group)
         out[t] = {**values, "loss": pred.losses[t], "rows": int(m.sum())}
     return out
 

@@ -2,7 +2,11 @@
 
 Inputs are the raw feature columns (int64 or string for categorical, float32 for dense, dynamic batch);
 vocabulary lookup (``ai.onnx.ml.LabelEncoder``) or hashing, null handling and standardisation run inside
-the graph; one output per task (the score: a probability for binary heads, pCTCVR for ESMM). The recmtl
+the graph. An image feature is a float32 input ``[batch, C, H, W]`` with pixels scaled to [0, 1]: decoding
+PNG/JPEG bytes stays outside the graph (``recmtl.images``, used by ``recmtl score`` and ``recmtl serve``).
+One output per task: ``[batch]`` (a probability for binary heads, pCTCVR for ESMM, a value for regression)
+or ``[batch, K]`` (class probabilities of a multiclass head, attribute probabilities of a multilabel head,
+their names in the metadata's ``classes``). The recmtl
 schema, task names and versions are in ``metadata_props``. Export checks parity against PyTorch on
 sample rows and writes nothing when it fails.
 """
@@ -13,6 +17,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -26,7 +31,7 @@ from recmtl.data import ParquetSource
 from recmtl.errors import RecmtlError
 from recmtl.evaluate import LoadedRun, load_run
 from recmtl.io import atomic_path
-from recmtl.model import MultiTaskModel
+from recmtl.model import MultiTaskModel, example_input
 from recmtl.score import INT_NULL, METADATA_KEY, ModelInput, Scorer
 
 OPSET = 17
@@ -51,9 +56,15 @@ class _Core(nn.Module):
         return tuple(scores[t] for t in self.model.task_names)
 
 
+def core_input(kind: str) -> str:
+    """The graph tensor between preprocessing and the model for a feature kind (never a column name)."""
+    return f"recmtl_{kind}_preprocessed"
+
+
 def model_inputs(run: LoadedRun) -> list[ModelInput]:
     inputs = [ModelInput(c.name, "int64" if c.value_type == "int" else "string") for c in run.schema.categorical]
-    return inputs + [ModelInput(d.name, "float32") for d in run.schema.dense]
+    inputs += [ModelInput(d.name, "float32") for d in run.schema.dense]
+    return inputs + [ModelInput(i.name, "float32", (i.channels, i.height, i.width)) for i in run.schema.image]
 
 
 def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[onnx.ValueInfoProto], bool]:
@@ -103,8 +114,8 @@ def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.Tens
         nodes.append(helper.make_node("Unsqueeze", [f"{out}_flat", axes], [out]))
         cat_cols.append(out)
     if cat_cols:
-        nodes.append(helper.make_node("Concat", cat_cols, ["categorical"], axis=1) if len(cat_cols) > 1
-                     else helper.make_node("Identity", cat_cols, ["categorical"]))
+        nodes.append(helper.make_node("Concat", cat_cols, [core_input("categorical")], axis=1) if len(cat_cols) > 1
+                     else helper.make_node("Identity", cat_cols, [core_input("categorical")]))
     dense_cols = []
     for j, d in enumerate(run.schema.dense):
         inputs.append(helper.make_tensor_value_info(d.name, TensorProto.FLOAT, ["batch"]))
@@ -120,7 +131,15 @@ def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.Tens
         nodes.append(helper.make_node("Or", ["pre_dense_nan", "pre_dense_inf"], ["pre_dense_missing"]))
         nodes.append(helper.make_node("Where", ["pre_dense_missing", fill, "pre_dense_raw"], ["pre_dense_filled"]))
         nodes.append(helper.make_node("Sub", ["pre_dense_filled", mean], ["pre_dense_centred"]))
-        nodes.append(helper.make_node("Div", ["pre_dense_centred", std], ["dense"]))
+        nodes.append(helper.make_node("Div", ["pre_dense_centred", std], [core_input("dense")]))
+    image_cols = []
+    for j, img in enumerate(run.schema.image):  # [batch, C, H, W] each -> "image" [batch, F, C, H, W]
+        inputs.append(helper.make_tensor_value_info(img.name, TensorProto.FLOAT, ["batch", img.channels, img.height, img.width]))
+        nodes.append(helper.make_node("Unsqueeze", [img.name, axes], [f"pre_image_{j}"]))
+        image_cols.append(f"pre_image_{j}")
+    if image_cols:
+        nodes.append(helper.make_node("Concat", image_cols, [core_input("image")], axis=1) if len(image_cols) > 1
+                     else helper.make_node("Identity", image_cols, [core_input("image")]))
     return nodes, inits, inputs, uses_ms
 
 
@@ -128,25 +147,20 @@ def build_onnx(run: LoadedRun) -> onnx.ModelProto:
     """Export the torch model on preprocessed tensors, then put the preprocessing graph in front."""
     model = run.model.eval()
     kinds = list(model.encoders.keys())
-    n = 4
-    example = []
-    for kind in kinds:
-        if kind == "categorical":
-            example.append(torch.zeros(n, len(run.schema.categorical), dtype=torch.long))
-        else:
-            example.append(torch.zeros(n, len(run.schema.dense), dtype=torch.float32))
+    example = [example_input(kind, model.encoders[kind].features, 4) for kind in kinds]
     tasks = model.task_names
     with tempfile.TemporaryDirectory() as tmp:
         core_path = Path(tmp) / "core.onnx"
         with warnings.catch_warnings():  # the TorchScript exporter is deprecated but exact for these graphs
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(_Core(model, kinds), tuple(example), str(core_path), input_names=kinds, output_names=tasks,
-                              dynamic_axes={**{k: {0: "batch"} for k in kinds}, **{t: {0: "batch"} for t in tasks}},
+            names = [core_input(k) for k in kinds]
+            torch.onnx.export(_Core(model, kinds).eval(), tuple(example), str(core_path), input_names=names, output_names=tasks,
+                              dynamic_axes={**{k: {0: "batch"} for k in names}, **{t: {0: "batch"} for t in tasks}},
                               opset_version=OPSET, dynamo=False)
         core = onnx.load(str(core_path))
     nodes, inits, raw_inputs, uses_ms = _preprocessing(run)
     graph = core.graph
-    kept_inputs = [i for i in graph.input if i.name not in kinds]
+    kept_inputs = [i for i in graph.input if i.name not in {core_input(k) for k in kinds}]
     del graph.input[:]
     graph.input.extend(raw_inputs + kept_inputs)
     old_nodes = list(graph.node)
@@ -166,14 +180,28 @@ def build_onnx(run: LoadedRun) -> onnx.ModelProto:
 def _metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
     metrics_path = run.run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    def task_entry(t: Any) -> dict[str, Any]:
+        head = run.model.heads[t.name]
+        entry = {"name": t.name, "label": t.label, "head": t.head,
+                 "score": "probability" if t.head in ("binary", "esmm") else "value"}
+        if head.label_type in ("class", "multi"):
+            entry["score"] = "class probabilities" if head.label_type == "class" else "attribute probabilities"
+            entry["width"] = len(head.task.classes)  # the model's dry run checked predict's width against it
+            entry["classes"] = [c if isinstance(c, (int, str)) else str(c) for c in head.task.classes]
+        return entry
+
+    def input_entry(i: ModelInput) -> dict[str, Any]:
+        if i.is_image:
+            return {"name": i.name, "dtype": i.dtype, "kind": "image", "shape": list(i.shape),
+                    "scale": "pixels / 255 (uint8, PNG/JPEG); float arrays as they are"}
+        return {"name": i.name, "dtype": i.dtype, "kind": "dense" if i.dtype == "float32" else "categorical"}
+
     schema = {
         "format": 1,
-        "inputs": [{"name": i.name, "dtype": i.dtype,
-                    "kind": "dense" if i.dtype == "float32" else "categorical"} for i in inputs],
+        "inputs": [input_entry(i) for i in inputs],
         "missing_values": {"int64": "any value outside the vocabulary (recmtl score passes int64 min)",
-                           "string": "empty string", "float32": "NaN"},
-        "tasks": [{"name": t.name, "label": t.label, "head": t.head,
-                   "score": "probability" if t.head in ("binary", "esmm") else "value"} for t in run.config.tasks],
+                           "string": "empty string", "float32": "NaN", "image": "all zeros"},
+        "tasks": [task_entry(t) for t in run.config.tasks],
     }
     return {
         METADATA_KEY: json.dumps(schema),
@@ -192,7 +220,9 @@ def parity(run: LoadedRun, model_path: Path, sample: pa.Table) -> dict[str, floa
     arrays = run.schema.transform(sample, labels=False)
     with torch.no_grad():
         torch_scores = run.model.predict({k: torch.from_numpy(v) for k, v in arrays.inputs.items()})
-    return {t: float(np.max(np.abs(onnx_scores.column(t).to_numpy() - torch_scores[t].numpy())))
+    def flat(col: pa.Array) -> np.ndarray:
+        return (col.flatten() if pa.types.is_fixed_size_list(col.type) else col).to_numpy()
+    return {t: float(np.max(np.abs(flat(onnx_scores.column(t)) - torch_scores[t].numpy().reshape(-1))))
             for t in run.model.task_names}
 
 
@@ -240,12 +270,15 @@ def write_triton_repo(model_path: str | Path, repo: str | Path, name: str, max_b
     with atomic_path(folder / "1" / "model.onnx") as tmp:
         shutil.copyfile(model_path, tmp)
     lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}", "input ["]
-    ins = [f'  {{ name: "{i["name"]}" data_type: {TRITON_TYPES[i["dtype"]]} dims: [ 1 ] reshape: {{ shape: [ ] }} }}'
+    def dims(shape: list[int] | None) -> str:  # a column value travels as [1] reshaped to the batch axis
+        return f"dims: [ {', '.join(map(str, shape))} ]" if shape else "dims: [ 1 ] reshape: { shape: [ ] }"
+    ins = [f'  {{ name: "{i["name"]}" data_type: {TRITON_TYPES[i["dtype"]]} {dims(i.get("shape"))} }}'
            for i in meta["inputs"]]
     lines.append(",\n".join(ins))
     lines.append("]")
     lines.append("output [")
-    outs = [f'  {{ name: "{t["name"]}" data_type: TYPE_FP32 dims: [ 1 ] reshape: {{ shape: [ ] }} }}' for t in meta["tasks"]]
+    outs = [f'  {{ name: "{t["name"]}" data_type: TYPE_FP32 {dims([t["width"]] if t.get("width") else None)} }}'
+            for t in meta["tasks"]]
     lines.append(",\n".join(outs))
     lines.append("]")
     lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}")

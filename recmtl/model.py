@@ -12,7 +12,7 @@ from recmtl.errors import ConfigError, PluginError
 from recmtl.plugins import Registry
 from recmtl.schema import FittedSchema
 
-DEFAULT_ENCODERS = {"categorical": "embedding", "dense": "dense"}
+DEFAULT_ENCODERS = {"categorical": "embedding", "dense": "dense", "image": "cnn"}
 
 
 def encoder_config(config: Config, kind: str) -> ComponentConfig:
@@ -23,8 +23,8 @@ def validate_plugins(config: Config, registry: Registry) -> dict[str, type[Head]
     """Check every plugin name and parameter name in the config before any data is read."""
     kinds_used = {f.kind for f in config.features}
     for kind in config.encoders:
-        if kind not in ("categorical", "dense"):
-            raise ConfigError(f"encoders.{kind}: no feature kind '{kind}' (expected categorical or dense)")
+        if kind not in ("categorical", "dense", "image"):
+            raise ConfigError(f"encoders.{kind}: no feature kind '{kind}' (expected categorical, dense or image)")
     for kind in kinds_used:
         enc = encoder_config(config, kind)
         cls = registry.get("encoder", enc.name)
@@ -64,8 +64,12 @@ class MultiTaskModel(nn.Module):
         if missing:
             raise PluginError(f"tower '{config.tower.name}' declares no output for task(s) {missing}")
         self.heads = nn.ModuleDict()
+        #: where each task's label sits in a batch's label/mask tensors: (start, width, scalar)
+        self.label_slices = schema.label_slices()
+        classes = {lab.task: tuple(lab.classes or ()) for lab in schema.labels}
         for task in config.tasks:
-            info = TaskInfo(task.name, task.label or task.name, task.head, task.weight)
+            label = tuple(task.label) if isinstance(task.label, list) else (task.label or task.name)
+            info = TaskInfo(task.name, label, task.head, task.weight, classes.get(task.name, ()))
             self.heads[task.name] = registry.create("head", task.head, dims[task.name], info, **task.params)
         self.order = self._topological_order()
         self._check_contracts(config)
@@ -75,10 +79,7 @@ class MultiTaskModel(nn.Module):
         """A two-row dry run naming the plugin that breaks its contract (shapes, missing tasks, errors)."""
         was_training = self.training
         self.eval()
-        inputs = {}
-        for kind, enc in self.encoders.items():
-            n_feat = len(enc.features)
-            inputs[kind] = torch.zeros(2, n_feat, dtype=torch.long if kind == "categorical" else torch.float32)
+        inputs = {kind: example_input(kind, enc.features, 2) for kind, enc in self.encoders.items()}
 
         def call(what: str, fn: Any, *args: Any) -> Any:
             try:
@@ -108,8 +109,12 @@ class MultiTaskModel(nn.Module):
             name = f"head '{head.task.head}' of task '{t}'"
             out = call(name, head, hidden[t], {d: scores[d] for d in head.depends_on})
             scores[t] = call(name, head.predict, out)
-            if scores[t].shape[0] != 2 or scores[t].dim() != 1:
-                raise PluginError(f"{name}: predict returned shape {tuple(scores[t].shape)}, expected (batch,)")
+            width = self.label_slices[t][1] if head.label_type == "multi" else len(head.task.classes)
+            expected = (2,) if head.label_type == "value" else (2, width)
+            if tuple(scores[t].shape) != expected:
+                raise PluginError(f"{name}: predict returned shape {tuple(scores[t].shape)}, expected "
+                                  + ("(batch,)" if head.label_type == "value" else f"(batch, {width}) for its {width} "
+                                     + ("classes" if head.label_type == "class" else "attributes")))
         self.tower.diagnostics()  # forget the dry run's statistics
         self.train(was_training)
 
@@ -169,8 +174,16 @@ class MultiTaskModel(nn.Module):
     def predict(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.run(inputs)[1]
 
+    def task_label(self, labels: torch.Tensor, mask: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's label and mask out of a batch's ``[batch, total width]`` tensors: ``[batch]`` for a
+        scalar label, ``[batch, K]`` for a multilabel one."""
+        start, width, scalar = self.label_slices[task]
+        if scalar:
+            return labels[:, start], mask[:, start]
+        return labels[:, start:start + width], mask[:, start:start + width]
+
     def losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {t: self.heads[t].loss(outputs[t], labels[:, i], mask[:, i]) for i, t in enumerate(self.task_names)}
+        return {t: self.heads[t].loss(outputs[t], *self.task_label(labels, mask, t)) for t in self.task_names}
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Dense parameters shared by tasks: encoders' dense weights and the tower's shared part."""
@@ -179,6 +192,16 @@ class MultiTaskModel(nn.Module):
 
     def diagnostics(self) -> dict[str, Any]:
         return self.tower.diagnostics()
+
+
+def example_input(kind: str, features: list, n: int) -> torch.Tensor:
+    """Zeros shaped like ``n`` preprocessed rows of the features of ``kind`` (dry runs, ONNX export)."""
+    if kind == "categorical":
+        return torch.zeros(n, len(features), dtype=torch.long)
+    if kind == "image":
+        opt = features[0].options
+        return torch.zeros(n, len(features), opt["channels"], opt["height"], opt["width"])
+    return torch.zeros(n, len(features), dtype=torch.float32)
 
 
 def _dense_params(module: nn.Module) -> list[nn.Parameter]:

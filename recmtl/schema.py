@@ -20,6 +20,7 @@ from recmtl.config import Config, FeatureConfig, TaskConfig
 from recmtl.contracts import FeatureInfo
 from recmtl.data import ParquetSource
 from recmtl.errors import DataError
+from recmtl.images import decode_images, is_image_type
 from recmtl.io import atomic_path, write_json
 
 SCHEMA_VERSION = 1
@@ -38,6 +39,12 @@ def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
 def _value_type(name: str, typ: pa.DataType, kind: str) -> str:
     if pa.types.is_dictionary(typ):
         typ = typ.value_type
+    if kind == "image":
+        found = is_image_type(typ)
+        if found is None:
+            raise DataError(f"feature '{name}' is image but its column has type {typ}; expected encoded image "
+                            "bytes (binary: PNG, JPEG) or fixed-shape number lists")
+        return found
     if pa.types.is_integer(typ) or pa.types.is_boolean(typ):
         return "int"
     if kind == "categorical" and (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
@@ -151,12 +158,94 @@ class DenseColumn:
 
 
 @dataclass
+class ImageColumn:
+    """An image feature: decoded/converted to float32 ``[n, channels, height, width]`` in [0, 1]."""
+
+    name: str
+    channels: int
+    height: int
+    width: int
+
+    def values(self, arr: pa.Array) -> np.ndarray:
+        return decode_images(arr, self.name, self.channels, self.height, self.width)
+
+
+@dataclass
 class LabelColumn:
-    """A task's label: float values plus a mask of labelled (non-null) rows."""
+    """A task's label: float values plus a mask of labelled (non-null) entries.
+
+    ``kind`` follows the head's ``label_type``: ``value`` (a number, or 1/0 through ``positive``),
+    ``class`` (class ids 0..K-1: an int column as it is, or strings through the fitted ``classes``),
+    ``multi`` (K 0/1 attributes: several columns, or one fixed-length list column; ``classes`` names them).
+    """
 
     task: str
-    column: str
+    column: str | list[str]
     positive: list[Any] | None = None
+    kind: str = "value"
+    classes: list[Any] | None = None
+    _index: pd.Index | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.column) if isinstance(self.column, list) else [self.column]
+
+    @property
+    def width(self) -> int:
+        return len(self.classes) if self.kind == "multi" else 1
+
+    def read(self, batch: pa.RecordBatch | pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Labels ``[n, width]`` float32 and the mask ``[n, width]`` of labelled entries."""
+        if self.kind == "class":
+            y, mask = self.class_ids(batch.column(self.column))
+        elif self.kind == "multi":
+            return self.attributes(batch)
+        else:
+            y, mask = self.values(batch.column(self.column))
+        return y[:, None], mask[:, None]
+
+    def class_ids(self, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        arr = _plain(arr)
+        mask = arr.is_valid().to_numpy(zero_copy_only=False)
+        what = f"label column '{self.column}' of task '{self.task}'"
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+            if self._index is None:
+                self._index = pd.Index([str(c) for c in self.classes], dtype=object)
+            ids = self._index.get_indexer(arr.fill_null(str(self.classes[0])).to_numpy(zero_copy_only=False))
+            unknown = (ids < 0) & mask
+            if unknown.any():
+                raise DataError(f"{what}: class '{arr[int(np.flatnonzero(unknown)[0])]}' was not in the training data "
+                                f"(classes: {', '.join(map(str, self.classes[:20]))})")
+            return np.where(mask, ids, 0).astype(np.float32), mask
+        if not (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)):
+            raise DataError(f"{what} has type {arr.type}; a class label is an int class id 0..K-1 or a string")
+        y = arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+        bad = mask & ((y < 0) | (y >= len(self.classes)))
+        if bad.any():
+            raise DataError(f"{what}: class id {y[bad][0]} is outside 0..{len(self.classes) - 1} "
+                            "(the classes of the training data, or params.num_classes)")
+        return y.astype(np.float32), mask
+
+    def attributes(self, batch: pa.RecordBatch | pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(self.column, list):
+            parts = [LabelColumn(self.task, c).values(batch.column(c)) for c in self.column]
+            return np.stack([p[0] for p in parts], 1), np.stack([p[1] for p in parts], 1)
+        arr = _plain(batch.column(self.column))
+        n, k = len(arr), self.width
+        what = f"label column '{self.column}' of task '{self.task}'"
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type)):
+            raise DataError(f"{what} has type {arr.type}; a multilabel task takes a list of 0/1 label columns "
+                            "or one fixed-length list column")
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        lengths = pc.list_value_length(arr).fill_null(k).to_numpy(zero_copy_only=False)
+        if (lengths != k).any():
+            raise DataError(f"{what}: every list must hold {k} attribute values, found one with "
+                            f"{int(lengths[lengths != k][0])}")
+        flat = pc.list_flatten(arr)
+        y, m = LabelColumn(self.task, self.column).values(flat)
+        y_out, m_out = np.zeros((n, k), np.float32), np.zeros((n, k), bool)
+        y_out[valid], m_out[valid] = y.reshape(-1, k), m.reshape(-1, k)
+        return y_out, m_out
 
     def values(self, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         arr = _plain(arr)
@@ -214,10 +303,19 @@ class FittedSchema:
     labels: list[LabelColumn]
     group_column: str | None = None
     num_rows: int = 0
+    image: list[ImageColumn] = field(default_factory=list)
 
     @property
     def feature_columns(self) -> list[str]:
-        return [c.name for c in self.categorical] + [d.name for d in self.dense]
+        return [c.name for c in self.categorical] + [d.name for d in self.dense] + [i.name for i in self.image]
+
+    def label_slices(self) -> dict[str, tuple[int, int, bool]]:
+        """Per task: (first column in ``Arrays.labels``, width, True when the label is one scalar)."""
+        out, start = {}, 0
+        for lab in self.labels:
+            out[lab.task] = (start, lab.width, lab.kind != "multi")
+            start += lab.width
+        return out
 
     def feature_infos(self) -> dict[str, list[FeatureInfo]]:
         infos: dict[str, list[FeatureInfo]] = {}
@@ -228,6 +326,9 @@ class FittedSchema:
             ]
         if self.dense:
             infos["dense"] = [FeatureInfo(d.name, "dense") for d in self.dense]
+        if self.image:
+            infos["image"] = [FeatureInfo(i.name, "image", 0, {"channels": i.channels, "height": i.height, "width": i.width})
+                              for i in self.image]
         return infos
 
     def transform(self, batch: pa.RecordBatch | pa.Table, labels: bool = True) -> Arrays:
@@ -244,12 +345,19 @@ class FittedSchema:
             for j, col in enumerate(self.dense):
                 dense[:, j] = col.values(batch.column(col.name))
             inputs["dense"] = dense
+        if self.image:
+            first = self.image[0]
+            images = np.empty((n, len(self.image), first.channels, first.height, first.width), dtype=np.float32)
+            for j, col in enumerate(self.image):
+                images[:, j] = col.values(batch.column(col.name))
+            inputs["image"] = images
         y = mask = None
         if labels:
-            y = np.empty((n, len(self.labels)), dtype=np.float32)
-            mask = np.empty((n, len(self.labels)), dtype=bool)
-            for j, lab in enumerate(self.labels):
-                y[:, j], mask[:, j] = lab.values(batch.column(lab.column))
+            width = sum(lab.width for lab in self.labels)
+            y = np.empty((n, width), dtype=np.float32)
+            mask = np.empty((n, width), dtype=bool)
+            for lab, (start, w, _) in zip(self.labels, self.label_slices().values()):
+                y[:, start:start + w], mask[:, start:start + w] = lab.read(batch)
         group = None
         if self.group_column and self.group_column in batch.schema.names:
             group = _plain(batch.column(self.group_column)).to_numpy(zero_copy_only=False)
@@ -276,7 +384,9 @@ class FittedSchema:
             "num_rows": self.num_rows,
             "categorical": cats,
             "dense": [{"name": d.name, "mean": d.mean, "std": d.std, "fill": d.fill} for d in self.dense],
-            "labels": [{"task": lab.task, "column": lab.column, "positive": lab.positive} for lab in self.labels],
+            "labels": [{"task": lab.task, "column": lab.column, "positive": lab.positive, "kind": lab.kind,
+                        "classes": lab.classes} for lab in self.labels],
+            "image": [{"name": i.name, "channels": i.channels, "height": i.height, "width": i.width} for i in self.image],
             "group_column": self.group_column,
         })
 
@@ -295,9 +405,11 @@ class FittedSchema:
         return cls(
             categorical=cats,
             dense=[DenseColumn(**d) for d in meta["dense"]],
-            labels=[LabelColumn(lab["task"], lab["column"], lab["positive"]) for lab in meta["labels"]],
+            labels=[LabelColumn(lab["task"], lab["column"], lab["positive"], lab.get("kind", "value"), lab.get("classes"))
+                    for lab in meta["labels"]],
             group_column=meta.get("group_column"),
             num_rows=meta.get("num_rows", 0),
+            image=[ImageColumn(**i) for i in meta.get("image", [])],
         )
 
 
@@ -359,14 +471,35 @@ class _DenseStats:
 
 
 class _LabelStats:
-    def __init__(self) -> None:
+    MAX_CLASSES = 100_000
+
+    def __init__(self, all_values: bool = False) -> None:
         self.labelled = 0
-        self.distinct: set[float] = set()
+        self.distinct: set[Any] = set()
+        self.all_values = all_values  # class labels: every distinct value is a class
 
     def add(self, y: np.ndarray, mask: np.ndarray) -> None:
         self.labelled += int(mask.sum())
         if len(self.distinct) <= 16:
             self.distinct.update(np.unique(y[mask]).tolist())
+
+    def add_classes(self, arr: pa.Array) -> None:
+        if not (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)
+                or pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            raise DataError(f"a class label column must hold int class ids or strings, got {arr.type}")
+        self.labelled += len(arr) - arr.null_count
+        values = pc.unique(arr.drop_null())
+        self.distinct.update(values.cast(pa.int64()).to_pylist() if not pa.types.is_string(values.type)
+                             and not pa.types.is_large_string(values.type) else values.to_pylist())
+        if len(self.distinct) > self.MAX_CLASSES:
+            raise DataError(f"more than {self.MAX_CLASSES} distinct class labels")
+
+    def classes(self, num_classes: int | None) -> list[Any]:
+        """Strings: sorted distinct values; ints: 0..max (or 0..num_classes-1 when that is larger)."""
+        if all(isinstance(v, str) for v in self.distinct):
+            return sorted(self.distinct)
+        k = max(int(max(self.distinct)) + 1, int(num_classes or 0))
+        return list(range(k))
 
 
 def check_types(config: Config, source: ParquetSource) -> dict[str, str]:
@@ -383,10 +516,16 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
     types = check_types(config, source)
     cat_cfg = [f for f in config.features if f.kind == "categorical"]
     dense_cfg = [f for f in config.features if f.kind == "dense"]
-    labels = [LabelColumn(t.name, t.label, t.positive) for t in config.tasks]
+    image_cfg = [f for f in config.features if f.kind == "image"]
+    shapes = {(f.channels or 1, f.height, f.width) for f in image_cfg}
+    if len(shapes) > 1:
+        raise DataError("all image features must share one shape (channels, height, width); found "
+                        + ", ".join(f"{f.name}: {f.channels or 1}x{f.height}x{f.width}" for f in image_cfg))
+    kinds = {t.name: getattr(head_classes[t.name], "label_type", "value") for t in config.tasks}
+    labels = [_label_column(t, kinds[t.name], source) for t in config.tasks]
     counters = {f.name: _VocabCounter() for f in cat_cfg if not f.hash_buckets}
     stats = {f.name: _DenseStats() for f in dense_cfg}
-    label_stats = {lab.task: _LabelStats() for lab in labels}
+    label_stats = {lab.task: _LabelStats(lab.kind == "class") for lab in labels}
     sample: list[pa.RecordBatch] = []
     sampled = 0
     rows = 0
@@ -400,8 +539,11 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
         for f in dense_cfg:
             stats[f.name].add(_plain(batch.column(f.name)))
         for lab in labels:
-            y, mask = lab.values(batch.column(lab.column))
-            label_stats[lab.task].add(y, mask)
+            if lab.kind == "class":
+                label_stats[lab.task].add_classes(_plain(batch.column(lab.column)))
+            else:
+                y, mask = lab.read(batch)
+                label_stats[lab.task].add(y, mask)
         if sampled < LEAK_SAMPLE_ROWS:
             sample.append(batch)
             sampled += batch.num_rows
@@ -410,14 +552,17 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
     if rows == 0:
         raise DataError(f"training data {source.spec} has no rows")
 
-    for task in config.tasks:
+    for task, lab in zip(config.tasks, labels):
         st = label_stats[task.name]
         if st.labelled == 0:
             raise DataError(f"task '{task.name}' has no labelled rows: column '{task.label}' is null everywhere in {source.spec}")
         head_cls = head_classes[task.name]
-        problem = head_cls.label_problem(np.array(sorted(st.distinct)))
+        numeric = [v for v in st.distinct if not isinstance(v, str)]
+        problem = head_cls.label_problem(np.array(sorted(numeric)))
         if problem:
             raise DataError(f"label column '{task.label}' of task '{task.name}' (head '{task.head}'): {problem}")
+        if lab.kind == "class":
+            lab.classes = st.classes(task.params.get("num_classes"))
 
     categorical = []
     for f in cat_cfg:
@@ -435,9 +580,37 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
             mean, std = 0.0, 1.0
         fill = stats[f.name].mean_std()[0] if f.fill == "mean" else (0.0 if f.fill == "zero" else float(f.fill))
         dense.append(DenseColumn(f.name, mean, std, fill))
+    image = [ImageColumn(f.name, f.channels or 1, f.height, f.width) for f in image_cfg]
+    sample_table = pa.Table.from_batches(sample)
+    for col in image:  # fail before training when the images are not what the config says
+        col.values(sample_table.column(col.name).slice(0, 64))
 
-    check_leaks(config.features, config.tasks, pa.Table.from_batches(sample), labels)
-    return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows)
+    check_leaks([f for f in config.features if f.kind != "image"], config.tasks, sample_table, labels)
+    return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image)
+
+
+def _label_column(task: TaskConfig, kind: str, source: ParquetSource) -> LabelColumn:
+    """The task's label reader for its head's ``label_type`` (classes are fitted later for ``class``)."""
+    if kind != "multi":
+        if isinstance(task.label, list):
+            raise DataError(f"task '{task.name}': head '{task.head}' takes one label column, got a list {task.label}")
+        return LabelColumn(task.name, task.label, task.positive, kind)
+    if isinstance(task.label, list):
+        return LabelColumn(task.name, list(task.label), None, kind, list(task.label))
+    # one list column: its length, read from the first non-null row, is the number of attributes
+    typ = source.field(task.label).type
+    if pa.types.is_fixed_size_list(typ):
+        k = typ.list_size
+    else:
+        k = 0
+        for batch in source.batches(read_rows=4096, columns=[task.label]):
+            lengths = pc.list_value_length(_plain(batch.column(0))).drop_null()
+            if len(lengths):
+                k = int(lengths[0].as_py())
+                break
+    if k < 1:
+        raise DataError(f"label column '{task.label}' of task '{task.name}': no non-empty list to count the attributes from")
+    return LabelColumn(task.name, task.label, None, kind, [f"{task.name}_{j}" for j in range(k)])
 
 
 def check_leaks(features: Iterable[FeatureConfig], tasks: Iterable[TaskConfig], sample: pa.Table,
@@ -445,6 +618,8 @@ def check_leaks(features: Iterable[FeatureConfig], tasks: Iterable[TaskConfig], 
     """Refuse a feature that is a copy of a label or determines it exactly (a derived column)."""
     by_task = {lab.task: lab for lab in labels}
     for task in tasks:
+        if by_task[task.name].kind != "value":
+            continue
         y, mask = by_task[task.name].values(sample.column(task.label))
         if mask.sum() < 100 or len(np.unique(y[mask])) < 2:
             continue

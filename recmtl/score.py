@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recmtl.errors import DataError, close_matches
+from recmtl.images import decode_images
 
 METADATA_KEY = "recmtl.schema"
 INT_NULL = np.iinfo(np.int64).min  # never in a vocabulary: null ints go to the OOV id
@@ -25,6 +26,11 @@ INT_NULL = np.iinfo(np.int64).min  # never in a vocabulary: null ints go to the 
 class ModelInput:
     name: str
     dtype: str  # "int64" | "string" | "float32"
+    shape: tuple[int, ...] = ()  # per-row shape: () for a column value, (C, H, W) for an image
+
+    @property
+    def is_image(self) -> bool:
+        return bool(self.shape)
 
 
 def read_model_schema(model_path: str | Path) -> dict[str, Any]:
@@ -45,7 +51,8 @@ def read_model_schema(model_path: str | Path) -> dict[str, Any]:
 
 def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> dict[str, np.ndarray]:
     """Raw Arrow columns -> the ONNX model's inputs: int64 ids (null -> a value outside every
-    vocabulary), strings (null -> empty string, which means missing), float32 (null -> NaN)."""
+    vocabulary), strings (null -> empty string, which means missing), float32 (null -> NaN); image columns
+    (encoded bytes or number lists) -> float32 ``[n, C, H, W]`` in [0, 1] (recmtl.images; null -> zeros)."""
     names = batch.schema.names
     feeds = {}
     for inp in inputs:
@@ -58,7 +65,9 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
         if pa.types.is_dictionary(col.type):
             col = col.dictionary_decode()
         typ = col.type
-        if inp.dtype == "int64":
+        if inp.is_image:
+            feeds[inp.name] = decode_images(col, inp.name, *inp.shape)
+        elif inp.dtype == "int64":
             if not (pa.types.is_integer(typ) or pa.types.is_boolean(typ)):
                 raise DataError(f"column '{inp.name}' has type {typ}; the model expects integers")
             feeds[inp.name] = col.cast(pa.int64()).fill_null(INT_NULL).to_numpy()
@@ -80,8 +89,10 @@ class Scorer:
     def __init__(self, model_path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
         self.meta = read_model_schema(model_path)
-        self.inputs = [ModelInput(i["name"], i["dtype"]) for i in self.meta["inputs"]]
+        self.inputs = [ModelInput(i["name"], i["dtype"], tuple(i.get("shape") or ())) for i in self.meta["inputs"]]
         self.tasks = [t["name"] for t in self.meta["tasks"]]
+        #: K for tasks scored as K probabilities (multiclass, multilabel), None for one score per row
+        self.widths: dict[str, int | None] = {t["name"]: t.get("width") for t in self.meta["tasks"]}
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -104,21 +115,31 @@ class Scorer:
         for start in range(0, n, batch_size):
             chunk = {k: v[start:start + batch_size] for k, v in feeds.items()}
             for i, out in enumerate(self.session.run(self.tasks, chunk)):
-                parts[i].append(out.reshape(-1))
+                parts[i].append(out.reshape(len(out), -1) if self.widths[self.tasks[i]] else out.reshape(-1))
         columns = []
         for k in keep:
             if k not in batch.schema.names:
                 raise DataError(f"--keep column '{k}' not found{close_matches(k, batch.schema.names)}")
             col = batch.column(k)
             columns.append(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
-        columns += [pa.array(np.concatenate(p) if p else np.zeros(0, np.float32)) for p in parts]
+        for t, p in zip(self.tasks, parts):
+            width = self.widths[t]
+            values = np.concatenate(p) if p else np.zeros((0, width) if width else 0, np.float32)
+            columns.append(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width) if width
+                           else pa.array(values))
         return pa.RecordBatch.from_arrays(columns, names=[*keep, *self.tasks])
+
+    def output_type(self, task: str) -> pa.DataType:
+        """float32, or ``fixed_size_list<float32>[K]`` for a task scored as K probabilities."""
+        width = self.widths[task]
+        return pa.list_(pa.float32(), width) if width else pa.float32()
 
 
 def score_batches(model_path: str | Path, batches: Iterable[pa.RecordBatch], keep: Sequence[str] = (),
                   batch_size: int = 2048, threads: int | None = None) -> Iterator[pa.RecordBatch]:
     """Score Arrow record batches with an exported model; yields one scored batch per input batch, in
-    input order, with the ``keep`` columns first and one float32 column per task."""
+    input order, with the ``keep`` columns first and one column per task: float32, or a
+    ``fixed_size_list<float32>[K]`` of class/attribute probabilities for multiclass/multilabel tasks."""
     scorer = Scorer(model_path, threads)
     for batch in batches:
         yield scorer.score(batch, keep, batch_size)
@@ -193,7 +214,7 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
     scorer.check_columns(source.schema)
     for k in keep:
         ParquetSource.require([k], source.schema, input_spec)
-    out_schema = pa.schema([source.schema.field(k) for k in keep] + [pa.field(t, pa.float32()) for t in scorer.tasks])
+    out_schema = pa.schema([source.schema.field(k) for k in keep] + [pa.field(t, scorer.output_type(t)) for t in scorer.tasks])
     cols = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
     rows = 0
     with atomic_path(output) as tmp, pq.ParquetWriter(tmp, out_schema) as writer, \

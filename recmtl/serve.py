@@ -163,7 +163,7 @@ class ServedModel:
             raise ClientError(400, f"instances have values of inconsistent or unsupported types: {exc}") from None
         for inp in self.scorer.inputs:  # an all-null column arrives typed null: give it the model's type
             if pa.types.is_null(table.schema.field(inp.name).type):
-                typ = {"int64": pa.int64(), "string": pa.string(), "float32": pa.float32()}[inp.dtype]
+                typ = pa.binary() if inp.is_image else {"int64": pa.int64(), "string": pa.string(), "float32": pa.float32()}[inp.dtype]
                 table = table.set_column(table.schema.get_field_index(inp.name), inp.name, pa.nulls(table.num_rows, typ))
         try:
             return to_feeds(table, self.scorer.inputs), table.num_rows
@@ -185,10 +185,16 @@ class ServedModel:
             if name not in self.inputs_by_name:
                 raise ClientError(400, f"unknown input '{name}'; the model takes {sorted(self.inputs_by_name)}")
             shape, dtype = t.get("shape"), t.get("datatype")
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and 1 <= len(shape) <= 2
-                    and (len(shape) == 1 or shape[1] == 1)):
+            row_shape = list(self.inputs_by_name[name].shape)
+            if row_shape:  # an image: float pixels [batch, C, H, W] in [0, 1]
+                if not (isinstance(shape, list) and len(shape) == 1 + len(row_shape) and shape[1:] == row_shape
+                        and isinstance(shape[0], int) and shape[0] >= 0):
+                    raise ClientError(400, f"input '{name}': shape must be [batch, {', '.join(map(str, row_shape))}], got {shape}")
+            elif not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and 1 <= len(shape) <= 2
+                      and (len(shape) == 1 or shape[1] == 1)):
                 raise ClientError(400, f"input '{name}': shape must be [batch] or [batch, 1], got {shape}")
             n = shape[0]
+            per_row = int(np.prod(row_shape)) if row_shape else 1
             want = V2_TYPES[self.inputs_by_name[name].dtype]
             size = (t.get("parameters") or {}).get("binary_data_size")
             if size is not None:
@@ -196,16 +202,18 @@ class ServedModel:
                     raise ClientError(400, f"input '{name}': binary_data_size {size} exceeds the body")
                 chunk = binary[offset:offset + size]
                 offset += size
-                values = _decode_binary(name, dtype, chunk, n)
+                values = _decode_binary(name, dtype, chunk, n * per_row)
             else:
                 data = t.get("data")
                 if not isinstance(data, list):
                     raise ClientError(400, f"input '{name}': data must be a flat list")
-                if data and isinstance(data[0], list):
+                while data and isinstance(data[0], list):
                     data = [v for row in data for v in (row if isinstance(row, list) else [row])]
-                if len(data) != n:
-                    raise ClientError(400, f"input '{name}': shape {shape} needs {n} values, got {len(data)}")
+                if len(data) != n * per_row:
+                    raise ClientError(400, f"input '{name}': shape {shape} needs {n * per_row} values, got {len(data)}")
                 values = _decode_json(name, dtype, data)
+            if row_shape:
+                values = values.reshape(n, *row_shape)
             if want == "BYTES" and dtype != "BYTES" or want != "BYTES" and dtype == "BYTES":
                 raise ClientError(400, f"input '{name}': datatype {dtype}, the model expects {want}")
             if want == "INT64":
@@ -353,8 +361,9 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> Starl
         m = model_of(request)
         return JSONResponse({
             "name": m.name, "versions": ["1"], "platform": "onnxruntime_onnx",
-            "inputs": [{"name": i.name, "datatype": V2_TYPES[i.dtype], "shape": [-1]} for i in m.scorer.inputs],
-            "outputs": [{"name": t, "datatype": "FP32", "shape": [-1]} for t in m.scorer.tasks],
+            "inputs": [{"name": i.name, "datatype": V2_TYPES[i.dtype], "shape": [-1, *i.shape]} for i in m.scorer.inputs],
+            "outputs": [{"name": t, "datatype": "FP32", "shape": [-1, m.scorer.widths[t]] if m.scorer.widths[t] else [-1]}
+                        for t in m.scorer.tasks],
         })
 
     @endpoint("model_ready")
@@ -383,7 +392,8 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> Starl
         out_json, blobs = [], []
         for name, binary_out in wants.items():
             values = outputs[name].reshape(-1).astype(np.float32)
-            entry: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": [rows]}
+            width = m.scorer.widths[name]
+            entry: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": [rows, width] if width else [rows]}
             if binary_out:
                 raw = values.tobytes()
                 entry["parameters"] = {"binary_data_size": len(raw)}
@@ -410,7 +420,9 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> Starl
             raise ClientError(400, f"malformed JSON: {exc}") from None
         feeds, rows = m.feeds_from_instances(payload)
         outputs = await m.infer(feeds, rows)
-        columns = [o.reshape(-1).astype(float).tolist() for o in outputs]
+        # one number per task and row, or a list of K class/attribute probabilities
+        columns = [(o.reshape(rows, -1) if m.scorer.widths[t] else o.reshape(-1)).astype(float).tolist()
+                   for t, o in zip(m.scorer.tasks, outputs)]
         return JSONResponse({"model_name": m.name,
                              "predictions": [dict(zip(m.scorer.tasks, row)) for row in zip(*columns)]})
 

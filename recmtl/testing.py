@@ -119,33 +119,55 @@ def check_tower(cls: type[Tower], input_dim: int = 12, **params: Any) -> Tower:
 
 
 def check_head(cls: type[Head], input_dim: int = 8, **params: Any) -> Head:
-    """Output/score shapes, masked rows do not count, gradients reach the input, the loss can be fitted."""
+    """Output/score shapes, masked rows do not count, gradients reach the input, the loss can be fitted.
+    A ``label_type = "class"`` head gets 3 classes, a ``"multi"`` head 3 attributes with a per-entry mask."""
     torch.manual_seed(0)
     name = _name(cls)
-    head = cls(input_dim, TaskInfo("task_a", "label_a", "head"), **params)
+    kind = getattr(cls, "label_type", "value")
+    k = 3
+    classes = (0, 1, 2) if kind == "class" else ("attr_a", "attr_b", "attr_c") if kind == "multi" else ()
+    head = cls(input_dim, TaskInfo("task_a", "label_a", "head", 1.0, classes), **params)
     assert isinstance(head, Head), f"{name} must subclass recmtl.Head"
     n = 64
     h = torch.randn(n, input_dim, requires_grad=True)
     upstream = {d: torch.sigmoid(torch.randn(n)) for d in head.depends_on}
-    label = (torch.rand(n) < 0.4).float()
-    mask = (torch.rand(n) < 0.8).float()
+    if kind == "class":
+        label = torch.randint(0, k, (n,)).float()
+        mask = (torch.rand(n) < 0.8).float()
+        flipped = torch.where(mask.bool(), label, (label + 1) % k)
+    else:
+        shape = (n, k) if kind == "multi" else (n,)
+        label = (torch.rand(shape) < 0.4).float()
+        mask = (torch.rand(shape) < 0.8).float()
+        flipped = torch.where(mask.bool(), label, 1 - label)
     out = head(h, upstream)
     assert out.shape[0] == n, f"{name}.forward must keep the batch dimension first, got {tuple(out.shape)}"
     score = head.predict(out)
-    assert score.shape[0] == n, f"{name}.predict must return one score per row, got {tuple(score.shape)}"
+    want = (n,) if kind == "value" else (n, k)
+    assert tuple(score.shape) == want, f"{name}.predict must return {want} scores for label_type '{kind}', got {tuple(score.shape)}"
     loss = head.loss(out, label, mask)
     assert loss.dim() == 0 and torch.isfinite(loss), f"{name}.loss must be a finite scalar, got {loss}"
-    flipped = torch.where(mask.bool(), label, 1 - label)
     assert torch.allclose(loss, head.loss(out, flipped, mask)), f"{name}.loss changed when only unlabelled (masked) rows changed"
     loss.backward()
     assert h.grad is not None and h.grad.abs().sum() > 0, f"{name}: no gradient reaches the tower output"
-    m = head.metrics(label.numpy()[mask.numpy() > 0], score.detach().numpy()[mask.numpy() > 0])
+    if kind == "multi":
+        shown = label.numpy().copy()
+        shown[mask.numpy() == 0] = float("nan")
+        rows = mask.numpy().any(1)
+        m = head.metrics(shown[rows], score.detach().numpy()[rows])
+    else:
+        m = head.metrics(label.numpy()[mask.numpy() > 0], score.detach().numpy()[mask.numpy() > 0])
     assert isinstance(m, dict) and all(isinstance(v, float) for v in m.values()), f"{name}.metrics must return dict of floats"
     hx = torch.randn(n, input_dim)
-    target = (hx[:, 0] > 0).float()
+    if kind == "class":
+        target = (hx[:, 0] > 0).float() + (hx[:, 1] > 0).float()
+    elif kind == "multi":
+        target = (hx[:, :k] > 0).float()
+    else:
+        target = (hx[:, 0] > 0).float()
 
     def fit_loss() -> torch.Tensor:
-        return head.loss(head(hx, upstream), target, torch.ones(n))
+        return head.loss(head(hx, upstream), target, torch.ones(target.shape))
 
     first, last = _fit(list(head.parameters()), fit_loss, steps=100, lr=0.05)
     assert last < first, f"{name}: training did not reduce the loss ({first:.4f} -> {last:.4f})"
@@ -201,6 +223,10 @@ def check_encoder(cls: type[Encoder], **params: Any) -> Encoder:
     elif kind == "dense":
         feats = [FeatureInfo("f1", kind), FeatureInfo("f2", kind), FeatureInfo("f3", kind)]
         x = torch.randn(n, 3)
+    elif kind == "image":  # two 3x8x8 image features, pixels in [0, 1]
+        shape = {"channels": 3, "height": 8, "width": 8}
+        feats = [FeatureInfo("img1", kind, 0, shape), FeatureInfo("img2", kind, 0, shape)]
+        x = torch.rand(n, 2, 3, 8, 8)
     else:
         raise AssertionError(f"{name}: check_encoder knows no sample input for kind '{kind}'")
     enc = cls(feats, **params)

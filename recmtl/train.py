@@ -108,7 +108,15 @@ class Monitor:
 
 
 def _metric_names(head: Any) -> set[str]:
-    probe = head.metrics(np.array([0.0, 1.0]), np.array([0.2, 0.8]))
+    kind, k = getattr(head, "label_type", "value"), max(len(head.task.classes), 2)
+    if kind == "class":  # two rows, classes 0 and 1, scored [batch, K]
+        score = np.zeros((2, k))
+        score[0, :2], score[1, :2] = (0.6, 0.4), (0.3, 0.7)
+        probe = head.metrics(np.array([0.0, 1.0]), score)
+    elif kind == "multi":  # each attribute 0 on one row, 1 on the other
+        probe = head.metrics(np.array([[0.0] * k, [1.0] * k]), np.array([[0.2] * k, [0.8] * k]))
+    else:
+        probe = head.metrics(np.array([0.0, 1.0]), np.array([0.2, 0.8]))
     return set(probe)
 
 
@@ -283,7 +291,7 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
             bad_epochs += 1
         run.history.append(record)
         summary = "  ".join(
-            f"{t}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if k in ("auc", "logloss", "rmse", "gauc"))
+            f"{t}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if k in ("auc", "logloss", "rmse", "gauc", "accuracy"))
             for t, m in record.get("validation", {}).items())
         say(f"epoch {epoch + 1}: {rows / seconds:,.0f} rows/s  train loss "
             + " ".join(f"{t}={v:.4f}" for t, v in train_loss.items())
