@@ -2,6 +2,7 @@
 ``backward`` puts exactly the combined direction into the shared parameters' gradient."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -297,3 +298,24 @@ def test_balancer_trains_mmoe_on_funnel_data_through_the_cli(name, cli, funnel_d
     assert all(math.isfinite(v) for v in epoch["train_loss"].values()), epoch
     assert set(epoch["weights"]) == {"click", "conversion"} and all(math.isfinite(w) for w in epoch["weights"].values())
     assert metrics["validation"]["click"]["auc"] > 0.6, metrics["validation"]
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac", "nash_mtl", "metabalance"])
+def test_state_survives_a_checkpoint(name):
+    """What --resume restores: the random order, EMA targets, the step counter, the moving averages."""
+    def steps(bal, n):
+        out = []
+        for k in range(n):
+            theta = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+            g = torch.tensor([[1.0, -2.0, 0.5 + k], [-1.0, 1.0, 2.0], [0.3, 0.2, -1.5 * k]], dtype=torch.float64)
+            bal.backward({x: g[i] @ theta for i, x in enumerate("abc")}, [theta])
+            out.append(theta.grad.tolist())
+        return out
+    params = {"update_weights_every": 2} if name == "nash_mtl" else {}
+    ref = REGISTRY.create("balancer", name, list("abc"), {}, **params)
+    steps(ref, 3)
+    state = copy.deepcopy(ref.state_dict())  # as saved in last.pt (state_dict shares the live tensors)
+    expected = steps(ref, 3)
+    fresh = REGISTRY.create("balancer", name, list("abc"), {}, **params)
+    fresh.load_state_dict(state)
+    assert steps(fresh, 3) == expected

@@ -68,6 +68,12 @@ class GradVac(GradientBalancer):
     def combine(self, grads, losses, sizes):
         return gradvac(grads, self.targets, self.beta, self.generator)
 
+    def get_extra_state(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
 
 @hookimpl
 def recmtl_register_balancers() -> dict[str, type[Balancer]]:

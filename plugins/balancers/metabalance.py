@@ -56,6 +56,12 @@ class MetaBalance(GradientBalancer):
         self.relax, self.beta, self.granularity = float(relax_factor), float(beta), granularity
         self.avg_norms: torch.Tensor | None = None
 
+    def get_extra_state(self) -> dict:
+        return {"avg_norms": self.avg_norms}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.avg_norms = state["avg_norms"]
+
     def combine(self, grads, losses, sizes):
         blocks = list(sizes) if self.granularity == "parameter" else [sum(sizes)]
         if self.avg_norms is None or self.avg_norms.shape[1] != len(blocks):

@@ -76,6 +76,12 @@ class NashMTL(GradientBalancer):
             direction = direction * min(1.0, self.max_norm / (float(direction.norm()) + 1e-12))
         return direction, alpha
 
+    def get_extra_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
     def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
         self.step += 1
         if (self.step - 1) % self.every == 0:

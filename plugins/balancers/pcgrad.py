@@ -44,6 +44,12 @@ class PCGrad(GradientBalancer):
     def combine(self, grads, losses, sizes):
         return pcgrad(grads, self.generator)
 
+    def get_extra_state(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
 
 @hookimpl
 def recmtl_register_balancers() -> dict[str, type[Balancer]]:
