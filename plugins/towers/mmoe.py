@@ -12,7 +12,6 @@ top expert it is), over the evaluation rows seen since the last call.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
