@@ -6,9 +6,12 @@ start-up per run), and the script reports
 
 * the per-task test metric (census-income: AUC of ``income`` and ``never_married``, the MMoE paper's
   task group 1; mmoe-synthetic: RMSE of ``y1`` and ``y2``), mean ± sample std over the seeds;
-* the training time per step relative to ``fixed`` (epoch-loop seconds / steps, divided by the ``fixed``
-  run of the same data set, tower and seed). Runs are interleaved: seeds outermost, balancers innermost,
-  so load changes on a shared machine hit every balancer alike.
+* the training time per step relative to ``fixed``, two ways: (1) a step-timing phase after the runs:
+  one model per data set and tower, every balancer in turn for ``--timing-steps`` steps on the same
+  batches, ``--timing-rounds`` rounds (the order rotating), median step time / fixed's; (2) in-run: the
+  epoch-loop seconds / steps of each run divided by the ``fixed`` run of the same data set, tower and seed
+  (runs are interleaved: seeds outermost, balancers innermost). (1) is the number to read on a busy
+  machine: interleaving in blocks of a few steps leaves far less room for load from other processes.
 
 The balancers are discovered from the plugin registry (``recmtl.plugins.load_registry()``), so a newly
 installed balancer is benchmarked without editing this file; every balancer runs with its default
@@ -130,6 +133,58 @@ def train_one(cfg: Path, sets: list[str], run_dir: Path, batch_size: int) -> dic
             "best_epoch": summary["best_epoch"], "epochs": len(history)}
 
 
+def step_timing(cfg: Path, sets: list[str], schema_dir: Path, balancers: list[str], steps: int,
+                rounds: int) -> dict[str, float]:
+    """Median milliseconds of one training step (forward, balancer backward, optimiser step) per balancer,
+    all on one model and the same few batches, interleaved in blocks of ``steps`` over ``rounds`` rounds
+    (the order rotates each round), so a burst of load from elsewhere on the machine hits them alike."""
+    import itertools
+
+    import numpy as np
+    import torch
+
+    from recmtl.config import load_config
+    from recmtl.data import ParquetSource
+    from recmtl.model import MultiTaskModel
+    from recmtl.pipeline import blocks, minibatches
+    from recmtl.plugins import load_registry
+    from recmtl.schema import FittedSchema
+    from recmtl.train import make_optimizers
+
+    config = load_config(cfg, sets)
+    torch.set_num_threads(config.train.threads or 1)
+    torch.manual_seed(0)
+    registry = load_registry()
+    schema = FittedSchema.load(schema_dir)
+    src = ParquetSource(config.resolve(config.data.train), config.columns())
+    rng = np.random.default_rng(0)
+    batches = list(itertools.islice(minibatches(blocks(src, schema, config.data.read_rows, rng),
+                                                config.train.batch_size, config.data.shuffle_buffer, rng), 8))
+    model = MultiTaskModel(config, schema, registry)
+    model.train()
+    shared = model.shared_parameters()
+    tasks = [t.name for t in config.tasks]
+    state = {}
+    for b in balancers:
+        bal = registry.create("balancer", b, tasks, {t: 1.0 for t in tasks})
+        state[b] = (bal, make_optimizers(config, model, bal))
+    times: dict[str, list[float]] = {b: [] for b in balancers}
+    for r in range(rounds):
+        for b in balancers[r % len(balancers):] + balancers[:r % len(balancers)]:
+            bal, optimizers = state[b]
+            for k in range(steps):
+                batch = batches[k % len(batches)]
+                t0 = time.perf_counter()
+                losses = model.losses(model(batch.inputs), batch.labels, batch.mask)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                bal.backward(losses, shared)
+                for opt in optimizers:
+                    opt.step()
+                times[b].append(time.perf_counter() - t0)
+    return {b: 1000 * statistics.median(v) for b, v in times.items()}
+
+
 def run_all(args: argparse.Namespace, results: list[dict[str, Any]], save: Any) -> None:
     from recmtl.plugins import load_registry
     registry = load_registry()
@@ -145,9 +200,11 @@ def run_all(args: argparse.Namespace, results: list[dict[str, Any]], save: Any) 
             log(f"census-income data not found at {census_income.DATA_DIR}: skipping that data set")
     if "synthetic" in args.datasets:
         configs["synthetic"] = synthetic_config(work, args)
-    done = {(r["dataset"], r["tower"], r["seed"], r["balancer"]) for r in results}
-    for dataset, (cfg, base_sets) in configs.items():  # warm-up (discarded): first-run costs skew step times
-        train_one(cfg, base_sets + ["train.epochs=1", f"tower={TOWERS[args.towers[0]]}"], work / "runs" / "warmup",
+    done = {(r["dataset"], r["tower"], r["seed"], r["balancer"]) for r in results if not r.get("timing")}
+    for dataset, (cfg, base_sets) in configs.items():  # warm-up (discarded): first-run costs skew step times;
+        # its run directory keeps the fitted schema for the step-timing phase
+        train_one(cfg, base_sets + ["train.epochs=1", f"tower={TOWERS[args.towers[0]]}",
+                                    f"train.batch_size={args.batch_size}"], work / "runs" / f"warmup-{dataset}",
                   args.batch_size)
     epochs = {"census": args.epochs, "synthetic": args.synthetic_epochs}
     for seed in args.seeds:
@@ -176,36 +233,63 @@ def run_all(args: argparse.Namespace, results: list[dict[str, Any]], save: Any) 
                         row["error"] if "error" in row else
                         " ".join(f"{t} {metric} {row['test'][t][metric]:.4f}" for t in DATASETS[dataset]["tasks"])
                         + f", {row['ms_per_step']:.1f} ms/step, {row['wall_s']:.0f} s"))
+    if args.timing_rounds <= 0:
+        return
+    timed = results_timing(results)
+    for dataset, (cfg, base_sets) in configs.items():
+        for tower in args.towers:
+            if (dataset, tower) in timed:
+                continue
+            sets = base_sets + [f"tower={TOWERS[tower]}", f"train.batch_size={args.batch_size}"]
+            ms = step_timing(cfg, sets, work / "runs" / f"warmup-{dataset}", balancers, args.timing_steps,
+                             args.timing_rounds)
+            results.append({"timing": True, "dataset": dataset, "tower": tower, "ms": ms})
+            save()
+            log(f"step timing {dataset} {tower}: " + ", ".join(f"{b} {v / ms['fixed']:.2f}x" for b, v in ms.items()))
 
 
-def mean_std(values: list[float], digits: int) -> str:
+def results_timing(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    return {(r["dataset"], r["tower"]): r["ms"] for r in results if r.get("timing")}
+
+
+def mean_std(values: list[float], digits: int, signed: bool = False) -> str:
     if not values:
         return "–"
+    sign = "+" if signed else ""
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{values[0]:{sign}.{digits}f}"
+    return f"{statistics.mean(values):{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
     """(dataset, tower, balancer) -> per-task metric values, relative step times, failures."""
-    ref = {(r["dataset"], r["tower"], r["seed"]): r["ms_per_step"] for r in results
-           if r["balancer"] == "fixed" and "error" not in r}
+    timing = results_timing(results)
+    results = [r for r in results if not r.get("timing")]
+    fixed_runs = {(r["dataset"], r["tower"], r["seed"]): r for r in results
+                  if r["balancer"] == "fixed" and "error" not in r}
     out: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in results:
         s = out.setdefault((r["dataset"], r["tower"], r["balancer"]),
-                           {"metric": {t: [] for t in DATASETS[r["dataset"]]["tasks"]}, "rel": [], "ms": [],
-                            "errors": [], "seeds": []})
+                           {"metric": {t: [] for t in DATASETS[r["dataset"]]["tasks"]},
+                            "delta": {t: [] for t in DATASETS[r["dataset"]]["tasks"]}, "rel": [], "ms": [],
+                            "errors": [], "seeds": [], "step": None})
         if "error" in r:
             s["errors"].append(r["error"])
             continue
         s["seeds"].append(r["seed"])
         m = DATASETS[r["dataset"]]["metric"]
+        fixed = fixed_runs.get((r["dataset"], r["tower"], r["seed"]))
         for t in s["metric"]:
             s["metric"][t].append(r["test"][t][m])
+            if fixed:  # paired by seed: same data order and initial weights as the fixed run
+                s["delta"][t].append(r["test"][t][m] - fixed["test"][t][m])
         s["ms"].append(r["ms_per_step"])
-        fixed = ref.get((r["dataset"], r["tower"], r["seed"]))
         if fixed:
-            s["rel"].append(r["ms_per_step"] / fixed)
+            s["rel"].append(r["ms_per_step"] / fixed["ms_per_step"])
+    for (dataset, tower), ms in timing.items():
+        for b, v in ms.items():
+            if (dataset, tower, b) in out and "fixed" in ms:
+                out[(dataset, tower, b)]["step"] = v / ms["fixed"]
     return out
 
 
@@ -213,8 +297,8 @@ def table(results: list[dict[str, Any]], dataset: str) -> str:
     summary = summarise(results)
     spec = DATASETS[dataset]
     tasks, metric = spec["tasks"], spec["metric"]
-    head = ["balancer", "tower"] + [f"{t} test {metric.upper()}" for t in tasks] + [
-        "time/step vs fixed", "ms/step", "seeds"]
+    head = ["balancer", "tower"] + [x for t in tasks for x in (f"{t} test {metric.upper()}", "Δ vs fixed")] + [
+        "time/step vs fixed (interleaved)", "in-run time/step vs fixed", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = sorted((k for k in summary if k[0] == dataset), key=lambda k: (k[2] != "fixed", k[2], k[1]))
     for _, tower, balancer in keys:
@@ -222,8 +306,10 @@ def table(results: list[dict[str, Any]], dataset: str) -> str:
         if not s["seeds"]:
             lines.append(f"| {balancer} | {tower} | failed: {s['errors'][0]} |" + " |" * (len(head) - 3))
             continue
-        cells = [balancer, tower] + [mean_std(s["metric"][t], 4) for t in tasks]
-        cells += [mean_std(s["rel"], 2) + "×", mean_std(s["ms"], 1), ",".join(map(str, s["seeds"]))
+        cells = [balancer, tower] + [x for t in tasks for x in (
+            mean_std(s["metric"][t], 4), "" if balancer == "fixed" else mean_std(s["delta"][t], 4, signed=True))]
+        step = "–" if s["step"] is None else f"{s['step']:.2f}×"
+        cells += [step, mean_std(s["rel"], 2) + "×", ",".join(map(str, s["seeds"]))
                   + (f" ({len(s['errors'])} failed)" if s["errors"] else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -242,8 +328,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         spec = DATASETS[dataset]
         names = sorted({k[2] for k in summary if k[0] == dataset}, key=lambda b: (b != "fixed", b))
         ypos = {b: i for i, b in enumerate(reversed(names))}
-        panels = [(t, f"{dataset}: {t} test {spec['metric'].upper()}") for t in spec["tasks"]] + [
-            (None, f"{dataset}: time per step / fixed")]
+        panels = [(t, f"{dataset}: {t} test {spec['metric'].upper()} − fixed (paired by seed)")
+                  for t in spec["tasks"]] + [(None, f"{dataset}: time per step / fixed")]
         for col, (task, title) in enumerate(panels):
             ax = axes[row][col]
             for k, (tower, (marker, color)) in enumerate(markers.items()):
@@ -251,17 +337,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                     s = summary.get((dataset, tower, b))
                     if not s or not s["seeds"]:
                         continue
-                    vals = s["metric"][task] if task else s["rel"]
+                    vals = s["delta"][task] if task else ([s["step"]] if s["step"] is not None else s["rel"])
                     if not vals:
                         continue
                     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                     ax.errorbar(statistics.mean(vals), ypos[b] + (0.15 if k == 0 else -0.15), xerr=sd, fmt=marker,
                                 color=color, ms=4, capsize=2, label=tower if b == names[0] else None)
-                fixed = summary.get((dataset, tower, "fixed"))
-                if task and fixed and fixed["seeds"]:
-                    ax.axvline(statistics.mean(fixed["metric"][task]), color=color, lw=0.8, ls="--")
-            if task is None:
-                ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+            ax.axvline(0.0 if task else 1.0, color="grey", lw=0.8, ls="--")
             ax.set_yticks(list(ypos.values()), list(ypos.keys()), fontsize=7)
             ax.tick_params(axis="x", labelsize=7)
             ax.set_title(title, fontsize=8)
@@ -278,7 +360,7 @@ def report(data: dict[str, Any], plot_path: Path | None) -> str:
     for dataset in DATASETS:
         if any(r["dataset"] == dataset for r in results):
             out += [f"**{dataset}**", "", table(results, dataset), ""]
-    failures = sorted({(r["balancer"], r["error"]) for r in results if "error" in r})
+    failures = sorted({(r["balancer"], r["error"]) for r in results if "error" in r and not r.get("timing")})
     for b, err in failures:
         out.append(f"- `{b}` failed: {err}")
     if plot_path:
@@ -300,6 +382,8 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=20000, help="validation and test rows sampled each (0 = all)")
     ap.add_argument("--synthetic-rows", type=int, default=20000, help="mmoe-synthetic rows (80/10/10 split)")
     ap.add_argument("--correlation", type=float, default=0.1, help="mmoe-synthetic task correlation (default 0.1)")
+    ap.add_argument("--timing-steps", type=int, default=10, help="steps per block in the step-timing phase")
+    ap.add_argument("--timing-rounds", type=int, default=6, help="rounds of blocks (0 = no step-timing phase)")
     ap.add_argument("--work-dir", type=Path, default=None, help="data and runs (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="write every run's result here (after each run)")
     ap.add_argument("--resume", action="store_true", help="skip the runs already in --json")
