@@ -150,69 +150,97 @@ class Context:
         return bool(t.item())
 
     @torch.no_grad()
-    def average_gradients(self, params: list[nn.Parameter], bucket_bytes: int = 32 << 20) -> None:
-        """Average ``p.grad`` over ranks: dense gradients flattened into buckets and all-reduced, sparse
-        ones all-gathered and summed. A gradient missing (None) on some ranks counts as zeros there; one
-        missing on all ranks stays None, so optimisers skip that parameter as in a single process."""
+    def average_gradients(self, params: list[nn.Parameter], states: Iterable[torch.Tensor] = (),
+                          bucket_bytes: int = 32 << 20) -> None:
+        """Average ``p.grad`` over ranks, and the values of ``states`` (e.g. a balancer's parameters and
+        buffers that it updates itself inside ``backward``).
+
+        Two collectives per step whatever the model: one all-reduce of every dense gradient and state,
+        flattened, with a small header (who has which gradient, the sparse gradients' sizes, whether each
+        rank has another batch), and one all-gather of every sparse gradient's ids and rows, packed into
+        bytes, which are then summed. A gradient missing (None) on some ranks counts as zeros there; one
+        missing on all ranks stays None, so optimisers skip that parameter as in a single process. Buckets
+        of ``bucket_bytes`` bound the temporary memory of very large dense models."""
         if self.world == 1:
             return
         params = [p for p in params if p.requires_grad]
-        sparse = [p for p in params if p.grad is not None and p.grad.is_sparse]
+        sparse = [p for p in params if (p.grad is not None and p.grad.is_sparse) or _is_sparse_param(p)]
+        sparse_ids = {id(p) for p in sparse}
+        dense = [p for p in params if id(p) not in sparse_ids]
         for p in sparse:
-            p.grad = p.grad.coalesce()
-        # one small collective: who has which gradient, sparse sizes, and whether a next batch exists
-        meta = [1 if p.grad is not None else 0 for p in params]
-        meta += [p.grad.values().shape[0] if p.grad is not None and p.grad.is_sparse else 0 for p in params]
-        meta.append(1 if self._local_next else 0)
-        local = torch.tensor(meta, dtype=torch.int64, device=self.device)
+            if p.grad is not None:
+                p.grad = p.grad.coalesce()
+        n, w = len(params), self.world
+        header = torch.zeros(n + len(sparse) * w + 1, dtype=torch.float64)
+        for i, p in enumerate(params):
+            header[i] = p.grad is not None
+        for j, p in enumerate(sparse):
+            header[n + j * w + self.rank] = p.grad._nnz() if p.grad is not None else 0
+        header[-1] = self._local_next
+        # dense: flat buffers per dtype (the header rides with float32, exact for counts below 2**24)
+        items: list[tuple[torch.Tensor, Any]] = [(p.grad if p.grad is not None else torch.zeros_like(p), p)
+                                                 for p in dense]
+        items += [(t, None) for t in states if t.is_floating_point()]
+        header_done = False
+        for bucket in _buckets(items, bucket_bytes):
+            dtype = bucket[0][0].dtype
+            with_header = not header_done and dtype == torch.float32
+            flat = torch.cat([t.reshape(-1) for t, _ in bucket]
+                             + ([header.to(self.device, torch.float32)] if with_header else []))
+            dist.all_reduce(flat)
+            if with_header:
+                header, flat = flat[-len(header):].double().cpu(), flat[:-len(header)]
+                header_done = True
+            flat.div_(w)
+            offset = 0
+            for t, p in bucket:
+                k = t.numel()
+                if p is None:
+                    t.copy_(flat[offset:offset + k].view_as(t))
+                else:
+                    p.grad = flat[offset:offset + k].view_as(t).clone()
+                offset += k
+        if not header_done:
+            header = header.to(self.device)
+            dist.all_reduce(header)
+            header = header.cpu()
+        self._all_next = bool(header[-1] >= w)
+        for i, p in enumerate(params):
+            if header[i] == 0:  # no rank had a gradient for it
+                p.grad = None
+        if sparse:
+            counts = header[n:n + len(sparse) * w].long().view(len(sparse), w)
+            self._average_sparse(sparse, counts)
+
+    def _average_sparse(self, sparse: list[nn.Parameter], counts: torch.Tensor) -> None:
+        """All-gather every sparse gradient (ids and rows, padded to the largest count) in one byte buffer."""
+        layout = []  # per parameter: (ndim of ids, values per row, dtype, most rows on a rank)
+        parts = []
+        for j, p in enumerate(sparse):
+            most = int(counts[j].max())
+            ndim, row = 1, int(np.prod(p.shape[1:]))  # nn.Embedding: ids index the first dimension
+            g = p.grad
+            idx = torch.zeros((most, ndim), dtype=torch.int64, device=p.device)
+            vals = torch.zeros((most, row), dtype=p.dtype, device=p.device)
+            if g is not None and g._nnz():
+                idx[:g._nnz()] = g._indices().t()
+                vals[:g._nnz()] = g._values().reshape(g._nnz(), row)
+            parts += [idx.reshape(-1).view(torch.uint8), vals.reshape(-1).view(torch.uint8)]
+            layout.append((ndim, row, most))
+        local = torch.cat(parts)
         gathered = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(gathered, local)
-        table = torch.stack(gathered).cpu().numpy()  # [world, len(meta)]
-        n = len(params)
-        self._all_next = bool(table[:, -1].min())
-        has = table[:, :n].max(axis=0).astype(bool)
-        nnz = table[:, n:2 * n]
-        dense: list[nn.Parameter] = []
-        for i, p in enumerate(params):
-            if not has[i]:
-                continue
-            if p.grad is None:
-                sparse_elsewhere = nnz[:, i].max() > 0 or _is_sparse_param(p)
-                if sparse_elsewhere:
-                    p.grad = torch.sparse_coo_tensor(torch.empty((1, 0), dtype=torch.long, device=p.device),
-                                                     torch.empty((0, *p.shape[1:]), dtype=p.dtype, device=p.device),
-                                                     p.shape).coalesce()
-                else:
-                    p.grad = torch.zeros_like(p)
-            if p.grad.is_sparse:
-                self._average_sparse(p, nnz[:, i])
-            else:
-                dense.append(p)
-        for bucket in _buckets(dense, bucket_bytes):
-            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-            dist.all_reduce(flat)
-            flat.div_(self.world)
-            offset = 0
-            for p in bucket:
-                k = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + k].view_as(p.grad))
-                offset += k
-
-    def _average_sparse(self, p: nn.Parameter, counts: np.ndarray) -> None:
-        g = p.grad.coalesce()
-        idx, vals = g.indices(), g.values()
-        width = int(counts.max())
-        pad_idx = torch.zeros((idx.shape[0], width), dtype=idx.dtype, device=idx.device)
-        pad_idx[:, :idx.shape[1]] = idx
-        pad_vals = torch.zeros((width, *vals.shape[1:]), dtype=vals.dtype, device=vals.device)
-        pad_vals[:vals.shape[0]] = vals
-        all_idx = [torch.empty_like(pad_idx) for _ in range(self.world)]
-        all_vals = [torch.empty_like(pad_vals) for _ in range(self.world)]
-        dist.all_gather(all_idx, pad_idx)
-        dist.all_gather(all_vals, pad_vals)
-        idx = torch.cat([a[:, :int(c)] for a, c in zip(all_idx, counts)], dim=1)
-        vals = torch.cat([v[:int(c)] for v, c in zip(all_vals, counts)], dim=0)
-        p.grad = torch.sparse_coo_tensor(idx, vals / self.world, g.shape, check_invariants=False).coalesce()
+        offset = 0
+        for j, (p, (ndim, row, most)) in enumerate(zip(sparse, layout)):
+            isize, vsize = most * ndim * 8, most * row * p.element_size()
+            ids, rows = [], []
+            for r, buf in enumerate(gathered):
+                c = int(counts[j, r])
+                ids.append(buf[offset:offset + isize].view(torch.int64).view(most, ndim)[:c])
+                rows.append(buf[offset + isize:offset + isize + vsize].view(p.dtype).view(most, row)[:c])
+            offset += isize + vsize
+            idx, vals = torch.cat(ids).t(), torch.cat(rows).view(-1, *p.shape[1:]) / self.world
+            p.grad = torch.sparse_coo_tensor(idx, vals, p.shape, check_invariants=False).coalesce()
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
@@ -229,17 +257,18 @@ def mark_sparse(params: Iterable[nn.Parameter]) -> None:
         p._recmtl_sparse = True  # type: ignore[attr-defined]
 
 
-def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> Iterator[list[nn.Parameter]]:
-    bucket: list[nn.Parameter] = []
+def _buckets(items: list[tuple[torch.Tensor, Any]], bucket_bytes: int) -> Iterator[list[tuple[torch.Tensor, Any]]]:
+    """Consecutive items of one dtype and device, at most ``bucket_bytes`` a bucket (or one larger item)."""
+    bucket: list[tuple[torch.Tensor, Any]] = []
     size = 0
     key = None
-    for p in params:
-        k = (p.grad.dtype, p.grad.device)
-        nbytes = p.grad.numel() * p.grad.element_size()
+    for t, owner in sorted(items, key=lambda it: str(it[0].dtype) != "torch.float32"):
+        k = (t.dtype, t.device)
+        nbytes = t.numel() * t.element_size()
         if bucket and (k != key or size + nbytes > bucket_bytes):
             yield bucket
             bucket, size = [], 0
-        bucket.append(p)
+        bucket.append((t, owner))
         size += nbytes
         key = k
     if bucket:

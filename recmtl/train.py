@@ -227,6 +227,7 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         hook.recmtl_train_start(run=run)
     rank_batch = config.train.batch_size // ctx.world
     sync_params = list(model.parameters()) + list(balancer.parameters())
+    balancer_state = [*balancer.parameters(), *balancer.buffers()]
     patience = config.train.early_stopping.patience
     tc = config.train
     for epoch in range(start_epoch, tc.epochs):
@@ -249,7 +250,8 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
                 model.backward_regularization()  # the tower's extra term (e.g. soft sharing's L2), if any
                 applied = balancer.backward(precision.scale_losses(losses), shared)
                 balance_log.after_backward(epoch + 1, applied)
-                ctx.average_gradients(sync_params)  # gradients averaged over ranks (no-op in one process)
+                # gradients, and the state a balancer updates itself, averaged over ranks (no-op in one process)
+                ctx.average_gradients(sync_params, balancer_state)
                 precision.step(optimizers, unscaled=balancer.parameters())
                 for t, loss in losses.items():
                     loss_sum[t] += loss.item()

@@ -151,6 +151,7 @@ class Surgery(Balancer):
     def __init__(self, task_names, weights, out=""):
         super().__init__(task_names, weights)
         self.log_scale = nn.Parameter(torch.zeros(()))
+        self.register_buffer("loss_ema", torch.zeros(len(task_names)))  # updated from each rank's own batch
         self.out = out
         self.shared = []
 
@@ -164,10 +165,12 @@ class Surgery(Balancer):
             a = a - dot / b.norm().clamp_min(1e-12) ** 2 * b
         backward_with_shared_gradient(ls, [1.0, 1.0], shared, a + b)
         (self.log_scale.exp() * sum(x.detach() for x in ls) - self.log_scale).backward()
+        self.loss_ema.mul_(0.9).add_(0.1 * torch.stack([x.detach() for x in ls]))
         return {t: 1.0 for t in self.task_names}
 
     def on_epoch_end(self, epoch, train_losses):
         torch.save({"shared": [p.detach().clone() for p in self.shared], "log_scale": self.log_scale.detach().clone(),
+                    "loss_ema": self.loss_ema.clone(),
                     "train_losses": train_losses}, os.path.join(self.out, f"rank{os.environ.get('RANK', '0')}_{epoch}.pt"))
 
 
@@ -199,6 +202,7 @@ def test_ranks_hold_identical_parameters_with_gradient_surgery_and_unequal_shard
         assert len(a["shared"]) > 0
         assert all(torch.equal(x, y) for x, y in zip(a["shared"], b["shared"]))
         assert torch.equal(a["log_scale"], b["log_scale"]) and a["train_losses"] == b["train_losses"]
+        assert torch.equal(a["loss_ema"], b["loss_ema"]) and a["loss_ema"].min() > 0  # averaged every step
         # the rows trained: every rank stops when the first one runs out of batches
         order = list(np.random.default_rng([1, epoch]).permutation(len(src.units)))
         held = [sum(src.unit_rows[u] for u in share) for share in shard_units(order, [src.unit_rows[u] for u in order], 2)]
