@@ -190,3 +190,36 @@ def test_shapes_with_string_classes_train_export_and_score(cli, tmp_path):
     scored = pq.read_table(tmp_path / "s.parquet")
     assert scored.schema.field("shape").type == pa.list_(pa.float32(), 4)
     assert scored.schema.field("large").type == pa.float32()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_serve_takes_base64_images_and_v2_tensors_and_returns_k_scores(digits_run):
+    """/v1/predict with base64 PNGs and /v2 infer with FP32 [batch, 1, 8, 8] give recmtl score's numbers."""
+    import base64
+
+    from starlette.testclient import TestClient
+
+    from recmtl.score import Scorer
+    from recmtl.serve import create_app
+    t = pq.read_table(digits_run / "data" / "test.parquet").slice(0, 6)
+    ref = Scorer(digits_run / "model.onnx").score(t)
+    with TestClient(create_app(digits_run / "model.onnx")) as client:
+        meta = client.get("/v2/models/model").json()
+        assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+        assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"digit": [-1, 10], "attributes": [-1, 5]}
+        instances = [{"image": base64.b64encode(b).decode()} for b in t["image"].to_pylist()]
+        r = client.post("/v1/models/model/predict", json={"instances": instances})
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        np.testing.assert_allclose([p["digit"] for p in preds], np.stack(ref["digit"].to_pylist()), atol=1e-6)
+        np.testing.assert_allclose([p["attributes"] for p in preds], np.stack(ref["attributes"].to_pylist()), atol=1e-6)
+        pixels = decode_images(t["image"], "image", 1, 8, 8)
+        body = {"inputs": [{"name": "image", "shape": [6, 1, 8, 8], "datatype": "FP32", "data": pixels.reshape(-1).tolist()}]}
+        out = client.post("/v2/models/model/infer", json=body).json()["outputs"]
+        digit = next(o for o in out if o["name"] == "digit")
+        assert digit["shape"] == [6, 10]
+        np.testing.assert_allclose(np.reshape(digit["data"], (6, 10)), np.stack(ref["digit"].to_pylist()), atol=1e-6)
+        bad = {"inputs": [{"name": "image", "shape": [6, 64], "datatype": "FP32", "data": pixels.reshape(-1).tolist()}]}
+        r = client.post("/v2/models/model/infer", json=bad)
+        assert r.status_code == 400 and "shape must be [batch, 1, 8, 8]" in r.json()["error"]
