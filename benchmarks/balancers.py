@@ -8,10 +8,10 @@ start-up per run), and the script reports
   task group 1; mmoe-synthetic: RMSE of ``y1`` and ``y2``), mean ± sample std over the seeds;
 * the training time per step relative to ``fixed``, two ways: (1) a step-timing phase after the runs:
   one model per data set and tower, every balancer in turn for ``--timing-steps`` steps on the same
-  batches, ``--timing-rounds`` rounds (the order rotating), median step time / fixed's; (2) in-run: the
-  epoch-loop seconds / steps of each run divided by the ``fixed`` run of the same data set, tower and seed
-  (runs are interleaved: seeds outermost, balancers innermost). (1) is the number to read on a busy
-  machine: interleaving in blocks of a few steps leaves far less room for load from other processes.
+  batches, ``--timing-rounds`` rounds (the order rotating), median CPU time per step of the training
+  thread / fixed's; (2) in-run wall time: the epoch-loop seconds / steps of each run divided by the
+  ``fixed`` run of the same data set, tower and seed (runs are interleaved: seeds outermost, balancers
+  innermost). (1) is the number to read on a busy machine: other processes' load does not enter it.
 
 The balancers are discovered from the plugin registry (``recmtl.plugins.load_registry()``), so a newly
 installed balancer is benchmarked without editing this file; every balancer runs with its default
@@ -135,9 +135,10 @@ def train_one(cfg: Path, sets: list[str], run_dir: Path, batch_size: int) -> dic
 
 def step_timing(cfg: Path, sets: list[str], schema_dir: Path, balancers: list[str], steps: int,
                 rounds: int) -> dict[str, float]:
-    """Median milliseconds of one training step (forward, balancer backward, optimiser step) per balancer,
-    all on one model and the same few batches, interleaved in blocks of ``steps`` over ``rounds`` rounds
-    (the order rotates each round), so a burst of load from elsewhere on the machine hits them alike."""
+    """Median CPU milliseconds of one training step (forward, balancer backward, optimiser step) per
+    balancer, all on one model and the same few batches, interleaved in blocks of ``steps`` over ``rounds``
+    rounds (the order rotates each round). CPU time of this thread (torch runs single-threaded here), not
+    wall time, so other processes on a shared machine do not count; plus the task-gradient cosines."""
     import itertools
 
     import numpy as np
@@ -174,15 +175,23 @@ def step_timing(cfg: Path, sets: list[str], schema_dir: Path, balancers: list[st
             bal, optimizers = state[b]
             for k in range(steps):
                 batch = batches[k % len(batches)]
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 losses = model.losses(model(batch.inputs), batch.labels, batch.mask)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 bal.backward(losses, shared)
                 for opt in optimizers:
                     opt.step()
-                times[b].append(time.perf_counter() - t0)
-    return {b: 1000 * statistics.median(v) for b, v in times.items()}
+                times[b].append(time.thread_time() - t0)
+    # how much the tasks conflict on this model after those steps: cosine of the two task gradients on
+    # the shared parameters, per batch (what the gradient-manipulation balancers react to)
+    from recmtl.gradients import task_gradients
+    cosines = []
+    for batch in batches:
+        losses = model.losses(model(batch.inputs), batch.labels, batch.mask)
+        g = task_gradients([losses[t] for t in tasks], shared, retain_graph=False)
+        cosines.append(float(g[0] @ g[1] / (g[0].norm() * g[1].norm()).clamp_min(1e-12)))
+    return {b: 1000 * statistics.median(v) for b, v in times.items()}, cosines
 
 
 def run_all(args: argparse.Namespace, results: list[dict[str, Any]], save: Any) -> None:
@@ -241,11 +250,12 @@ def run_all(args: argparse.Namespace, results: list[dict[str, Any]], save: Any) 
             if (dataset, tower) in timed:
                 continue
             sets = base_sets + [f"tower={TOWERS[tower]}", f"train.batch_size={args.batch_size}"]
-            ms = step_timing(cfg, sets, work / "runs" / f"warmup-{dataset}", balancers, args.timing_steps,
-                             args.timing_rounds)
-            results.append({"timing": True, "dataset": dataset, "tower": tower, "ms": ms})
+            ms, cosines = step_timing(cfg, sets, work / "runs" / f"warmup-{dataset}", balancers, args.timing_steps,
+                                      args.timing_rounds)
+            results.append({"timing": True, "dataset": dataset, "tower": tower, "ms": ms, "cosine": cosines})
             save()
-            log(f"step timing {dataset} {tower}: " + ", ".join(f"{b} {v / ms['fixed']:.2f}x" for b, v in ms.items()))
+            log(f"step timing {dataset} {tower}: " + ", ".join(f"{b} {v / ms['fixed']:.2f}x" for b, v in ms.items())
+                + f"; task-gradient cosine {min(cosines):.2f}..{max(cosines):.2f}")
 
 
 def results_timing(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
@@ -298,7 +308,7 @@ def table(results: list[dict[str, Any]], dataset: str) -> str:
     spec = DATASETS[dataset]
     tasks, metric = spec["tasks"], spec["metric"]
     head = ["balancer", "tower"] + [x for t in tasks for x in (f"{t} test {metric.upper()}", "Δ vs fixed")] + [
-        "time/step vs fixed (interleaved)", "in-run time/step vs fixed", "seeds"]
+        "CPU time/step vs fixed", "in-run wall time/step vs fixed", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = sorted((k for k in summary if k[0] == dataset), key=lambda k: (k[2] != "fixed", k[2], k[1]))
     for _, tower, balancer in keys:
@@ -329,7 +339,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         names = sorted({k[2] for k in summary if k[0] == dataset}, key=lambda b: (b != "fixed", b))
         ypos = {b: i for i, b in enumerate(reversed(names))}
         panels = [(t, f"{dataset}: {t} test {spec['metric'].upper()} − fixed (paired by seed)")
-                  for t in spec["tasks"]] + [(None, f"{dataset}: time per step / fixed")]
+                  for t in spec["tasks"]] + [(None, f"{dataset}: CPU time per step / fixed")]
         for col, (task, title) in enumerate(panels):
             ax = axes[row][col]
             for k, (tower, (marker, color)) in enumerate(markers.items()):
@@ -360,6 +370,12 @@ def report(data: dict[str, Any], plot_path: Path | None) -> str:
     for dataset in DATASETS:
         if any(r["dataset"] == dataset for r in results):
             out += [f"**{dataset}**", "", table(results, dataset), ""]
+    for r in results:
+        if r.get("cosine"):
+            c = r["cosine"]
+            out.append(f"- {r['dataset']}, {r['tower']}: cosine of the two task gradients on the shared parameters "
+                       f"after the timing steps, {len(c)} batches: mean {statistics.mean(c):+.2f}, "
+                       f"range {min(c):+.2f} .. {max(c):+.2f}")
     failures = sorted({(r["balancer"], r["error"]) for r in results if "error" in r and not r.get("timing")})
     for b, err in failures:
         out.append(f"- `{b}` failed: {err}")
@@ -382,8 +398,8 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=20000, help="validation and test rows sampled each (0 = all)")
     ap.add_argument("--synthetic-rows", type=int, default=20000, help="mmoe-synthetic rows (80/10/10 split)")
     ap.add_argument("--correlation", type=float, default=0.1, help="mmoe-synthetic task correlation (default 0.1)")
-    ap.add_argument("--timing-steps", type=int, default=10, help="steps per block in the step-timing phase")
-    ap.add_argument("--timing-rounds", type=int, default=6, help="rounds of blocks (0 = no step-timing phase)")
+    ap.add_argument("--timing-steps", type=int, default=4, help="steps per block in the step-timing phase")
+    ap.add_argument("--timing-rounds", type=int, default=20, help="rounds of blocks (0 = no step-timing phase)")
     ap.add_argument("--work-dir", type=Path, default=None, help="data and runs (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="write every run's result here (after each run)")
     ap.add_argument("--resume", action="store_true", help="skip the runs already in --json")
