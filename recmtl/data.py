@@ -72,39 +72,42 @@ class ParquetSource:
         order = list(range(len(self.units)))
         if rng is not None:
             order = [order[i] for i in rng.permutation(len(order))]
-        keep_slice = None
+        mine: set[int] | None = None
+        shared: set[int] = set()
         if shard is not None and shard[1] > 1:
             rank, world = shard
-            if len(order) >= MIN_UNITS_PER_RANK * world:
-                order = shard_units(order, [self.unit_rows[i] for i in order], world)[rank]
-            else:  # too few row groups to share out: rank r takes rows r, r + world, ... of every read
-                keep_slice = (rank, world)
+            whole, shared = shard_units(order, [self.unit_rows[i] for i in order], world)
+            mine = set(whole[rank])
         cols = list(columns) if columns is not None else self.columns
         for u in order:
+            if mine is not None and u not in mine and u not in shared:
+                continue
             file_index, row_group = self.units[u]
             pf = self.files[file_index]
             try:
                 for batch in pf.iter_batches(batch_size=read_rows, row_groups=[row_group], columns=cols):
-                    if keep_slice is not None:
-                        batch = batch.take(pa.array(np.arange(keep_slice[0], batch.num_rows, keep_slice[1])))
+                    if u in shared:  # rank r keeps rows r, r + world, ...
+                        batch = batch.take(pa.array(np.arange(shard[0], batch.num_rows, shard[1])))
                     yield batch
             except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
                 raise DataError(f"failed reading {self.paths[file_index]} (row group {row_group}): {exc}") from None
 
 
-#: with fewer row groups than this per rank, ranks share the rows of every row group instead (each rank then
-#: decodes every row group but preprocesses only its rows)
-MIN_UNITS_PER_RANK = 4
-
-
-def shard_units(order: Sequence[int], rows: Sequence[int], world: int) -> list[list[int]]:
-    """Deal row groups (in ``order``, with ``rows`` rows each) to ``world`` ranks: each goes to the rank
-    holding the fewest rows so far (ties: the lowest rank), so equal row groups go round-robin
-    (rank ``r`` gets ``r, r + world, ...``) and the ranks' row counts differ by at most one row group."""
-    shares: list[list[int]] = [[] for _ in range(world)]
-    held = [0] * world
+def shard_units(order: Sequence[int], rows: Sequence[int], world: int) -> tuple[list[list[int]], set[int]]:
+    """Share row groups (``order``, with ``rows`` rows each) among ``world`` ranks so that every rank gets
+    the same number of rows. Row groups of equal size are dealt whole, round-robin in ``order`` (rank ``r``
+    gets the ``r``-th, ``r + world``-th, ... of each size), so a rank decodes only its own; the at most
+    ``world - 1`` left over of each size (e.g. the last, shorter group of each file) are shared: every rank
+    decodes them and keeps rows ``r, r + world, ...``. Returns (whole row groups per rank, shared ones); the
+    ranks' row counts differ by at most one row per record batch read from a shared group."""
+    by_size: dict[int, list[int]] = {}
     for unit, n in zip(order, rows):
-        r = min(range(world), key=lambda i: (held[i], i))
-        shares[r].append(unit)
-        held[r] += n
-    return shares
+        by_size.setdefault(n, []).append(unit)
+    whole: list[list[int]] = [[] for _ in range(world)]
+    shared: set[int] = set()
+    for units in by_size.values():
+        dealt = len(units) // world * world
+        for i, unit in enumerate(units[:dealt]):
+            whole[i % world].append(unit)
+        shared.update(units[dealt:])
+    return whole, shared

@@ -15,7 +15,11 @@
   because NCCL cannot all-reduce the sparse gradients of ``nn.Embedding(sparse=True)``: sparse gradients
   are all-gathered (ids and rows) and summed, so ``SparseAdam`` still touches only the rows in the global
   batch, on gloo and NCCL alike. A gradient-surgery balancer therefore works on each rank's local batch and
-  the ranks' results are averaged;
+  the ranks' results are averaged. The balancer's own parameters and buffers are averaged after every step
+  too, so state it updates inside ``backward`` (FAMO's logits, GradNorm's initial losses, ...) stays the
+  same on every rank; state kept in plain attributes stays per rank;
+- validation and test rows are scored by every rank, each its share, and gathered on rank 0, which
+  computes the metrics (AUC and GAUC do not average over shards) and broadcasts them;
 - every rank runs the same number of steps per epoch: a rank that runs out of batches ends the epoch for
   all (the flag travels with the gradient collectives, so it costs no extra round trip);
 - only rank 0 fits the schema (then broadcasts it), writes the run directory, checkpoints, metrics.json,
