@@ -10,7 +10,8 @@ No convex-programming package is needed: the solution is the unique minimiser of
 damped Newton steps on the T x T system (the authors solve a sequence of convex programs with cvxpy). As in the authors' code the Gram matrix is first divided by its Frobenius norm (so the
 update keeps the gradients' scale), ``alpha`` is re-solved every ``update_weights_every`` steps (the
 steps between reuse it and cost one backward pass), and the shared update is clipped to ``max_norm``
-(0 turns that off). Tasks whose gradient is zero get ``alpha = 0``.
+(0 turns that off; with ``train.precision: fp16`` the clip would see loss-scaled gradients, so set it to
+0 there). Tasks whose gradient is zero get ``alpha = 0``.
 """
 from __future__ import annotations
 
