@@ -159,8 +159,8 @@ def report(results: list[dict]) -> str:
     params_single = {m: rs[0]["parameters"] for m, rs in single.items() if rs}
     lines += ["", f"parameters: shared {params_shared:,}; single-task " + ", ".join(
         f"{m.split(':')[1]} {p:,}" for m, p in params_single.items()),
-        f"training time over all seeds: shared {t_shared:.0f} s (one model), single-task {t_single:.0f} s "
-        f"({len(params_single)} models per seed)"]
+        (f"training time over all seeds: shared {t_shared:.0f} s (one model), single-task {t_single:.0f} s "
+         f"({len(params_single)} models per seed)")]
     return "\n".join(lines)
 
 

@@ -9,6 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from recmtl_plugins.heads.multiclass import MulticlassHead
+from recmtl_plugins.heads.multilabel import MultilabelHead
+from recmtl_plugins.heads.regression import RegressionHead
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from recmtl.config import parse_config
@@ -18,9 +21,6 @@ from recmtl.errors import DataError, PluginError
 from recmtl.model import MultiTaskModel
 from recmtl.plugins import load_registry
 from recmtl.schema import fit_schema
-from recmtl_plugins.heads.multiclass import MulticlassHead
-from recmtl_plugins.heads.multilabel import MultilabelHead
-from recmtl_plugins.heads.regression import RegressionHead
 
 REGISTRY = load_registry()
 
@@ -183,9 +183,9 @@ def test_multilabel_from_label_columns_or_a_list_column(labelled):
     np.testing.assert_array_equal(arrays.labels[4, 2:4], t["tags"][4].as_py())
     model = MultiTaskModel(cfg, schema, REGISTRY)
     labels, mask = torch.from_numpy(arrays.labels), torch.from_numpy(arrays.mask.astype(np.float32))
-    lab, m = model.task_label(labels, mask, "tags")
+    lab, _ = model.task_label(labels, mask, "tags")
     assert lab.shape == (400, 2) and torch.equal(lab, labels[:, 2:4])
-    lab, m = model.task_label(labels, mask, "digit")
+    lab, _ = model.task_label(labels, mask, "digit")
     assert lab.shape == (400,)
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from recmtl_plugins.heads.binary import binary_label_problem
 from sklearn.metrics import f1_score
 from torch import nn
 
 from recmtl import Head, TaskInfo, hookimpl
 from recmtl import metrics as M
-
-from recmtl_plugins.heads.binary import binary_label_problem
 
 
 class MultilabelHead(Head):
