@@ -84,6 +84,16 @@ class Precision:
         scale = self.scaler.scale(torch.ones((), device=self.device))  # also creates the scale lazily
         return {t: _ScaleGrad.apply(v, scale.detach()) for t, v in losses.items()}
 
+    def scale_grads(self, params: Iterable[nn.Parameter]) -> None:
+        """Multiply the gradients present by the loss scale (for a term back-propagated on its own, such as
+        a tower's regularisation, so that unscaling in :meth:`step` leaves it as it was); fp16 only."""
+        if self.scaler is None:
+            return
+        scale = self.scaler.get_scale()
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+
     def step(self, optimizers: Iterable[torch.optim.Optimizer], unscaled: Iterable[nn.Parameter] = ()) -> None:
         """``unscaled``: parameters whose gradient did not pass through a loss (the balancer's own)."""
         if self.scaler is None:

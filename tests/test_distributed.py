@@ -240,3 +240,22 @@ def test_distributed_run_killed_after_first_checkpoint_resumes(funnel_dir, tmp_p
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(1, done + 2))
     assert history[-1]["rows"] == 16000
+
+
+def test_fp16_loss_scaling_through_the_balancer_contract():
+    """Model gradients (from the task losses and from a term back-propagated on its own) and a balancer's
+    own parameter get the true gradient after GradScaler unscales, whatever the scale."""
+    from recmtl.device import Precision
+    prec = Precision("fp16", torch.device("cpu"))
+    w = nn.Parameter(torch.tensor([2.0]))
+    s = nn.Parameter(torch.tensor([0.5]))  # a learnt loss weight (uncertainty-style), after the losses
+    opt = torch.optim.SGD([w, s], lr=1.0)
+    (0.5 * w ** 2).sum().backward()  # the separate term: d/dw = w = 2
+    prec.scale_grads([w, s])
+    loss = prec.scale_losses({"t": (3.0 * w).sum()})["t"]
+    (s.exp() * loss - s).sum().backward()  # d/dw = 3 e^s; d/ds = e^s * 6 - 1
+    assert prec.scaler.get_scale() == 65536.0
+    prec.step([opt], unscaled=[s])
+    e = float(np.exp(0.5))
+    assert w.item() == pytest.approx(2.0 - (2.0 + 3 * e), rel=1e-6)
+    assert s.item() == pytest.approx(0.5 - (6 * e - 1), rel=1e-6)
