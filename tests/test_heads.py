@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -207,3 +208,37 @@ def test_dry_run_names_a_head_with_the_wrong_number_of_class_scores(labelled):
     registry.tables["head"]["multiclass"] = dataclasses.replace(registry.entry("head", "multiclass"), factory=Narrow)
     with pytest.raises(PluginError, match=r"predict returned shape \(2, 2\), expected \(batch, 3\) for its 3 classes"):
         MultiTaskModel(cfg, schema, registry)
+
+
+@pytest.mark.slow
+def test_regression_log1p_and_multiclass_export_and_score(cli, tmp_path):
+    """Watch time (log1p regression) and a string multiclass task: export parity, scores equal PyTorch's."""
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 3000), ("valid", 500)):
+        x = rng.normal(size=n)
+        c = rng.integers(0, 6, n)
+        watch = np.expm1(1.5 + 0.8 * x + 0.3 * (c % 3) + rng.normal(0, 0.2, n))
+        genre = np.array(["drama", "news", "sport"], dtype=object)[(c + (x > 0)) % 3]
+        pq.write_table(pa.table({"x": x, "c": c, "watch_time": pa.array(watch, mask=rng.random(n) < 0.1),
+                                 "genre": genre.tolist()}), tmp_path / f"{split}.parquet")
+    cfg = {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "valid.parquet")},
+           "features": [{"name": "x", "kind": "dense"}, {"name": "c", "kind": "categorical"}],
+           "tasks": [{"name": "watch", "label": "watch_time", "head": "regression", "params": {"log1p": True}},
+                     {"name": "genre", "head": "multiclass"}],
+           "encoders": {"categorical": {"name": "embedding", "dim": 4}},
+           "tower": {"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+           "optimizer": {"lr": 0.01}, "train": {"batch_size": 256, "epochs": 3, "progress": False, "threads": 1}}
+    (tmp_path / "c.yaml").write_text(__import__("yaml").safe_dump(cfg))
+    assert cli("train", tmp_path / "c.yaml", "--out", tmp_path / "run").code == 0
+    r = cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert r.code == 0 and "watch=" in r.out and "genre=" in r.out, r
+    assert cli("evaluate", tmp_path / "run", tmp_path / "valid.parquet", "--save-predictions", tmp_path / "p.parquet").code == 0
+    assert cli("score", tmp_path / "m.onnx", tmp_path / "valid.parquet", "-o", tmp_path / "s.parquet", "--no-progress").code == 0
+    torch_scores, onnx_scores = pq.read_table(tmp_path / "p.parquet"), pq.read_table(tmp_path / "s.parquet")
+    np.testing.assert_allclose(onnx_scores["watch"].to_numpy(), torch_scores["watch"].to_numpy(), rtol=1e-5, atol=1e-5)
+    # expm1 of the head's output: seconds (median label ~5), not log-seconds (~1.8)
+    labels = pq.read_table(tmp_path / "valid.parquet")["watch_time"].drop_null().to_numpy()
+    assert abs(np.median(onnx_scores["watch"].to_numpy()) / np.median(labels) - 1) < 0.25
+    np.testing.assert_allclose(np.stack(onnx_scores["genre"].to_pylist()), np.stack(torch_scores["genre"].to_pylist()), atol=1e-5)
+    meta = json.loads(__import__("onnx").load(str(tmp_path / "m.onnx")).metadata_props[0].value)
+    assert [t.get("classes") for t in meta["tasks"]] == [None, ["drama", "news", "sport"]]
