@@ -227,3 +227,36 @@ def test_serve_takes_base64_images_and_v2_tensors_and_returns_k_scores(digits_ru
         bad = {"inputs": [{"name": "image", "shape": [6, 64], "datatype": "FP32", "data": pixels.reshape(-1).tolist()}]}
         r = client.post("/v2/models/model/infer", json=bad)
         assert r.status_code == 400 and "shape must be [batch, 1, 8, 8]" in r.json()["error"]
+
+
+@pytest.mark.slow
+def test_two_image_features_with_categorical_and_dense_export_with_parity(cli, digits_run, tmp_path):
+    """Images next to categorical and dense features, one image as PNG bytes and one as a uint8 array
+    column (two CNN backbones): training, export (parity checked) and scoring agree."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "valid"):
+        t = pq.read_table(digits_run / "data" / f"{split}.parquet")
+        pixels = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in t["image"].to_pylist()])
+        flipped = pa.array(list(pixels[:, :, ::-1].reshape(len(t), -1)), pa.list_(pa.uint8()))
+        t = t.append_column("mirror", flipped).append_column("shade", pa.array(rng.normal(size=len(t))))
+        t = t.append_column("batch_id", pa.array(rng.integers(0, 5, len(t))))
+        pq.write_table(t, tmp_path / f"{split}.parquet")
+    cfg = yaml.safe_load((digits_run / "data" / "config.yaml").read_text())
+    cfg["data"] = {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "valid.parquet"),
+                   "shuffle_buffer": 2048}
+    cfg["features"] += [{"name": "mirror", "kind": "image", "height": 8, "width": 8},
+                        {"name": "shade", "kind": "dense"}, {"name": "batch_id", "kind": "categorical"}]
+    cfg["encoders"]["image"] = {"name": "cnn", "channels": [8], "output_dim": 16}
+    cfg["train"].update({"epochs": 1, "progress": False, "threads": 1})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli("train", tmp_path / "c.yaml", "--out", tmp_path / "run").code == 0
+    r = cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert r.code == 0, r
+    import onnx
+    names = [i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input]
+    assert names == ["batch_id", "shade", "image", "mirror"]
+    assert cli("evaluate", tmp_path / "run", tmp_path / "valid.parquet", "--save-predictions", tmp_path / "p.parquet").code == 0
+    assert cli("score", tmp_path / "m.onnx", tmp_path / "valid.parquet", "-o", tmp_path / "s.parquet", "--no-progress").code == 0
+    for task in ("digit", "attributes"):
+        np.testing.assert_allclose(np.stack(pq.read_table(tmp_path / "s.parquet")[task].to_pylist()),
+                                   np.stack(pq.read_table(tmp_path / "p.parquet")[task].to_pylist()), atol=1e-5)
