@@ -14,6 +14,7 @@ layer as wide as the experts together (128 units); task towers of 8 units for al
 
 Usage: python benchmarks/mmoe_synthetic.py [--correlations 1.0,0.9,0.5,0] [--seeds 1,2,3] [--rows 20000]
        [--epochs 30] [--work-dir DIR] [--plot benchmarks/mmoe_synthetic.png] [--json results.json]
+       python benchmarks/mmoe_synthetic.py --from-json results.json   # tables and plot again, no training
 """
 from __future__ import annotations
 
@@ -111,11 +112,30 @@ def table(results: list[dict[str, Any]], correlations: list[float]) -> str:
     return "\n".join(lines)
 
 
+def ratios(results: list[dict[str, Any]], p: float, baseline: str) -> list[float]:
+    """Per seed: MMoE's test loss divided by ``baseline``'s on the same data (paired by seed)."""
+    by = {(r["tower"], r["seed"]): r["test_loss"] for r in results if r["correlation"] == p}
+    return [by[("mmoe", s)] / by[(baseline, s)] for (t, s) in sorted(by) if t == "mmoe" and (baseline, s) in by]
+
+
+def paired_table(results: list[dict[str, Any]], correlations: list[float]) -> str:
+    """Seed by seed (each seed is its own data set): how often MMoE beats each baseline, median loss ratio."""
+    lines = ["| correlation | MMoE < OMoE (seeds) | median MMoE / OMoE | MMoE < shared-bottom (seeds) | "
+             "median MMoE / shared-bottom |", "|---|---|---|---|---|"]
+    for p in correlations:
+        cells = []
+        for base in ("omoe", "shared_bottom"):
+            r = ratios(results, p, base)
+            cells += [f"{sum(x < 1 for x in r)} of {len(r)}", f"{statistics.median(r):.2f}" if r else ""]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: list[dict[str, Any]], correlations: list[float], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for tower in TOWERS:
         xs, ys, es = [], [], []
         for p in correlations:
@@ -129,9 +149,24 @@ def plot(results: list[dict[str, Any]], correlations: list[float], path: Path) -
     ax.set_ylabel("test loss (mean MSE of the two tasks)")
     ax.invert_xaxis()
     seeds = sorted({r["seed"] for r in results})
-    ax.set_title(f"MMoE synthetic experiment, {len(seeds)} seeds (mean ± std)")
+    ax.set_title(f"test loss, {len(seeds)} seeds (mean ± std)")
     ax.legend()
     ax.grid(alpha=0.3)
+    for base, colour in (("omoe", "tab:orange"), ("shared_bottom", "tab:blue")):
+        pts = [(p, r) for p in correlations for r in ratios(results, p, base)]
+        if not pts:
+            continue
+        bx.scatter([p for p, _ in pts], [r for _, r in pts], color=colour, alpha=0.4, s=18)
+        bx.plot(correlations, [statistics.median(ratios(results, p, base)) for p in correlations], marker="o",
+                color=colour, label=f"MMoE / {base} (median; dots: seeds)")
+    bx.axhline(1.0, color="grey", lw=1, ls="--")
+    bx.set_xlabel("task correlation p")
+    bx.set_ylabel("MMoE test loss / baseline's (same data)")
+    bx.invert_xaxis()
+    bx.set_title("paired by seed: below 1 = MMoE better")
+    bx.legend(fontsize=8)
+    bx.grid(alpha=0.3)
+    fig.suptitle("MMoE paper, section 4: synthetic tasks with correlation p")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -149,7 +184,15 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=Path(__file__).with_name("mmoe_synthetic.png"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--from-json", type=Path, default=None, help="no training: tables and plot from a saved --json")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        results = saved["results"]
+        correlations = sorted({r["correlation"] for r in results}, reverse=True)
+        print(table(results, correlations) + "\n\n" + paired_table(results, correlations))
+        plot(results, correlations, args.plot)
+        return
     correlations = [float(c) for c in args.correlations.split(",") if c.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     towers = [t for t in args.towers.split(",") if t.strip()]
@@ -178,6 +221,8 @@ def main() -> None:
           f"lr {args.lr}, seeds {seeds}")
     print()
     print(table(results, correlations))
+    print()
+    print(paired_table(results, correlations))
     plot(results, correlations, args.plot)
     print(f"\nplot: {args.plot}")
 
