@@ -1,0 +1,92 @@
+"""Cost of one training step of each registered tower at census-income sizes, interleaved.
+
+Wall times of whole training runs on a shared machine move with the load; this measures the tower alone:
+forward + backward + Adam step on a ``[batch, input_dim]`` input (census-income: 32 categorical features x
+16-d embeddings + 7 dense = 519) with two tasks, each tower at the sizes of benchmarks/census_income.py.
+Rounds are interleaved (every tower once per round, order shuffled) and the median per tower is reported,
+so load changes hit every tower alike. STEM also gets the categorical ids and its embedding tables (sparse,
+SparseAdam), as in training.
+
+Usage: python benchmarks/bench_tower_step.py [--rounds 30] [--batch 2048] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from census_income import TOWERS  # noqa: E402
+
+from recmtl.contracts import FeatureInfo  # noqa: E402
+from recmtl.model import sparse_parameters  # noqa: E402
+from recmtl.plugins import load_registry  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    registry = load_registry()
+    n_cat, n_dense, dim = 32, 7, 16
+    input_dim = n_cat * dim + n_dense
+    features = {"categorical": [FeatureInfo(f"c{i}", "categorical", 50) for i in range(n_cat)],
+                "dense": [FeatureInfo(f"d{i}", "dense") for i in range(n_dense)]}
+    x = torch.randn(args.batch, input_dim)
+    inputs = {"categorical": torch.randint(0, 50, (args.batch, n_cat)), "dense": torch.randn(args.batch, n_dense)}
+    y = torch.randint(0, 2, (args.batch, 2)).float()
+    steps = {}
+    for name, spec in TOWERS.items():
+        params = yaml.safe_load(spec)
+        cls = registry.get("tower", params.pop("name"))
+        extra = {"features": features} if cls.uses_inputs else {}
+        tower = cls(input_dim, ["a", "b"], **params, **extra)
+        heads = torch.nn.ModuleDict({t: torch.nn.Linear(w, 1) for t, w in tower.output_dims.items()})
+        sparse = sparse_parameters(tower)
+        ids = {id(p) for p in sparse}
+        opts = [torch.optim.Adam([p for p in list(tower.parameters()) + list(heads.parameters()) if id(p) not in ids])]
+        if sparse:
+            opts.append(torch.optim.SparseAdam(sparse))
+
+        def step(tower=tower, heads=heads, opts=opts) -> None:
+            h = tower(x, inputs) if tower.uses_inputs else tower(x)
+            loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(heads[t](h[t]).squeeze(-1), y[:, i])
+                       for i, t in enumerate(["a", "b"]))
+            for o in opts:
+                o.zero_grad()
+            (loss + tower.regularization({})).backward()
+            for o in opts:
+                o.step()
+
+        step()  # warm-up
+        steps[name] = step
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(args.rounds):
+        order = list(steps)
+        random.shuffle(order)
+        for n in order:
+            t0 = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - t0)
+    base = statistics.median(times["shared_bottom"])
+    print(f"batch {args.batch}, input {input_dim}, {args.threads} thread(s), {args.rounds} interleaved rounds")
+    print("| tower | parameters | step (ms, median) | vs shared_bottom |")
+    print("|---|---|---|---|")
+    for n in steps:
+        med = statistics.median(times[n])
+        n_params = sum(p.numel() for p in steps[n].__defaults__[0].parameters())
+        print(f"| {n} | {n_params:,} | {1000 * med:.1f} | {med / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
