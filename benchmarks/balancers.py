@@ -189,7 +189,7 @@ def step_timing(cfg: Path, sets: list[str], schema_dir: Path, balancers: list[st
     cosines = []
     for batch in batches:
         losses = model.losses(model(batch.inputs), batch.labels, batch.mask)
-        g = task_gradients([losses[t] for t in tasks], shared, retain_graph=False)
+        g = task_gradients([losses[t] for t in tasks], shared)
         cosines.append(float(g[0] @ g[1] / (g[0].norm() * g[1].norm()).clamp_min(1e-12)))
     return {b: 1000 * statistics.median(v) for b, v in times.items()}, cosines
 
