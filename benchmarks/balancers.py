@@ -338,7 +338,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         spec = DATASETS[dataset]
         names = sorted({k[2] for k in summary if k[0] == dataset}, key=lambda b: (b != "fixed", b))
         ypos = {b: i for i, b in enumerate(reversed(names))}
-        panels = [(t, f"{dataset}: {t} test {spec['metric'].upper()} − fixed (paired by seed)")
+        better = "> 0 is better" if spec["higher"] else "< 0 is better"
+        panels = [(t, f"{dataset}: {t} test {spec['metric'].upper()} − fixed, paired by seed ({better})")
                   for t in spec["tasks"]] + [(None, f"{dataset}: CPU time per step / fixed")]
         for col, (task, title) in enumerate(panels):
             ax = axes[row][col]
