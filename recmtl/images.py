@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recmtl.errors import DataError
+from recmtl.io import plain_array
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -35,14 +36,6 @@ def is_image_type(typ: pa.DataType) -> str | None:
         if pa.types.is_integer(typ) or pa.types.is_floating(typ):
             return "array"
     return None
-
-
-def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    return arr
 
 
 def _decode_one(data: bytes, name: str, row: int, channels: int, height: int, width: int) -> np.ndarray:
@@ -61,7 +54,7 @@ def _decode_one(data: bytes, name: str, row: int, channels: int, height: int, wi
 
 def decode_images(arr: pa.Array | pa.ChunkedArray, name: str, channels: int, height: int, width: int) -> np.ndarray:
     """An Arrow image column -> float32 ``[n, channels, height, width]`` (see the module docstring)."""
-    arr = _plain(arr)
+    arr = plain_array(arr)
     n = len(arr)
     out = np.zeros((n, channels, height, width), dtype=np.float32)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):  # base64 text (JSON requests)

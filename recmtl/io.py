@@ -1,4 +1,4 @@
-"""Atomic file output: write to a temporary name in the same folder, then rename."""
+"""Atomic file output (write to a temporary name in the same folder, then rename) and Arrow input helpers."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 
 _UMASK = os.umask(0)
@@ -47,3 +49,12 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     return str(obj)
+
+
+def plain_array(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One contiguous, non-dictionary Arrow array (chunks combined, dictionaries decoded)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    return arr

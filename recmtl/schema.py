@@ -21,19 +21,11 @@ from recmtl.contracts import FeatureInfo
 from recmtl.data import ParquetSource
 from recmtl.errors import DataError
 from recmtl.images import decode_images, is_image_type
-from recmtl.io import atomic_path, write_json
+from recmtl.io import atomic_path, plain_array, write_json
 
 SCHEMA_VERSION = 1
 LEAK_SAMPLE_ROWS = 200_000
 LEAK_MAX_DISTINCT = 64
-
-
-def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    return arr
 
 
 def _value_type(name: str, typ: pa.DataType, kind: str) -> str:
@@ -73,7 +65,7 @@ class CategoricalColumn:
         return (self.hash_buckets if self.hash_buckets else len(self.vocab)) + 1
 
     def _normalise(self, arr: pa.Array) -> pa.Array:
-        arr = _plain(arr)
+        arr = plain_array(arr)
         if self.value_type == "int":
             if not (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)):
                 raise DataError(f"feature '{self.name}': expected integer values, got {arr.type}")
@@ -148,7 +140,7 @@ class DenseColumn:
     fill: float = 0.0
 
     def values(self, arr: pa.Array) -> np.ndarray:
-        arr = _plain(arr)
+        arr = plain_array(arr)
         if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
                 or pa.types.is_boolean(arr.type) or pa.types.is_decimal(arr.type)):
             raise DataError(f"feature '{self.name}': expected numbers, got {arr.type}")
@@ -205,7 +197,7 @@ class LabelColumn:
         return y[:, None], mask[:, None]
 
     def class_ids(self, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        arr = _plain(arr)
+        arr = plain_array(arr)
         mask = arr.is_valid().to_numpy(zero_copy_only=False)
         what = f"label column '{self.column}' of task '{self.task}'"
         if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
@@ -230,7 +222,7 @@ class LabelColumn:
         if isinstance(self.column, list):
             parts = [LabelColumn(self.task, c).values(batch.column(c)) for c in self.column]
             return np.stack([p[0] for p in parts], 1), np.stack([p[1] for p in parts], 1)
-        arr = _plain(batch.column(self.column))
+        arr = plain_array(batch.column(self.column))
         n, k = len(arr), self.width
         what = f"label column '{self.column}' of task '{self.task}'"
         if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type)):
@@ -248,7 +240,7 @@ class LabelColumn:
         return y_out, m_out
 
     def values(self, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        arr = _plain(arr)
+        arr = plain_array(arr)
         mask = arr.is_valid().to_numpy(zero_copy_only=False)
         if self.positive is not None:
             value_set = pa.array([str(v) for v in self.positive]) if (
@@ -360,7 +352,7 @@ class FittedSchema:
                 y[:, start:start + w], mask[:, start:start + w] = lab.read(batch)
         group = None
         if self.group_column and self.group_column in batch.schema.names:
-            group = _plain(batch.column(self.group_column)).to_numpy(zero_copy_only=False)
+            group = plain_array(batch.column(self.group_column)).to_numpy(zero_copy_only=False)
         return Arrays(inputs, y, mask, group)
 
     # ---- persistence -------------------------------------------------------------------------
@@ -533,14 +525,14 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
         rows += batch.num_rows
         for f in cat_cfg:
             if f.name in counters:
-                arr = _plain(batch.column(f.name))
+                arr = plain_array(batch.column(f.name))
                 # an empty string counts as missing (id 0), as null does
                 counters[f.name].add(arr.cast(pa.int64()) if types[f.name] == "int" else arr.filter(pc.not_equal(arr, "")))
         for f in dense_cfg:
-            stats[f.name].add(_plain(batch.column(f.name)))
+            stats[f.name].add(plain_array(batch.column(f.name)))
         for lab in labels:
             if lab.kind == "class":
-                label_stats[lab.task].add_classes(_plain(batch.column(lab.column)))
+                label_stats[lab.task].add_classes(plain_array(batch.column(lab.column)))
             else:
                 y, mask = lab.read(batch)
                 label_stats[lab.task].add(y, mask)
@@ -604,7 +596,7 @@ def _label_column(task: TaskConfig, kind: str, source: ParquetSource) -> LabelCo
     else:
         k = 0
         for batch in source.batches(read_rows=4096, columns=[task.label]):
-            lengths = pc.list_value_length(_plain(batch.column(0))).drop_null()
+            lengths = pc.list_value_length(plain_array(batch.column(0))).drop_null()
             if len(lengths):
                 k = int(lengths[0].as_py())
                 break
@@ -625,7 +617,7 @@ def check_leaks(features: Iterable[FeatureConfig], tasks: Iterable[TaskConfig], 
             continue
         y_l = y[mask]
         for f in features:
-            col = _plain(sample.column(f.name)).filter(pa.array(mask))
+            col = plain_array(sample.column(f.name)).filter(pa.array(mask))
             if col.null_count == len(col):
                 continue
             codes = pc.dictionary_encode(col).indices.to_numpy(zero_copy_only=False)

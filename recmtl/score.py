@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from recmtl.errors import DataError, close_matches
 from recmtl.images import decode_images
+from recmtl.io import plain_array
 
 METADATA_KEY = "recmtl.schema"
 INT_NULL = np.iinfo(np.int64).min  # never in a vocabulary: null ints go to the OOV id
@@ -59,11 +60,7 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
         if inp.name not in names:
             raise DataError(f"input column '{inp.name}' is missing{close_matches(inp.name, names)}; "
                             f"the model needs: {', '.join(i.name for i in inputs)}")
-        col = batch.column(inp.name)
-        if isinstance(col, pa.ChunkedArray):
-            col = col.combine_chunks()
-        if pa.types.is_dictionary(col.type):
-            col = col.dictionary_decode()
+        col = plain_array(batch.column(inp.name))
         typ = col.type
         if inp.is_image:
             feeds[inp.name] = decode_images(col, inp.name, *inp.shape)
