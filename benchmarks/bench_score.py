@@ -78,7 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rss-rows", type=int, default=0, help="also measure peak RSS of recmtl score on this many rows")
     ap.add_argument("--work-dir", type=Path)

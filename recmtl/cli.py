@@ -228,7 +228,7 @@ def score(
     data: Annotated[str, typer.Argument(help="Parquet file, folder or glob to score.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write (atomically).")],
     keep: Annotated[list[str], typer.Option(help="Column to copy next to the scores (e.g. ids); repeatable.")] = [],
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per onnxruntime call.")] = 2048,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per onnxruntime call.")] = 1024,
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime threads (per worker).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Processes scoring row groups in parallel.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,

@@ -20,6 +20,8 @@ from recmtl.images import decode_images
 from recmtl.io import plain_array
 
 METADATA_KEY = "recmtl.schema"
+#: rows per onnxruntime call: 1024 scored 24% faster than 2048 end to end on 2 cores (benchmarks/RESULTS.md)
+DEFAULT_BATCH_SIZE = 1024
 INT_NULL = np.iinfo(np.int64).min  # never in a vocabulary: null ints go to the OOV id
 
 
@@ -103,7 +105,7 @@ class Scorer:
         empty = pa.Table.from_batches([], schema=schema) if len(schema) else pa.table({})
         to_feeds(empty, self.inputs)
 
-    def score(self, batch: pa.RecordBatch | pa.Table, keep: Sequence[str] = (), batch_size: int = 2048,
+    def score(self, batch: pa.RecordBatch | pa.Table, keep: Sequence[str] = (), batch_size: int = DEFAULT_BATCH_SIZE,
               feeds: dict[str, np.ndarray] | None = None) -> pa.RecordBatch:
         """Scores for every row of ``batch`` (converted once, run in slices of ``batch_size`` rows)."""
         feeds = to_feeds(batch, self.inputs) if feeds is None else feeds
@@ -133,7 +135,7 @@ class Scorer:
 
 
 def score_batches(model_path: str | Path, batches: Iterable[pa.RecordBatch], keep: Sequence[str] = (),
-                  batch_size: int = 2048, threads: int | None = None) -> Iterator[pa.RecordBatch]:
+                  batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None) -> Iterator[pa.RecordBatch]:
     """Score Arrow record batches with an exported model; yields one scored batch per input batch, in
     input order, with the ``keep`` columns first and one column per task: float32, or a
     ``fixed_size_list<float32>[K]`` of class/attribute probabilities for multiclass/multilabel tasks."""
@@ -197,7 +199,7 @@ def _worker_score(path: str, row_group: int, keep: Sequence[str], batch_size: in
 
 
 def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, keep: Sequence[str] = (),
-                  batch_size: int = 2048, threads: int | None = None, workers: int = 1,
+                  batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None, workers: int = 1,
                   read_rows: int = 65_536, progress: bool = True) -> int:
     """Score a Parquet file/folder/glob into one Parquet file (atomic, input row order); returns rows."""
     import pyarrow.parquet as pq
