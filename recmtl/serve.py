@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 import recmtl
 from recmtl.errors import DataError, RecmtlError
-from recmtl.score import ModelInput, Scorer, to_feeds
+from recmtl.score import INT_NULL, ModelInput, Scorer, to_feeds
 
 V2_TYPES = {"int64": "INT64", "string": "BYTES", "float32": "FP32"}
 NUMPY_OF = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP64": np.float64}
@@ -157,6 +157,9 @@ class ServedModel:
                 raise ClientError(400, f"instance {i}: unknown feature(s) {sorted(unknown)}; the model takes {sorted(expected)}")
             if missing:
                 raise ClientError(400, f"instance {i}: missing feature(s) {sorted(missing)} (send null for a missing value)")
+        if not any(inp.is_image for inp in self.scorer.inputs):
+            # straight from the JSON values to numpy: 5x cheaper than going through Arrow for small requests
+            return {inp.name: _json_column(inp, [row[inp.name] for row in instances]) for inp in self.scorer.inputs}, len(instances)
         try:
             table = pa.Table.from_pylist(instances)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
@@ -243,6 +246,26 @@ class ServedModel:
         else:
             wants = {t: binary_default for t in self.scorer.tasks}
         return feeds, rows, wants
+
+
+_JSON_KINDS = {"int64": ((int,), "integers"), "string": ((str,), "strings"), "float32": ((int, float), "numbers")}
+
+
+def _json_column(inp: ModelInput, values: list) -> np.ndarray:
+    """One feature's JSON values -> the model input, with ``to_feeds``' null handling (ints: a value outside
+    every vocabulary, strings: "", numbers: NaN); a value of the wrong type is a 400 naming the feature."""
+    types, expected = _JSON_KINDS[inp.dtype]
+    for v in values:
+        if v is not None and not isinstance(v, types):
+            raise ClientError(400, f"feature '{inp.name}': value {v!r} is a {type(v).__name__}; the model expects {expected}")
+    try:
+        if inp.dtype == "int64":
+            return np.array([INT_NULL if v is None else v for v in values], dtype=np.int64)
+        if inp.dtype == "string":
+            return np.array(["" if v is None else v for v in values], dtype=object)
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+    except (OverflowError, ValueError) as exc:
+        raise ClientError(400, f"feature '{inp.name}': {exc}") from None
 
 
 def _decode_json(name: str, dtype: Any, data: list) -> np.ndarray:

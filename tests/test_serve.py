@@ -162,6 +162,9 @@ def test_v1_bad_features(server, rows):
     wrong = [dict(good[0], user_id="abc")]
     r = httpx.post(server.url + "/v1/models/model/predict", json={"instances": wrong})
     assert r.status_code == 400 and "user_id" in r.json()["error"]
+    huge = [dict(good[0], user_id=2**70)]
+    r = httpx.post(server.url + "/v1/models/model/predict", json={"instances": huge})
+    assert r.status_code == 400 and "user_id" in r.json()["error"]
     mixed = [dict(good[0], d01="x"), dict(good[1])]
     assert httpx.post(server.url + "/v1/models/model/predict", json={"instances": mixed}).status_code == 400
     r = httpx.post(server.url + "/v1/models/nope/predict", json={"instances": good})
