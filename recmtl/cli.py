@@ -73,24 +73,23 @@ def init(
     output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("recmtl.yaml"),
     force: Annotated[bool, typer.Option(help="Overwrite an existing config file.")] = False,
 ) -> None:
-    """Write a starter config by inspecting DATA's schema (ints/strings -> categorical, floats -> dense)."""
+    """Write a starter config by inspecting DATA's schema (ints/strings -> categorical, floats -> dense,
+    PNG/JPEG bytes or square number lists -> image)."""
     from recmtl.io import write_text
     from recmtl.starter import render, starter_config
     if output.exists() and not force:
         raise ConfigError(f"{output} exists; pass --force to overwrite it")
-    result = starter_config(data, task, output, positive, exclude, dense, categorical, validation, test, tower, group_column)
+    result = starter_config(data, task, output, positive, exclude, dense, categorical, validation, test, tower,
+                            group_column, head)
     cfg = result["config"]
-    names = {t["name"]: t for t in cfg["tasks"]}
-    for item in head:
-        name, sep, head_name = item.partition("=")
-        if not sep or name not in names:
-            raise ConfigError(f"--head '{item}' must be TASK=HEAD with TASK one of {', '.join(names)}")
-        names[name]["head"] = head_name
-    _registry().get("tower", tower)
+    registry = _registry()
+    registry.get("tower", tower)
+    for t in cfg["tasks"]:
+        registry.get("head", t["head"])
     write_text(output, render(cfg, result["skipped"]))
-    n_cat = sum(f["kind"] == "categorical" for f in cfg["features"])
-    typer.echo(f"wrote {output}: {n_cat} categorical + {len(cfg['features']) - n_cat} dense features, "
-               "tasks " + ", ".join(f"{t['name']} ({t['head']})" for t in cfg["tasks"]))
+    counts = {k: sum(f["kind"] == k for f in cfg["features"]) for k in ("categorical", "dense", "image")}
+    typer.echo(f"wrote {output}: " + " + ".join(f"{n} {k}" for k, n in counts.items() if n or k != "image")
+               + " features, tasks " + ", ".join(f"{t['name']} ({t['head']})" for t in cfg["tasks"]))
 
 
 @app.command()

@@ -1,6 +1,8 @@
 """``recmtl init``: a starter config written by inspecting a Parquet file's schema."""
 from __future__ import annotations
 
+import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,12 +14,14 @@ import yaml
 
 from recmtl.data import ParquetSource
 from recmtl.errors import ConfigError, close_matches
+from recmtl.images import is_image_type
 
 HEADER = """\
 # recmtl config written by `recmtl init`. Reference: README.md, section "Config".
-# features: categorical (ints/strings -> vocabulary with min_count, or hash_buckets) and dense
-#           (floats: nulls filled, standardised). Move a column between kinds as you see fit.
-# tasks:    label column, head (binary | esmm | regression | any registered head), weight.
+# features: categorical (ints/strings -> vocabulary with min_count, or hash_buckets), dense
+#           (floats: nulls filled, standardised) and image (PNG/JPEG bytes or number lists: height, width,
+#           channels). Move a column between kinds as you see fit.
+# tasks:    label column, head (binary | esmm | regression | multiclass | multilabel | any registered head), weight.
 # Paths are relative to this file's folder.
 """
 
@@ -29,6 +33,31 @@ def _kind(typ: pa.DataType) -> str | None:
         return "categorical"
     if pa.types.is_floating(typ) or pa.types.is_decimal(typ):
         return "dense"
+    return None
+
+
+def _image_shape(source: ParquetSource, column: str) -> dict[str, int] | None:
+    """Height, width and channels of an image column, from its first non-null value: encoded bytes are
+    opened with Pillow; a number list of length L is a square grey image (L = h*w) or RGB (L = 3*h*w)."""
+    batch = next(source.batches(read_rows=64, columns=[column]), None)
+    values = [] if batch is None else [v for v in batch.column(0).to_pylist() if v is not None]
+    if not values:
+        return None
+    first = values[0]
+    if isinstance(first, (bytes, bytearray)):
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(io.BytesIO(first)) as img:
+                width, height = img.size
+                channels = {"L": 1, "1": 1, "I": 1, "F": 1, "RGBA": 4, "LA": 4}.get(img.mode, 3)
+        except (UnidentifiedImageError, OSError):
+            return None
+        return {"height": height, "width": width, "channels": channels}
+    length = len(first)
+    for channels in (1, 3):
+        side = math.isqrt(length // channels)
+        if side * side * channels == length:
+            return {"height": side, "width": side, "channels": channels}
     return None
 
 
@@ -56,7 +85,7 @@ def _head_for(name: str, column: str, sample: pa.Array, positive: list[Any] | No
 def starter_config(data: str, tasks: list[str], config_path: str | Path, positives: list[str] = (),
                    exclude: list[str] = (), dense: list[str] = (), categorical: list[str] = (),
                    validation: str | None = None, test: str | None = None, tower: str = "mmoe",
-                   group_column: str | None = None) -> dict[str, Any]:
+                   group_column: str | None = None, heads: list[str] = ()) -> dict[str, Any]:
     if not tasks:
         raise ConfigError("name at least one task: --task COLUMN (or --task NAME=COLUMN)")
     source = ParquetSource(data)
@@ -68,6 +97,12 @@ def starter_config(data: str, tasks: list[str], config_path: str | Path, positiv
             raise ConfigError(f"--positive '{item}' must look like COLUMN=VALUE")
         pos.setdefault(col.strip(), []).append(value)
     parsed = [_parse_task(t) for t in tasks]
+    chosen: dict[str, str] = {}
+    for item in heads:
+        name, sep, head_name = item.partition("=")
+        if not sep or name not in {n for n, _ in parsed}:
+            raise ConfigError(f"--head '{item}' must be TASK=HEAD with TASK one of {', '.join(n for n, _ in parsed)}")
+        chosen[name] = head_name
     for col in [c for _, c in parsed] + list(exclude) + list(dense) + list(categorical) + list(pos) + (
             [group_column] if group_column else []):
         if col not in names:
@@ -81,8 +116,8 @@ def starter_config(data: str, tasks: list[str], config_path: str | Path, positiv
         positive = pos.get(column)
         if positive is not None and _kind(source.field(column).type) and pa.types.is_integer(source.field(column).type):
             positive = [int(v) for v in positive]
-        entry: dict[str, Any] = {"name": name, "label": column,
-                                 "head": _head_for(name, column, sample.column(column), positive), "weight": 1.0}
+        head = chosen.get(name) or _head_for(name, column, sample.column(column), positive)
+        entry: dict[str, Any] = {"name": name, "label": column, "head": head, "weight": 1.0}
         if positive is not None:
             entry["positive"] = positive
         task_cfg.append(entry)
@@ -91,6 +126,11 @@ def starter_config(data: str, tasks: list[str], config_path: str | Path, positiv
         if col in labels or col in exclude:
             continue
         kind = "dense" if col in dense else "categorical" if col in categorical else _kind(source.field(col).type)
+        if kind is None and is_image_type(source.field(col).type):
+            shape = _image_shape(source, col)
+            if shape is not None:
+                features.append({"name": col, "kind": "image", **shape})
+                continue
         if kind is None:
             skipped.append(f"{col} ({source.field(col).type})")
             continue
@@ -112,7 +152,8 @@ def starter_config(data: str, tasks: list[str], config_path: str | Path, positiv
         "data": data_cfg,
         "features": features,
         "tasks": task_cfg,
-        "encoders": {"categorical": {"name": "embedding", "dim": 16}},
+        "encoders": {"categorical": {"name": "embedding", "dim": 16}}
+        | ({"image": {"name": "cnn"}} if any(f["kind"] == "image" for f in features) else {}),
         "tower": {"name": tower} | ({"num_experts": 4, "expert_units": [256, 128], "task_units": [64]} if tower == "mmoe" else {}),
         "balancer": {"name": "fixed"},
         "optimizer": {"name": "adam", "lr": 0.001},

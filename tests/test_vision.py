@@ -260,3 +260,33 @@ def test_two_image_features_with_categorical_and_dense_export_with_parity(cli, d
     for task in ("digit", "attributes"):
         np.testing.assert_allclose(np.stack(pq.read_table(tmp_path / "s.parquet")[task].to_pylist()),
                                    np.stack(pq.read_table(tmp_path / "p.parquet")[task].to_pylist()), atol=1e-5)
+
+
+def test_init_finds_image_columns_and_takes_heads_for_text_labels(cli, tmp_path):
+    """`recmtl init` proposes image features (PNG bytes or number lists) with their shape, and --head
+    multiclass works on a text label (no --positive needed); the written config trains."""
+    data = tmp_path / "data"
+    assert cli("datagen", "shapes", data, "--rows", "300", "--size", "16").code == 0
+    cfg = tmp_path / "c.yaml"
+    r = cli("init", data / "train.parquet", "--task", "shape", "--head", "shape=multiclass", "--task", "large",
+            "--exclude", "colour", "--exclude", "fill", "--exclude", "size", "--validation", data / "valid.parquet",
+            "-o", cfg)
+    assert r.code == 0, r
+    assert "1 image" in r.out
+    written = yaml.safe_load(cfg.read_text())
+    assert written["features"] == [{"name": "image", "kind": "image", "height": 16, "width": 16, "channels": 3}]
+    assert [(t["name"], t["head"]) for t in written["tasks"]] == [("shape", "multiclass"), ("large", "binary")]
+    assert written["encoders"]["image"] == {"name": "cnn"}
+    r = cli("train", cfg, "--out", tmp_path / "run", "--set", "train.epochs=1", "--set", "train.threads=1",
+            "--set", "train.progress=false", "--set", "train.batch_size=64")
+    assert r.code == 0, r
+    # a number-list image column: 3 x 4 x 4 values per row -> RGB 4x4
+    arrays = tmp_path / "arrays.parquet"
+    pq.write_table(pa.table({"pixels": pa.array([[0.5] * 48] * 8, pa.list_(pa.float32(), 48)),
+                             "y": pa.array([0, 1] * 4, pa.int8())}), arrays)
+    r = cli("init", arrays, "--task", "y", "-o", tmp_path / "a.yaml")
+    assert r.code == 0, r
+    assert yaml.safe_load((tmp_path / "a.yaml").read_text())["features"] == [
+        {"name": "pixels", "kind": "image", "height": 4, "width": 4, "channels": 3}]
+    r = cli("init", data / "train.parquet", "--task", "shape", "--head", "shape=multiclas", "-o", tmp_path / "b.yaml")
+    assert r.code == 2 and "multiclass" in r.err
