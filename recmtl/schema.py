@@ -577,7 +577,7 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
     for col in image:  # fail before training when the images are not what the config says
         col.values(sample_table.column(col.name).slice(0, 64))
 
-    check_leaks([f for f in config.features if f.kind != "image"], config.tasks, sample_table, labels)
+    check_leaks([f for f in config.features if f.kind != "image"], sample_table, labels)
     return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image)
 
 
@@ -605,14 +605,17 @@ def _label_column(task: TaskConfig, kind: str, source: ParquetSource) -> LabelCo
     return LabelColumn(task.name, task.label, None, kind, [f"{task.name}_{j}" for j in range(k)])
 
 
-def check_leaks(features: Iterable[FeatureConfig], tasks: Iterable[TaskConfig], sample: pa.Table,
-                labels: list[LabelColumn]) -> None:
+def check_leaks(features: Iterable[FeatureConfig], sample: pa.Table, labels: list[LabelColumn]) -> None:
     """Refuse a feature that is a copy of a label or determines it exactly (a derived column)."""
-    by_task = {lab.task: lab for lab in labels}
-    for task in tasks:
-        if by_task[task.name].kind != "value":
-            continue
-        y, mask = by_task[task.name].values(sample.column(task.label))
+    checks = []  # (task, label column, label values, mask): multilabel tasks per attribute column
+    for lab in labels:
+        if lab.kind == "class":
+            checks.append((lab.task, lab.column, *lab.class_ids(sample.column(lab.column))))
+        elif lab.kind == "multi" and isinstance(lab.column, list):
+            checks += [(lab.task, c, *LabelColumn(lab.task, c).values(sample.column(c))) for c in lab.column]
+        elif lab.kind == "value":
+            checks.append((lab.task, lab.column, *lab.values(sample.column(lab.column))))
+    for task_name, label, y, mask in checks:
         if mask.sum() < 100 or len(np.unique(y[mask])) < 2:
             continue
         y_l = y[mask]
@@ -631,7 +634,7 @@ def check_leaks(features: Iterable[FeatureConfig], tasks: Iterable[TaskConfig], 
                 leak = bool(np.allclose(x, y_l, equal_nan=False))
             if leak:
                 raise DataError(
-                    f"feature '{f.name}' determines the label of task '{task.name}' (column '{task.label}') "
+                    f"feature '{f.name}' determines the label of task '{task_name}' (column '{label}') "
                     "exactly on the training data: it is a copy of the label or derived from it, so the model "
                     f"would learn nothing usable; remove '{f.name}' from features"
                 )

@@ -1,6 +1,7 @@
 """Each user mistake: one clear line on stderr, exit code 2, no traceback, no partial output."""
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -135,6 +136,31 @@ def test_label_copy_is_refused(cli, funnel_dir, tmp_path):
     r = cli("train", cfg, "--out", tmp_path / "run")
     assert_clean_error(r, "feature 'was_shown_no_click' determines the label of task 'click'")
     assert no_run_output(tmp_path / "run")
+
+
+def test_class_and_attribute_label_copies_are_refused(cli, tmp_path):
+    """The leak check covers multiclass labels (a text class copied under another name) and each attribute
+    column of a multilabel task (a 0/1 attribute turned into strings)."""
+    rng = np.random.default_rng(0)
+    n = 600
+    shape = rng.choice(["circle", "square", "triangle"], n)
+    even = rng.integers(0, 2, n)
+    t = pa.table({"noise": rng.integers(0, 5, n), "shape_name": shape, "parity": np.where(even == 1, "even", "odd"),
+                  "shape": shape, "even": even.astype("int8"), "big": rng.integers(0, 2, n).astype("int8")})
+    pq.write_table(t, tmp_path / "train.parquet")
+    for feature, task, needle in [
+        ("shape_name", {"name": "shape", "head": "multiclass"}, "feature 'shape_name' determines the label of task 'shape'"),
+        ("parity", {"name": "attrs", "label": ["even", "big"], "head": "multilabel"},
+         "feature 'parity' determines the label of task 'attrs' (column 'even')"),
+    ]:
+        cfg = tmp_path / f"{feature}.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "data": {"train": str(tmp_path / "train.parquet")},
+            "features": [{"name": "noise", "kind": "categorical"}, {"name": feature, "kind": "categorical"}],
+            "tasks": [task], "tower": {"name": "shared_bottom"}, "train": {"epochs": 1, "progress": False}}))
+        r = cli("train", cfg, "--out", tmp_path / f"run_{feature}")
+        assert_clean_error(r, needle)
+        assert no_run_output(tmp_path / f"run_{feature}")
 
 
 def test_wrong_feature_dtype(cli, funnel_dir, tmp_path):
