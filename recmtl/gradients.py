@@ -39,10 +39,17 @@ def assign_gradient(params: list[nn.Parameter], flat: torch.Tensor, accumulate: 
 def backward_with_shared_gradient(losses: list[torch.Tensor], weights: list[float] | torch.Tensor,
                                   shared: list[nn.Parameter], shared_grad: torch.Tensor) -> None:
     """``backward`` of ``sum_i w_i L_i`` (fills the task-specific parameters: towers, heads, embeddings),
-    then set the shared parameters' gradient to ``shared_grad`` (the balancer's combined direction)."""
+    then set the shared parameters' gradient to ``shared_grad`` (the balancer's combined direction) plus
+    whatever gradient they held before the call (e.g. a tower's regularization term, see
+    ``Tower.regularization``), which the task losses' own shared gradient replaces but must not erase."""
+    shared = [p for p in shared if p.requires_grad]
+    before = [None if p.grad is None else p.grad.detach().clone() for p in shared]
     total = sum(w * loss for w, loss in zip(weights, losses))
     total.backward()
     assign_gradient(shared, shared_grad, accumulate=False)
+    for p, g in zip(shared, before):
+        if g is not None:
+            p.grad.add_(g)
 
 
 def conflict_stats(grads: torch.Tensor, task_names: list[str]) -> dict[str, dict[str, float]]:

@@ -319,3 +319,15 @@ def test_state_survives_a_checkpoint(name):
     fresh = REGISTRY.create("balancer", name, list("abc"), {}, **params)
     fresh.load_state_dict(state)
     assert steps(fresh, 3) == expected
+
+
+def test_shared_gradient_keeps_what_was_there_before():
+    """A tower's regularization gradient, back-propagated before the balancer, survives gradient surgery."""
+    from recmtl.gradients import backward_with_shared_gradient
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    head = torch.nn.Parameter(torch.tensor(3.0))
+    (0.5 * (w ** 2).sum()).backward()  # the "regularization" term: gradient w = (1, 2)
+    losses = [(w * head).sum(), (w ** 2).sum()]
+    backward_with_shared_gradient(losses, [1.0, 1.0], [w], torch.tensor([10.0, 20.0]))
+    assert torch.allclose(w.grad, torch.tensor([11.0, 22.0]))  # combined direction + regularization
+    assert torch.allclose(head.grad, torch.tensor(3.0))  # task-specific: d/dhead of the first loss = sum(w)
