@@ -287,3 +287,29 @@ def test_dockerfile_lints_clean():
     assert r.returncode == 0, r.stdout + r.stderr
     text = (REPO / "Dockerfile").read_text()
     assert "USER 10001" in text and "HEALTHCHECK" in text and "/v2/health/live" in text
+
+
+def test_scoring_and_serving_import_neither_torch_nor_training_libraries(exported, holey_data, tmp_path):  # noqa: F811
+    """The Docker image installs recmtl without torch, scikit-learn, pandas or Pillow: `recmtl score` and the
+    server's app must work with those imports blocked."""
+    import sys
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "sklearn", "pandas", "PIL"):
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+from recmtl.serve import create_app
+create_app({str(exported / "model.onnx")!r})
+from recmtl.cli import main
+try:
+    main(["score", {str(exported / "model.onnx")!r}, {str(holey_data / "test.parquet")!r}, "-o",
+          {str(tmp_path / "s.parquet")!r}, "--no-progress"])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+assert "torch" not in sys.modules
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert pq.read_table(tmp_path / "s.parquet").num_rows == pq.read_metadata(holey_data / "test.parquet").num_rows
