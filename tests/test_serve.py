@@ -290,14 +290,14 @@ def test_dockerfile_lints_clean():
 
 
 def test_scoring_and_serving_import_neither_torch_nor_training_libraries(exported, holey_data, tmp_path):  # noqa: F811
-    """The Docker image installs recmtl without torch, scikit-learn, pandas or Pillow: `recmtl score` and the
-    server's app must work with those imports blocked."""
+    """The Docker image installs recmtl without torch, scikit-learn, pandas, Pillow, scipy, PyYAML or pydantic:
+    `recmtl score` and the server's app must work with those imports blocked."""
     import sys
     code = f"""
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "sklearn", "pandas", "PIL"):
+        if name.split(".")[0] in ("torch", "sklearn", "pandas", "PIL", "scipy", "yaml", "matplotlib"):
             raise ImportError("blocked " + name)
 sys.meta_path.insert(0, Block())
 from recmtl.serve import create_app
@@ -309,6 +309,7 @@ try:
 except SystemExit as exc:
     assert exc.code in (0, None), exc.code
 assert "torch" not in sys.modules
+assert "recmtl.config" not in sys.modules  # pydantic: only recent typer versions need it themselves
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
