@@ -314,3 +314,45 @@ assert "recmtl.config" not in sys.modules  # pydantic: only recent typer version
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert pq.read_table(tmp_path / "s.parquet").num_rows == pq.read_metadata(holey_data / "test.parquet").num_rows
+
+
+@pytest.mark.slow
+def test_the_docker_images_packages_score_and_serve(exported, holey_data, rows, tmp_path):  # noqa: F811
+    """Without a container engine, the next best thing: a venv with exactly the packages the Dockerfile pins,
+    recmtl installed with --no-deps as the image does, then `recmtl score` and `recmtl serve` answer."""
+    import re
+    import sys
+    pins = re.findall(r'"([A-Za-z0-9_.\-\[\]]+==[^"]+)"', (REPO / "Dockerfile").read_text())
+    assert any(p.startswith("onnxruntime==") for p in pins) and not any(p.startswith("torch") for p in pins)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    pip = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", *pins],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        pytest.skip(f"cannot install the Dockerfile's packages from the registry: {pip.stderr[-500:]}")
+    pip = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", str(REPO)], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    recmtl = str(venv / "bin" / "recmtl")
+    r = subprocess.run([recmtl, "score", str(exported / "model.onnx"), str(holey_data / "test.parquet"), "-o",
+                        str(tmp_path / "s.parquet"), "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert pq.read_table(tmp_path / "s.parquet").num_rows == pq.read_metadata(holey_data / "test.parquet").num_rows
+    port = free_port()
+    proc = subprocess.Popen([recmtl, "serve", str(exported / "model.onnx"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if httpx.get(url + "/v2/health/live", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/v1/models/model/predict", json={"instances": instances(rows.slice(0, 4))})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
