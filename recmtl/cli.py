@@ -87,8 +87,8 @@ def init(
     for t in cfg["tasks"]:
         registry.get("head", t["head"])
     write_text(output, render(cfg, result["skipped"]))
-    counts = {k: sum(f["kind"] == k for f in cfg["features"]) for k in ("categorical", "dense", "image")}
-    typer.echo(f"wrote {output}: " + " + ".join(f"{n} {k}" for k, n in counts.items() if n or k != "image")
+    counts = {k: sum(f["kind"] == k for f in cfg["features"]) for k in ("categorical", "dense", "image", "sequence")}
+    typer.echo(f"wrote {output}: " + " + ".join(f"{n} {k}" for k, n in counts.items() if n or k in ("categorical", "dense"))
                + " features, tasks " + ", ".join(f"{t['name']} ({t['head']})" for t in cfg["tasks"]))
 
 

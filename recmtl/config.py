@@ -19,10 +19,13 @@ class FeatureConfig(_Strict):
     """One input column. Categorical: ints or strings mapped to ids through a fitted vocabulary (values
     seen fewer than ``min_count`` times, unseen values and nulls share id 0) or hashed into
     ``hash_buckets``. Dense: numbers; nulls/NaN filled with ``fill`` then standardised. Image: encoded
-    PNG/JPEG bytes or fixed-shape number lists of ``channels x height x width`` (see recmtl/images.py)."""
+    PNG/JPEG bytes or fixed-shape number lists of ``channels x height x width`` (see recmtl/images.py).
+    Sequence: a list column of ints or strings (e.g. recently clicked item ids); each row keeps its last
+    ``max_length`` items, mapped to ids with a vocabulary fitted over all list values (the categorical
+    options apply); a null list is empty, a null item is missing (id 0)."""
 
     name: str
-    kind: Literal["categorical", "dense", "image"]
+    kind: Literal["categorical", "dense", "image", "sequence"]
     min_count: int = Field(1, ge=1)
     max_size: int | None = Field(None, ge=1)
     hash_buckets: int | None = Field(None, ge=1)
@@ -32,11 +35,18 @@ class FeatureConfig(_Strict):
     height: int | None = Field(None, ge=1)
     width: int | None = Field(None, ge=1)
     channels: Literal[1, 3, 4] | None = None  # image: 1 (grey, the default), 3 (RGB) or 4 (RGBA)
+    max_length: int | None = Field(None, ge=1)  # sequence: the most recent items kept per row (default 50)
 
     @model_validator(mode="after")
     def _kind_options(self) -> FeatureConfig:
-        if self.kind != "categorical" and (self.hash_buckets or self.max_size or self.embedding_dim or self.min_count != 1):
-            raise ValueError(f"feature '{self.name}': hash_buckets/max_size/min_count/embedding_dim apply to categorical features only")
+        if self.kind not in ("categorical", "sequence") and (
+                self.hash_buckets or self.max_size or self.embedding_dim or self.min_count != 1):
+            raise ValueError(f"feature '{self.name}': hash_buckets/max_size/min_count/embedding_dim apply to "
+                             "categorical and sequence features only")
+        if self.kind == "sequence" and self.max_length is None:
+            self.max_length = 50
+        if self.kind != "sequence" and self.max_length is not None:
+            raise ValueError(f"feature '{self.name}': max_length applies to sequence features only")
         if self.kind == "image" and (self.height is None or self.width is None):
             raise ValueError(f"feature '{self.name}': an image feature needs height and width (and channels: 1, 3 or 4)")
         if self.kind != "image" and (self.height is not None or self.width is not None or self.channels is not None):

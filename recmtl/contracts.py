@@ -15,7 +15,7 @@ class FeatureInfo:
 
     name: str
     kind: str
-    cardinality: int = 0  # categorical: number of ids, id 0 is the OOV/null bucket
+    cardinality: int = 0  # categorical/sequence: number of ids, id 0 is the OOV/null bucket (sequence padding: cardinality)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -38,7 +38,10 @@ class Encoder(nn.Module):
     Categorical input is a LongTensor ``[batch, n_features]`` of ids in ``[0, cardinality)`` (0 is the
     OOV/null bucket); dense input is a FloatTensor ``[batch, n_features]``, standardised, nulls filled;
     image input is a FloatTensor ``[batch, n_features, channels, height, width]`` scaled to [0, 1]
-    (``FeatureInfo.options`` holds ``channels``, ``height``, ``width``).
+    (``FeatureInfo.options`` holds ``channels``, ``height``, ``width``); sequence input is a LongTensor
+    ``[batch, n_features, length]`` of ids in ``[0, cardinality)`` (a row's items, left-aligned, most recent
+    last; ``length`` is the longest ``max_length`` in ``FeatureInfo.options``), positions past a row's items
+    holding the padding id ``cardinality``.
     Embedding tables built with ``sparse=True`` are updated with a sparse optimiser, so a step costs
     time proportional to the ids in the batch, not the vocabulary.
     """

@@ -4,6 +4,9 @@ Inputs are the raw feature columns (int64 or string for categorical, float32 for
 vocabulary lookup (``ai.onnx.ml.LabelEncoder``) or hashing, null handling and standardisation run inside
 the graph. An image feature is a float32 input ``[batch, C, H, W]`` with pixels scaled to [0, 1]: decoding
 PNG/JPEG bytes stays outside the graph (``recmtl.images``, used by ``recmtl score`` and ``recmtl serve``).
+A sequence feature is an int64 or string input ``[batch, max_length]``: a row's last items, the unused
+positions holding the padding sentinel (``recmtl.sequences.PAD_INT`` = INT64_MIN + 1, ``PAD_STRING``), which
+the in-graph lookup maps to the padding id; nulls inside a list are missing values as for categorical.
 One output per task: ``[batch]`` (a probability for binary heads, pCTCVR for ESMM, a value for regression)
 or ``[batch, K]`` (class probabilities of a multiclass head, attribute probabilities of a multilabel head,
 their names in the metadata's ``classes``). The recmtl
@@ -33,6 +36,7 @@ from recmtl.evaluate import LoadedRun, load_run
 from recmtl.io import atomic_path
 from recmtl.model import MultiTaskModel, example_input
 from recmtl.score import INT_NULL, METADATA_KEY, ModelInput, Scorer
+from recmtl.sequences import PAD_INT, PAD_STRING
 
 OPSET = 17
 ML_OPSET = 2
@@ -64,7 +68,63 @@ def core_input(kind: str) -> str:
 def model_inputs(run: LoadedRun) -> list[ModelInput]:
     inputs = [ModelInput(c.name, "int64" if c.value_type == "int" else "string") for c in run.schema.categorical]
     inputs += [ModelInput(d.name, "float32") for d in run.schema.dense]
-    return inputs + [ModelInput(i.name, "float32", (i.channels, i.height, i.width)) for i in run.schema.image]
+    inputs += [ModelInput(i.name, "float32", (i.channels, i.height, i.width), "image") for i in run.schema.image]
+    return inputs + [ModelInput(s.name, "int64" if s.value_type == "int" else "string", (s.max_length,), "sequence")
+                     for s in run.schema.sequence]
+
+
+def _lookup_nodes(col: Any, raw: str, out: str, const: Any, padding: bool) -> tuple[list[onnx.NodeProto], bool]:
+    """Nodes mapping raw values (any shape) to ids ``out`` as ``CategoricalColumn.ids`` does; with ``padding``
+    (a sequence feature) the padding sentinel maps to the padding id ``col.cardinality``. Returns the nodes
+    and whether they use the com.microsoft domain."""
+    nodes: list[onnx.NodeProto] = []
+    uses_ms = False
+    is_int = col.value_type == "int"
+    if col.hash_buckets:
+        buckets = const(f"{out}_buckets", np.array(col.hash_buckets, dtype=np.int64))
+        if is_int:
+            hashed = raw
+        else:  # the same MurmurHash3 (seed 0, unsigned) as training
+            uses_ms = True
+            nodes.append(helper.make_node("MurmurHash3", [raw], [f"{out}_h32"], domain="com.microsoft", seed=0, positive=1))
+            nodes.append(helper.make_node("Cast", [f"{out}_h32"], [f"{out}_h64"], to=TensorProto.INT64))
+            hashed = f"{out}_h64"
+        nodes.append(helper.make_node("Mod", [hashed, buckets], [f"{out}_mod"], fmod=0))
+        nodes.append(helper.make_node("Add", [f"{out}_mod", const("pre_one", np.array(1, dtype=np.int64))], [f"{out}_id"]))
+        if is_int:
+            nodes.append(helper.make_node("Equal", [raw, const("pre_int_null", np.array(INT_NULL, dtype=np.int64))],
+                                          [f"{out}_missing"]))
+        else:  # string Equal needs opset 19: mark "" with a one-key LabelEncoder instead
+            nodes.append(helper.make_node("LabelEncoder", [raw], [f"{out}_is_empty"], domain="ai.onnx.ml",
+                                          keys_strings=[""], values_int64s=[1], default_int64=0))
+            nodes.append(helper.make_node("Cast", [f"{out}_is_empty"], [f"{out}_missing"], to=TensorProto.BOOL))
+        zero = const("pre_zero", np.array(0, dtype=np.int64))
+        if not padding:
+            nodes.append(helper.make_node("Where", [f"{out}_missing", zero, f"{out}_id"], [out]))
+            return nodes, uses_ms
+        nodes.append(helper.make_node("Where", [f"{out}_missing", zero, f"{out}_id"], [f"{out}_nopad"]))
+        if is_int:
+            nodes.append(helper.make_node("Equal", [raw, const("pre_int_pad", np.array(PAD_INT, dtype=np.int64))],
+                                          [f"{out}_is_pad"]))
+        else:
+            nodes.append(helper.make_node("LabelEncoder", [raw], [f"{out}_pad01"], domain="ai.onnx.ml",
+                                          keys_strings=[PAD_STRING], values_int64s=[1], default_int64=0))
+            nodes.append(helper.make_node("Cast", [f"{out}_pad01"], [f"{out}_is_pad"], to=TensorProto.BOOL))
+        pad_id = const(f"{out}_pad_id", np.array(col.cardinality, dtype=np.int64))
+        nodes.append(helper.make_node("Where", [f"{out}_is_pad", pad_id, f"{out}_nopad"], [out]))
+        return nodes, uses_ms
+    # vocabulary lookup; unseen, rare and missing values get the default id 0
+    vocab = [int(v) for v in col.vocab] if is_int else [str(v) for v in col.vocab]
+    ids = list(range(1, len(vocab) + 1))
+    if padding:
+        vocab.append(PAD_INT if is_int else PAD_STRING)
+        ids.append(col.cardinality)
+    if not vocab:
+        vocab, ids = [INT_NULL if is_int else ""], [0]
+    keys = {"keys_int64s": vocab} if is_int else {"keys_strings": vocab}
+    nodes.append(helper.make_node("LabelEncoder", [raw], [out], domain="ai.onnx.ml",
+                                  values_int64s=ids, default_int64=0, **keys))
+    return nodes, uses_ms
 
 
 def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[onnx.ValueInfoProto], bool]:
@@ -85,32 +145,9 @@ def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.Tens
         raw, out = col.name, f"pre_cat_{j}"
         elem = TensorProto.INT64 if col.value_type == "int" else TensorProto.STRING
         inputs.append(helper.make_tensor_value_info(raw, elem, ["batch"]))
-        if col.hash_buckets:
-            buckets = const(f"pre_buckets_{j}", np.array(col.hash_buckets, dtype=np.int64))
-            if col.value_type == "int":
-                hashed = raw
-                missing = np.array(INT_NULL, dtype=np.int64)
-            else:  # the same MurmurHash3 (seed 0, unsigned) as training
-                uses_ms = True
-                nodes.append(helper.make_node("MurmurHash3", [raw], [f"{out}_h32"], domain="com.microsoft", seed=0, positive=1))
-                nodes.append(helper.make_node("Cast", [f"{out}_h32"], [f"{out}_h64"], to=TensorProto.INT64))
-                hashed = f"{out}_h64"
-            nodes.append(helper.make_node("Mod", [hashed, buckets], [f"{out}_mod"], fmod=0))
-            nodes.append(helper.make_node("Add", [f"{out}_mod", const("pre_one", np.array(1, dtype=np.int64))], [f"{out}_id"]))
-            if col.value_type == "int":
-                nodes.append(helper.make_node("Equal", [raw, const(f"pre_missing_{j}", missing)], [f"{out}_missing"]))
-            else:  # string Equal needs opset 19: mark "" with a one-key LabelEncoder instead
-                nodes.append(helper.make_node("LabelEncoder", [raw], [f"{out}_is_empty"], domain="ai.onnx.ml",
-                                              keys_strings=[""], values_int64s=[1], default_int64=0))
-                nodes.append(helper.make_node("Cast", [f"{out}_is_empty"], [f"{out}_missing"], to=TensorProto.BOOL))
-            nodes.append(helper.make_node("Where", [f"{out}_missing", const("pre_zero", np.array(0, dtype=np.int64)), f"{out}_id"], [f"{out}_flat"]))
-        else:
-            # vocabulary lookup; unseen, rare and missing values get the default id 0
-            vocab = list(col.vocab) or [INT_NULL if col.value_type == "int" else ""]
-            ids = list(range(1, len(col.vocab) + 1)) or [0]
-            keys = {"keys_int64s": [int(v) for v in vocab]} if col.value_type == "int" else {"keys_strings": [str(v) for v in vocab]}
-            nodes.append(helper.make_node("LabelEncoder", [raw], [f"{out}_flat"], domain="ai.onnx.ml",
-                                          values_int64s=ids, default_int64=0, **keys))
+        lookup, ms = _lookup_nodes(col, raw, f"{out}_flat", const, padding=False)
+        nodes += lookup
+        uses_ms |= ms
         nodes.append(helper.make_node("Unsqueeze", [f"{out}_flat", axes], [out]))
         cat_cols.append(out)
     if cat_cols:
@@ -140,6 +177,26 @@ def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.Tens
     if image_cols:
         nodes.append(helper.make_node("Concat", image_cols, [core_input("image")], axis=1) if len(image_cols) > 1
                      else helper.make_node("Identity", image_cols, [core_input("image")]))
+    seq_cols = []
+    width = run.schema.sequence_width
+    for j, col in enumerate(run.schema.sequence):  # [batch, L_j] raw -> ids, padded to "sequence" [batch, F, width]
+        raw, out = col.name, f"pre_seq_{j}"
+        elem = TensorProto.INT64 if col.value_type == "int" else TensorProto.STRING
+        inputs.append(helper.make_tensor_value_info(raw, elem, ["batch", col.max_length]))
+        lookup, ms = _lookup_nodes(col, raw, f"{out}_ids", const, padding=True)
+        nodes += lookup
+        uses_ms |= ms
+        ids = f"{out}_ids"
+        if col.max_length < width:
+            pads = const(f"{out}_pads", np.array([0, 0, 0, width - col.max_length], dtype=np.int64))
+            pad_id = const(f"{out}_pad_value", np.array(col.cardinality, dtype=np.int64))
+            nodes.append(helper.make_node("Pad", [ids, pads, pad_id], [f"{out}_wide"], mode="constant"))
+            ids = f"{out}_wide"
+        nodes.append(helper.make_node("Unsqueeze", [ids, axes], [out]))
+        seq_cols.append(out)
+    if seq_cols:
+        nodes.append(helper.make_node("Concat", seq_cols, [core_input("sequence")], axis=1) if len(seq_cols) > 1
+                     else helper.make_node("Identity", seq_cols, [core_input("sequence")]))
     return nodes, inits, inputs, uses_ms
 
 
@@ -194,13 +251,18 @@ def _metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
         if i.is_image:
             return {"name": i.name, "dtype": i.dtype, "kind": "image", "shape": list(i.shape),
                     "scale": "pixels / 255 (uint8, PNG/JPEG); float arrays as they are"}
+        if i.is_sequence:
+            return {"name": i.name, "dtype": i.dtype, "kind": "sequence", "shape": list(i.shape), "max_length": i.shape[0],
+                    "padding": PAD_INT if i.dtype == "int64" else PAD_STRING,
+                    "order": "a row's last max_length items, left-aligned; the rest padding"}
         return {"name": i.name, "dtype": i.dtype, "kind": "dense" if i.dtype == "float32" else "categorical"}
 
     schema = {
         "format": 1,
         "inputs": [input_entry(i) for i in inputs],
         "missing_values": {"int64": "any value outside the vocabulary (recmtl score passes int64 min)",
-                           "string": "empty string", "float32": "NaN", "image": "all zeros"},
+                           "string": "empty string", "float32": "NaN", "image": "all zeros",
+                           "sequence": "a null list: all padding; a null item: as int64/string"},
         "tasks": [task_entry(t) for t in run.config.tasks],
     }
     return {

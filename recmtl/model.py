@@ -12,7 +12,7 @@ from recmtl.errors import ConfigError, PluginError
 from recmtl.plugins import Registry
 from recmtl.schema import FittedSchema
 
-DEFAULT_ENCODERS = {"categorical": "embedding", "dense": "dense", "image": "cnn"}
+DEFAULT_ENCODERS = {"categorical": "embedding", "dense": "dense", "image": "cnn", "sequence": "sequence_pool"}
 
 
 def encoder_config(config: Config, kind: str) -> ComponentConfig:
@@ -23,8 +23,8 @@ def validate_plugins(config: Config, registry: Registry) -> dict[str, type[Head]
     """Check every plugin name and parameter name in the config before any data is read."""
     kinds_used = {f.kind for f in config.features}
     for kind in config.encoders:
-        if kind not in ("categorical", "dense", "image"):
-            raise ConfigError(f"encoders.{kind}: no feature kind '{kind}' (expected categorical, dense or image)")
+        if kind not in DEFAULT_ENCODERS:
+            raise ConfigError(f"encoders.{kind}: no feature kind '{kind}' (expected categorical, dense, image or sequence)")
     for kind in kinds_used:
         enc = encoder_config(config, kind)
         cls = registry.get("encoder", enc.name)
@@ -198,6 +198,11 @@ def example_input(kind: str, features: list, n: int) -> torch.Tensor:
     """Zeros shaped like ``n`` preprocessed rows of the features of ``kind`` (dry runs, ONNX export)."""
     if kind == "categorical":
         return torch.zeros(n, len(features), dtype=torch.long)
+    if kind == "sequence":  # every position padding but the first (id 0, the OOV bucket)
+        width = max(int(f.options["max_length"]) for f in features)
+        x = torch.tensor([f.cardinality for f in features], dtype=torch.long)[None, :, None].repeat(n, 1, width)
+        x[:, :, 0] = 0
+        return x
     if kind == "image":
         opt = features[0].options
         return torch.zeros(n, len(features), opt["channels"], opt["height"], opt["width"])

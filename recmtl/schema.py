@@ -22,6 +22,7 @@ from recmtl.data import ParquetSource
 from recmtl.errors import DataError
 from recmtl.images import decode_images, is_image_type
 from recmtl.io import atomic_path, plain_array, write_json
+from recmtl.sequences import item_type, last_items
 
 SCHEMA_VERSION = 1
 LEAK_SAMPLE_ROWS = 200_000
@@ -31,6 +32,12 @@ LEAK_MAX_DISTINCT = 64
 def _value_type(name: str, typ: pa.DataType, kind: str) -> str:
     if pa.types.is_dictionary(typ):
         typ = typ.value_type
+    if kind == "sequence":
+        found = item_type(typ)
+        if found is None:
+            raise DataError(f"feature '{name}' is sequence but its column has type {typ}; expected a list of "
+                            "integers or strings")
+        return found
     if kind == "image":
         found = is_image_type(typ)
         if found is None:
@@ -128,6 +135,27 @@ class CategoricalColumn:
         hashed = np.fromiter((murmurhash3_32(u, seed=0, positive=True) % buckets if u else -1 for u in uniques),
                              dtype=np.int64, count=len(uniques))
         return hashed[encoded.indices.to_numpy()] + 1  # the empty string is missing, like null: id 0
+
+
+@dataclass
+class SequenceColumn(CategoricalColumn):
+    """A list column: each row's last ``max_length`` items mapped to ids as a categorical column maps values
+    (0: null items, unseen and rare values; 1..V the vocabulary or hash buckets), left-aligned in
+    ``[n, max_length]``; the positions past a row's items hold the padding id ``cardinality``."""
+
+    max_length: int = 50
+
+    @property
+    def padding_id(self) -> int:
+        return self.cardinality
+
+    def sequence_ids(self, arr: pa.Array, width: int | None = None) -> np.ndarray:
+        """``[n, width]`` int64 ids (``width`` >= max_length; the extra positions are padding)."""
+        values, rows, cols = last_items(arr, self.max_length, self.name)
+        out = np.full((len(arr), width or self.max_length), self.padding_id, dtype=np.int64)
+        if len(values):
+            out[rows, cols] = self.ids(values)
+        return out
 
 
 @dataclass
@@ -296,10 +324,17 @@ class FittedSchema:
     group_column: str | None = None
     num_rows: int = 0
     image: list[ImageColumn] = field(default_factory=list)
+    sequence: list[SequenceColumn] = field(default_factory=list)
 
     @property
     def feature_columns(self) -> list[str]:
-        return [c.name for c in self.categorical] + [d.name for d in self.dense] + [i.name for i in self.image]
+        return ([c.name for c in self.categorical] + [d.name for d in self.dense] + [i.name for i in self.image]
+                + [s.name for s in self.sequence])
+
+    @property
+    def sequence_width(self) -> int:
+        """The last axis of the ``sequence`` input: the longest ``max_length`` of the sequence features."""
+        return max((s.max_length for s in self.sequence), default=0)
 
     def label_slices(self) -> dict[str, tuple[int, int, bool]]:
         """Per task: (first column in ``Arrays.labels``, width, True when the label is one scalar)."""
@@ -321,6 +356,12 @@ class FittedSchema:
         if self.image:
             infos["image"] = [FeatureInfo(i.name, "image", 0, {"channels": i.channels, "height": i.height, "width": i.width})
                               for i in self.image]
+        if self.sequence:
+            infos["sequence"] = [
+                FeatureInfo(s.name, "sequence", s.cardinality,
+                            {"max_length": s.max_length, **({"embedding_dim": s.embedding_dim} if s.embedding_dim else {})})
+                for s in self.sequence
+            ]
         return infos
 
     def transform(self, batch: pa.RecordBatch | pa.Table, labels: bool = True) -> Arrays:
@@ -343,6 +384,12 @@ class FittedSchema:
             for j, col in enumerate(self.image):
                 images[:, j] = col.values(batch.column(col.name))
             inputs["image"] = images
+        if self.sequence:
+            width = self.sequence_width
+            seq = np.empty((n, len(self.sequence), width), dtype=np.int64)
+            for j, col in enumerate(self.sequence):
+                seq[:, j] = col.sequence_ids(batch.column(col.name), width)
+            inputs["sequence"] = seq
         y = mask = None
         if labels:
             width = sum(lab.width for lab in self.labels)
@@ -371,6 +418,18 @@ class FittedSchema:
             if c.embedding_dim:
                 entry["embedding_dim"] = c.embedding_dim
             cats.append(entry)
+        seqs = []
+        for j, c in enumerate(self.sequence):
+            entry = {"name": c.name, "value_type": c.value_type, "cardinality": c.cardinality, "max_length": c.max_length}
+            if c.hash_buckets:
+                entry["hash_buckets"] = c.hash_buckets
+            else:
+                entry["vocab_file"] = f"vocab/sequence_{j:04d}.parquet"
+                with atomic_path(run_dir / entry["vocab_file"]) as tmp:
+                    pq.write_table(pa.table({"value": pa.array(c.vocab)}), tmp)
+            if c.embedding_dim:
+                entry["embedding_dim"] = c.embedding_dim
+            seqs.append(entry)
         write_json(run_dir / "schema.json", {
             "schema_version": SCHEMA_VERSION,
             "num_rows": self.num_rows,
@@ -379,6 +438,7 @@ class FittedSchema:
             "labels": [{"task": lab.task, "column": lab.column, "positive": lab.positive, "kind": lab.kind,
                         "classes": lab.classes} for lab in self.labels],
             "image": [{"name": i.name, "channels": i.channels, "height": i.height, "width": i.width} for i in self.image],
+            "sequence": seqs,
             "group_column": self.group_column,
         })
 
@@ -388,12 +448,14 @@ class FittedSchema:
         if not path.is_file():
             raise DataError(f"{run_dir} is not a recmtl run directory (no schema.json)")
         meta = json.loads(path.read_text())
-        cats = []
-        for c in meta["categorical"]:
-            vocab = None
-            if "vocab_file" in c:
-                vocab = pq.read_table(run_dir / c["vocab_file"]).column("value").to_numpy(zero_copy_only=False)
-            cats.append(CategoricalColumn(c["name"], c["value_type"], vocab, c.get("hash_buckets"), c.get("embedding_dim")))
+        def vocab_of(c: dict[str, Any]) -> np.ndarray | None:
+            if "vocab_file" not in c:
+                return None
+            return pq.read_table(run_dir / c["vocab_file"]).column("value").to_numpy(zero_copy_only=False)
+        cats = [CategoricalColumn(c["name"], c["value_type"], vocab_of(c), c.get("hash_buckets"), c.get("embedding_dim"))
+                for c in meta["categorical"]]
+        seqs = [SequenceColumn(c["name"], c["value_type"], vocab_of(c), c.get("hash_buckets"), c.get("embedding_dim"),
+                               max_length=c["max_length"]) for c in meta.get("sequence", [])]
         return cls(
             categorical=cats,
             dense=[DenseColumn(**d) for d in meta["dense"]],
@@ -402,6 +464,7 @@ class FittedSchema:
             group_column=meta.get("group_column"),
             num_rows=meta.get("num_rows", 0),
             image=[ImageColumn(**i) for i in meta.get("image", [])],
+            sequence=seqs,
         )
 
 
@@ -507,6 +570,7 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
     """One pass over the training data: vocabularies, dense statistics, label checks, leak check."""
     types = check_types(config, source)
     cat_cfg = [f for f in config.features if f.kind == "categorical"]
+    seq_cfg = [f for f in config.features if f.kind == "sequence"]
     dense_cfg = [f for f in config.features if f.kind == "dense"]
     image_cfg = [f for f in config.features if f.kind == "image"]
     shapes = {(f.channels or 1, f.height, f.width) for f in image_cfg}
@@ -515,7 +579,7 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
                         + ", ".join(f"{f.name}: {f.channels or 1}x{f.height}x{f.width}" for f in image_cfg))
     kinds = {t.name: getattr(head_classes[t.name], "label_type", "value") for t in config.tasks}
     labels = [_label_column(t, kinds[t.name], source) for t in config.tasks]
-    counters = {f.name: _VocabCounter() for f in cat_cfg if not f.hash_buckets}
+    counters = {f.name: _VocabCounter() for f in cat_cfg + seq_cfg if not f.hash_buckets}
     stats = {f.name: _DenseStats() for f in dense_cfg}
     label_stats = {lab.task: _LabelStats(lab.kind == "class") for lab in labels}
     sample: list[pa.RecordBatch] = []
@@ -527,7 +591,12 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
             if f.name in counters:
                 arr = plain_array(batch.column(f.name))
                 # an empty string counts as missing (id 0), as null does
-                counters[f.name].add(arr.cast(pa.int64()) if types[f.name] == "int" else arr.filter(pc.not_equal(arr, "")))
+                counters[f.name].add(_countable(arr, types[f.name]))
+        for f in seq_cfg:  # the vocabulary of a sequence feature: every item of every list
+            if f.name in counters:
+                flat = pc.list_flatten(plain_array(batch.column(f.name)))
+                counters[f.name].add(_countable(flat.dictionary_decode() if pa.types.is_dictionary(flat.type) else flat,
+                                                types[f.name]))
         for f in dense_cfg:
             stats[f.name].add(plain_array(batch.column(f.name)))
         for lab in labels:
@@ -556,15 +625,16 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
         if lab.kind == "class":
             lab.classes = st.classes(task.params.get("num_classes"))
 
-    categorical = []
-    for f in cat_cfg:
+    def vocabulary(f: FeatureConfig) -> np.ndarray | None:
         if f.hash_buckets:
-            categorical.append(CategoricalColumn(f.name, types[f.name], None, f.hash_buckets, f.embedding_dim))
-        else:
-            vocab = counters[f.name].vocabulary(f.min_count, f.max_size)
-            if types[f.name] == "string":
-                vocab = vocab.astype(object)
-            categorical.append(CategoricalColumn(f.name, types[f.name], vocab, None, f.embedding_dim))
+            return None
+        vocab = counters[f.name].vocabulary(f.min_count, f.max_size)
+        return vocab.astype(object) if types[f.name] == "string" else vocab
+
+    categorical = [CategoricalColumn(f.name, types[f.name], vocabulary(f), f.hash_buckets, f.embedding_dim)
+                   for f in cat_cfg]
+    sequence = [SequenceColumn(f.name, types[f.name], vocabulary(f), f.hash_buckets, f.embedding_dim,
+                               max_length=f.max_length) for f in seq_cfg]
     dense = []
     for f in dense_cfg:
         mean, std = stats[f.name].mean_std()
@@ -577,8 +647,15 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
     for col in image:  # fail before training when the images are not what the config says
         col.values(sample_table.column(col.name).slice(0, 64))
 
-    check_leaks([f for f in config.features if f.kind != "image"], sample_table, labels)
-    return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image)
+    for col in sequence:  # fail before training on lists of the wrong item type
+        col.sequence_ids(sample_table.column(col.name).slice(0, 64))
+    check_leaks([f for f in config.features if f.kind not in ("image", "sequence")], sample_table, labels)
+    return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image, sequence)
+
+
+def _countable(arr: pa.Array, value_type: str) -> pa.Array:
+    """The values a vocabulary counts: ints as int64; strings without the empty string (missing, as null)."""
+    return arr.cast(pa.int64()) if value_type == "int" else arr.filter(pc.not_equal(arr, ""))
 
 
 def _label_column(task: TaskConfig, kind: str, source: ParquetSource) -> LabelColumn:

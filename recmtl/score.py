@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from recmtl.errors import DataError, close_matches
 from recmtl.images import decode_images
 from recmtl.io import plain_array
+from recmtl.sequences import padded
 
 METADATA_KEY = "recmtl.schema"
 #: rows per onnxruntime call: 1024 scored 24% faster than 2048 end to end on 2 cores (benchmarks/RESULTS.md)
@@ -29,11 +30,16 @@ INT_NULL = np.iinfo(np.int64).min  # never in a vocabulary: null ints go to the 
 class ModelInput:
     name: str
     dtype: str  # "int64" | "string" | "float32"
-    shape: tuple[int, ...] = ()  # per-row shape: () for a column value, (C, H, W) for an image
+    shape: tuple[int, ...] = ()  # per-row shape: () for a column value, (C, H, W) for an image, (L,) for a sequence
+    kind: str = ""  # "categorical" | "dense" | "image" | "sequence" ("": from dtype and shape)
 
     @property
     def is_image(self) -> bool:
-        return bool(self.shape)
+        return self.kind == "image" or (not self.kind and bool(self.shape))
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.kind == "sequence"
 
 
 def read_model_schema(model_path: str | Path) -> dict[str, Any]:
@@ -55,7 +61,9 @@ def read_model_schema(model_path: str | Path) -> dict[str, Any]:
 def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> dict[str, np.ndarray]:
     """Raw Arrow columns -> the ONNX model's inputs: int64 ids (null -> a value outside every
     vocabulary), strings (null -> empty string, which means missing), float32 (null -> NaN); image columns
-    (encoded bytes or number lists) -> float32 ``[n, C, H, W]`` in [0, 1] (recmtl.images; null -> zeros)."""
+    (encoded bytes or number lists) -> float32 ``[n, C, H, W]`` in [0, 1] (recmtl.images; null -> zeros);
+    sequence (list) columns -> ``[n, max_length]`` int64 or strings: each row's last ``max_length`` items,
+    padded with ``recmtl.sequences.PAD_INT`` / ``PAD_STRING`` (null list: all padding; null item: missing)."""
     names = batch.schema.names
     feeds = {}
     for inp in inputs:
@@ -66,6 +74,11 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
         typ = col.type
         if inp.is_image:
             feeds[inp.name] = decode_images(col, inp.name, *inp.shape)
+        elif inp.is_sequence:
+            if not (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)):
+                raise DataError(f"column '{inp.name}' has type {typ}; the model expects lists of "
+                                + ("integers" if inp.dtype == "int64" else "strings"))
+            feeds[inp.name] = padded(col, inp.shape[0], inp.name, inp.dtype)
         elif inp.dtype == "int64":
             if not (pa.types.is_integer(typ) or pa.types.is_boolean(typ)):
                 raise DataError(f"column '{inp.name}' has type {typ}; the model expects integers")
@@ -88,7 +101,8 @@ class Scorer:
     def __init__(self, model_path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
         self.meta = read_model_schema(model_path)
-        self.inputs = [ModelInput(i["name"], i["dtype"], tuple(i.get("shape") or ())) for i in self.meta["inputs"]]
+        self.inputs = [ModelInput(i["name"], i["dtype"], tuple(i.get("shape") or ()), i.get("kind", ""))
+                       for i in self.meta["inputs"]]
         self.tasks = [t["name"] for t in self.meta["tasks"]]
         #: K for tasks scored as K probabilities (multiclass, multilabel), None for one score per row
         self.widths: dict[str, int | None] = {t["name"]: t.get("width") for t in self.meta["tasks"]}

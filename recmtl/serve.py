@@ -29,6 +29,7 @@ from starlette.routing import Route
 import recmtl
 from recmtl.errors import DataError, RecmtlError
 from recmtl.score import INT_NULL, ModelInput, Scorer, to_feeds
+from recmtl.sequences import PAD_INT, PAD_STRING
 
 V2_TYPES = {"int64": "INT64", "string": "BYTES", "float32": "FP32"}
 NUMPY_OF = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP64": np.float64}
@@ -167,6 +168,7 @@ class ServedModel:
         for inp in self.scorer.inputs:  # an all-null column arrives typed null: give it the model's type
             if pa.types.is_null(table.schema.field(inp.name).type):
                 typ = pa.binary() if inp.is_image else {"int64": pa.int64(), "string": pa.string(), "float32": pa.float32()}[inp.dtype]
+                typ = pa.list_(typ) if inp.is_sequence else typ
                 table = table.set_column(table.schema.get_field_index(inp.name), inp.name, pa.nulls(table.num_rows, typ))
         try:
             return to_feeds(table, self.scorer.inputs), table.num_rows
@@ -189,7 +191,7 @@ class ServedModel:
                 raise ClientError(400, f"unknown input '{name}'; the model takes {sorted(self.inputs_by_name)}")
             shape, dtype = t.get("shape"), t.get("datatype")
             row_shape = list(self.inputs_by_name[name].shape)
-            if row_shape:  # an image: float pixels [batch, C, H, W] in [0, 1]
+            if row_shape:  # an image: float pixels [batch, C, H, W] in [0, 1]; a sequence: [batch, max_length]
                 if not (isinstance(shape, list) and len(shape) == 1 + len(row_shape) and shape[1:] == row_shape
                         and isinstance(shape[0], int) and shape[0] >= 0):
                     raise ClientError(400, f"input '{name}': shape must be [batch, {', '.join(map(str, row_shape))}], got {shape}")
@@ -255,6 +257,8 @@ def _json_column(inp: ModelInput, values: list) -> np.ndarray:
     """One feature's JSON values -> the model input, with ``to_feeds``' null handling (ints: a value outside
     every vocabulary, strings: "", numbers: NaN); a value of the wrong type is a 400 naming the feature."""
     types, expected = _JSON_KINDS[inp.dtype]
+    if inp.is_sequence:
+        return _json_sequence(inp, values, types, expected)
     for v in values:
         if v is not None and not isinstance(v, types):
             raise ClientError(400, f"feature '{inp.name}': value {v!r} is a {type(v).__name__}; the model expects {expected}")
@@ -266,6 +270,28 @@ def _json_column(inp: ModelInput, values: list) -> np.ndarray:
         return np.array([np.nan if v is None else v for v in values], dtype=np.float32)
     except (OverflowError, ValueError) as exc:
         raise ClientError(400, f"feature '{inp.name}': {exc}") from None
+
+
+def _json_sequence(inp: ModelInput, values: list, types: tuple[type, ...], expected: str) -> np.ndarray:
+    """JSON lists (or null) -> ``[n, max_length]``: each row's last max_length items, padded, as ``to_feeds``."""
+    length = inp.shape[0]
+    is_int = inp.dtype == "int64"
+    out = np.full((len(values), length), PAD_INT if is_int else PAD_STRING, dtype=np.int64 if is_int else object)
+    null = INT_NULL if is_int else ""
+    for i, row in enumerate(values):
+        if row is None:
+            continue
+        if not isinstance(row, list):
+            raise ClientError(400, f"feature '{inp.name}': value {row!r} is a {type(row).__name__}; the model expects a list of {expected}")
+        items = row[-length:]
+        for v in items:
+            if v is not None and not isinstance(v, types):
+                raise ClientError(400, f"feature '{inp.name}': item {v!r} is a {type(v).__name__}; the model expects a list of {expected}")
+        try:
+            out[i, :len(items)] = [null if v is None else v for v in items]
+        except (OverflowError, ValueError) as exc:
+            raise ClientError(400, f"feature '{inp.name}': {exc}") from None
+    return out
 
 
 def _decode_json(name: str, dtype: Any, data: list) -> np.ndarray:

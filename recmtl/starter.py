@@ -15,12 +15,15 @@ import yaml
 from recmtl.data import ParquetSource
 from recmtl.errors import ConfigError, close_matches
 from recmtl.images import is_image_type
+from recmtl.io import plain_array
+from recmtl.sequences import item_type
 
 HEADER = """\
 # recmtl config written by `recmtl init`. Reference: README.md, section "Config".
 # features: categorical (ints/strings -> vocabulary with min_count, or hash_buckets), dense
 #           (floats: nulls filled, standardised) and image (PNG/JPEG bytes or number lists: height, width,
-#           channels). Move a column between kinds as you see fit.
+#           channels), sequence (lists of ints/strings, e.g. recent item ids: the last max_length items,
+#           embedded and mean-pooled). Move a column between kinds as you see fit.
 # tasks:    label column, head (binary | esmm | regression | multiclass | multilabel | any registered head), weight.
 # Paths are relative to this file's folder.
 """
@@ -34,6 +37,22 @@ def _kind(typ: pa.DataType) -> str | None:
     if pa.types.is_floating(typ) or pa.types.is_decimal(typ):
         return "dense"
     return None
+
+
+def _is_sequence(source: ParquetSource, column: str) -> bool:
+    """A list of strings, or a variable-length list of integers (not uint8 pixels): a sequence feature.
+    Integer lists of one length in the first rows stay candidates for a number-list image."""
+    typ = source.field(column).type
+    found = item_type(typ)
+    if found == "string":
+        return True
+    if found != "int" or pa.types.is_fixed_size_list(typ) or pa.types.is_uint8(typ.value_type):
+        return False
+    batch = next(source.batches(read_rows=1024, columns=[column]), None)
+    if batch is None:
+        return False
+    lengths = pc.unique(pc.list_value_length(plain_array(batch.column(0))).drop_null())
+    return len(lengths) > 1 or _image_shape(source, column) is None
 
 
 def _image_shape(source: ParquetSource, column: str) -> dict[str, int] | None:
@@ -126,6 +145,9 @@ def starter_config(data: str, tasks: list[str], config_path: str | Path, positiv
         if col in labels or col in exclude:
             continue
         kind = "dense" if col in dense else "categorical" if col in categorical else _kind(source.field(col).type)
+        if kind is None and _is_sequence(source, col):
+            features.append({"name": col, "kind": "sequence", "max_length": 50})
+            continue
         if kind is None and is_image_type(source.field(col).type):
             shape = _image_shape(source, col)
             if shape is not None:
@@ -153,7 +175,9 @@ def starter_config(data: str, tasks: list[str], config_path: str | Path, positiv
         "features": features,
         "tasks": task_cfg,
         "encoders": {"categorical": {"name": "embedding", "dim": 16}}
-        | ({"image": {"name": "cnn"}} if any(f["kind"] == "image" for f in features) else {}),
+        | ({"image": {"name": "cnn"}} if any(f["kind"] == "image" for f in features) else {})
+        | ({"sequence": {"name": "sequence_pool", "dim": 16, "pooling": "mean"}}
+           if any(f["kind"] == "sequence" for f in features) else {}),
         "tower": {"name": tower} | ({"num_experts": 4, "expert_units": [256, 128], "task_units": [64]} if tower == "mmoe" else {}),
         "balancer": {"name": "fixed"},
         "optimizer": {"name": "adam", "lr": 0.001},

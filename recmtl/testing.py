@@ -227,6 +227,13 @@ def check_encoder(cls: type[Encoder], **params: Any) -> Encoder:
         shape = {"channels": 3, "height": 8, "width": 8}
         feats = [FeatureInfo("img1", kind, 0, shape), FeatureInfo("img2", kind, 0, shape)]
         x = torch.rand(n, 2, 3, 8, 8)
+    elif kind == "sequence":  # two list features (max_length 5 and 3): ids, padding id = cardinality
+        feats = [FeatureInfo("s1", kind, 10, {"max_length": 5}), FeatureInfo("s2", kind, 4, {"max_length": 3})]
+        lengths = torch.randint(0, 6, (n, 2)).clamp_max(torch.tensor([5, 3]))
+        lengths[0] = torch.tensor([5, 3])  # one row of full lists
+        ids = torch.stack([torch.randint(0, 10, (n, 5)), torch.randint(0, 4, (n, 5))], 1)
+        pad = torch.tensor([10, 4])[None, :, None]
+        x = torch.where(torch.arange(5)[None, None, :] < lengths[:, :, None], ids, pad)
     else:
         raise AssertionError(f"{name}: check_encoder knows no sample input for kind '{kind}'")
     enc = cls(feats, **params)

@@ -348,7 +348,8 @@ def _report_memory(config: Config, schema: FittedSchema, model: MultiTaskModel, 
                    optimizers: list[torch.optim.Optimizer], ctx: Context, precision: Precision) -> None:
     """Print what one rank needs before training starts (every rank holds the whole model)."""
     row_bytes = (8 * (len(schema.categorical) + len(schema.dense)) + 8 * sum(lab.width for lab in schema.labels) + 8
-                 + sum(4 * i.channels * i.height * i.width for i in schema.image))  # images: float32 C*H*W a row
+                 + sum(4 * i.channels * i.height * i.width for i in schema.image)  # images: float32 C*H*W a row
+                 + 8 * len(schema.sequence) * schema.sequence_width)  # sequences: int64 ids, padded
     buffered = max(config.data.shuffle_buffer, config.train.batch_size // ctx.world) + config.data.read_rows
     est = memory_estimate(model, balancer, optimizers, sparse_parameters(model), buffered, row_bytes)
     say(f"memory per rank (estimate, {ctx.world} process(es) on {ctx.device}, {precision.mode}): "

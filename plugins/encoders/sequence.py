@@ -1,0 +1,77 @@
+"""Pooled embeddings for sequence features (list columns, e.g. a user's recently clicked item ids).
+
+One fused embedding table (per embedding width) holds every sequence feature's ids, offset per feature, with
+sparse gradients like the ``embedding`` encoder (so ``SparseAdam`` updates only the rows of the batch). A
+row's item embeddings are pooled over its non-padding positions: ``mean`` (the YouTube DNN's averaged watch
+history, Covington et al. RecSys 2016), ``sum`` or ``max``; a row with no items pools to zeros.
+
+Input: LongTensor ``[batch, n_features, length]`` of ids in ``[0, cardinality)`` (0: null, unseen or rare
+items), the padding positions holding the feature's ``cardinality``. Output ``[batch, sum of widths]``
+(``n_features * dim`` when no feature sets its own ``embedding_dim``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from recmtl import Encoder, FeatureInfo, hookimpl
+
+POOLINGS = ("mean", "sum", "max")
+
+
+class SequencePoolEncoder(Encoder):
+    kind = "sequence"
+
+    def __init__(self, features: list[FeatureInfo], dim: int = 16, pooling: str = "mean", sparse: bool = True,
+                 init_std: float = 0.05) -> None:
+        super().__init__(features)
+        if dim < 1:
+            raise ValueError(f"dim must be positive, got {dim}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.pooling = pooling
+        widths = [int(f.options.get("embedding_dim") or dim) for f in features]
+        self.groups: list[tuple[int, list[int]]] = []  # (width, feature positions)
+        for w in sorted(set(widths)):
+            self.groups.append((w, [i for i, x in enumerate(widths) if x == w]))
+        self.tables = nn.ModuleList()
+        for g, (w, pos) in enumerate(self.groups):
+            cards = np.array([features[i].cardinality for i in pos], dtype=np.int64)
+            # each feature's rows: its ids 0..cardinality-1 and one padding row (never pooled)
+            offsets = np.concatenate([[0], np.cumsum(cards + 1)[:-1]]).astype(np.int64)
+            self.register_buffer(f"offsets_{g}", torch.from_numpy(offsets)[None, :, None], persistent=True)
+            self.register_buffer(f"padding_{g}", torch.from_numpy(cards)[None, :, None], persistent=True)
+            self.register_buffer(f"positions_{g}", torch.tensor(pos, dtype=torch.long), persistent=True)
+            table = nn.Embedding(int((cards + 1).sum()), w, sparse=sparse)
+            nn.init.normal_(table.weight, std=init_std)
+            self.tables.append(table)
+        self._dim = sum(widths)
+        self._single = len(self.groups) == 1
+
+    @property
+    def output_dim(self) -> int:
+        return self._dim
+
+    def _pool(self, ids: torch.Tensor, g: int) -> torch.Tensor:
+        """``ids [batch, F, L]`` -> ``[batch, F * width]``."""
+        emb = self.tables[g](ids + getattr(self, f"offsets_{g}"))  # [B, F, L, w]
+        mask = (ids != getattr(self, f"padding_{g}")).unsqueeze(-1)  # [B, F, L, 1]
+        if self.pooling == "max":
+            pooled = emb.masked_fill(~mask, float("-inf")).amax(dim=2)
+            pooled = torch.where(mask.any(dim=2), pooled, torch.zeros_like(pooled))
+        else:
+            pooled = (emb * mask.to(emb.dtype)).sum(dim=2)
+            if self.pooling == "mean":
+                pooled = pooled / mask.sum(dim=2).clamp_min(1).to(emb.dtype)
+        return pooled.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._single:
+            return self._pool(x, 0)
+        return torch.cat([self._pool(x[:, getattr(self, f"positions_{g}")], g) for g in range(len(self.tables))], dim=1)
+
+
+@hookimpl
+def recmtl_register_encoders() -> dict[str, type[Encoder]]:
+    return {"sequence_pool": SequencePoolEncoder}
