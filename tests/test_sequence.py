@@ -240,3 +240,15 @@ def test_init_proposes_sequence_features(cli, seq_data, tmp_path):
     kinds = {f["name"]: f["kind"] for f in cfg["features"]}
     assert kinds == {"hist": "sequence", "tags": "sequence", "c": "categorical", "d": "dense"}
     assert cfg["encoders"]["sequence"]["name"] == "sequence_pool"
+
+
+def test_a_sequence_feature_on_a_non_list_column_fails_clearly(cli, seq_data, tmp_path):
+    cfg = yaml.safe_load(_config(tmp_path / "c.yaml", seq_data, False).read_text())
+    cfg["features"][0]["kind"] = "sequence"  # column c holds strings, not lists
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("train", tmp_path / "c.yaml", "--out", tmp_path / "run")
+    assert r.code == 2 and "feature 'c' is sequence but its column has type string; expected a list" in r.err, r
+    t = pa.table({"h": pa.array([1, 2])})
+    from recmtl.errors import DataError
+    with pytest.raises(DataError, match="column 'h' has type int64; the model expects lists of integers"):
+        to_feeds(t, [ModelInput("h", "int64", (3,), "sequence")])
