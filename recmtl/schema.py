@@ -406,30 +406,22 @@ class FittedSchema:
     def save(self, run_dir: Path) -> None:
         vocab_dir = run_dir / "vocab"
         vocab_dir.mkdir(parents=True, exist_ok=True)
-        cats = []
-        for j, c in enumerate(self.categorical):
-            entry: dict[str, Any] = {"name": c.name, "value_type": c.value_type, "cardinality": c.cardinality}
+
+        def entry(c: CategoricalColumn, vocab_file: str) -> dict[str, Any]:
+            out: dict[str, Any] = {"name": c.name, "value_type": c.value_type, "cardinality": c.cardinality}
             if c.hash_buckets:
-                entry["hash_buckets"] = c.hash_buckets
+                out["hash_buckets"] = c.hash_buckets
             else:
-                entry["vocab_file"] = f"vocab/{j:04d}.parquet"
-                with atomic_path(run_dir / entry["vocab_file"]) as tmp:
+                out["vocab_file"] = vocab_file
+                with atomic_path(run_dir / vocab_file) as tmp:
                     pq.write_table(pa.table({"value": pa.array(c.vocab)}), tmp)
             if c.embedding_dim:
-                entry["embedding_dim"] = c.embedding_dim
-            cats.append(entry)
-        seqs = []
-        for j, c in enumerate(self.sequence):
-            entry = {"name": c.name, "value_type": c.value_type, "cardinality": c.cardinality, "max_length": c.max_length}
-            if c.hash_buckets:
-                entry["hash_buckets"] = c.hash_buckets
-            else:
-                entry["vocab_file"] = f"vocab/sequence_{j:04d}.parquet"
-                with atomic_path(run_dir / entry["vocab_file"]) as tmp:
-                    pq.write_table(pa.table({"value": pa.array(c.vocab)}), tmp)
-            if c.embedding_dim:
-                entry["embedding_dim"] = c.embedding_dim
-            seqs.append(entry)
+                out["embedding_dim"] = c.embedding_dim
+            return out
+
+        cats = [entry(c, f"vocab/{j:04d}.parquet") for j, c in enumerate(self.categorical)]
+        seqs = [entry(c, f"vocab/sequence_{j:04d}.parquet") | {"max_length": c.max_length}
+                for j, c in enumerate(self.sequence)]
         write_json(run_dir / "schema.json", {
             "schema_version": SCHEMA_VERSION,
             "num_rows": self.num_rows,

@@ -10,6 +10,13 @@ from torch import nn
 from recmtl import Encoder, FeatureInfo, hookimpl
 
 
+def width_groups(features: list[FeatureInfo], dim: int) -> tuple[list[int], list[tuple[int, list[int]]]]:
+    """Each feature's embedding width (its ``embedding_dim`` or ``dim``) and the features grouped by width,
+    ``[(width, feature positions)]``: one fused table per group."""
+    widths = [int(f.options.get("embedding_dim") or dim) for f in features]
+    return widths, [(w, [i for i, x in enumerate(widths) if x == w]) for w in sorted(set(widths))]
+
+
 class EmbeddingEncoder(Encoder):
     kind = "categorical"
 
@@ -17,10 +24,7 @@ class EmbeddingEncoder(Encoder):
         super().__init__(features)
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
-        widths = [int(f.options.get("embedding_dim") or dim) for f in features]
-        self.groups: list[tuple[int, list[int]]] = []  # (width, feature positions)
-        for w in sorted(set(widths)):
-            self.groups.append((w, [i for i, x in enumerate(widths) if x == w]))
+        widths, self.groups = width_groups(features, dim)
         self.tables = nn.ModuleList()
         for g, (w, pos) in enumerate(self.groups):
             cards = [features[i].cardinality for i in pos]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from recmtl import Encoder, FeatureInfo, hookimpl
+from recmtl_plugins.encoders.embedding import width_groups
 
 POOLINGS = ("mean", "sum", "max")
 
@@ -31,10 +32,7 @@ class SequencePoolEncoder(Encoder):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.pooling = pooling
-        widths = [int(f.options.get("embedding_dim") or dim) for f in features]
-        self.groups: list[tuple[int, list[int]]] = []  # (width, feature positions)
-        for w in sorted(set(widths)):
-            self.groups.append((w, [i for i, x in enumerate(widths) if x == w]))
+        widths, self.groups = width_groups(features, dim)
         self.tables = nn.ModuleList()
         for g, (w, pos) in enumerate(self.groups):
             cards = np.array([features[i].cardinality for i in pos], dtype=np.int64)
