@@ -17,6 +17,7 @@ import torch
 
 from recmtl import Balancer, hookimpl
 from recmtl.gradients import GradientBalancer
+from recmtl_plugins.balancers._random import SeededGenerator
 
 
 def vaccinate(g_i: torch.Tensor, g_j: torch.Tensor, target: float) -> float:
@@ -52,7 +53,7 @@ def gradvac(grads: torch.Tensor, targets: torch.Tensor, beta: float,
     return coeffs @ grads, coeffs
 
 
-class GradVac(GradientBalancer):
+class GradVac(SeededGenerator, GradientBalancer):
     """Returns each task's coefficient in ``sum_i g_i' = sum_j c_j g_j`` (1.0 when no cosine falls below
     its target). ``beta`` is the EMA rate of the targets (paper: 1e-2); ``seed`` fixes the random order."""
 
@@ -61,18 +62,12 @@ class GradVac(GradientBalancer):
         if not 0 <= beta <= 1:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.beta = float(beta)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.init_generator(seed)
         num = len(task_names)
         self.register_buffer("targets", torch.zeros(num, num, dtype=torch.float64))
 
     def combine(self, grads, losses, sizes):
         return gradvac(grads, self.targets, self.beta, self.generator)
-
-    def get_extra_state(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
 
 @hookimpl

@@ -12,6 +12,7 @@ import torch
 
 from recmtl import Balancer, hookimpl
 from recmtl.gradients import GradientBalancer
+from recmtl_plugins.balancers._random import SeededGenerator
 
 
 def pcgrad(grads: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,22 +34,16 @@ def pcgrad(grads: torch.Tensor, generator: torch.Generator | None = None) -> tup
     return coeffs @ grads, coeffs
 
 
-class PCGrad(GradientBalancer):
+class PCGrad(SeededGenerator, GradientBalancer):
     """Returns, per task, its coefficient in the combined shared gradient (``sum_i g_i^PC = sum_j c_j g_j``;
     1.0 for every task when nothing conflicts). ``seed`` fixes the random projection order."""
 
     def __init__(self, task_names: list[str], weights: dict[str, float], seed: int = 0) -> None:
         super().__init__(task_names, weights)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.init_generator(seed)
 
     def combine(self, grads, losses, sizes):
         return pcgrad(grads, self.generator)
-
-    def get_extra_state(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
 
 @hookimpl

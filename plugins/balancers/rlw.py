@@ -12,16 +12,16 @@ run is reproducible and resumes with the same sequence. The per-task ``weight`` 
 """
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from recmtl import Balancer, hookimpl
+from recmtl_plugins.balancers._random import SeededGenerator
 
 
-class RandomLossWeighting(Balancer):
+class RandomLossWeighting(SeededGenerator, Balancer):
     def __init__(self, task_names: list[str], weights: dict[str, float], distribution: str = "normal",
                  concentration: float = 1.0, seed: int | None = None) -> None:
         super().__init__(task_names, weights)
@@ -33,7 +33,7 @@ class RandomLossWeighting(Balancer):
         self.concentration = float(concentration)
         if seed is None:  # drawn from the global RNG, which the run's `seed` has set
             seed = int(torch.randint(0, 2**62, ()).item())
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.init_generator(seed)
 
     def sample(self) -> torch.Tensor:
         """``[K]`` weights for one step, summing to ``K``."""
@@ -50,12 +50,6 @@ class RandomLossWeighting(Balancer):
         total = sum(wi * losses[t] for wi, t in zip(w, self.task_names))
         total.backward()
         return dict(zip(self.task_names, w))
-
-    def get_extra_state(self) -> Any:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(state["generator"])
 
 
 @hookimpl
