@@ -356,3 +356,52 @@ def test_the_docker_images_packages_score_and_serve(exported, holey_data, rows, 
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_v1_value_checks_and_int_dense_values(server, exported, rows):  # noqa: F811
+    good = instances(rows.slice(0, 1))[0]
+    good = {k: (0.5 if k.startswith("d") and v is None else v) for k, v in good.items()}
+    url = server.url + "/v1/models/model/predict"
+    as_float = httpx.post(url, json={"instances": [dict(good, d01=3.0)]}).json()["predictions"]
+    as_int = httpx.post(url, json={"instances": [dict(good, d01=3)]}).json()["predictions"]
+    assert as_int == as_float  # a whole number for a dense feature is that number
+    r = httpx.post(url, json={"instances": [dict(good, item_id=2**63)]})  # fits uint64, not int64
+    assert r.status_code == 400 and "item_id" in r.json()["error"] and "64-bit" in r.json()["error"]
+    r = httpx.post(url, json={"instances": [dict(good, c03=7)]})
+    assert r.status_code == 400 and "feature 'c03'" in r.json()["error"] and "strings" in r.json()["error"]
+    body = b'{"instances": [{"d01": NaN}]}'  # not JSON (RFC 8259): send null for a missing value
+    r = httpx.post(url, content=body)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+
+
+def test_a_bad_request_in_a_merged_batch_fails_alone(server, exported, rows):  # noqa: F811
+    """Values are checked per request before batching, so one bad request cannot fail the others' batch."""
+    good = instances(rows.slice(0, 8))
+    ref = reference_scores(exported, rows.slice(0, 8)).column("click").to_numpy()
+    bodies = [{"instances": [good[i % 8]]} if i % 5 else {"instances": [dict(good[0], user_id="x")]} for i in range(200)]
+    with httpx.Client() as client, cf.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda b: client.post(server.url + "/v1/models/model/predict", json=b), bodies))
+    for i, r in enumerate(answers):
+        if i % 5:
+            assert r.status_code == 200 and abs(r.json()["predictions"][0]["click"] - ref[i % 8]) < 1e-6
+        else:
+            assert r.status_code == 400
+
+
+def test_merged_feeds_equal_to_feeds(exported, rows):  # noqa: F811
+    """v1 rows (kept as lists until a batch runs) and v2 arrays merge into exactly the arrays to_feeds makes."""
+    from recmtl.score import Scorer, to_feeds
+    from recmtl.serve import JsonRows, ServedModel, ServeOptions
+    model = ServedModel("model", exported / "model.onnx", Scorer(exported / "model.onnx"), ServeOptions())
+    table = rows.slice(0, 6)
+    reference = to_feeds(table, model.scorer.inputs)
+    first, _ = model.feeds_from_instances({"instances": instances(table.slice(0, 2))})
+    second, _ = model.feeds_from_instances({"instances": instances(table.slice(2, 3))})
+    assert isinstance(first, JsonRows)
+    v2 = to_feeds(table.slice(5, 1), model.scorer.inputs)
+    for parts in ([first, second], [first, second, v2]):
+        merged = model.merge(parts)
+        n = 5 if len(parts) == 2 else 6
+        for name, want in reference.items():
+            assert merged[name].dtype == want.dtype, name
+            np.testing.assert_array_equal(merged[name], want[:n], err_msg=name)
