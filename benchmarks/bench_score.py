@@ -77,7 +77,7 @@ def gemm_ceiling(threads: int, m: int = 2048, k: int = 1024, n: int = 1024, reps
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rss-rows", type=int, default=0, help="also measure peak RSS of recmtl score on this many rows")
@@ -141,14 +141,22 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     flops = model_flops_per_row(model_path)
     achieved = med["ort_model_only"] * flops / 1e9
+    # ratios within each round (paths measured minutes apart on a shared host), then their median
+    paired = {
+        "ort_over_torch": [o / t for o, t in zip(results["ort_model_only"], results["torch_eager"])],
+        "score_over_ort": [c / o for c, o in zip(results["recmtl_score"], results["ort_model_only"])],
+        "ort_over_ceiling": [o * flops / 1e9 / g for o, g in zip(results["ort_model_only"], results["gemm_gflops"])],
+    }
     report = {
-        "rows": n, "batch_size": bs, "threads": args.threads,
+        "rows": n, "batch_size": bs, "threads": args.threads, "rounds": args.rounds,
         "rows_per_s": {k: round(med[k]) for k in ("torch_eager", "ort_model_only", "recmtl_score")},
         "model_mflops_per_row": round(flops / 1e6, 3),
         "ort_achieved_gflops": round(achieved, 1), "gemm_ceiling_gflops": round(med["gemm_gflops"], 1),
         "ratio_ort_over_torch": round(med["ort_model_only"] / med["torch_eager"], 2),
         "ratio_score_over_ort": round(med["recmtl_score"] / med["ort_model_only"], 3),
         "ratio_ort_over_ceiling": round(achieved / med["gemm_gflops"], 3),
+        "per_round_ratios": {k: [round(x, 3) for x in v] for k, v in paired.items()},
+        "median_per_round_ratio": {k: round(statistics.median(v), 3) for k, v in paired.items()},
     }
     if args.rss_rows:
         big = work / "big"

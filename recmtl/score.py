@@ -82,7 +82,9 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
         elif inp.dtype == "int64":
             if not (pa.types.is_integer(typ) or pa.types.is_boolean(typ)):
                 raise DataError(f"column '{inp.name}' has type {typ}; the model expects integers")
-            feeds[inp.name] = col.cast(pa.int64()).fill_null(INT_NULL).to_numpy()
+            if col.null_count or typ != pa.int64():
+                col = col.cast(pa.int64()).fill_null(INT_NULL)
+            feeds[inp.name] = col.to_numpy()  # zero-copy for int64 without nulls
         elif inp.dtype == "string":
             if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
                 raise DataError(f"column '{inp.name}' has type {typ}; the model expects strings")
@@ -91,7 +93,7 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
             if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
                     or pa.types.is_decimal(typ)):
                 raise DataError(f"column '{inp.name}' has type {typ}; the model expects numbers")
-            feeds[inp.name] = pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False)
+            feeds[inp.name] = (col if typ == pa.float32() else pc.cast(col, pa.float32())).to_numpy(zero_copy_only=False)
     return feeds
 
 
