@@ -139,30 +139,36 @@ def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.Tens
             inits.append(numpy_helper.from_array(value, name))
         return name
 
-    axes = const("pre_axes_1", np.array([1], dtype=np.int64))
+    def axes() -> str:
+        return const("pre_axes_1", np.array([1], dtype=np.int64))
+
+    def stack(columns: list[str], out: str) -> list[onnx.NodeProto]:
+        """1-D columns [B] each -> [B, F]: one Concat, Reshape and Transpose (cheaper than F Unsqueezes)."""
+        shape = const(f"{out}_shape", np.array([len(columns), -1], dtype=np.int64))
+        return [helper.make_node("Concat", columns, [f"{out}_flat"], axis=0),
+                helper.make_node("Reshape", [f"{out}_flat", shape], [f"{out}_by_column"]),
+                helper.make_node("Transpose", [f"{out}_by_column"], [out], perm=[1, 0])]
+
     cat_cols = []
     for j, col in enumerate(run.schema.categorical):
         raw, out = col.name, f"pre_cat_{j}"
         elem = TensorProto.INT64 if col.value_type == "int" else TensorProto.STRING
         inputs.append(helper.make_tensor_value_info(raw, elem, ["batch"]))
-        lookup, ms = _lookup_nodes(col, raw, f"{out}_flat", const, padding=False)
+        lookup, ms = _lookup_nodes(col, raw, out, const, padding=False)
         nodes += lookup
         uses_ms |= ms
-        nodes.append(helper.make_node("Unsqueeze", [f"{out}_flat", axes], [out]))
         cat_cols.append(out)
     if cat_cols:
-        nodes.append(helper.make_node("Concat", cat_cols, [core_input("categorical")], axis=1) if len(cat_cols) > 1
-                     else helper.make_node("Identity", cat_cols, [core_input("categorical")]))
+        nodes += stack(cat_cols, core_input("categorical"))
     dense_cols = []
-    for j, d in enumerate(run.schema.dense):
+    for d in run.schema.dense:
         inputs.append(helper.make_tensor_value_info(d.name, TensorProto.FLOAT, ["batch"]))
-        nodes.append(helper.make_node("Unsqueeze", [d.name, axes], [f"pre_dense_{j}"]))
-        dense_cols.append(f"pre_dense_{j}")
+        dense_cols.append(d.name)
     if dense_cols:
         fill = const("pre_fill", np.array([d.fill for d in run.schema.dense], dtype=np.float32))
         mean = const("pre_mean", np.array([d.mean for d in run.schema.dense], dtype=np.float32))
         std = const("pre_std", np.array([d.std for d in run.schema.dense], dtype=np.float32))
-        nodes.append(helper.make_node("Concat", dense_cols, ["pre_dense_raw"], axis=1))
+        nodes += stack(dense_cols, "pre_dense_raw")
         nodes.append(helper.make_node("IsNaN", ["pre_dense_raw"], ["pre_dense_nan"]))
         nodes.append(helper.make_node("IsInf", ["pre_dense_raw"], ["pre_dense_inf"]))
         nodes.append(helper.make_node("Or", ["pre_dense_nan", "pre_dense_inf"], ["pre_dense_missing"]))
@@ -172,7 +178,7 @@ def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.Tens
     image_cols = []
     for j, img in enumerate(run.schema.image):  # [batch, C, H, W] each -> "image" [batch, F, C, H, W]
         inputs.append(helper.make_tensor_value_info(img.name, TensorProto.FLOAT, ["batch", img.channels, img.height, img.width]))
-        nodes.append(helper.make_node("Unsqueeze", [img.name, axes], [f"pre_image_{j}"]))
+        nodes.append(helper.make_node("Unsqueeze", [img.name, axes()], [f"pre_image_{j}"]))
         image_cols.append(f"pre_image_{j}")
     if image_cols:
         nodes.append(helper.make_node("Concat", image_cols, [core_input("image")], axis=1) if len(image_cols) > 1
@@ -192,7 +198,7 @@ def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.Tens
             pad_id = const(f"{out}_pad_value", np.array(col.cardinality, dtype=np.int64))
             nodes.append(helper.make_node("Pad", [ids, pads, pad_id], [f"{out}_wide"], mode="constant"))
             ids = f"{out}_wide"
-        nodes.append(helper.make_node("Unsqueeze", [ids, axes], [out]))
+        nodes.append(helper.make_node("Unsqueeze", [ids, axes()], [out]))
         seq_cols.append(out)
     if seq_cols:
         nodes.append(helper.make_node("Concat", seq_cols, [core_input("sequence")], axis=1) if len(seq_cols) > 1

@@ -278,9 +278,28 @@ def test_tower_trains_through_the_cli(name, small_funnel, tmp_path, cli):
         assert set(diag["gate_weights"]) and all(math.isclose(sum(w), 1, abs_tol=2e-3) for w in diag["gate_weights"].values())
     if name == "cross_stitch":
         assert len(diag["matrices"]["cross_stitch_1"]["values"]) == 2
-    if name in ("stem", "ple"):  # export traces the model (STEM's own embedding tables too) and checks parity
-        res = cli("export", tmp_path / "run", "-o", tmp_path / "model.onnx")
-        assert res.code == 0 and (tmp_path / "model.onnx").is_file(), res
+    # export traces the model (STEM's own embedding tables too, the MoE towers' export layout) and checks parity
+    res = cli("export", tmp_path / "run", "-o", tmp_path / "model.onnx")
+    assert res.code == 0 and (tmp_path / "model.onnx").is_file(), res
+
+
+def test_export_layout_of_experts_and_mixing_equals_training_layout(monkeypatch):
+    """Under ONNX export, Experts and mix() take a layout onnxruntime runs faster; same numbers."""
+    from recmtl_plugins.towers._moe import Experts, mix
+    torch.manual_seed(0)
+    experts = Experts(10, 3, [8, 4]).eval()
+    x = torch.randn(5, 10)
+    gates = torch.softmax(torch.randn(5, 2, 3), -1)
+    gate = torch.softmax(torch.randn(5, 3), -1)
+    with torch.no_grad():
+        h = experts(x)
+        train = (h, mix(gates, h), mix(gate, h))
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        h2 = experts(x)
+        export = (h2, mix(gates, h2), mix(gate, h2))
+    assert [t.shape for t in export] == [(3, 5, 4), (2, 5, 4), (5, 4)]
+    for a, b in zip(train, export):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -64,14 +64,31 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[batch, in]`` or ``[num_experts, batch, in]`` -> ``[num_experts, batch, units[-1]]``."""
         e = self.num_experts
-        if x.dim() == 2:
-            h = (x @ self.weights[0]).view(x.shape[0], e, -1).transpose(0, 1) + self.biases[0]
+        if x.dim() == 2 and torch.onnx.is_in_onnx_export():
+            # one Gemm with its bias and the Relu, which onnxruntime fuses (slower in a torch training step)
+            h = torch.relu(torch.addmm(self.biases[0].reshape(-1), x, self.weights[0]))
+            h = h.view(x.shape[0], e, -1).transpose(0, 1)
+        elif x.dim() == 2:
+            h = torch.relu((x @ self.weights[0]).view(x.shape[0], e, -1).transpose(0, 1) + self.biases[0])
         else:
-            h = torch.baddbmm(self.biases[0], x, self.layer_weights(0))
-        h = self.dropout(torch.relu(h))
+            h = torch.relu(torch.baddbmm(self.biases[0], x, self.layer_weights(0)))
+        h = self.dropout(h)
         for w, bias in zip(list(self.weights)[1:], list(self.biases)[1:]):
             h = self.dropout(torch.relu(torch.baddbmm(bias, h, w)))
         return h
+
+
+def mix(gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted sum of expert outputs ``[E, B, D]``: gates ``[B, E]`` -> ``[B, D]``, or one gate per task
+    ``[B, T, E]`` -> ``[T, B, D]``. Under ONNX export a broadcast product and a sum (onnxruntime runs them
+    faster than its Einsum); einsum otherwise (faster in a torch training step)."""
+    if torch.onnx.is_in_onnx_export():
+        if gates.dim() == 2:
+            return (gates.t().unsqueeze(-1) * experts).sum(0)
+        return (gates.permute(1, 2, 0).unsqueeze(-1) * experts.unsqueeze(0)).sum(1)
+    if gates.dim() == 2:
+        return torch.einsum("be,ebd->bd", gates, experts)
+    return torch.einsum("bte,ebd->tbd", gates, experts)
 
 
 def entropy(weights: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units, mlp
-from recmtl_plugins.towers._moe import Experts, GateStats, entropy
+from recmtl_plugins.towers._moe import Experts, GateStats, entropy, mix
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -89,7 +89,7 @@ class DSelectK(Tower):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         gates = self.gate_weights(x)
-        mixed = torch.einsum("bte,ebd->tbd", gates, self.experts(x))
+        mixed = mix(gates, self.experts(x))
         if GateStats.active(self):
             for i, t in enumerate(self.task_names):
                 self.stats.update(t, gates[:, i])

@@ -19,7 +19,7 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units, mlp
-from recmtl_plugins.towers._moe import Experts, GateStats
+from recmtl_plugins.towers._moe import Experts, GateStats, mix
 
 
 class HMoE(Tower):
@@ -58,7 +58,7 @@ class HMoE(Tower):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         weights, group = self.gate_weights(x)
-        mixed = torch.einsum("bte,ebd->tbd", weights, self.experts(x))
+        mixed = mix(weights, self.experts(x))
         if GateStats.active(self):
             for i, t in enumerate(self.task_names):
                 self.stats.update(t, weights[:, i])

@@ -19,7 +19,7 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units, mlp
-from recmtl_plugins.towers._moe import Experts, GateStats
+from recmtl_plugins.towers._moe import Experts, GateStats, mix
 
 __all__ = ["Experts", "MMoE"]
 
@@ -50,7 +50,7 @@ class MMoE(Tower):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         experts = self.experts(x)  # [E, B, D]
         gates = torch.softmax(self.gates(x).view(x.shape[0], len(self.task_names), self.num_experts), dim=-1)
-        mixed = torch.einsum("bte,ebd->tbd", gates, experts)  # [T, B, D]
+        mixed = mix(gates, experts)  # [T, B, D]
         if GateStats.active(self):
             for i, t in enumerate(self.task_names):
                 self.stats.update(t, gates[:, i])

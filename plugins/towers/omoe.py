@@ -15,7 +15,7 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units, mlp
-from recmtl_plugins.towers._moe import Experts, GateStats
+from recmtl_plugins.towers._moe import Experts, GateStats, mix
 
 
 class OMoE(Tower):
@@ -38,7 +38,7 @@ class OMoE(Tower):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         gate = torch.softmax(self.gate(x), dim=-1)  # [B, E]
-        mixed = torch.einsum("be,ebd->bd", gate, self.experts(x))
+        mixed = mix(gate, self.experts(x))
         if GateStats.active(self):
             self.stats.update("shared", gate)
         return {t: self.towers[t](mixed) for t in self.task_names}

@@ -20,7 +20,7 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units, mlp
-from recmtl_plugins.towers._moe import Experts, GateStats
+from recmtl_plugins.towers._moe import Experts, GateStats, mix
 
 
 class PLE(Tower):
@@ -75,7 +75,7 @@ class PLE(Tower):
         gate = torch.softmax(logits, dim=-1)  # [B, n]
         if GateStats.active(self):
             self.stats.update(name, gate)
-        return torch.einsum("bn,nbd->bd", gate, experts)
+        return mix(gate, experts)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         n_tasks, nt = len(self.task_names), self.nt

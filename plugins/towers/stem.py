@@ -22,7 +22,7 @@ from torch import nn
 
 from recmtl import FeatureInfo, Tower, hookimpl
 from recmtl.layers import check_units, mlp
-from recmtl_plugins.towers._moe import Experts, GateStats
+from recmtl_plugins.towers._moe import Experts, GateStats, mix
 
 
 class STEM(Tower):
@@ -86,7 +86,7 @@ class STEM(Tower):
             gate = torch.softmax(self.gates[t](torch.cat([own[i], x], dim=1)), dim=-1)
             if GateStats.active(self):
                 self.stats.update(t, gate)
-            out[t] = self.towers[t](torch.einsum("bn,nbd->bd", gate, experts))
+            out[t] = self.towers[t](mix(gate, experts))
         return out
 
     def shared_parameters(self) -> list[nn.Parameter]:
