@@ -332,13 +332,13 @@ def _json_value(inp: ModelInput, v: Any) -> Any:
 def _json_column(inp: ModelInput, values: list) -> np.ndarray:
     """One feature's JSON values -> the model input (``_json_value`` per value; sequences padded)."""
     if inp.is_sequence:
-        types, expected = _JSON_KINDS[inp.dtype]
-        return _json_sequence(inp, values, types, expected)
+        return _json_sequence(inp, values)
     return np.array([_json_value(inp, v) for v in values], dtype=_NUMPY_DTYPE[inp.dtype])
 
 
-def _json_sequence(inp: ModelInput, values: list, types: tuple[type, ...], expected: str) -> np.ndarray:
+def _json_sequence(inp: ModelInput, values: list) -> np.ndarray:
     """JSON lists (or null) -> ``[n, max_length]``: each row's last max_length items, padded, as ``to_feeds``."""
+    types, expected = _JSON_KINDS[inp.dtype]
     length = inp.shape[0]
     is_int = inp.dtype == "int64"
     out = np.full((len(values), length), PAD_INT if is_int else PAD_STRING, dtype=np.int64 if is_int else object)
