@@ -2,7 +2,8 @@
 
 One run, interleaved rounds, medians. Also: the model's FLOPs per row (from the ONNX graph's MatMul/Gemm
 initialisers), the achieved GFLOP/s, the machine's GEMM ceiling (one large MatMul in onnxruntime, same
-threads), and the peak RSS of `recmtl score` on a large file.
+threads), and the peak RSS of `recmtl score` on a large file. (b) and (c) run with onnxruntime's default thread
+waiting in recmtl (threads sleep when idle) and with `--spin`, interleaved in every round.
 
     python benchmarks/bench_score.py --rows 2000000 [--rss-rows 10000000] [--work-dir DIR]
 """
@@ -108,8 +109,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     arrays = loaded.schema.transform(table, labels=False)
     tensors = {k: torch.from_numpy(v) for k, v in arrays.inputs.items()}
-    scorer = Scorer(model_path, args.threads)
-    feeds = to_feeds(table, scorer.inputs)
+    scorers = {False: Scorer(model_path, args.threads), True: Scorer(model_path, args.threads, spin=True)}
+    feeds = to_feeds(table, scorers[False].inputs)
     bs = args.batch_size
 
     def torch_eager() -> float:
@@ -119,46 +120,51 @@ def main() -> None:
                 loaded.model.predict({k: v[s:s + bs] for k, v in tensors.items()})
         return n / (time.perf_counter() - t)
 
-    def ort_model_only() -> float:
+    def ort_model_only(spin: bool) -> float:
+        scorer = scorers[spin]
         t = time.perf_counter()
         for s in range(0, n, bs):
             scorer.session.run(scorer.tasks, {k: v[s:s + bs] for k, v in feeds.items()})
         return n / (time.perf_counter() - t)
 
-    def recmtl_score() -> float:
+    def recmtl_score(spin: bool) -> float:
         out = work / "scores.parquet"
         t = time.perf_counter()
         subprocess.run([RECMTL, "score", str(model_path), str(data / "test.parquet"), "-o", str(out), "--no-progress",
-                        "--threads", str(args.threads), "--batch-size", str(bs)], check=True, stdout=subprocess.DEVNULL)
+                        "--threads", str(args.threads), "--batch-size", str(bs), *(["--spin"] if spin else [])],
+                       check=True, stdout=subprocess.DEVNULL)
         return n / (time.perf_counter() - t)
 
-    results: dict[str, list[float]] = {"torch_eager": [], "ort_model_only": [], "recmtl_score": [], "gemm_gflops": []}
+    # the default (threads sleep when idle) and --spin (busy-wait inside a batch), interleaved in every round
+    results: dict[str, list[float]] = {"torch_eager": [], "ort_model_only": [], "recmtl_score": [],
+                                       "ort_model_only_spin": [], "recmtl_score_spin": [], "gemm_gflops": []}
     for r in range(args.rounds):
         results["torch_eager"].append(torch_eager())
-        results["ort_model_only"].append(ort_model_only())
-        results["recmtl_score"].append(recmtl_score())
+        for spin in ((False, True) if r % 2 == 0 else (True, False)):
+            suffix = "_spin" if spin else ""
+            results["ort_model_only" + suffix].append(ort_model_only(spin))
+            results["recmtl_score" + suffix].append(recmtl_score(spin))
         results["gemm_gflops"].append(gemm_ceiling(args.threads))
         print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:,.0f}" for k, v in results.items()), flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     flops = model_flops_per_row(model_path)
-    achieved = med["ort_model_only"] * flops / 1e9
-    # ratios within each round (paths measured minutes apart on a shared host), then their median
-    paired = {
-        "ort_over_torch": [o / t for o, t in zip(results["ort_model_only"], results["torch_eager"])],
-        "score_over_ort": [c / o for c, o in zip(results["recmtl_score"], results["ort_model_only"])],
-        "ort_over_ceiling": [o * flops / 1e9 / g for o, g in zip(results["ort_model_only"], results["gemm_gflops"])],
-    }
-    report = {
-        "rows": n, "batch_size": bs, "threads": args.threads, "rounds": args.rounds,
-        "rows_per_s": {k: round(med[k]) for k in ("torch_eager", "ort_model_only", "recmtl_score")},
-        "model_mflops_per_row": round(flops / 1e6, 3),
-        "ort_achieved_gflops": round(achieved, 1), "gemm_ceiling_gflops": round(med["gemm_gflops"], 1),
-        "ratio_ort_over_torch": round(med["ort_model_only"] / med["torch_eager"], 2),
-        "ratio_score_over_ort": round(med["recmtl_score"] / med["ort_model_only"], 3),
-        "ratio_ort_over_ceiling": round(achieved / med["gemm_gflops"], 3),
-        "per_round_ratios": {k: [round(x, 3) for x in v] for k, v in paired.items()},
-        "median_per_round_ratio": {k: round(statistics.median(v), 3) for k, v in paired.items()},
-    }
+    report = {"rows": n, "batch_size": bs, "threads": args.threads, "rounds": args.rounds,
+              "model_mflops_per_row": round(flops / 1e6, 3), "gemm_ceiling_gflops": round(med["gemm_gflops"], 1),
+              "torch_eager_rows_per_s": round(med["torch_eager"])}
+    for setting, suffix in (("default", ""), ("spin", "_spin")):
+        ort_rows, score_rows = results["ort_model_only" + suffix], results["recmtl_score" + suffix]
+        # ratios within each round (paths measured minutes apart on a shared host), then their median
+        paired = {
+            "ort_over_torch": [o / t for o, t in zip(ort_rows, results["torch_eager"])],
+            "score_over_ort": [c / o for c, o in zip(score_rows, ort_rows)],
+            "ort_over_ceiling": [o * flops / 1e9 / g for o, g in zip(ort_rows, results["gemm_gflops"])],
+        }
+        report[setting] = {
+            "rows_per_s": {"ort_model_only": round(statistics.median(ort_rows)), "recmtl_score": round(statistics.median(score_rows))},
+            "ort_achieved_gflops": round(statistics.median(ort_rows) * flops / 1e9, 1),
+            "per_round_ratios": {k: [round(x, 3) for x in v] for k, v in paired.items()},
+            "median_per_round_ratio": {k: round(statistics.median(v), 3) for k, v in paired.items()},
+        }
     if args.rss_rows:
         big = work / "big"
         if not (big / "train.parquet").exists():

@@ -231,10 +231,12 @@ def score(
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime threads (per worker).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Processes scoring row groups in parallel.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    spin: Annotated[bool, typer.Option(help="Let onnxruntime's threads busy-wait inside a batch: faster on cores "
+                                            "nobody else uses, slower on a shared machine.")] = False,
 ) -> None:
     """Score Parquet -> Parquet with only the ONNX file; output rows in input order."""
     from recmtl.score import score_parquet
-    rows = score_parquet(model, data, output, keep, batch_size, threads, workers, progress=progress)
+    rows = score_parquet(model, data, output, keep, batch_size, threads, workers, progress=progress, spin=spin)
     typer.echo(f"wrote {output}: {rows:,} rows")
 
 

@@ -100,7 +100,10 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
 class Scorer:
     """An onnxruntime session over a recmtl ONNX export."""
 
-    def __init__(self, model_path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, model_path: str | Path, threads: int | None = None, spin: bool = False) -> None:
+        """``spin``: onnxruntime's worker threads busy-wait between the operators of one run (they stop when the
+        run ends): a few per cent faster on cores nobody else uses, much slower when other processes compete
+        for them, hence off by default."""
         import onnxruntime as ort
         self.meta = read_model_schema(model_path)
         self.inputs = [ModelInput(i["name"], i["dtype"], tuple(i.get("shape") or ()), i.get("kind", ""))
@@ -113,7 +116,8 @@ class Scorer:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # kinder under CPU contention
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")  # no spinning between runs
         self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
     def check_columns(self, schema: pa.Schema) -> None:
@@ -151,11 +155,13 @@ class Scorer:
 
 
 def score_batches(model_path: str | Path, batches: Iterable[pa.RecordBatch], keep: Sequence[str] = (),
-                  batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None) -> Iterator[pa.RecordBatch]:
+                  batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
+                  spin: bool = False) -> Iterator[pa.RecordBatch]:
     """Score Arrow record batches with an exported model; yields one scored batch per input batch, in
     input order, with the ``keep`` columns first and one column per task: float32, or a
-    ``fixed_size_list<float32>[K]`` of class/attribute probabilities for multiclass/multilabel tasks."""
-    scorer = Scorer(model_path, threads)
+    ``fixed_size_list<float32>[K]`` of class/attribute probabilities for multiclass/multilabel tasks.
+    ``threads`` and ``spin``: see ``Scorer``."""
+    scorer = Scorer(model_path, threads, spin)
     for batch in batches:
         yield scorer.score(batch, keep, batch_size)
 
@@ -201,8 +207,8 @@ def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(model_path: str, threads: int | None) -> None:
-    _WORKER["scorer"] = Scorer(model_path, threads)
+def _worker_init(model_path: str, threads: int | None, spin: bool) -> None:
+    _WORKER["scorer"] = Scorer(model_path, threads, spin)
 
 
 def _worker_score(path: str, row_group: int, keep: Sequence[str], batch_size: int, read_rows: int) -> pa.Table:
@@ -216,7 +222,7 @@ def _worker_score(path: str, row_group: int, keep: Sequence[str], batch_size: in
 
 def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, keep: Sequence[str] = (),
                   batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None, workers: int = 1,
-                  read_rows: int = 65_536, progress: bool = True) -> int:
+                  read_rows: int = 65_536, progress: bool = True, spin: bool = False) -> int:
     """Score a Parquet file/folder/glob into one Parquet file (atomic, input row order); returns rows."""
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -224,7 +230,7 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
     from recmtl.data import ParquetSource
     from recmtl.io import atomic_path
 
-    scorer = Scorer(model_path, threads if workers <= 1 else 1)
+    scorer = Scorer(model_path, threads if workers <= 1 else 1, spin)
     source = ParquetSource(input_spec)
     scorer.check_columns(source.schema)
     for k in keep:
@@ -255,7 +261,7 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
             units = [(str(source.paths[i]), rg) for i, rg in source.units]
             ctx = mp.get_context("spawn")
             with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                        initargs=(str(model_path), threads or 1)) as pool:
+                                        initargs=(str(model_path), threads or 1, spin)) as pool:
                 pending: list[cf.Future] = []
                 for unit in units:  # a bounded window of row groups in flight, written in order
                     pending.append(pool.submit(_worker_score, *unit, list(keep), batch_size, read_rows))

@@ -98,6 +98,22 @@ def test_workers_give_identical_output(cli, exported, holey_data, tmp_path):
             "--workers", "2", "--threads", "1")
     assert r.code == 0, r
     assert pq.read_table(a).equals(pq.read_table(b))
+    c = tmp_path / "c.parquet"
+    r = cli("score", exported / "model.onnx", holey_data / "train.parquet", "-o", c, "--no-progress", "--keep", "row_id", "--spin")
+    assert r.code == 0, r
+    assert pq.read_table(a).equals(pq.read_table(c))
+
+
+def test_spin_sets_onnxruntime_thread_spinning(exported):
+    from recmtl.score import Scorer
+
+    def entry(scorer: Scorer, key: str) -> str:
+        return scorer.session.get_session_options().get_session_config_entry(key)
+
+    quiet, spinning = Scorer(exported / "model.onnx"), Scorer(exported / "model.onnx", spin=True)
+    assert entry(quiet, "session.intra_op.allow_spinning") == "0"
+    assert entry(spinning, "session.intra_op.allow_spinning") == "1"
+    assert entry(spinning, "session.force_spinning_stop") == "1"  # never left spinning between batches
 
 
 def test_score_batches_api(exported, holey_data):
