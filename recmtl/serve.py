@@ -561,7 +561,7 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIA
         feeds, rows = m.feeds_from_instances(payload)
         outputs = await m.infer(feeds, rows)
         # one number per task and row, or a list of K class/attribute probabilities
-        columns = [(o.reshape(rows, -1) if m.scorer.widths[t] else o.reshape(-1)).astype(float).tolist()
+        columns = [(o.reshape(rows, -1) if m.scorer.widths[t] else o.reshape(-1)).tolist()  # float32 -> float exactly
                    for t, o in zip(m.scorer.tasks, outputs)]
         return orjson.dumps({"model_name": m.name, "predictions": [dict(zip(m.scorer.tasks, row)) for row in zip(*columns)]}), JSON, []
 
@@ -651,6 +651,8 @@ def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000, workers
         "RECMTL_SERVE_MAX_WAIT_MS": str(options.max_wait_ms), "RECMTL_SERVE_MAX_BODY": str(options.max_body_bytes),
         "RECMTL_SERVE_THREADS": str(options.threads or ""),
     })
+    access_log = log_level in ("trace", "debug", "info")
     uvicorn.run("recmtl.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, timeout_graceful_shutdown=30,
-                access_log=log_level in ("trace", "debug", "info"))  # formatting access lines costs per request
+                # formatting access lines costs per request; the client address (proxy headers) is only for them
+                access_log=access_log, proxy_headers=access_log)
