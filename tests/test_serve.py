@@ -198,8 +198,35 @@ def test_v2_bad_tensors(server, mutate, needle):
 
 def test_unknown_routes_and_methods(server):
     assert httpx.get(server.url + "/v3/anything").status_code == 404
-    assert httpx.get(server.url + "/v2/models/model/infer").status_code == 405
+    r = httpx.get(server.url + "/v2/models/model/infer")
+    assert r.status_code == 405 and "method GET not allowed" in r.json()["error"]
+    assert httpx.get(server.url + "/v1/models/model/predict").status_code == 405
     assert httpx.get(server.url + "/v2/models/nope").status_code == 404
+    r = httpx.post(server.url + "/v2/models/nope/versions/1/infer", json={"inputs": []})
+    assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+    assert httpx.post(server.url + "/v2/models/model/versions/2/infer", json={}).status_code == 404  # only version 1
+
+
+def test_inference_route_matches_exactly_the_inference_paths():
+    from recmtl.serve import inference_route
+    assert inference_route("/v1/models/ctr/predict") == ("predict", "ctr")
+    assert inference_route("/v2/models/ctr/infer") == ("infer", "ctr")
+    assert inference_route("/v2/models/ctr/versions/1/infer") == ("infer", "ctr")
+    for other in ("/v2/models/ctr/versions/2/infer", "/v2/models//infer", "/v1/models//predict", "/v1/models/ctr/predict/x",
+                  "/v2/models/ctr", "/v1/models/ctr/infer", "/v2/models/ctr/ready", "/", "/metrics", "/v2/health/live"):
+        assert inference_route(other) is None, other
+
+
+def test_v2_versions_route_answers_like_the_plain_one(server):
+    meta = httpx.get(server.url + "/v2/models/model").json()
+    zero = {"INT64": 0, "FP32": 0.0, "BYTES": ""}
+    body = {"id": "r1", "inputs": [{"name": i["name"], "shape": [1], "datatype": i["datatype"], "data": [zero[i["datatype"]]]}
+                                   for i in meta["inputs"]]}
+    plain = httpx.post(server.url + "/v2/models/model/infer", json=body)
+    versioned = httpx.post(server.url + "/v2/models/model/versions/1/infer", json=body)
+    assert plain.status_code == versioned.status_code == 200
+    assert plain.headers["content-type"] == "application/json"
+    assert plain.json() == versioned.json() and plain.json()["id"] == "r1"
 
 
 def test_micro_batching_merges_concurrent_requests_and_metrics(server, rows):
