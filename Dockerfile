@@ -15,7 +15,7 @@ COPY plugins ./plugins
 
 RUN pip install --no-cache-dir --no-deps . \
     && pip install --no-cache-dir \
-        "onnxruntime==1.22.0" "onnx==1.18.0" "pyarrow==20.0.0" "numpy==2.2.6" "pluggy==1.6.0" \
+        "onnxruntime==1.22.0" "pyarrow==20.0.0" "numpy==2.2.6" "pluggy==1.6.0" \
         "typer==0.16.0" "tqdm==4.67.1" "starlette==0.47.0" "uvicorn[standard]==0.34.3" "prometheus-client==0.22.1" "orjson==3.10.18" \
     && groupadd --gid 10001 recmtl && useradd --create-home --uid 10001 --gid 10001 recmtl
 

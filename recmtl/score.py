@@ -52,7 +52,10 @@ def read_model_schema(model_path: str | Path) -> dict[str, Any]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for non-ONNX bytes
         raise DataError(f"{path} is not an ONNX model: {exc}") from None
-    props = {p.key: p.value for p in model.metadata_props}
+    return _schema_from_metadata({p.key: p.value for p in model.metadata_props}, path)
+
+
+def _schema_from_metadata(props: dict[str, str], path: Path) -> dict[str, Any]:
     if METADATA_KEY not in props:
         raise DataError(f"{path} is an ONNX model but not a recmtl export (no '{METADATA_KEY}' metadata)")
     return json.loads(props[METADATA_KEY])
@@ -105,12 +108,9 @@ class Scorer:
         run ends): a few per cent faster on cores nobody else uses, much slower when other processes compete
         for them, hence off by default."""
         import onnxruntime as ort
-        self.meta = read_model_schema(model_path)
-        self.inputs = [ModelInput(i["name"], i["dtype"], tuple(i.get("shape") or ()), i.get("kind", ""))
-                       for i in self.meta["inputs"]]
-        self.tasks = [t["name"] for t in self.meta["tasks"]]
-        #: K for tasks scored as K probabilities (multiclass, multilabel), None for one score per row
-        self.widths: dict[str, int | None] = {t["name"]: t.get("width") for t in self.meta["tasks"]}
+        path = Path(model_path)
+        if not path.is_file():
+            raise DataError(f"no such model file: {path}")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -118,7 +118,17 @@ class Scorer:
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.add_session_config_entry("session.force_spinning_stop", "1")  # no spinning between runs
-        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises InvalidProtobuf, Fail, ... for files it cannot load
+            raise DataError(f"{path} is not an ONNX model onnxruntime can load: {exc}") from None
+        # the metadata through onnxruntime: scoring needs neither the onnx package nor a second parse
+        self.meta = _schema_from_metadata(self.session.get_modelmeta().custom_metadata_map, path)
+        self.inputs = [ModelInput(i["name"], i["dtype"], tuple(i.get("shape") or ()), i.get("kind", ""))
+                       for i in self.meta["inputs"]]
+        self.tasks = [t["name"] for t in self.meta["tasks"]]
+        #: K for tasks scored as K probabilities (multiclass, multilabel), None for one score per row
+        self.widths: dict[str, int | None] = {t["name"]: t.get("width") for t in self.meta["tasks"]}
 
     def check_columns(self, schema: pa.Schema) -> None:
         """Fail before any output when a needed column is missing or of the wrong kind."""

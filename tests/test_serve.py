@@ -317,14 +317,14 @@ def test_dockerfile_lints_clean():
 
 
 def test_scoring_and_serving_import_neither_torch_nor_training_libraries(exported, holey_data, tmp_path):  # noqa: F811
-    """The Docker image installs recmtl without torch, scikit-learn, pandas, Pillow, scipy, PyYAML or pydantic:
-    `recmtl score` and the server's app must work with those imports blocked."""
+    """The Docker image installs recmtl without torch, onnx, scikit-learn, pandas, Pillow, scipy, PyYAML or
+    pydantic: `recmtl score` and the server's app must work with those imports blocked."""
     import sys
     code = f"""
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "sklearn", "pandas", "PIL", "scipy", "yaml", "matplotlib"):
+        if name.split(".")[0] in ("torch", "onnx", "sklearn", "pandas", "PIL", "scipy", "yaml", "matplotlib"):
             raise ImportError("blocked " + name)
 sys.meta_path.insert(0, Block())
 from recmtl.serve import create_app
