@@ -143,11 +143,13 @@ def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.Tens
         return const("pre_axes_1", np.array([1], dtype=np.int64))
 
     def stack(columns: list[str], out: str) -> list[onnx.NodeProto]:
-        """1-D columns [B] each -> [B, F]: one Concat, Reshape and Transpose (cheaper than F Unsqueezes)."""
+        """1-D columns [B] each -> ``out`` [F, B]: one Concat and a Reshape (cheaper than F Unsqueezes)."""
         shape = const(f"{out}_shape", np.array([len(columns), -1], dtype=np.int64))
         return [helper.make_node("Concat", columns, [f"{out}_flat"], axis=0),
-                helper.make_node("Reshape", [f"{out}_flat", shape], [f"{out}_by_column"]),
-                helper.make_node("Transpose", [f"{out}_by_column"], [out], perm=[1, 0])]
+                helper.make_node("Reshape", [f"{out}_flat", shape], [out])]
+
+    def transpose(x: str, out: str) -> onnx.NodeProto:
+        return helper.make_node("Transpose", [x], [out], perm=[1, 0])
 
     cat_cols = []
     for j, col in enumerate(run.schema.categorical):
@@ -159,22 +161,25 @@ def _preprocessing(run: LoadedRun) -> tuple[list[onnx.NodeProto], list[onnx.Tens
         uses_ms |= ms
         cat_cols.append(out)
     if cat_cols:
-        nodes += stack(cat_cols, core_input("categorical"))
+        nodes += [*stack(cat_cols, "pre_cat_by_column"), transpose("pre_cat_by_column", core_input("categorical"))]
     dense_cols = []
     for d in run.schema.dense:
         inputs.append(helper.make_tensor_value_info(d.name, TensorProto.FLOAT, ["batch"]))
         dense_cols.append(d.name)
-    if dense_cols:
-        fill = const("pre_fill", np.array([d.fill for d in run.schema.dense], dtype=np.float32))
-        mean = const("pre_mean", np.array([d.mean for d in run.schema.dense], dtype=np.float32))
-        std = const("pre_std", np.array([d.std for d in run.schema.dense], dtype=np.float32))
+    if dense_cols:  # filled and standardised column by column ([D, B]: long runs per constant), then transposed
+        def per_column(name: str, values: list[float]) -> str:
+            return const(name, np.array(values, dtype=np.float32).reshape(-1, 1))
+        fill = per_column("pre_fill", [d.fill for d in run.schema.dense])
+        mean = per_column("pre_mean", [d.mean for d in run.schema.dense])
+        std = per_column("pre_std", [d.std for d in run.schema.dense])
         nodes += stack(dense_cols, "pre_dense_raw")
         nodes.append(helper.make_node("IsNaN", ["pre_dense_raw"], ["pre_dense_nan"]))
         nodes.append(helper.make_node("IsInf", ["pre_dense_raw"], ["pre_dense_inf"]))
         nodes.append(helper.make_node("Or", ["pre_dense_nan", "pre_dense_inf"], ["pre_dense_missing"]))
         nodes.append(helper.make_node("Where", ["pre_dense_missing", fill, "pre_dense_raw"], ["pre_dense_filled"]))
         nodes.append(helper.make_node("Sub", ["pre_dense_filled", mean], ["pre_dense_centred"]))
-        nodes.append(helper.make_node("Div", ["pre_dense_centred", std], [core_input("dense")]))
+        nodes.append(helper.make_node("Div", ["pre_dense_centred", std], ["pre_dense_by_column"]))
+        nodes.append(transpose("pre_dense_by_column", core_input("dense")))
     image_cols = []
     for j, img in enumerate(run.schema.image):  # [batch, C, H, W] each -> "image" [batch, F, C, H, W]
         inputs.append(helper.make_tensor_value_info(img.name, TensorProto.FLOAT, ["batch", img.channels, img.height, img.width]))
