@@ -3,7 +3,10 @@
 One run, interleaved rounds, medians. Also: the model's FLOPs per row (from the ONNX graph's MatMul/Gemm
 initialisers), the achieved GFLOP/s, the machine's GEMM ceiling (one large MatMul in onnxruntime, same
 threads), and the peak RSS of `recmtl score` on a large file. (b) and (c) run with onnxruntime's default thread
-waiting in recmtl (threads sleep when idle) and with `--spin`, interleaved in every round.
+waiting in recmtl (threads sleep when idle) and with `--spin`, interleaved in every round. (a), (b) and the
+ceiling are measured back to back on each chunk of rows (`--chunk-rows`) and their ratios are the medians of
+those per-chunk ratios; each (c) run is compared with (b) on a chunk just before and just after it. A
+neighbour's load on a shared host then hits both sides of a ratio alike.
 
     python benchmarks/bench_score.py --rows 2000000 [--rss-rows 10000000] [--work-dir DIR]
 """
@@ -57,6 +60,7 @@ def model_flops_per_row(path: Path) -> int:
 
 
 def gemm_ceiling(threads: int, m: int = 2048, k: int = 1024, n: int = 1024, reps: int = 20) -> float:
+    """GFLOP/s of one large MatMul in onnxruntime (a fresh session each call)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     w = numpy_helper.from_array(np.random.rand(k, n).astype(np.float32), "w")
@@ -79,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--chunk-rows", type=int, default=250_000, help="rows per back-to-back (a)/(b)/ceiling comparison")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rss-rows", type=int, default=0, help="also measure peak RSS of recmtl score on this many rows")
@@ -113,19 +118,21 @@ def main() -> None:
     feeds = to_feeds(table, scorers[False].inputs)
     bs = args.batch_size
 
-    def torch_eager() -> float:
+    spans = [(lo, min(lo + args.chunk_rows, n)) for lo in range(0, n, args.chunk_rows)]
+
+    def torch_eager(lo: int, hi: int) -> float:
         t = time.perf_counter()
         with torch.no_grad():
-            for s in range(0, n, bs):
-                loaded.model.predict({k: v[s:s + bs] for k, v in tensors.items()})
-        return n / (time.perf_counter() - t)
+            for s in range(lo, hi, bs):
+                loaded.model.predict({k: v[s:min(s + bs, hi)] for k, v in tensors.items()})
+        return time.perf_counter() - t
 
-    def ort_model_only(spin: bool) -> float:
+    def ort_model_only(spin: bool, lo: int, hi: int) -> float:
         scorer = scorers[spin]
         t = time.perf_counter()
-        for s in range(0, n, bs):
-            scorer.session.run(scorer.tasks, {k: v[s:s + bs] for k, v in feeds.items()})
-        return n / (time.perf_counter() - t)
+        for s in range(lo, hi, bs):
+            scorer.session.run(scorer.tasks, {k: v[s:min(s + bs, hi)] for k, v in feeds.items()})
+        return time.perf_counter() - t
 
     def recmtl_score(spin: bool) -> float:
         out = work / "scores.parquet"
@@ -135,35 +142,50 @@ def main() -> None:
                        check=True, stdout=subprocess.DEVNULL)
         return n / (time.perf_counter() - t)
 
-    # the default (threads sleep when idle) and --spin (busy-wait inside a batch), interleaved in every round
-    results: dict[str, list[float]] = {"torch_eager": [], "ort_model_only": [], "recmtl_score": [],
-                                       "ort_model_only_spin": [], "recmtl_score_spin": [], "gemm_gflops": []}
-    for r in range(args.rounds):
-        results["torch_eager"].append(torch_eager())
-        for spin in ((False, True) if r % 2 == 0 else (True, False)):
-            suffix = "_spin" if spin else ""
-            results["ort_model_only" + suffix].append(ort_model_only(spin))
-            results["recmtl_score" + suffix].append(recmtl_score(spin))
-        results["gemm_gflops"].append(gemm_ceiling(args.threads))
-        print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:,.0f}" for k, v in results.items()), flush=True)
-    med = {k: statistics.median(v) for k, v in results.items()}
     flops = model_flops_per_row(model_path)
-    report = {"rows": n, "batch_size": bs, "threads": args.threads, "rounds": args.rounds,
+    settings = {"default": "", "spin": "_spin"}  # onnxruntime threads sleep when idle / busy-wait inside a batch
+    per_round: dict[str, list[float]] = {}  # rows/s of each path over the whole set, one entry per round
+    per_chunk: dict[str, list[float]] = {}  # ratios measured back to back on the same chunk of rows
+    for r in range(args.rounds):
+        took: dict[str, float] = {}
+        for lo, hi in spans:
+            # (a), (b) and the ceiling alternate chunk by chunk: a busy neighbour on a shared host slows them alike
+            t_torch = torch_eager(lo, hi)
+            ceiling = gemm_ceiling(args.threads, reps=5)
+            took["torch_eager"] = took.get("torch_eager", 0.0) + t_torch
+            per_chunk.setdefault("gemm_gflops", []).append(ceiling)
+            for setting, suffix in (settings.items() if r % 2 == 0 else reversed(settings.items())):
+                t_ort = ort_model_only(setting == "spin", lo, hi)
+                took["ort_model_only" + suffix] = took.get("ort_model_only" + suffix, 0.0) + t_ort
+                per_chunk.setdefault("ort_over_torch" + suffix, []).append(t_torch / t_ort)
+                per_chunk.setdefault("ort_over_ceiling" + suffix, []).append((hi - lo) * flops / 1e9 / t_ort / ceiling)
+        for name, seconds in took.items():
+            per_round.setdefault(name, []).append(n / seconds)
+        for setting, suffix in (settings.items() if r % 2 == 0 else reversed(settings.items())):
+            # (c) against (b) measured on one chunk just before and one just after it
+            lo, hi = spans[r % len(spans)]
+            before = (hi - lo) / ort_model_only(setting == "spin", lo, hi)
+            per_round.setdefault("recmtl_score" + suffix, []).append(recmtl_score(setting == "spin"))
+            after = (hi - lo) / ort_model_only(setting == "spin", lo, hi)
+            per_round.setdefault("score_over_ort" + suffix, []).append(
+                per_round["recmtl_score" + suffix][-1] / ((before + after) / 2))
+        print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:,.3f}" if "over" in k else f"{k}={v[-1]:,.0f}"
+                                             for k, v in per_round.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in {**per_round, **per_chunk}.items()}
+    report = {"rows": n, "batch_size": bs, "threads": args.threads, "rounds": args.rounds, "chunk_rows": args.chunk_rows,
               "model_mflops_per_row": round(flops / 1e6, 3), "gemm_ceiling_gflops": round(med["gemm_gflops"], 1),
               "torch_eager_rows_per_s": round(med["torch_eager"])}
-    for setting, suffix in (("default", ""), ("spin", "_spin")):
-        ort_rows, score_rows = results["ort_model_only" + suffix], results["recmtl_score" + suffix]
-        # ratios within each round (paths measured minutes apart on a shared host), then their median
-        paired = {
-            "ort_over_torch": [o / t for o, t in zip(ort_rows, results["torch_eager"])],
-            "score_over_ort": [c / o for c, o in zip(score_rows, ort_rows)],
-            "ort_over_ceiling": [o * flops / 1e9 / g for o, g in zip(ort_rows, results["gemm_gflops"])],
-        }
+    for setting, suffix in settings.items():
         report[setting] = {
-            "rows_per_s": {"ort_model_only": round(statistics.median(ort_rows)), "recmtl_score": round(statistics.median(score_rows))},
-            "ort_achieved_gflops": round(statistics.median(ort_rows) * flops / 1e9, 1),
-            "per_round_ratios": {k: [round(x, 3) for x in v] for k, v in paired.items()},
-            "median_per_round_ratio": {k: round(statistics.median(v), 3) for k, v in paired.items()},
+            "rows_per_s": {"ort_model_only": round(med["ort_model_only" + suffix]),
+                           "recmtl_score": round(med["recmtl_score" + suffix])},
+            "ort_achieved_gflops": round(med["ort_model_only" + suffix] * flops / 1e9, 1),
+            # (b)/(a) and (b)/ceiling: medians over every chunk of every round; (c)/(b): over rounds, each
+            # against (b) on the chunks just before and after it
+            "ratio_ort_over_torch": round(med["ort_over_torch" + suffix], 3),
+            "ratio_ort_over_ceiling": round(med["ort_over_ceiling" + suffix], 3),
+            "ratio_score_over_ort": round(med["score_over_ort" + suffix], 3),
+            "per_round_score_over_ort": [round(x, 3) for x in per_round["score_over_ort" + suffix]],
         }
     if args.rss_rows:
         big = work / "big"

@@ -30,9 +30,15 @@ def resolve_paths(spec: str) -> list[Path]:
     raise DataError(f"no such file or folder: {spec}")
 
 
-def open_parquet(path: Path) -> pq.ParquetFile:
+def open_parquet(path: Path, read_dictionary: Sequence[str] = ()) -> pq.ParquetFile:
+    """``read_dictionary``: string columns to read dictionary-encoded (each distinct value decoded once);
+    names that are not string columns of this file are ignored."""
     try:
-        return pq.ParquetFile(path)
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+        strings = [c for c in read_dictionary if c in schema.names
+                   and (pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type))]
+        return pq.ParquetFile(path, read_dictionary=strings) if strings else pf
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise DataError(f"{path} is not a readable Parquet file (corrupt or another format): {exc}") from None
 
@@ -40,9 +46,9 @@ def open_parquet(path: Path) -> pq.ParquetFile:
 class ParquetSource:
     """A set of Parquet files read as one table, in row groups."""
 
-    def __init__(self, spec: str, columns: Sequence[str] | None = None) -> None:
+    def __init__(self, spec: str, columns: Sequence[str] | None = None, read_dictionary: Sequence[str] = ()) -> None:
         self.spec = spec
-        self.files = [open_parquet(p) for p in resolve_paths(spec)]
+        self.files = [open_parquet(p, read_dictionary) for p in resolve_paths(spec)]
         self.paths = resolve_paths(spec)
         self.schema = self.files[0].schema_arrow
         for path, pf in zip(self.paths, self.files):

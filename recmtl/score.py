@@ -73,7 +73,13 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
         if inp.name not in names:
             raise DataError(f"input column '{inp.name}' is missing{close_matches(inp.name, names)}; "
                             f"the model needs: {', '.join(i.name for i in inputs)}")
-        col = plain_array(batch.column(inp.name))
+        raw = batch.column(inp.name)
+        if isinstance(raw, pa.ChunkedArray) and raw.num_chunks == 1:
+            raw = raw.chunk(0)
+        if inp.dtype == "string" and not inp.is_sequence and isinstance(raw, pa.Array) and pa.types.is_dictionary(raw.type):
+            feeds[inp.name] = _strings(raw, inp.name)  # without decoding the dictionary first
+            continue
+        col = plain_array(raw)
         typ = col.type
         if inp.is_image:
             feeds[inp.name] = decode_images(col, inp.name, *inp.shape)
@@ -89,15 +95,29 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
                 col = col.cast(pa.int64()).fill_null(INT_NULL)
             feeds[inp.name] = col.to_numpy()  # zero-copy for int64 without nulls
         elif inp.dtype == "string":
-            if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-                raise DataError(f"column '{inp.name}' has type {typ}; the model expects strings")
-            feeds[inp.name] = col.fill_null("").to_numpy(zero_copy_only=False).astype(object)
+            feeds[inp.name] = _strings(col, inp.name)
         else:
             if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
                     or pa.types.is_decimal(typ)):
                 raise DataError(f"column '{inp.name}' has type {typ}; the model expects numbers")
             feeds[inp.name] = (col if typ == pa.float32() else pc.cast(col, pa.float32())).to_numpy(zero_copy_only=False)
     return feeds
+
+
+def _strings(col: pa.Array, name: str) -> np.ndarray:
+    """A string column as the object array onnxruntime takes (null -> ""). A dictionary-encoded column (as
+    ``recmtl score`` reads them) turns each distinct value into a Python string once, not every row."""
+    typ = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise DataError(f"column '{name}' has type {typ}; the model expects strings")
+    if not pa.types.is_dictionary(col.type):
+        return col.fill_null("").to_numpy(zero_copy_only=False)
+    values = col.dictionary.fill_null("").to_numpy(zero_copy_only=False)
+    indices = col.indices
+    if indices.null_count:
+        values = np.append(values, np.array([""], dtype=object))
+        indices = indices.fill_null(len(values) - 1)
+    return values[indices.to_numpy()]
 
 
 class Scorer:
@@ -127,6 +147,8 @@ class Scorer:
         self.inputs = [ModelInput(i["name"], i["dtype"], tuple(i.get("shape") or ()), i.get("kind", ""))
                        for i in self.meta["inputs"]]
         self.tasks = [t["name"] for t in self.meta["tasks"]]
+        #: string inputs (one value per row), read dictionary-encoded from Parquet
+        self.string_columns = [i.name for i in self.inputs if i.dtype == "string" and not i.is_sequence and not i.is_image]
         #: K for tasks scored as K probabilities (multiclass, multilabel), None for one score per row
         self.widths: dict[str, int | None] = {t["name"]: t.get("width") for t in self.meta["tasks"]}
 
@@ -222,9 +244,9 @@ def _worker_init(model_path: str, threads: int | None, spin: bool) -> None:
 
 
 def _worker_score(path: str, row_group: int, keep: Sequence[str], batch_size: int, read_rows: int) -> pa.Table:
-    import pyarrow.parquet as pq
+    from recmtl.data import open_parquet
     scorer: Scorer = _WORKER["scorer"]
-    pf = pq.ParquetFile(path)
+    pf = open_parquet(Path(path), scorer.string_columns)
     cols = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
     batches = [scorer.score(b, keep, batch_size) for b in pf.iter_batches(read_rows, row_groups=[row_group], columns=cols)]
     return pa.Table.from_batches(batches) if batches else None
@@ -241,14 +263,18 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
     from recmtl.io import atomic_path
 
     scorer = Scorer(model_path, threads if workers <= 1 else 1, spin)
-    source = ParquetSource(input_spec)
+    source = ParquetSource(input_spec, read_dictionary=scorer.string_columns)
     scorer.check_columns(source.schema)
     for k in keep:
         ParquetSource.require([k], source.schema, input_spec)
-    out_schema = pa.schema([source.schema.field(k) for k in keep] + [pa.field(t, scorer.output_type(t)) for t in scorer.tasks])
+
+    def kept(field: pa.Field) -> pa.Field:  # a string input read dictionary-encoded is written back as strings
+        return field.with_type(field.type.value_type) if pa.types.is_dictionary(field.type) else field
+    out_schema = pa.schema([kept(source.schema.field(k)) for k in keep] + [pa.field(t, scorer.output_type(t)) for t in scorer.tasks])
     cols = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
     rows = 0
-    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, out_schema) as writer, \
+    # scores are all distinct: no dictionary encoding (building one and giving up cost more than the write)
+    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, out_schema, use_dictionary=list(keep)) as writer, \
             tqdm(total=source.num_rows, unit="row", unit_scale=True, desc="score", disable=not progress,
                  mininterval=1.0) as bar:
         def write(table: pa.Table | pa.RecordBatch | None) -> None:

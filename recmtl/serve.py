@@ -43,7 +43,7 @@ from recmtl.sequences import PAD_INT, PAD_STRING
 V2_TYPES = {"int64": "INT64", "string": "BYTES", "float32": "FP32"}
 NUMPY_OF = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP64": np.float64}
 HEADER_LENGTH = "Inference-Header-Content-Length"
-JSON = b"application/json"
+JSON_TYPE = b"application/json"
 
 
 class JSONResponse(_StarletteJSON):
@@ -549,7 +549,7 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIA
         if "id" in header:
             result["id"] = header["id"]
         if not blobs:
-            return orjson.dumps(result), JSON, []
+            return orjson.dumps(result), JSON_TYPE, []
         head = orjson.dumps(result)
         return head + b"".join(blobs), b"application/octet-stream", [(HEADER_LENGTH.encode(), str(len(head)).encode())]
 
@@ -563,7 +563,7 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIA
         # one number per task and row, or a list of K class/attribute probabilities
         columns = [(o.reshape(rows, -1) if m.scorer.widths[t] else o.reshape(-1)).tolist()  # float32 -> float exactly
                    for t, o in zip(m.scorer.tasks, outputs)]
-        return orjson.dumps({"model_name": m.name, "predictions": [dict(zip(m.scorer.tasks, row)) for row in zip(*columns)]}), JSON, []
+        return orjson.dumps({"model_name": m.name, "predictions": [dict(zip(m.scorer.tasks, row)) for row in zip(*columns)]}), JSON_TYPE, []
 
     inference = {"predict": (predict, recorder("predict")), "infer": (infer, recorder("infer"))}
 
@@ -583,9 +583,10 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIA
             content, content_type, extra = await handle(m, body, headers)
             status = 200
         except ClientError as exc:
-            status, content, content_type, extra = exc.status, orjson.dumps({"error": str(exc)}), JSON, []
+            status, content, content_type = exc.status, orjson.dumps({"error": str(exc)}), JSON_TYPE
+            extra = [(b"allow", b"POST")] if status == 405 else []
         except RecmtlError as exc:
-            status, content, content_type, extra = 400, orjson.dumps({"error": str(exc)}), JSON, []
+            status, content, content_type, extra = 400, orjson.dumps({"error": str(exc)}), JSON_TYPE, []
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-length", str(len(content)).encode()), (b"content-type", content_type), *extra]})
         await send({"type": "http.response.body", "body": content})

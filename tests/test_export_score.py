@@ -116,6 +116,36 @@ def test_spin_sets_onnxruntime_thread_spinning(exported):
     assert entry(spinning, "session.force_spinning_stop") == "1"  # never left spinning between batches
 
 
+def test_dictionary_encoded_strings_feed_like_plain_ones(exported, holey_data):
+    """`recmtl score` reads string inputs dictionary-encoded: the feeds equal those of plain strings, with
+    nulls in the indices or in the dictionary itself."""
+    import pyarrow.compute as pc
+
+    from recmtl.score import Scorer, to_feeds
+    scorer = Scorer(exported / "model.onnx")
+    assert scorer.string_columns == ["c03", "c04", "c05"]
+    table = pq.read_table(holey_data / "test.parquet").slice(0, 3000)
+    assert table["c03"].null_count > 0
+    plain = to_feeds(table, scorer.inputs)
+    for encoding in ("mask", "encode"):  # null as a null index / as a null entry of the dictionary
+        encoded = table.set_column(table.schema.get_field_index("c03"), "c03",
+                                   pc.dictionary_encode(table["c03"], null_encoding=encoding))
+        feeds = to_feeds(pa.Table.from_batches(encoded.to_batches()).combine_chunks().to_batches()[0], scorer.inputs)
+        assert feeds["c03"].dtype == object and feeds["c03"].tolist() == plain["c03"].tolist()
+    read = next(pq.ParquetFile(holey_data / "test.parquet", read_dictionary=["c03"]).iter_batches(3000))
+    assert pa.types.is_dictionary(read.schema.field("c03").type)
+    assert to_feeds(read, scorer.inputs)["c03"].tolist() == plain["c03"][:read.num_rows].tolist()
+
+
+def test_kept_string_input_is_written_as_strings(cli, exported, holey_data, tmp_path):
+    out = tmp_path / "kept.parquet"
+    r = cli("score", exported / "model.onnx", holey_data / "test.parquet", "-o", out, "--no-progress", "--keep", "c03")
+    assert r.code == 0, r
+    scored = pq.read_table(out)
+    assert scored.schema.field("c03").type == pa.string()
+    assert scored["c03"].to_pylist() == pq.read_table(holey_data / "test.parquet")["c03"].to_pylist()
+
+
 def test_score_batches_api(exported, holey_data):
     from recmtl.score import score_batches
     batches = pq.ParquetFile(holey_data / "valid.parquet").iter_batches(500)

@@ -199,7 +199,7 @@ def test_v2_bad_tensors(server, mutate, needle):
 def test_unknown_routes_and_methods(server):
     assert httpx.get(server.url + "/v3/anything").status_code == 404
     r = httpx.get(server.url + "/v2/models/model/infer")
-    assert r.status_code == 405 and "method GET not allowed" in r.json()["error"]
+    assert r.status_code == 405 and "method GET not allowed" in r.json()["error"] and r.headers["allow"] == "POST"
     assert httpx.get(server.url + "/v1/models/model/predict").status_code == 405
     assert httpx.get(server.url + "/v2/models/nope").status_code == 404
     r = httpx.post(server.url + "/v2/models/nope/versions/1/infer", json={"inputs": []})
