@@ -269,7 +269,8 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
         ParquetSource.require([k], source.schema, input_spec)
 
     def kept(field: pa.Field) -> pa.Field:  # a string input read dictionary-encoded is written back as strings
-        return field.with_type(field.type.value_type) if pa.types.is_dictionary(field.type) else field
+        read_as_dictionary = field.name in scorer.string_columns and pa.types.is_dictionary(field.type)
+        return field.with_type(field.type.value_type) if read_as_dictionary else field
     out_schema = pa.schema([kept(source.schema.field(k)) for k in keep] + [pa.field(t, scorer.output_type(t)) for t in scorer.tasks])
     cols = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
     rows = 0
