@@ -288,9 +288,10 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
             bar.update(table.num_rows)
 
         if workers <= 1:
-            # reading and Arrow -> numpy conversion of the next batch overlap onnxruntime's run
+            # reading and Arrow -> numpy conversion of the next batch overlap onnxruntime's run, unless its threads
+            # spin: a reader thread beside spinning workers slows them more than reading in turn costs
             converted = ((b, to_feeds(b, scorer.inputs)) for b in source.batches(read_rows=read_rows, columns=cols))
-            for batch, feeds in _prefetch(converted):
+            for batch, feeds in (converted if spin else _prefetch(converted)):
                 write(scorer.score(batch, keep, batch_size, feeds))
         else:
             import concurrent.futures as cf
