@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from recmtl.errors import DataError, close_matches
 from recmtl.images import decode_images
-from recmtl.io import plain_array
+from recmtl.io import arrow_scalar, arrow_view, numpy_dtype, numpy_view, plain_array
 from recmtl.sequences import padded
 
 METADATA_KEY = "recmtl.schema"
@@ -92,32 +92,32 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
             if not (pa.types.is_integer(typ) or pa.types.is_boolean(typ)):
                 raise DataError(f"column '{inp.name}' has type {typ}; the model expects integers")
             if col.null_count or typ != pa.int64():
-                col = col.cast(pa.int64()).fill_null(INT_NULL)
-            feeds[inp.name] = col.to_numpy()  # zero-copy for int64 without nulls
+                col = col.cast(pa.int64()).fill_null(arrow_scalar(INT_NULL, np.int64))
+            feeds[inp.name] = numpy_view(col)
         elif inp.dtype == "string":
             feeds[inp.name] = _strings(col, inp.name)
         else:
             if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
                     or pa.types.is_decimal(typ)):
                 raise DataError(f"column '{inp.name}' has type {typ}; the model expects numbers")
-            feeds[inp.name] = (col if typ == pa.float32() else pc.cast(col, pa.float32())).to_numpy(zero_copy_only=False)
+            col = col if typ == pa.float32() else pc.cast(col, pa.float32())
+            feeds[inp.name] = numpy_view(col.fill_null(arrow_scalar(np.nan, np.float32)) if col.null_count else col)
     return feeds
 
 
 def _strings(col: pa.Array, name: str) -> np.ndarray:
-    """A string column as the object array onnxruntime takes (null -> ""). A dictionary-encoded column (as
-    ``recmtl score`` reads them) turns each distinct value into a Python string once, not every row."""
+    """A string column as the object array onnxruntime takes (null -> ""), each distinct value turned into a
+    Python string once (``recmtl score`` reads string inputs dictionary-encoded; others are encoded here)."""
     typ = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
         raise DataError(f"column '{name}' has type {typ}; the model expects strings")
     if not pa.types.is_dictionary(col.type):
-        return col.fill_null("").to_numpy(zero_copy_only=False)
-    values = col.dictionary.fill_null("").to_numpy(zero_copy_only=False)
+        col = pc.dictionary_encode(col)  # then each distinct value is converted once here too
+    values = np.array([v or "" for v in col.dictionary.to_pylist()] + [""], dtype=object)  # the last: for nulls
     indices = col.indices
     if indices.null_count:
-        values = np.append(values, np.array([""], dtype=object))
-        indices = indices.fill_null(len(values) - 1)
-    return values[indices.to_numpy()]
+        indices = indices.fill_null(arrow_scalar(len(values) - 1, numpy_dtype(indices.type)))
+    return values[numpy_view(indices)]
 
 
 class Scorer:
@@ -176,8 +176,8 @@ class Scorer:
         for t, p in zip(self.tasks, parts):
             width = self.widths[t]
             values = np.concatenate(p) if p else np.zeros((0, width) if width else 0, np.float32)
-            columns.append(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width) if width
-                           else pa.array(values))
+            columns.append(pa.FixedSizeListArray.from_arrays(arrow_view(values.reshape(-1)), width) if width
+                           else arrow_view(values))
         return pa.RecordBatch.from_arrays(columns, names=[*keep, *self.tasks])
 
     def output_type(self, task: str) -> pa.DataType:

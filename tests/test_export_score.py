@@ -146,6 +146,33 @@ def test_kept_string_input_is_written_as_strings(cli, exported, holey_data, tmp_
     assert scored["c03"].to_pylist() == pq.read_table(holey_data / "test.parquet")["c03"].to_pylist()
 
 
+def test_recmtl_score_does_not_import_pandas(exported, holey_data, tmp_path):
+    """pyarrow imports pandas (0.1-0.2 s) from `to_numpy`, `pa.array`, `pa.scalar`, ...: scoring avoids them."""
+    code = f"""
+import sys
+from recmtl.cli import main
+try:
+    main(["score", {str(exported / "model.onnx")!r}, {str(holey_data / "test.parquet")!r}, "-o", {str(tmp_path / "s.parquet")!r},
+          "--no-progress", "--keep", "row_id", "--keep", "c03"])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+assert "pandas" not in sys.modules, "pandas was imported"
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_numpy_and_arrow_views():
+    from recmtl.io import arrow_scalar, arrow_view, numpy_view
+    arr = pa.array(np.arange(10, dtype=np.int64)).slice(3, 4)
+    np.testing.assert_array_equal(numpy_view(arr), [3, 4, 5, 6])
+    assert numpy_view(pa.array(np.zeros(0, np.float32))).shape == (0,)
+    back = arrow_view(np.array([[1, 2], [3, 4]], np.float32)[:, 1])  # non-contiguous input is copied
+    assert back.type == pa.float32() and back.to_pylist() == [2.0, 4.0]
+    filled = pa.array([1.0, None], pa.float32()).fill_null(arrow_scalar(np.nan, np.float32))
+    assert np.isnan(numpy_view(filled)[1])
+
+
 def test_score_batches_api(exported, holey_data):
     from recmtl.score import score_batches
     batches = pq.ParquetFile(holey_data / "valid.parquet").iter_batches(500)
