@@ -38,7 +38,7 @@ def open_parquet(path: Path, read_dictionary: Sequence[str] = ()) -> pq.ParquetF
         schema = pf.schema_arrow
         strings = [c for c in read_dictionary if c in schema.names
                    and (pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type))]
-        return pq.ParquetFile(path, read_dictionary=strings) if strings else pf
+        return pq.ParquetFile(path, metadata=pf.metadata, read_dictionary=strings) if strings else pf
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise DataError(f"{path} is not a readable Parquet file (corrupt or another format): {exc}") from None
 

@@ -51,12 +51,13 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def plain_array(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """One contiguous, non-dictionary Arrow array (chunks combined, dictionaries decoded)."""
+def plain_array(arr: pa.Array | pa.ChunkedArray, decode_dictionary: bool = True) -> pa.Array:
+    """One contiguous Arrow array (chunks combined, their dictionaries unified), dictionary-decoded unless
+    ``decode_dictionary`` is False."""
     if isinstance(arr, pa.ChunkedArray):  # a single chunk as it is (combine_chunks would copy it)
         chunks = arr.chunks
         arr = chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks) if chunks else pa.nulls(0, arr.type)
-    if pa.types.is_dictionary(arr.type):
+    if decode_dictionary and pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
     return arr
 

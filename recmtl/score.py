@@ -73,13 +73,8 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
         if inp.name not in names:
             raise DataError(f"input column '{inp.name}' is missing{close_matches(inp.name, names)}; "
                             f"the model needs: {', '.join(i.name for i in inputs)}")
-        raw = batch.column(inp.name)
-        if isinstance(raw, pa.ChunkedArray) and raw.num_chunks == 1:
-            raw = raw.chunk(0)
-        if inp.dtype == "string" and not inp.is_sequence and isinstance(raw, pa.Array) and pa.types.is_dictionary(raw.type):
-            feeds[inp.name] = _strings(raw, inp.name)  # without decoding the dictionary first
-            continue
-        col = plain_array(raw)
+        # a string column read dictionary-encoded stays so: _strings converts each distinct value once
+        col = plain_array(batch.column(inp.name), decode_dictionary=inp.dtype != "string" or inp.is_sequence)
         typ = col.type
         if inp.is_image:
             feeds[inp.name] = decode_images(col, inp.name, *inp.shape)
