@@ -11,7 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/recmtl
 COPY pyproject.toml README.md ./
 COPY recmtl ./recmtl
-COPY plugins ./plugins
+COPY recmtl_plugins ./recmtl_plugins
 
 RUN pip install --no-cache-dir --no-deps . \
     && pip install --no-cache-dir \

@@ -13,7 +13,7 @@ start-up per run), and the script reports
   ``fixed`` run of the same data set, tower and seed (runs are interleaved: seeds outermost, balancers
   innermost). (1) is the number to read on a busy machine: other processes' load does not enter it.
 
-The balancers are discovered from the plugin registry (``recmtl.plugins.load_registry()``), so a newly
+The balancers are discovered from the plugin registry (``recmtl.registry.load_registry()``), so a newly
 installed balancer is benchmarked without editing this file; every balancer runs with its default
 parameters and equal task weights. A run that fails is reported as failed, not dropped silently.
 
@@ -90,7 +90,7 @@ def synthetic_config(work: Path, args: argparse.Namespace) -> tuple[Path, list[s
     """MMoE-synthetic regression pair with correlation ``--correlation``; 100 dense features."""
     import yaml
 
-    from recmtl.datagen import mmoe_synthetic
+    from recmtl.data.synthetic import mmoe_synthetic
     data = work / "synthetic"
     if not (data / "test.parquet").is_file():
         mmoe_synthetic(data, args.synthetic_rows, args.correlation, seed=0)
@@ -145,12 +145,12 @@ def step_timing(cfg: Path, sets: list[str], schema_dir: Path, balancers: list[st
     import torch
 
     from recmtl.config import load_config
-    from recmtl.data import ParquetSource
-    from recmtl.model import MultiTaskModel
-    from recmtl.pipeline import blocks, minibatches
-    from recmtl.plugins import load_registry
+    from recmtl.data.parquet import ParquetSource
+    from recmtl.training.model import MultiTaskModel
+    from recmtl.training.batches import blocks, minibatches
+    from recmtl.registry import load_registry
     from recmtl.schema import FittedSchema
-    from recmtl.train import make_optimizers
+    from recmtl.training.loop import make_optimizers
 
     config = load_config(cfg, sets)
     torch.set_num_threads(config.train.threads or 1)
@@ -195,7 +195,7 @@ def step_timing(cfg: Path, sets: list[str], schema_dir: Path, balancers: list[st
 
 
 def run_all(args: argparse.Namespace, results: list[dict[str, Any]], save: Any) -> None:
-    from recmtl.plugins import load_registry
+    from recmtl.registry import load_registry
     registry = load_registry()
     balancers = args.balancers.split(",") if args.balancers else sorted(registry.names("balancer"))
     if "fixed" in balancers:  # fixed first in every group: the reference for relative step time

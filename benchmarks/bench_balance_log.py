@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recmtl.balancelog import BalanceLog
+from recmtl.training.balance_log import BalanceLog
 from recmtl.config import parse_config
-from recmtl.data import ParquetSource
-from recmtl.datagen import funnel
-from recmtl.model import MultiTaskModel, validate_plugins
-from recmtl.pipeline import blocks, minibatches
-from recmtl.plugins import load_registry
+from recmtl.data.parquet import ParquetSource
+from recmtl.data.synthetic import funnel
+from recmtl.training.model import MultiTaskModel, validate_plugins
+from recmtl.training.batches import blocks, minibatches
+from recmtl.registry import load_registry
 from recmtl.schema import fit_schema
-from recmtl.train import make_optimizers
+from recmtl.training.loop import make_optimizers
 
 
 def config(data: Path, balancer: str):

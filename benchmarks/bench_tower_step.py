@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from census_income import TOWERS  # noqa: E402
 
 from recmtl.contracts import FeatureInfo  # noqa: E402
-from recmtl.model import sparse_parameters  # noqa: E402
-from recmtl.plugins import load_registry  # noqa: E402
+from recmtl.training.model import sparse_parameters  # noqa: E402
+from recmtl.registry import load_registry  # noqa: E402
 
 
 def main() -> None:

@@ -4,9 +4,9 @@ Two measurements (see benchmarks/RESULTS.md for recorded figures):
 
 1. Pipeline cost. For each tower (shared-bottom and MMoE) and each of ``--rounds`` interleaved rounds:
    * baseline: the same recmtl model (``MultiTaskModel`` from the fitted schema), the same optimisers
-     (``recmtl.train.make_optimizers``) and balancer, trained for one epoch on tensors already in memory:
+     (``recmtl.training.loop.make_optimizers``) and balancer, trained for one epoch on tensors already in memory:
      every row preprocessed up front, permuted once, then plain slicing into batches (no DataLoader);
-   * pipeline: the real training loop, ``recmtl.train.train`` with ``epochs=1`` and the progress bar off,
+   * pipeline: the real training loop, ``recmtl.training.loop.train`` with ``epochs=1`` and the progress bar off,
      reading Parquet; its ``rows_per_s`` comes from the ``metrics.json`` history (the epoch loop only:
      the fit pass, checkpoints and evaluation are not in it).
    Reported: median rows/s per side and the ratio pipeline / baseline (target >= 0.85).
@@ -40,16 +40,16 @@ import pyarrow as pa
 import torch
 
 from recmtl.config import parse_config
-from recmtl.data import ParquetSource
-from recmtl.datagen import funnel
-from recmtl.model import MultiTaskModel, validate_plugins
-from recmtl.pipeline import to_batch
-from recmtl.plugins import load_registry
+from recmtl.data.parquet import ParquetSource
+from recmtl.data.synthetic import funnel
+from recmtl.training.model import MultiTaskModel, validate_plugins
+from recmtl.training.batches import to_batch
+from recmtl.registry import load_registry
 from recmtl.schema import CategoricalColumn, DenseColumn, FittedSchema, LabelColumn, fit_schema
-from recmtl.starter import starter_config
-import recmtl.train as train_module
-from recmtl.train import make_optimizers, seed_everything
-from recmtl.train import train as recmtl_train
+from recmtl.data.starter import starter_config
+import recmtl.training.loop as train_module
+from recmtl.training.loop import make_optimizers, seed_everything
+from recmtl.training.loop import train as recmtl_train
 
 TOWERS = {
     "shared_bottom": {"name": "shared_bottom", "bottom_units": [256, 128], "task_units": [64]},
@@ -77,7 +77,7 @@ def make_config(data: Path, tower: str, args: argparse.Namespace, config_path: P
 
 
 def train_step(model, optimizers, balancer, shared, batch) -> dict[str, torch.Tensor]:
-    """The body of recmtl.train.train's batch loop, verbatim."""
+    """The body of recmtl.training.loop.train's batch loop, verbatim."""
     outputs = model(batch.inputs)
     losses = model.losses(outputs, batch.labels, batch.mask)
     for opt in optimizers:

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from recmtl.cli import main as recmtl_main
-from recmtl.datagen import DIGIT_ATTRIBUTES
+from recmtl.data.synthetic import DIGIT_ATTRIBUTES
 
 ATTRIBUTES = list(DIGIT_ATTRIBUTES)
 

@@ -31,7 +31,7 @@ def _main(
 
 
 def _registry(extra: list[str] = ()):
-    from recmtl.plugins import load_registry
+    from recmtl.registry import load_registry
     return load_registry([*extra, *State.plugins], State.disabled)
 
 
@@ -76,7 +76,7 @@ def init(
     """Write a starter config by inspecting DATA's schema (ints/strings -> categorical, floats -> dense,
     PNG/JPEG bytes or square number lists -> image)."""
     from recmtl.io import write_text
-    from recmtl.starter import render, starter_config
+    from recmtl.data.starter import render, starter_config
     if output.exists() and not force:
         raise ConfigError(f"{output} exists; pass --force to overwrite it")
     result = starter_config(data, task, output, positive, exclude, dense, categorical, validation, test, tower,
@@ -105,8 +105,8 @@ def train(
     if device is not None:
         set_ = [*set_, f"train.device={device}"]
     from recmtl.config import load_config, parse_config, read_raw, set_dotted
-    from recmtl.evaluate import format_table
-    from recmtl.train import train as run_training
+    from recmtl.training.evaluate import format_table
+    from recmtl.training.loop import train as run_training
     if resume and (out / "config.yaml").is_file():
         raw = read_raw(out / "config.yaml")  # a resumed run keeps its own config
         for item in set_:
@@ -141,8 +141,8 @@ def evaluate(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from recmtl.data import ParquetSource
-    from recmtl.evaluate import format_table, load_run, predict, task_metrics
+    from recmtl.data.parquet import ParquetSource
+    from recmtl.training.evaluate import format_table, load_run, predict, task_metrics
     from recmtl.io import atomic_path
     from recmtl.metrics import auc
     from recmtl.schema import check_types
@@ -235,7 +235,7 @@ def score(
                                             "nobody else uses, slower on a shared machine.")] = False,
 ) -> None:
     """Score Parquet -> Parquet with only the ONNX file; output rows in input order."""
-    from recmtl.score import score_parquet
+    from recmtl.serving.score import score_parquet
     rows = score_parquet(model, data, output, keep, batch_size, threads, workers, progress=progress, spin=spin)
     typer.echo(f"wrote {output}: {rows:,} rows")
 
@@ -252,7 +252,7 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime threads per worker.")] = None,
 ) -> None:
     """Serve exported models over HTTP: Open Inference Protocol (v2), /v1 JSON predict, /metrics."""
-    from recmtl.serve import ServeOptions, serve as run_server
+    from recmtl.serving.app import ServeOptions, serve as run_server
     typer.echo(f"serving {model} on http://{host}:{port} (v2: /v2/models/NAME/infer, v1: /v1/models/NAME/predict)")
     run_server(model, host, port, workers, ServeOptions(max_batch_size, max_wait_ms, int(max_body_mb * (1 << 20)), threads))
 
@@ -262,7 +262,7 @@ def inspect(model: Annotated[Path, typer.Argument(help="ONNX model file.")]) -> 
     """Print an ONNX model's inputs, outputs, recmtl metadata and size."""
     import onnx
 
-    from recmtl.score import read_model_schema
+    from recmtl.serving.score import read_model_schema
     meta = read_model_schema(model)
     m = onnx.load(str(model), load_external_data=False)
 
@@ -301,7 +301,7 @@ def datagen_funnel(
     test_fraction: float = 0.1,
 ) -> None:
     """Impressions with click and conversion (conversion only after a click) and their true probabilities."""
-    from recmtl.datagen import funnel
+    from recmtl.data.synthetic import funnel
     paths = funnel(out, rows, seed, categorical, dense, cardinality, correlation, valid_fraction=valid_fraction,
                    test_fraction=test_fraction)
     typer.echo("wrote " + ", ".join(str(p) for p in paths) + " (+ .truth.parquet with the true probabilities)")
@@ -318,7 +318,7 @@ def datagen_mmoe(
     test_fraction: float = 0.1,
 ) -> None:
     """The MMoE paper's synthetic regression task pair (section 4) with a chosen task correlation."""
-    from recmtl.datagen import mmoe_synthetic
+    from recmtl.data.synthetic import mmoe_synthetic
     paths = mmoe_synthetic(out, rows, correlation, seed, dim, valid_fraction=valid_fraction, test_fraction=test_fraction)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
 
@@ -331,7 +331,7 @@ def datagen_digits(
     test_fraction: float = 0.15,
 ) -> None:
     """scikit-learn's bundled handwritten digits (8x8 PNG) with the digit and attributes (even, > 4, closed loop, ...)."""
-    from recmtl.datagen import digits_attributes
+    from recmtl.data.synthetic import digits_attributes
     paths = digits_attributes(out, seed, valid_fraction, test_fraction)
     typer.echo("wrote " + ", ".join(str(p) for p in paths) + f" and {out / 'config.yaml'}")
 
@@ -346,7 +346,7 @@ def datagen_shapes(
     test_fraction: float = 0.1,
 ) -> None:
     """Drawn shapes (RGB PNG) with a known class (shape) and attributes (colour, fill, size)."""
-    from recmtl.datagen import shapes
+    from recmtl.data.synthetic import shapes
     paths = shapes(out, rows, seed, size, valid_fraction, test_fraction)
     typer.echo("wrote " + ", ".join(str(p) for p in paths) + f" (+ .truth.parquet with the geometry) and {out / 'config.yaml'}")
 
@@ -363,7 +363,7 @@ def convert(
     type_: Annotated[list[str], typer.Option("--type", help="COLUMN=TYPE (int64, float64, string); repeatable.")] = [],
 ) -> None:
     """Convert CSV to Parquet, streaming (pyarrow's CSV reader)."""
-    from recmtl.convert import csv_to_parquet
+    from recmtl.data.convert import csv_to_parquet
     col_names = [n.strip() for n in names.split(",")] if names else None
     if not header and not col_names:
         raise ConfigError("--no-header needs --names a,b,c")
@@ -385,7 +385,7 @@ def split(
     seed: int = 0,
 ) -> None:
     """Split rows at random into several Parquet files (e.g. validation and test)."""
-    from recmtl.convert import split_parquet
+    from recmtl.data.convert import split_parquet
     try:
         fr = [float(x) for x in fractions.split(",")]
     except ValueError:

@@ -12,7 +12,7 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from recmtl.contracts import Balancer, Encoder, Head, Tower
-    from recmtl.train import TrainRun
+    from recmtl.training.loop import TrainRun
 
 hookspec = pluggy.HookspecMarker("recmtl")
 

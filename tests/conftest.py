@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from recmtl.cli import main
-from recmtl.datagen import funnel
+from recmtl.data.synthetic import funnel
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

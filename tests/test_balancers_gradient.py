@@ -20,7 +20,7 @@ from recmtl_plugins.balancers.pcgrad import pcgrad
 from torch import nn
 
 from recmtl.errors import ConfigError
-from recmtl.plugins import load_registry
+from recmtl.registry import load_registry
 
 REGISTRY = load_registry()
 GRADIENT_BALANCERS = ["pcgrad", "mgda", "cagrad", "imtl", "gradvac", "nash_mtl", "aligned_mtl", "metabalance"]

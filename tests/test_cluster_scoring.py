@@ -14,7 +14,7 @@ distributed = pytest.importorskip("distributed")
 
 
 def test_score_batches_under_dask_local_cluster(exported, holey_data, tmp_path):  # noqa: F811
-    from recmtl.score import score_batches
+    from recmtl.serving.score import score_batches
     model = str(exported / "model.onnx")
 
     def score_partition(frame: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """Every registered plugin passes the same contract checks (a new plugin gets them for free)."""
 import pytest
 
-from recmtl.plugins import load_registry
+from recmtl.registry import load_registry
 from recmtl.testing import check_registered
 
 REGISTRY = load_registry()

@@ -14,7 +14,7 @@ import pytest
 from conftest import RECMTL, REPO, write_config
 from test_plugins import NEW_TOWER
 
-THIRD_PARTY = REPO / "plugins" / "third_party" / "recmtl-independent"
+THIRD_PARTY = REPO / "examples" / "recmtl-independent"
 
 
 def pip_install_target(package: Path, target: Path) -> dict[str, str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from recmtl.datagen import funnel, mmoe_synthetic
+from recmtl.data.synthetic import funnel, mmoe_synthetic
 from recmtl.metrics import auc
 
 

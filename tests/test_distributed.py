@@ -21,8 +21,8 @@ import yaml
 from conftest import RECMTL, write_config
 from torch import nn
 
-from recmtl.data import ParquetSource, shard_units
-from recmtl.distributed import memory_estimate
+from recmtl.data.parquet import ParquetSource, shard_units
+from recmtl.training.distributed import memory_estimate
 
 TORCHRUN_TIMEOUT = 120
 
@@ -245,7 +245,7 @@ def test_distributed_run_killed_after_first_checkpoint_resumes(funnel_dir, tmp_p
 def test_fp16_loss_scaling_through_the_balancer_contract():
     """Model gradients (from the task losses and from a term back-propagated on its own) and a balancer's
     own parameter get the true gradient after GradScaler unscales, whatever the scale."""
-    from recmtl.device import Precision
+    from recmtl.training.device import Precision
     prec = Precision("fp16", torch.device("cpu"))
     w = nn.Parameter(torch.tensor([2.0]))
     s = nn.Parameter(torch.tensor([0.5]))  # a learnt loss weight (uncertainty-style), after the losses

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from recmtl import hookspecs
-from recmtl.plugins import load_registry
+from recmtl.registry import load_registry
 from recmtl.testing import check_tower
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()

@@ -105,7 +105,7 @@ def test_workers_give_identical_output(cli, exported, holey_data, tmp_path):
 
 
 def test_spin_sets_onnxruntime_thread_spinning(exported):
-    from recmtl.score import Scorer
+    from recmtl.serving.score import Scorer
 
     def entry(scorer: Scorer, key: str) -> str:
         return scorer.session.get_session_options().get_session_config_entry(key)
@@ -121,7 +121,7 @@ def test_dictionary_encoded_strings_feed_like_plain_ones(exported, holey_data):
     nulls in the indices or in the dictionary itself."""
     import pyarrow.compute as pc
 
-    from recmtl.score import Scorer, to_feeds
+    from recmtl.serving.score import Scorer, to_feeds
     scorer = Scorer(exported / "model.onnx")
     assert scorer.string_columns == ["c03", "c04", "c05"]
     table = pq.read_table(holey_data / "test.parquet").slice(0, 3000)
@@ -174,7 +174,7 @@ def test_numpy_and_arrow_views():
 
 
 def test_score_batches_api(exported, holey_data):
-    from recmtl.score import score_batches
+    from recmtl.serving.score import score_batches
     batches = pq.ParquetFile(holey_data / "valid.parquet").iter_batches(500)
     out = list(score_batches(exported / "model.onnx", batches, keep=["row_id"]))
     assert sum(b.num_rows for b in out) == pq.read_metadata(holey_data / "valid.parquet").num_rows
@@ -249,12 +249,12 @@ def test_model_scores_in_a_fresh_venv_without_recmtl_or_torch(exported, holey_da
     res = subprocess.run([py, str(script), str(tmp_path / "out.json")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     fresh = json.loads((tmp_path / "out.json").read_text())
-    from recmtl.score import score_batches
+    from recmtl.serving.score import score_batches
     ours = pa.Table.from_batches(list(score_batches(exported / "model.onnx", [pq.read_table(holey_data / "test.parquet")])))
     for task in ("click", "conversion"):
         np.testing.assert_allclose(np.array(fresh[task]), ours[task].to_numpy(), atol=1e-6)
 
 
 def test_scoring_path_does_not_import_torch():
-    code = "import sys, recmtl.score, recmtl.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, recmtl.serving.score, recmtl.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

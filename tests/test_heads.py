@@ -17,10 +17,10 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from recmtl.config import parse_config
 from recmtl.contracts import TaskInfo
-from recmtl.data import ParquetSource
+from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError, PluginError
-from recmtl.model import MultiTaskModel
-from recmtl.plugins import load_registry
+from recmtl.training.model import MultiTaskModel
+from recmtl.registry import load_registry
 from recmtl.schema import fit_schema
 
 REGISTRY = load_registry()

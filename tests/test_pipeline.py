@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recmtl.data import ParquetSource
-from recmtl.pipeline import blocks, minibatches
+from recmtl.data.parquet import ParquetSource
+from recmtl.training.batches import blocks, minibatches
 from recmtl.schema import DenseColumn, FittedSchema, LabelColumn
 
 

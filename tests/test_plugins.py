@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from recmtl.errors import PluginError
-from recmtl.plugins import load_registry
+from recmtl.registry import load_registry
 from conftest import write_config
 
 NEW_TOWER = textwrap.dedent('''

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from recmtl.config import parse_config
-from recmtl.data import ParquetSource
+from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
-from recmtl.plugins import load_registry
+from recmtl.registry import load_registry
 from recmtl.schema import CategoricalColumn, FittedSchema, _VocabCounter, fit_schema
 
 BINARY = load_registry().get("head", "binary")

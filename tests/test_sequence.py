@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from recmtl.schema import SequenceColumn
-from recmtl.score import ModelInput, to_feeds
-from recmtl.sequences import PAD_INT, PAD_STRING
+from recmtl.serving.score import ModelInput, to_feeds
+from recmtl.data.sequences import PAD_INT, PAD_STRING
 from recmtl_plugins.encoders.sequence import SequencePoolEncoder
 
 
@@ -185,7 +185,7 @@ def test_sequence_carries_signal_and_exports_scores_and_serves(cli, seq_data, se
     # serve: v1 JSON lists (fast path) and v2 padded tensors give the same scores
     from starlette.testclient import TestClient
 
-    from recmtl.serve import create_app
+    from recmtl.serving.app import create_app
     rows = pq.read_table(seq_data / "valid.parquet").slice(0, 20)
     with TestClient(create_app(model)) as client:
         instances = [{k: r[k] for k in ("hist", "tags", "c", "d")} for r in rows.to_pylist()]
@@ -222,7 +222,7 @@ def test_hashed_sequences_with_max_pooling_export_with_parity(cli, seq_data, tmp
                "--set", "encoders.sequence.pooling=max").code == 0
     r = cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
     assert r.code == 0, r
-    from recmtl.score import Scorer
+    from recmtl.serving.score import Scorer
     rows = pq.read_table(seq_data / "valid.parquet").slice(0, 50)
     a = Scorer(tmp_path / "m.onnx").score(rows)["click"].to_numpy()
     # a row's items beyond max_length and its padding do not matter

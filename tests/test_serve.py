@@ -71,7 +71,7 @@ def instances(table: pa.Table) -> list[dict]:
 
 
 def reference_scores(exported, table):  # noqa: F811
-    from recmtl.score import Scorer
+    from recmtl.serving.score import Scorer
     return Scorer(exported / "model.onnx").score(table)
 
 
@@ -208,7 +208,7 @@ def test_unknown_routes_and_methods(server):
 
 
 def test_inference_route_matches_exactly_the_inference_paths():
-    from recmtl.serve import inference_route
+    from recmtl.serving.app import inference_route
     assert inference_route("/v1/models/ctr/predict") == ("predict", "ctr")
     assert inference_route("/v2/models/ctr/infer") == ("infer", "ctr")
     assert inference_route("/v2/models/ctr/versions/1/infer") == ("infer", "ctr")
@@ -327,7 +327,7 @@ class Block:
         if name.split(".")[0] in ("torch", "onnx", "sklearn", "pandas", "PIL", "scipy", "yaml", "matplotlib"):
             raise ImportError("blocked " + name)
 sys.meta_path.insert(0, Block())
-from recmtl.serve import create_app
+from recmtl.serving.app import create_app
 create_app({str(exported / "model.onnx")!r})
 from recmtl.cli import main
 try:
@@ -417,8 +417,8 @@ def test_a_bad_request_in_a_merged_batch_fails_alone(server, exported, rows):  #
 
 def test_merged_feeds_equal_to_feeds(exported, rows):  # noqa: F811
     """v1 rows (kept as lists until a batch runs) and v2 arrays merge into exactly the arrays to_feeds makes."""
-    from recmtl.score import Scorer, to_feeds
-    from recmtl.serve import JsonRows, ServedModel, ServeOptions
+    from recmtl.serving.score import Scorer, to_feeds
+    from recmtl.serving.app import JsonRows, ServedModel, ServeOptions
     model = ServedModel("model", exported / "model.onnx", Scorer(exported / "model.onnx"), ServeOptions())
     table = rows.slice(0, 6)
     reference = to_feeds(table, model.scorer.inputs)

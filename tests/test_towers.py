@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from recmtl.model import sparse_parameters
-from recmtl.plugins import load_registry
+from recmtl.training.model import sparse_parameters
+from recmtl.registry import load_registry
 from recmtl.testing import TASKS, sample_features, sample_inputs
 from recmtl_plugins.towers._moe import Experts
 from recmtl_plugins.towers.aitm import AITM
@@ -249,7 +249,7 @@ SMALL_CLI = {
 
 @pytest.fixture(scope="module")
 def small_funnel(tmp_path_factory):
-    from recmtl.datagen import funnel
+    from recmtl.data.synthetic import funnel
     out = tmp_path_factory.mktemp("towers_funnel")
     funnel(out, rows=4000, seed=5, categorical=6, dense=4, cardinality=50)
     return out

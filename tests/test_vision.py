@@ -12,9 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from recmtl.datagen import COLOURS, DIGIT_ATTRIBUTES, SHAPES, digits_attributes, shapes
+from recmtl.data.synthetic import COLOURS, DIGIT_ATTRIBUTES, SHAPES, digits_attributes, shapes
 from recmtl.errors import DataError
-from recmtl.images import decode_images
+from recmtl.data.images import decode_images
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -160,7 +160,7 @@ def test_scoring_takes_image_arrays_as_well_as_png(digits_run, tmp_path):
     """The same images as uint8 lists score exactly like the PNG bytes; the ONNX input is [batch, 1, 8, 8]."""
     import onnxruntime as ort
 
-    from recmtl.score import score_batches
+    from recmtl.serving.score import score_batches
     t = pq.read_table(digits_run / "data" / "test.parquet").slice(0, 40)
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in t["image"].to_pylist()])
     as_arrays = t.set_column(t.schema.get_field_index("image"), "image",
@@ -204,8 +204,8 @@ def test_serve_takes_base64_images_and_v2_tensors_and_returns_k_scores(digits_ru
 
     from starlette.testclient import TestClient
 
-    from recmtl.score import Scorer
-    from recmtl.serve import create_app
+    from recmtl.serving.score import Scorer
+    from recmtl.serving.app import create_app
     t = pq.read_table(digits_run / "data" / "test.parquet").slice(0, 6)
     ref = Scorer(digits_run / "model.onnx").score(t)
     with TestClient(create_app(digits_run / "model.onnx")) as client:

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recmtl.errors import DataError, close_matches
-from recmtl.images import decode_images
+from recmtl.data.images import decode_images
 from recmtl.io import arrow_scalar, arrow_view, numpy_dtype, numpy_view, plain_array
-from recmtl.sequences import padded
+from recmtl.data.sequences import padded
 
 METADATA_KEY = "recmtl.schema"
 #: rows per onnxruntime call: 1024 scored 24% faster than 2048 end to end on 2 cores (benchmarks/RESULTS.md)
@@ -64,9 +64,9 @@ def _schema_from_metadata(props: dict[str, str], path: Path) -> dict[str, Any]:
 def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> dict[str, np.ndarray]:
     """Raw Arrow columns -> the ONNX model's inputs: int64 ids (null -> a value outside every
     vocabulary), strings (null -> empty string, which means missing), float32 (null -> NaN); image columns
-    (encoded bytes or number lists) -> float32 ``[n, C, H, W]`` in [0, 1] (recmtl.images; null -> zeros);
+    (encoded bytes or number lists) -> float32 ``[n, C, H, W]`` in [0, 1] (recmtl.data.images; null -> zeros);
     sequence (list) columns -> ``[n, max_length]`` int64 or strings: each row's last ``max_length`` items,
-    padded with ``recmtl.sequences.PAD_INT`` / ``PAD_STRING`` (null list: all padding; null item: missing)."""
+    padded with ``recmtl.data.sequences.PAD_INT`` / ``PAD_STRING`` (null list: all padding; null item: missing)."""
     names = batch.schema.names
     feeds = {}
     for inp in inputs:
@@ -239,7 +239,7 @@ def _worker_init(model_path: str, threads: int | None, spin: bool) -> None:
 
 
 def _worker_score(path: str, row_group: int, keep: Sequence[str], batch_size: int, read_rows: int) -> pa.Table:
-    from recmtl.data import open_parquet
+    from recmtl.data.parquet import open_parquet
     scorer: Scorer = _WORKER["scorer"]
     pf = open_parquet(Path(path), scorer.string_columns)
     cols = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
@@ -254,7 +254,7 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from recmtl.data import ParquetSource
+    from recmtl.data.parquet import ParquetSource
     from recmtl.io import atomic_path
 
     scorer = Scorer(model_path, threads if workers <= 1 else 1, spin)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recmtl.data import ParquetSource
+from recmtl.data.parquet import ParquetSource
 from recmtl.schema import Arrays, FittedSchema
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from recmtl.config import Config, parse_config, read_raw
-from recmtl.data import ParquetSource
+from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
-from recmtl.model import MultiTaskModel
-from recmtl.pipeline import blocks, minibatches
-from recmtl.plugins import Registry, load_registry
+from recmtl.training.model import MultiTaskModel
+from recmtl.training.batches import blocks, minibatches
+from recmtl.registry import Registry, load_registry
 from recmtl.schema import FittedSchema
 
 

@@ -3,9 +3,9 @@
 Inputs are the raw feature columns (int64 or string for categorical, float32 for dense, dynamic batch);
 vocabulary lookup (``ai.onnx.ml.LabelEncoder``) or hashing, null handling and standardisation run inside
 the graph. An image feature is a float32 input ``[batch, C, H, W]`` with pixels scaled to [0, 1]: decoding
-PNG/JPEG bytes stays outside the graph (``recmtl.images``, used by ``recmtl score`` and ``recmtl serve``).
+PNG/JPEG bytes stays outside the graph (``recmtl.data.images``, used by ``recmtl score`` and ``recmtl serve``).
 A sequence feature is an int64 or string input ``[batch, max_length]``: a row's last items, the unused
-positions holding the padding sentinel (``recmtl.sequences.PAD_INT`` = INT64_MIN + 1, ``PAD_STRING``), which
+positions holding the padding sentinel (``recmtl.data.sequences.PAD_INT`` = INT64_MIN + 1, ``PAD_STRING``), which
 the in-graph lookup maps to the padding id; nulls inside a list are missing values as for categorical.
 One output per task: ``[batch]`` (a probability for binary heads, pCTCVR for ESMM, a value for regression)
 or ``[batch, K]`` (class probabilities of a multiclass head, attribute probabilities of a multilabel head,
@@ -30,13 +30,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import recmtl
-from recmtl.data import ParquetSource
+from recmtl.data.parquet import ParquetSource
 from recmtl.errors import RecmtlError
-from recmtl.evaluate import LoadedRun, load_run
+from recmtl.training.evaluate import LoadedRun, load_run
 from recmtl.io import atomic_path
-from recmtl.model import MultiTaskModel, example_input
-from recmtl.score import INT_NULL, METADATA_KEY, ModelInput, Scorer
-from recmtl.sequences import PAD_INT, PAD_STRING
+from recmtl.training.model import MultiTaskModel, example_input
+from recmtl.serving.score import INT_NULL, METADATA_KEY, ModelInput, Scorer
+from recmtl.data.sequences import PAD_INT, PAD_STRING
 
 OPSET = 17
 ML_OPSET = 2
@@ -336,7 +336,7 @@ def write_triton_repo(model_path: str | Path, repo: str | Path, name: str, max_b
     (dynamic batching on; each 1-D model input/output is a ``[1]`` tensor reshaped to the batch axis)."""
     import shutil
 
-    from recmtl.score import read_model_schema
+    from recmtl.serving.score import read_model_schema
     meta = read_model_schema(model_path)
     folder = Path(repo) / name
     (folder / "1").mkdir(parents=True, exist_ok=True)

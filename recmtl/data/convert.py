@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from recmtl.data import ParquetSource
+from recmtl.data.parquet import ParquetSource
 from recmtl.errors import ConfigError, DataError
 from recmtl.io import atomic_path
 

@@ -18,12 +18,12 @@ import torch
 from tqdm import tqdm
 
 import recmtl
-from recmtl.balancelog import BalanceLog
+from recmtl.training.balance_log import BalanceLog
 from recmtl.config import Config, dump_config
 from recmtl.contracts import Balancer
-from recmtl.data import ParquetSource
-from recmtl.device import Precision, batches_to, resolve_precision
-from recmtl.distributed import (
+from recmtl.data.parquet import ParquetSource
+from recmtl.training.device import Precision, batches_to, resolve_precision
+from recmtl.training.distributed import (
     Context,
     env_world,
     format_bytes,
@@ -32,11 +32,11 @@ from recmtl.distributed import (
     setup,
 )
 from recmtl.errors import ConfigError, DataError
-from recmtl.evaluate import merge_predictions, predict, task_metrics
+from recmtl.training.evaluate import merge_predictions, predict, task_metrics
 from recmtl.io import atomic_path, write_json, write_text
-from recmtl.model import MultiTaskModel, sparse_parameters, validate_plugins
-from recmtl.pipeline import blocks, minibatches
-from recmtl.plugins import Registry
+from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
+from recmtl.training.batches import blocks, minibatches
+from recmtl.registry import Registry
 from recmtl.schema import FittedSchema, check_types, fit_schema
 
 

@@ -18,11 +18,11 @@ from sklearn.utils import murmurhash3_32
 
 from recmtl.config import Config, FeatureConfig, TaskConfig
 from recmtl.contracts import FeatureInfo
-from recmtl.data import ParquetSource
+from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
-from recmtl.images import decode_images, is_image_type
+from recmtl.data.images import decode_images, is_image_type
 from recmtl.io import atomic_path, plain_array, write_json
-from recmtl.sequences import item_type, last_items
+from recmtl.data.sequences import item_type, last_items
 
 SCHEMA_VERSION = 1
 LEAK_SAMPLE_ROWS = 200_000

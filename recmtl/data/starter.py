@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from recmtl.data import ParquetSource
+from recmtl.data.parquet import ParquetSource
 from recmtl.errors import ConfigError, close_matches
-from recmtl.images import is_image_type
+from recmtl.data.images import is_image_type
 from recmtl.io import plain_array
-from recmtl.sequences import item_type
+from recmtl.data.sequences import item_type
 
 HEADER = """\
 # recmtl config written by `recmtl init`. Reference: README.md, section "Config".

@@ -5,7 +5,7 @@
 
 - every rank holds a full replica of the model; the parameters (and buffers) are broadcast from rank 0
   at the start and the buffers again before each validation, as ``DistributedDataParallel`` does;
-- rank ``r`` reads its own share of the training data (:func:`recmtl.data.shard_units`), with the same
+- rank ``r`` reads its own share of the training data (:func:`recmtl.data.parquet.shard_units`), with the same
   seeded shuffle on every rank, and ``train.batch_size`` / world size rows per step, so the global batch
   is the configured one;
 - after the balancer's backward pass every gradient is averaged across ranks (:meth:`Context.average_gradients`),
@@ -281,7 +281,7 @@ def _buckets(items: list[tuple[torch.Tensor, Any]], bucket_bytes: int) -> Iterat
 
 def setup(device_spec: str) -> Context:
     """Resolve the device and, under torchrun with more than one process, join the process group."""
-    from recmtl.device import resolve_device
+    from recmtl.training.device import resolve_device
     rank, world, local = env_world()
     device = resolve_device(device_spec, local)
     if world == 1:

@@ -1,5 +1,5 @@
 """Sequence features (list columns, e.g. a user's recently clicked item ids): the helpers shared by training
-(``recmtl.schema``) and the torch-free scoring path (``recmtl.score``, ``recmtl.serve``).
+(``recmtl.schema``) and the torch-free scoring path (``recmtl.serving.score``, ``recmtl.serving.app``).
 
 A row keeps its LAST ``max_length`` items (the most recent), left-aligned; a null list is empty; null items
 are missing values (the OOV id). The exported ONNX model takes a padded ``[batch, max_length]`` tensor whose

@@ -37,8 +37,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import recmtl
 from recmtl.errors import DataError, RecmtlError
-from recmtl.score import INT_NULL, ModelInput, Scorer, to_feeds
-from recmtl.sequences import PAD_INT, PAD_STRING
+from recmtl.serving.score import INT_NULL, ModelInput, Scorer, to_feeds
+from recmtl.data.sequences import PAD_INT, PAD_STRING
 
 V2_TYPES = {"int64": "INT64", "string": "BYTES", "float32": "FP32"}
 NUMPY_OF = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP64": np.float64}
@@ -653,7 +653,7 @@ def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000, workers
         "RECMTL_SERVE_THREADS": str(options.threads or ""),
     })
     access_log = log_level in ("trace", "debug", "info")
-    uvicorn.run("recmtl.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
+    uvicorn.run("recmtl.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, timeout_graceful_shutdown=30,
                 # formatting access lines costs per request; the client address (proxy headers) is only for them
                 access_log=access_log, proxy_headers=access_log)

@@ -9,7 +9,7 @@ from torch import nn
 from recmtl.config import ComponentConfig, Config
 from recmtl.contracts import Head, TaskInfo
 from recmtl.errors import ConfigError, PluginError
-from recmtl.plugins import Registry
+from recmtl.registry import Registry
 from recmtl.schema import FittedSchema
 
 DEFAULT_ENCODERS = {"categorical": "embedding", "dense": "dense", "image": "cnn", "sequence": "sequence_pool"}

@@ -1,0 +1,1 @@
+"""Scoring and serving an exported ONNX model: onnxruntime, pyarrow and numpy only (no torch, pandas or config)."""

@@ -1,0 +1,1 @@
+"""Training: model assembly, minibatches, the loop, evaluation, distributed runs, devices, balance log."""
