@@ -75,7 +75,7 @@ def init(
 ) -> None:
     """Write a starter config by inspecting DATA's schema (ints/strings -> categorical, floats -> dense,
     PNG/JPEG bytes or square number lists -> image)."""
-    from recmtl.io import write_text
+    from recmtl.files import write_text
     from recmtl.data.starter import render, starter_config
     if output.exists() and not force:
         raise ConfigError(f"{output} exists; pass --force to overwrite it")
@@ -107,12 +107,13 @@ def train(
     from recmtl.config import load_config, parse_config, read_raw, set_dotted
     from recmtl.training.evaluate import format_table
     from recmtl.training.loop import train as run_training
-    if resume and (out / "config.yaml").is_file():
-        raw = read_raw(out / "config.yaml")  # a resumed run keeps its own config
+    from recmtl.rundir import CONFIG
+    if resume and (out / CONFIG).is_file():
+        raw = read_raw(out / CONFIG)  # a resumed run keeps its own config
         for item in set_:
             key, _, value = item.partition("=")
             set_dotted(raw, key, __import__("yaml").safe_load(value))
-        cfg = parse_config(raw, out, str(out / "config.yaml"))
+        cfg = parse_config(raw, out, str(out / CONFIG))
     else:
         cfg = load_config(config, set_)
     summary = run_training(cfg, out, _registry(cfg.plugin_modules()), resume=resume)
@@ -143,7 +144,7 @@ def evaluate(
 
     from recmtl.data.parquet import ParquetSource
     from recmtl.training.evaluate import format_table, load_run, predict, task_metrics
-    from recmtl.io import atomic_path
+    from recmtl.files import atomic_path
     from recmtl.metrics import auc
     from recmtl.schema import check_types
 
@@ -211,7 +212,8 @@ def export(
     name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository (default: the output file's stem).")] = None,
 ) -> None:
     """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
-    from recmtl.export import PARITY_TOLERANCE, export_run, write_triton_repo
+    from recmtl.export import PARITY_TOLERANCE, export_run
+    from recmtl.serving.triton import write_triton_repo
     diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled)
     typer.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{t}={d:.2e}" for t, d in diffs.items())
                + f" (limit {PARITY_TOLERANCE:g})")
@@ -260,32 +262,8 @@ def serve(
 @app.command()
 def inspect(model: Annotated[Path, typer.Argument(help="ONNX model file.")]) -> None:
     """Print an ONNX model's inputs, outputs, recmtl metadata and size."""
-    import onnx
-
-    from recmtl.serving.score import read_model_schema
-    meta = read_model_schema(model)
-    m = onnx.load(str(model), load_external_data=False)
-
-    def shape(v: onnx.ValueInfoProto) -> str:
-        t = v.type.tensor_type
-        dims = [d.dim_param or str(d.dim_value) for d in t.shape.dim]
-        return f"{onnx.TensorProto.DataType.Name(t.elem_type).lower()}[{', '.join(dims)}]"
-
-    typer.echo(f"{model}  {model.stat().st_size / 1e6:.2f} MB  opset "
-               + ", ".join(f"{o.domain or 'ai.onnx'}={o.version}" for o in m.opset_import))
-    typer.echo("inputs:")
-    kinds = {i["name"]: i["kind"] for i in meta["inputs"]}
-    for v in m.graph.input:
-        typer.echo(f"  {v.name:<24} {shape(v):<18} {kinds.get(v.name, '')}")
-    typer.echo("outputs:")
-    heads = {t["name"]: f"{t['head']} ({t['score']}, label {t['label']})" for t in meta["tasks"]}
-    for v in m.graph.output:
-        typer.echo(f"  {v.name:<24} {shape(v):<18} {heads.get(v.name, '')}")
-    typer.echo("metadata:")
-    for p in m.metadata_props:
-        if p.key != "recmtl.schema":
-            value = p.value if len(p.value) <= 200 else p.value[:200] + "..."
-            typer.echo(f"  {p.key}: {value}")
+    from recmtl.serving.wire import describe
+    typer.echo("\n".join(describe(model)))
 
 
 @datagen_app.command("funnel")

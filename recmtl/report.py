@@ -22,7 +22,8 @@ import pandas as pd
 import yaml
 
 from recmtl.errors import ConfigError, DataError
-from recmtl.io import atomic_path
+from recmtl.files import atomic_path
+from recmtl.rundir import CONFIG, METRICS, RUN_INFO, RunDir
 
 DPI = 100
 #: diagnostics keys with a figure of their own; any other key is listed as JSON
@@ -74,42 +75,24 @@ class Image:
 
 def load_run_data(run_dir: str | Path) -> RunData:
     """Read a run directory; a missing or unreadable ``metrics.json`` is a user error with one message."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise ConfigError(f"run directory {run_dir} does not exist")
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is not a directory; pass the run directory written by `recmtl train --out`")
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no metrics.json; pass a run directory written by `recmtl train --out` "
-                          "(metrics.json appears after the first epoch)")
-    try:
-        metrics = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); the file is corrupt") from None
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("history"), list):
-        raise DataError(f"{path} has no 'history' list; it was not written by `recmtl train`")
+    files = RunDir(run_dir)
+    metrics = files.read_metrics()
     if not metrics["history"]:
-        raise DataError(f"{path} holds no finished epoch yet; nothing to report")
-    if not all(isinstance(r, dict) for r in metrics["history"]):
-        raise DataError(f"{path}: every 'history' entry must be an object (one per epoch)")
-    data = RunData(run_dir, metrics)
-    cfg_path = run_dir / "config.yaml"
-    if cfg_path.is_file():
-        data.config_text = cfg_path.read_text(errors="replace")
+        raise DataError(f"{files.file(METRICS)} holds no finished epoch yet; nothing to report")
+    data = RunData(files.path, metrics)
+    if files.file(CONFIG).is_file():
+        data.config_text = files.read_config_text()
         try:
             cfg = yaml.safe_load(data.config_text)
             data.config = cfg if isinstance(cfg, dict) else {}
         except yaml.YAMLError:
             data.notes.append("config.yaml could not be parsed; it is shown as it is")
-    run_json = run_dir / "run.json"
-    if run_json.is_file():
-        try:
-            info = json.loads(run_json.read_text())
-            data.run_info = info if isinstance(info, dict) else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            data.notes.append("run.json is not valid JSON; versions are not shown")
-    records, skipped = read_balance_log(run_dir / "balance.jsonl")
+    info = files.read_run_info()
+    if info is not None:
+        data.run_info = info
+    elif files.file(RUN_INFO).is_file():
+        data.notes.append("run.json is not valid JSON; versions are not shown")
+    records, skipped = files.read_balance_log()
     if skipped:
         data.notes.append(f"balance.jsonl: {skipped} unreadable line(s) skipped")
     data.balance, data.balance_x = order_balance(records)
@@ -117,28 +100,6 @@ def load_run_data(run_dir: str | Path) -> RunData:
         data.notes.append(f"balance.jsonl: {len(records) - len(data.balance)} line(s) of steps re-trained "
                           "after --resume replaced by the newer ones")
     return data
-
-
-def read_balance_log(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Records of ``balance.jsonl`` (absent file: none) and the number of lines that could not be read
-    (e.g. the last line of a run that was killed while writing it)."""
-    if not path.is_file():
-        return [], 0
-    records, skipped = [], 0
-    with path.open(errors="replace") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-            else:
-                skipped += 1
-    return records, skipped
 
 
 def _num(v: Any) -> float:

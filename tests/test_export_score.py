@@ -163,7 +163,7 @@ assert "pandas" not in sys.modules, "pandas was imported"
 
 
 def test_numpy_and_arrow_views():
-    from recmtl.io import arrow_scalar, arrow_view, numpy_view
+    from recmtl.data.arrow import arrow_scalar, arrow_view, numpy_view
     arr = pa.array(np.arange(10, dtype=np.int64)).slice(3, 4)
     np.testing.assert_array_equal(numpy_view(arr), [3, 4, 5, 6])
     assert numpy_view(pa.array(np.zeros(0, np.float32))).shape == (0,)

@@ -186,9 +186,9 @@ def test_malformed_known_diagnostics_are_listed_not_fatal(tmp_path, cli):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"),
-    ("file", "is not a directory"),
-    ("empty", "has no metrics.json"),
+    ("missing", "is not a recmtl run directory (it does not exist)"),
+    ("file", "is not a recmtl run directory (it is a file, not a folder)"),
+    ("empty", "is not a recmtl run directory (no metrics.json"),
     ("corrupt", "metrics.json is not valid JSON"),
     ("no-history", "has no 'history' list"),
 ])

@@ -13,7 +13,7 @@ import yaml
 
 from recmtl.schema import SequenceColumn
 from recmtl.serving.score import ModelInput, to_feeds
-from recmtl.data.sequences import PAD_INT, PAD_STRING
+from recmtl.serving.wire import PAD_INT, PAD_STRING
 from recmtl_plugins.encoders.sequence import SequencePoolEncoder
 
 
@@ -209,7 +209,7 @@ def test_sequence_carries_signal_and_exports_scores_and_serves(cli, seq_data, se
         bad = client.post("/v1/models/m/predict", json={"instances": [{**instances[0], "hist": ["x"]}]})
         assert bad.status_code == 400 and "integers" in bad.json()["error"]
 
-    from recmtl.export import write_triton_repo
+    from recmtl.serving.triton import write_triton_repo
     config = (write_triton_repo(model, tmp_path / "triton", "m") / "config.pbtxt").read_text()
     assert '{ name: "hist" data_type: TYPE_INT64 dims: [ 10 ] }' in config
     assert '{ name: "tags" data_type: TYPE_STRING dims: [ 3 ] }' in config

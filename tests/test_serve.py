@@ -418,16 +418,17 @@ def test_a_bad_request_in_a_merged_batch_fails_alone(server, exported, rows):  #
 def test_merged_feeds_equal_to_feeds(exported, rows):  # noqa: F811
     """v1 rows (kept as lists until a batch runs) and v2 arrays merge into exactly the arrays to_feeds makes."""
     from recmtl.serving.score import Scorer, to_feeds
-    from recmtl.serving.app import JsonRows, ServedModel, ServeOptions
-    model = ServedModel("model", exported / "model.onnx", Scorer(exported / "model.onnx"), ServeOptions())
+    from recmtl.serving.decoders import JsonRows, RequestDecoder, merge_feeds
+    scorer = Scorer(exported / "model.onnx")
+    decoder = RequestDecoder(scorer.inputs, scorer.tasks)
     table = rows.slice(0, 6)
-    reference = to_feeds(table, model.scorer.inputs)
-    first, _ = model.feeds_from_instances({"instances": instances(table.slice(0, 2))})
-    second, _ = model.feeds_from_instances({"instances": instances(table.slice(2, 3))})
+    reference = to_feeds(table, scorer.inputs)
+    first, _ = decoder.from_instances({"instances": instances(table.slice(0, 2))})
+    second, _ = decoder.from_instances({"instances": instances(table.slice(2, 3))})
     assert isinstance(first, JsonRows)
-    v2 = to_feeds(table.slice(5, 1), model.scorer.inputs)
+    v2 = to_feeds(table.slice(5, 1), scorer.inputs)
     for parts in ([first, second], [first, second, v2]):
-        merged = model.merge(parts)
+        merged = merge_feeds(parts, scorer.inputs)
         n = 5 if len(parts) == 2 else 6
         for name, want in reference.items():
             assert merged[name].dtype == want.dtype, name

@@ -149,7 +149,7 @@ def test_digits_cnn_learns_and_onnx_scores_equal_pytorch(cli, digits_run, tmp_pa
     assert (onnx_digit.argmax(1) == labels["digit"].to_numpy()).mean() == pytest.approx(ev["digit"]["accuracy"])
     r = cli("inspect", digits_run / "model.onnx")
     assert "image" in r.out and "float[batch, 1, 8, 8]" in r.out and "float[batch, 10]" in r.out
-    from recmtl.export import write_triton_repo
+    from recmtl.serving.triton import write_triton_repo
     config = (write_triton_repo(digits_run / "model.onnx", tmp_path / "triton", "digits") / "config.pbtxt").read_text()
     assert '{ name: "image" data_type: TYPE_FP32 dims: [ 1, 8, 8 ] }' in config
     assert '{ name: "digit" data_type: TYPE_FP32 dims: [ 10 ] }' in config

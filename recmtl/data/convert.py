@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import ConfigError, DataError
-from recmtl.io import atomic_path
+from recmtl.files import atomic_path
 
 ROW_GROUP_ROWS = 65_536
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recmtl.errors import DataError
-from recmtl.io import plain_array
+from recmtl.data.arrow import plain_array
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 

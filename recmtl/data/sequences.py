@@ -3,7 +3,7 @@
 
 A row keeps its LAST ``max_length`` items (the most recent), left-aligned; a null list is empty; null items
 are missing values (the OOV id). The exported ONNX model takes a padded ``[batch, max_length]`` tensor whose
-unused positions hold the padding sentinel: ``PAD_INT`` for int64 inputs, ``PAD_STRING`` for string inputs.
+unused positions hold the padding sentinel (``recmtl.serving.wire.PAD_INT`` / ``PAD_STRING``).
 """
 from __future__ import annotations
 
@@ -12,13 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recmtl.errors import DataError
-from recmtl.io import plain_array
-
-#: padding sentinel of int64 sequence inputs (INT64_MIN + 1; INT64_MIN itself is a null item, i.e. OOV)
-PAD_INT = int(np.iinfo(np.int64).min) + 1
-#: padding sentinel of string sequence inputs (the empty string is a null item, i.e. OOV)
-PAD_STRING = "<recmtl:pad>"
-
+from recmtl.data.arrow import plain_array
 
 def is_list_type(typ: pa.DataType) -> bool:
     return pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
@@ -60,21 +54,3 @@ def last_items(arr: pa.Array | pa.ChunkedArray, max_length: int, name: str) -> t
     if total != len(values):
         values = values.take(pa.array(src))
     return values, rows, cols
-
-
-def padded(arr: pa.Array | pa.ChunkedArray, max_length: int, name: str, value_type: str) -> np.ndarray:
-    """A list column -> the ONNX input ``[n, max_length]``: int64 (null item -> INT64_MIN, padding
-    ``PAD_INT``) or object strings (null item -> "", padding ``PAD_STRING``)."""
-    values, rows, cols = last_items(arr, max_length, name)
-    n = len(arr)
-    if value_type == "int64":
-        if not (pa.types.is_integer(values.type) or pa.types.is_boolean(values.type)):
-            raise DataError(f"column '{name}' holds lists of {values.type}; the model expects lists of integers")
-        out = np.full((n, max_length), PAD_INT, dtype=np.int64)
-        out[rows, cols] = values.cast(pa.int64()).fill_null(np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)
-        return out
-    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        raise DataError(f"column '{name}' holds lists of {values.type}; the model expects lists of strings")
-    out = np.full((n, max_length), PAD_STRING, dtype=object)
-    out[rows, cols] = values.fill_null("").to_numpy(zero_copy_only=False)
-    return out

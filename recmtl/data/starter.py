@@ -15,7 +15,7 @@ import yaml
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import ConfigError, close_matches
 from recmtl.data.images import is_image_type
-from recmtl.io import plain_array
+from recmtl.data.arrow import plain_array
 from recmtl.data.sequences import item_type
 
 HEADER = """\

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recmtl.errors import ConfigError
-from recmtl.io import atomic_path
+from recmtl.files import atomic_path
 
 CHUNK_ROWS = 131_072
 ROW_GROUP_ROWS = 65_536
@@ -230,7 +230,7 @@ def digits_attributes(out: str | Path, seed: int = 0, valid_fraction: float = 0.
 def _write_config(path: Path, config: dict) -> None:
     import yaml
 
-    from recmtl.io import write_text
+    from recmtl.files import write_text
     write_text(path, "# written by `recmtl datagen`; train with: recmtl train " + path.name + " --out run\n"
                + yaml.safe_dump(config, sort_keys=False))
 

@@ -5,7 +5,7 @@ vocabulary lookup (``ai.onnx.ml.LabelEncoder``) or hashing, null handling and st
 the graph. An image feature is a float32 input ``[batch, C, H, W]`` with pixels scaled to [0, 1]: decoding
 PNG/JPEG bytes stays outside the graph (``recmtl.data.images``, used by ``recmtl score`` and ``recmtl serve``).
 A sequence feature is an int64 or string input ``[batch, max_length]``: a row's last items, the unused
-positions holding the padding sentinel (``recmtl.data.sequences.PAD_INT`` = INT64_MIN + 1, ``PAD_STRING``), which
+positions holding the padding sentinel (``recmtl.serving.wire.PAD_INT`` = INT64_MIN + 1, ``PAD_STRING``), which
 the in-graph lookup maps to the padding id; nulls inside a list are missing values as for categorical.
 One output per task: ``[batch]`` (a probability for binary heads, pCTCVR for ESMM, a value for regression)
 or ``[batch, K]`` (class probabilities of a multiclass head, attribute probabilities of a multilabel head,
@@ -33,10 +33,11 @@ import recmtl
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import RecmtlError
 from recmtl.training.evaluate import LoadedRun, load_run
-from recmtl.io import atomic_path
+from recmtl.files import atomic_path
+from recmtl.rundir import RunDir
 from recmtl.training.model import MultiTaskModel, example_input
-from recmtl.serving.score import INT_NULL, METADATA_KEY, ModelInput, Scorer
-from recmtl.data.sequences import PAD_INT, PAD_STRING
+from recmtl.serving.score import Scorer
+from recmtl.serving.wire import FORMAT, INT_NULL, METADATA_KEY, MISSING_VALUES, PAD_INT, PAD_STRING, ModelInput
 
 OPSET = 17
 ML_OPSET = 2
@@ -246,8 +247,7 @@ def build_onnx(run: LoadedRun) -> onnx.ModelProto:
 
 
 def _metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
-    metrics_path = run.run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = RunDir(run.run_dir).read_metrics(required=False)
     def task_entry(t: Any) -> dict[str, Any]:
         head = run.model.heads[t.name]
         entry = {"name": t.name, "label": t.label, "head": t.head,
@@ -258,22 +258,10 @@ def _metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
             entry["classes"] = [c if isinstance(c, (int, str)) else str(c) for c in head.task.classes]
         return entry
 
-    def input_entry(i: ModelInput) -> dict[str, Any]:
-        if i.is_image:
-            return {"name": i.name, "dtype": i.dtype, "kind": "image", "shape": list(i.shape),
-                    "scale": "pixels / 255 (uint8, PNG/JPEG); float arrays as they are"}
-        if i.is_sequence:
-            return {"name": i.name, "dtype": i.dtype, "kind": "sequence", "shape": list(i.shape), "max_length": i.shape[0],
-                    "padding": PAD_INT if i.dtype == "int64" else PAD_STRING,
-                    "order": "a row's last max_length items, left-aligned; the rest padding"}
-        return {"name": i.name, "dtype": i.dtype, "kind": "dense" if i.dtype == "float32" else "categorical"}
-
     schema = {
-        "format": 1,
-        "inputs": [input_entry(i) for i in inputs],
-        "missing_values": {"int64": "any value outside the vocabulary (recmtl score passes int64 min)",
-                           "string": "empty string", "float32": "NaN", "image": "all zeros",
-                           "sequence": "a null list: all padding; a null item: as int64/string"},
+        "format": FORMAT,
+        "inputs": [i.to_metadata() for i in inputs],
+        "missing_values": MISSING_VALUES,
         "tasks": [task_entry(t) for t in run.config.tasks],
     }
     return {
@@ -325,37 +313,3 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
             raise ExportError(f"ONNX scores differ from PyTorch by more than {PARITY_TOLERANCE:g} on {len(sample)} "
                               f"rows of {spec}: {bad}; no file written")
     return diffs
-
-
-TRITON_TYPES = {"int64": "TYPE_INT64", "string": "TYPE_STRING", "float32": "TYPE_FP32"}
-
-
-def write_triton_repo(model_path: str | Path, repo: str | Path, name: str, max_batch_size: int = 1024,
-                      max_queue_delay_us: int = 2000) -> Path:
-    """Write ``repo/name/1/model.onnx`` and ``repo/name/config.pbtxt`` for Triton's onnxruntime backend
-    (dynamic batching on; each 1-D model input/output is a ``[1]`` tensor reshaped to the batch axis)."""
-    import shutil
-
-    from recmtl.serving.score import read_model_schema
-    meta = read_model_schema(model_path)
-    folder = Path(repo) / name
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "1" / "model.onnx") as tmp:
-        shutil.copyfile(model_path, tmp)
-    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}", "input ["]
-    def dims(shape: list[int] | None) -> str:  # a column value travels as [1] reshaped to the batch axis
-        return f"dims: [ {', '.join(map(str, shape))} ]" if shape else "dims: [ 1 ] reshape: { shape: [ ] }"
-    ins = [f'  {{ name: "{i["name"]}" data_type: {TRITON_TYPES[i["dtype"]]} {dims(i.get("shape"))} }}'
-           for i in meta["inputs"]]
-    lines.append(",\n".join(ins))
-    lines.append("]")
-    lines.append("output [")
-    outs = [f'  {{ name: "{t["name"]}" data_type: TYPE_FP32 {dims([t["width"]] if t.get("width") else None)} }}'
-            for t in meta["tasks"]]
-    lines.append(",\n".join(outs))
-    lines.append("]")
-    lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}")
-    lines.append("instance_group [ { kind: KIND_CPU count: 1 } ]")
-    with atomic_path(folder / "config.pbtxt") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    return folder

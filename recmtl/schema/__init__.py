@@ -21,7 +21,9 @@ from recmtl.contracts import FeatureInfo
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
 from recmtl.data.images import decode_images, is_image_type
-from recmtl.io import atomic_path, plain_array, write_json
+from recmtl.files import atomic_path, write_json
+from recmtl.rundir import SCHEMA, VOCAB, RunDir
+from recmtl.data.arrow import plain_array
 from recmtl.data.sequences import item_type, last_items
 
 SCHEMA_VERSION = 1
@@ -404,7 +406,7 @@ class FittedSchema:
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, run_dir: Path) -> None:
-        vocab_dir = run_dir / "vocab"
+        vocab_dir = run_dir / VOCAB
         vocab_dir.mkdir(parents=True, exist_ok=True)
 
         def entry(c: CategoricalColumn, vocab_file: str) -> dict[str, Any]:
@@ -419,10 +421,10 @@ class FittedSchema:
                 out["embedding_dim"] = c.embedding_dim
             return out
 
-        cats = [entry(c, f"vocab/{j:04d}.parquet") for j, c in enumerate(self.categorical)]
-        seqs = [entry(c, f"vocab/sequence_{j:04d}.parquet") | {"max_length": c.max_length}
+        cats = [entry(c, f"{VOCAB}/{j:04d}.parquet") for j, c in enumerate(self.categorical)]
+        seqs = [entry(c, f"{VOCAB}/sequence_{j:04d}.parquet") | {"max_length": c.max_length}
                 for j, c in enumerate(self.sequence)]
-        write_json(run_dir / "schema.json", {
+        write_json(run_dir / SCHEMA, {
             "schema_version": SCHEMA_VERSION,
             "num_rows": self.num_rows,
             "categorical": cats,
@@ -436,9 +438,7 @@ class FittedSchema:
 
     @classmethod
     def load(cls, run_dir: Path) -> FittedSchema:
-        path = run_dir / "schema.json"
-        if not path.is_file():
-            raise DataError(f"{run_dir} is not a recmtl run directory (no schema.json)")
+        path = RunDir(run_dir).require(SCHEMA)
         meta = json.loads(path.read_text())
         def vocab_of(c: dict[str, Any]) -> np.ndarray | None:
             if "vocab_file" not in c:

@@ -5,9 +5,7 @@
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,48 +15,12 @@ import pyarrow.compute as pc
 
 from recmtl.errors import DataError, close_matches
 from recmtl.data.images import decode_images
-from recmtl.io import arrow_scalar, arrow_view, numpy_dtype, numpy_view, plain_array
-from recmtl.data.sequences import padded
+from recmtl.data.arrow import arrow_scalar, arrow_view, numpy_dtype, numpy_view, plain_array
+from recmtl.data.sequences import last_items
+from recmtl.serving.wire import INT_NULL, PAD_INT, PAD_STRING, ModelInput, schema_from_metadata
 
-METADATA_KEY = "recmtl.schema"
 #: rows per onnxruntime call: 1024 scored 24% faster than 2048 end to end on 2 cores (benchmarks/RESULTS.md)
 DEFAULT_BATCH_SIZE = 1024
-INT_NULL = np.iinfo(np.int64).min  # never in a vocabulary: null ints go to the OOV id
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    name: str
-    dtype: str  # "int64" | "string" | "float32"
-    shape: tuple[int, ...] = ()  # per-row shape: () for a column value, (C, H, W) for an image, (L,) for a sequence
-    kind: str = ""  # "categorical" | "dense" | "image" | "sequence" ("": from dtype and shape)
-
-    @property
-    def is_image(self) -> bool:
-        return self.kind == "image" or (not self.kind and bool(self.shape))
-
-    @property
-    def is_sequence(self) -> bool:
-        return self.kind == "sequence"
-
-
-def read_model_schema(model_path: str | Path) -> dict[str, Any]:
-    """The recmtl schema stored in an ONNX file's metadata (inputs, tasks, versions)."""
-    import onnx
-    path = Path(model_path)
-    if not path.is_file():
-        raise DataError(f"no such model file: {path}")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others for non-ONNX bytes
-        raise DataError(f"{path} is not an ONNX model: {exc}") from None
-    return _schema_from_metadata({p.key: p.value for p in model.metadata_props}, path)
-
-
-def _schema_from_metadata(props: dict[str, str], path: Path) -> dict[str, Any]:
-    if METADATA_KEY not in props:
-        raise DataError(f"{path} is an ONNX model but not a recmtl export (no '{METADATA_KEY}' metadata)")
-    return json.loads(props[METADATA_KEY])
 
 
 def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> dict[str, np.ndarray]:
@@ -66,7 +28,7 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
     vocabulary), strings (null -> empty string, which means missing), float32 (null -> NaN); image columns
     (encoded bytes or number lists) -> float32 ``[n, C, H, W]`` in [0, 1] (recmtl.data.images; null -> zeros);
     sequence (list) columns -> ``[n, max_length]`` int64 or strings: each row's last ``max_length`` items,
-    padded with ``recmtl.data.sequences.PAD_INT`` / ``PAD_STRING`` (null list: all padding; null item: missing)."""
+    padded with ``recmtl.serving.wire.PAD_INT`` / ``PAD_STRING`` (null list: all padding; null item: missing)."""
     names = batch.schema.names
     feeds = {}
     for inp in inputs:
@@ -98,6 +60,24 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
             col = col if typ == pa.float32() else pc.cast(col, pa.float32())
             feeds[inp.name] = numpy_view(col.fill_null(arrow_scalar(np.nan, np.float32)) if col.null_count else col)
     return feeds
+
+
+def padded(arr: pa.Array | pa.ChunkedArray, max_length: int, name: str, value_type: str) -> np.ndarray:
+    """A list column -> the ONNX input ``[n, max_length]``: int64 (null item -> INT64_MIN, padding
+    ``PAD_INT``) or object strings (null item -> "", padding ``PAD_STRING``)."""
+    values, rows, cols = last_items(arr, max_length, name)
+    n = len(arr)
+    if value_type == "int64":
+        if not (pa.types.is_integer(values.type) or pa.types.is_boolean(values.type)):
+            raise DataError(f"column '{name}' holds lists of {values.type}; the model expects lists of integers")
+        out = np.full((n, max_length), PAD_INT, dtype=np.int64)
+        out[rows, cols] = values.cast(pa.int64()).fill_null(INT_NULL).to_numpy(zero_copy_only=False)
+        return out
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise DataError(f"column '{name}' holds lists of {values.type}; the model expects lists of strings")
+    out = np.full((n, max_length), PAD_STRING, dtype=object)
+    out[rows, cols] = values.fill_null("").to_numpy(zero_copy_only=False)
+    return out
 
 
 def _strings(col: pa.Array, name: str) -> np.ndarray:
@@ -138,9 +118,8 @@ class Scorer:
         except Exception as exc:  # onnxruntime raises InvalidProtobuf, Fail, ... for files it cannot load
             raise DataError(f"{path} is not an ONNX model onnxruntime can load: {exc}") from None
         # the metadata through onnxruntime: scoring needs neither the onnx package nor a second parse
-        self.meta = _schema_from_metadata(self.session.get_modelmeta().custom_metadata_map, path)
-        self.inputs = [ModelInput(i["name"], i["dtype"], tuple(i.get("shape") or ()), i.get("kind", ""))
-                       for i in self.meta["inputs"]]
+        self.meta = schema_from_metadata(self.session.get_modelmeta().custom_metadata_map, path)
+        self.inputs = [ModelInput.from_metadata(i) for i in self.meta["inputs"]]
         self.tasks = [t["name"] for t in self.meta["tasks"]]
         #: string inputs (one value per row), read dictionary-encoded from Parquet
         self.string_columns = [i.name for i in self.inputs if i.dtype == "string" and not i.is_sequence and not i.is_image]
@@ -255,7 +234,7 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
     from tqdm import tqdm
 
     from recmtl.data.parquet import ParquetSource
-    from recmtl.io import atomic_path
+    from recmtl.files import atomic_path
 
     scorer = Scorer(model_path, threads if workers <= 1 else 1, spin)
     source = ParquetSource(input_spec, read_dictionary=scorer.string_columns)

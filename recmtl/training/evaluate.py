@@ -15,6 +15,7 @@ from recmtl.errors import DataError
 from recmtl.training.model import MultiTaskModel
 from recmtl.training.batches import blocks, minibatches
 from recmtl.registry import Registry, load_registry
+from recmtl.rundir import BEST, CONFIG, RunDir
 from recmtl.schema import FittedSchema
 
 
@@ -128,20 +129,16 @@ class LoadedRun:
     run_dir: Path
 
 
-def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = "best.pt") -> LoadedRun:
+def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = BEST) -> LoadedRun:
     """Rebuild a trained model from its run directory (config, schema, checkpoint)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise DataError(f"{run_dir} is not a recmtl run directory (no config.yaml); train one with `recmtl train`")
-    config = parse_config(read_raw(run_dir / "config.yaml"), run_dir, str(run_dir / "config.yaml"))
+    files = RunDir(run_dir)
+    run_dir = files.path
+    config_path = files.require(CONFIG)
+    config = parse_config(read_raw(config_path), run_dir, str(config_path))
     registry = load_registry([*config.plugin_modules(), *plugins], disabled)
     schema = FittedSchema.load(run_dir)
     model = MultiTaskModel(config, schema, registry)
-    path = run_dir / checkpoint
-    if not path.is_file():
-        raise DataError(f"{run_dir} has no checkpoint {checkpoint}; the run has not finished an epoch")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(files.load_checkpoint(checkpoint)["model"])
     model.eval()
     return LoadedRun(config, schema, model, registry, run_dir)
 

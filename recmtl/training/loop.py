@@ -33,10 +33,10 @@ from recmtl.training.distributed import (
 )
 from recmtl.errors import ConfigError, DataError
 from recmtl.training.evaluate import merge_predictions, predict, task_metrics
-from recmtl.io import atomic_path, write_json, write_text
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.batches import blocks, minibatches
 from recmtl.registry import Registry
+from recmtl.rundir import BEST, LAST, RunDir
 from recmtl.schema import FittedSchema, check_types, fit_schema
 
 
@@ -138,22 +138,17 @@ def make_optimizers(config: Config, model: MultiTaskModel, balancer: Balancer) -
     return optimizers
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
 def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool = False) -> dict[str, Any]:
     """Train ``config`` into ``run_dir``; returns the content of ``metrics.json``."""
     run_dir = Path(run_dir)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    files = RunDir(run_dir)
     rank, world, _ = env_world()
     if config.train.batch_size % world:
         raise ConfigError(f"train.batch_size {config.train.batch_size} is the global batch and must be divisible by "
                           f"the number of processes ({world})")
-    if rank == 0 and resume and not last_path.is_file():
-        raise ConfigError(f"nothing to resume: {run_dir} has no last.pt")
-    if rank == 0 and not resume and (last_path.is_file() or best_path.is_file()):
+    if rank == 0 and resume and not files.file(LAST).is_file():
+        raise ConfigError(f"nothing to resume: {run_dir} has no {LAST}")
+    if rank == 0 and not resume and files.holds_run:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
     ctx = setup(config.train.device)  # under torchrun: joins the process group (recmtl/distributed.py)
     main = ctx.is_main  # only rank 0 reads and writes the run directory
@@ -180,10 +175,9 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
             schema = fit_schema(config, train_src, {t.name: heads[t.name] for t in config.tasks}, bar.update)
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(run_dir)
-        write_text(run_dir / "config.yaml", dump_config(config))
-        write_json(run_dir / "run.json", {"versions": versions(), "argv": sys.argv,
-                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                          "world_size": ctx.world})
+        files.write_config(dump_config(config))
+        files.write_run_info({"versions": versions(), "argv": sys.argv,
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world})
     schema = ctx.broadcast_object(schema)
 
     model = MultiTaskModel(config, schema, registry)
@@ -201,11 +195,11 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
     shared = model.shared_parameters()
     run = TrainRun(config, schema, model, balancer, run_dir)
     hook = registry.pm.hook
-    balance_log = BalanceLog(run_dir / "balance.jsonl", config.train.log_every if main else 0, model.task_names)
+    balance_log = BalanceLog(files.balance_log, config.train.log_every if main else 0, model.task_names)
 
     start_epoch, best, best_epoch, bad_epochs = 0, None, -1, 0
     if resume:
-        state = ctx.broadcast_object(torch.load(last_path, map_location="cpu", weights_only=False) if main else None)
+        state = ctx.broadcast_object(files.load_checkpoint(LAST) if main else None)
         model.load_state_dict(state["model"])
         precision.load_state_dict(state.get("amp", {}))
         balancer.load_state_dict(state["balancer"])
@@ -307,26 +301,26 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
                  "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
         state["amp"] = precision.state_dict()
         if improved and main:
-            _save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch})
-            hook.recmtl_checkpoint_saved(run=run, path=str(best_path), is_best=True)
+            path = files.save_checkpoint(BEST, {"model": model.state_dict(), "epoch": epoch})
+            hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=True)
         if main:
-            _save_checkpoint(last_path, state)
-            hook.recmtl_checkpoint_saved(run=run, path=str(last_path), is_best=False)
-            write_json(run_dir / "metrics.json", _summary(run.history, best_epoch, monitor.spec, None))
+            path = files.save_checkpoint(LAST, state)
+            hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=False)
+            files.write_metrics(_summary(run.history, best_epoch, monitor.spec, None))
             hook.recmtl_epoch_end(run=run, epoch=epoch + 1, metrics=record)
         if stop:
             say(f"early stopping: {monitor.spec} did not improve for {patience} epochs; best epoch {best_epoch + 1}")
             break
 
     # final metrics from the best checkpoint
-    best_state = torch.load(best_path, map_location="cpu", weights_only=False)["model"] if main else None
+    best_state = files.load_checkpoint(BEST)["model"] if main else None
     model.load_state_dict(ctx.broadcast_object(best_state))
     test_metrics = None
     if test_src is not None:
         test_metrics = _metrics(ctx, model, schema, test_src, config)
     summary = _summary(run.history, best_epoch, monitor.spec, test_metrics)
     if main:
-        write_json(run_dir / "metrics.json", summary)
+        files.write_metrics(summary)
         hook.recmtl_train_end(run=run, metrics=summary)
     ctx.barrier()
     ctx.close()
