@@ -10,7 +10,8 @@ from recmtl.config import parse_config
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
 from recmtl.registry import load_registry
-from recmtl.schema import CategoricalColumn, FittedSchema, _VocabCounter, fit_schema
+from recmtl.schema import CategoricalColumn, FittedSchema, fit_schema
+from recmtl.schema.fit import _VocabCounter
 
 BINARY = load_registry().get("head", "binary")
 
