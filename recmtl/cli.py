@@ -212,11 +212,11 @@ def export(
     name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository (default: the output file's stem).")] = None,
 ) -> None:
     """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
-    from recmtl.export import PARITY_TOLERANCE, export_run
+    from recmtl.export import PARITY_ATOL, PARITY_RTOL, export_run
     from recmtl.serving.triton import write_triton_repo
     diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled)
-    typer.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{t}={d:.2e}" for t, d in diffs.items())
-               + f" (limit {PARITY_TOLERANCE:g})")
+    typer.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{t}={d['max_abs']:.2e}" for t, d in diffs.items())
+               + f" (limit {PARITY_ATOL:g} + {PARITY_RTOL:g} x |score|)")
     typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
     if triton_repo is not None:
         folder = write_triton_repo(output, triton_repo, name or output.stem)

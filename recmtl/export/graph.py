@@ -1,0 +1,263 @@
+"""``recmtl export``: one self-contained ONNX file from a run directory.
+
+Inputs are the raw feature columns (int64 or string for categorical, float32 for dense, dynamic batch);
+vocabulary lookup (``ai.onnx.ml.LabelEncoder``) or hashing, null handling and standardisation run inside
+the graph. An image feature is a float32 input ``[batch, C, H, W]`` with pixels scaled to [0, 1]: decoding
+PNG/JPEG bytes stays outside the graph (``recmtl.data.images``, used by ``recmtl score`` and ``recmtl serve``).
+A sequence feature is an int64 or string input ``[batch, max_length]``: a row's last items, the unused
+positions holding the padding sentinel (``recmtl.serving.wire.PAD_INT`` = INT64_MIN + 1, ``PAD_STRING``), which
+the in-graph lookup maps to the padding id; nulls inside a list are missing values as for categorical.
+One output per task: ``[batch]`` (a probability for binary heads, pCTCVR for ESMM, a value for regression)
+or ``[batch, K]`` (class probabilities of a multiclass head, attribute probabilities of a multilabel head,
+their names in the metadata's ``classes``). The recmtl
+schema, task names and versions are in ``metadata_props``. Export checks parity against PyTorch on
+sample rows and writes nothing when it fails.
+"""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import recmtl
+from recmtl.schema import CategoricalColumn, DenseColumn, FittedSchema, ImageColumn, SequenceColumn
+from recmtl.training.evaluate import LoadedRun
+from recmtl.training.model import MultiTaskModel, example_input
+from recmtl.serving.wire import INT_NULL, PAD_INT, PAD_STRING
+
+OPSET = 17
+ML_OPSET = 2
+
+
+class _Core(nn.Module):
+    """The model on preprocessed tensors, returning one score tensor per task."""
+
+    def __init__(self, model: MultiTaskModel, kinds: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.kinds = kinds
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scores = self.model.predict(dict(zip(self.kinds, tensors)))
+        return tuple(scores[t] for t in self.model.task_names)
+
+
+def core_input(kind: str) -> str:
+    """The graph tensor between preprocessing and the model for a feature kind (never a column name)."""
+    return f"recmtl_{kind}_preprocessed"
+
+
+def ids_nodes(col: Any, raw: str, out: str, const: Any, padding: bool) -> tuple[list[onnx.NodeProto], bool]:
+    """Twin of ``CategoricalColumn.ids`` / ``SequenceColumn.sequence_ids``: nodes mapping raw values (any shape) to ids
+    ``out``; with ``padding``
+    (a sequence feature) the padding sentinel maps to the padding id ``col.cardinality``. Returns the nodes
+    and whether they use the com.microsoft domain."""
+    nodes: list[onnx.NodeProto] = []
+    uses_ms = False
+    is_int = col.value_type == "int"
+    if col.hash_buckets:
+        buckets = const(f"{out}_buckets", np.array(col.hash_buckets, dtype=np.int64))
+        if is_int:
+            hashed = raw
+        else:  # the same MurmurHash3 (seed 0, unsigned) as training
+            uses_ms = True
+            nodes.append(helper.make_node("MurmurHash3", [raw], [f"{out}_h32"], domain="com.microsoft", seed=0, positive=1))
+            nodes.append(helper.make_node("Cast", [f"{out}_h32"], [f"{out}_h64"], to=TensorProto.INT64))
+            hashed = f"{out}_h64"
+        nodes.append(helper.make_node("Mod", [hashed, buckets], [f"{out}_mod"], fmod=0))
+        nodes.append(helper.make_node("Add", [f"{out}_mod", const("pre_one", np.array(1, dtype=np.int64))], [f"{out}_id"]))
+        if is_int:
+            nodes.append(helper.make_node("Equal", [raw, const("pre_int_null", np.array(INT_NULL, dtype=np.int64))],
+                                          [f"{out}_missing"]))
+        else:  # string Equal needs opset 19: mark "" with a one-key LabelEncoder instead
+            nodes.append(helper.make_node("LabelEncoder", [raw], [f"{out}_is_empty"], domain="ai.onnx.ml",
+                                          keys_strings=[""], values_int64s=[1], default_int64=0))
+            nodes.append(helper.make_node("Cast", [f"{out}_is_empty"], [f"{out}_missing"], to=TensorProto.BOOL))
+        zero = const("pre_zero", np.array(0, dtype=np.int64))
+        if not padding:
+            nodes.append(helper.make_node("Where", [f"{out}_missing", zero, f"{out}_id"], [out]))
+            return nodes, uses_ms
+        nodes.append(helper.make_node("Where", [f"{out}_missing", zero, f"{out}_id"], [f"{out}_nopad"]))
+        if is_int:
+            nodes.append(helper.make_node("Equal", [raw, const("pre_int_pad", np.array(PAD_INT, dtype=np.int64))],
+                                          [f"{out}_is_pad"]))
+        else:
+            nodes.append(helper.make_node("LabelEncoder", [raw], [f"{out}_pad01"], domain="ai.onnx.ml",
+                                          keys_strings=[PAD_STRING], values_int64s=[1], default_int64=0))
+            nodes.append(helper.make_node("Cast", [f"{out}_pad01"], [f"{out}_is_pad"], to=TensorProto.BOOL))
+        pad_id = const(f"{out}_pad_id", np.array(col.cardinality, dtype=np.int64))
+        nodes.append(helper.make_node("Where", [f"{out}_is_pad", pad_id, f"{out}_nopad"], [out]))
+        return nodes, uses_ms
+    # vocabulary lookup; unseen, rare and missing values get the default id 0
+    vocab = [int(v) for v in col.vocab] if is_int else [str(v) for v in col.vocab]
+    ids = list(range(1, len(vocab) + 1))
+    if padding:
+        vocab.append(PAD_INT if is_int else PAD_STRING)
+        ids.append(col.cardinality)
+    if not vocab:
+        vocab, ids = [INT_NULL if is_int else ""], [0]
+    keys = {"keys_int64s": vocab} if is_int else {"keys_strings": vocab}
+    nodes.append(helper.make_node("LabelEncoder", [raw], [out], domain="ai.onnx.ml",
+                                  values_int64s=ids, default_int64=0, **keys))
+    return nodes, uses_ms
+
+
+class _Graph:
+    """The preprocessing part of the graph being built: nodes, constants (initializers) and raw inputs."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.uses_ms = False  # nodes of the com.microsoft domain (MurmurHash3)
+        self._names: set[str] = set()
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        if name not in self._names:
+            self._names.add(name)
+            self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, **attrs))
+
+    def stack(self, columns: list[str], out: str) -> None:
+        """1-D columns [B] each -> ``out`` [F, B]: one Concat and a Reshape (cheaper than F Unsqueezes)."""
+        shape = self.const(f"{out}_shape", np.array([len(columns), -1], dtype=np.int64))
+        self.node("Concat", columns, [f"{out}_flat"], axis=0)
+        self.node("Reshape", [f"{out}_flat", shape], [out])
+
+    def concat_features(self, columns: list[str], out: str) -> None:
+        """Per-feature tensors with a feature axis 1 -> ``out`` (Identity for one feature)."""
+        if len(columns) > 1:
+            self.node("Concat", columns, [out], axis=1)
+        else:
+            self.node("Identity", columns, [out])
+
+    def lookup(self, col: Any, raw: str, out: str, padding: bool) -> None:
+        nodes, uses_ms = ids_nodes(col, raw, out, self.const, padding)
+        self.nodes += nodes
+        self.uses_ms |= uses_ms
+
+
+def categorical_ids(g: _Graph, columns: list[CategoricalColumn]) -> None:
+    """Twin of ``CategoricalColumn.ids`` for every categorical column: raw ``[batch]`` inputs -> ids ``[batch, F]``."""
+    outs = []
+    for j, col in enumerate(columns):
+        raw, out = col.name, f"pre_cat_{j}"
+        elem = TensorProto.INT64 if col.value_type == "int" else TensorProto.STRING
+        g.inputs.append(helper.make_tensor_value_info(raw, elem, ["batch"]))
+        g.lookup(col, raw, out, padding=False)
+        outs.append(out)
+    g.stack(outs, "pre_cat_by_column")
+    g.node("Transpose", ["pre_cat_by_column"], [core_input("categorical")], perm=[1, 0])
+
+
+def dense_values(g: _Graph, columns: list[DenseColumn]) -> None:
+    """Twin of ``DenseColumn.values``: raw float ``[batch]`` inputs filled where NaN/inf and standardised, column by
+    column as ``[D, batch]`` (long runs per constant), then transposed to ``[batch, D]``."""
+    for d in columns:
+        g.inputs.append(helper.make_tensor_value_info(d.name, TensorProto.FLOAT, ["batch"]))
+
+    def per_column(name: str, values: list[float]) -> str:
+        return g.const(name, np.array(values, dtype=np.float32).reshape(-1, 1))
+    fill = per_column("pre_fill", [d.fill for d in columns])
+    mean = per_column("pre_mean", [d.mean for d in columns])
+    std = per_column("pre_std", [d.std for d in columns])
+    g.stack([d.name for d in columns], "pre_dense_raw")
+    g.node("IsNaN", ["pre_dense_raw"], ["pre_dense_nan"])
+    g.node("IsInf", ["pre_dense_raw"], ["pre_dense_inf"])
+    g.node("Or", ["pre_dense_nan", "pre_dense_inf"], ["pre_dense_missing"])
+    g.node("Where", ["pre_dense_missing", fill, "pre_dense_raw"], ["pre_dense_filled"])
+    g.node("Sub", ["pre_dense_filled", mean], ["pre_dense_centred"])
+    g.node("Div", ["pre_dense_centred", std], ["pre_dense_by_column"])
+    g.node("Transpose", ["pre_dense_by_column"], [core_input("dense")], perm=[1, 0])
+
+
+def image_values(g: _Graph, columns: list[ImageColumn]) -> None:
+    """Twin of ``ImageColumn.values`` after decoding (which stays outside the graph, ``recmtl.data.images``):
+    float ``[batch, C, H, W]`` inputs in [0, 1] -> ``[batch, F, C, H, W]``."""
+    outs = []
+    for j, img in enumerate(columns):
+        g.inputs.append(helper.make_tensor_value_info(img.name, TensorProto.FLOAT, ["batch", img.channels, img.height, img.width]))
+        g.node("Unsqueeze", [img.name, g.const("pre_axes_1", np.array([1], dtype=np.int64))], [f"pre_image_{j}"])
+        outs.append(f"pre_image_{j}")
+    g.concat_features(outs, core_input("image"))
+
+
+def sequence_ids(g: _Graph, columns: list[SequenceColumn], width: int) -> None:
+    """Twin of ``SequenceColumn.sequence_ids``: padded raw ``[batch, L_j]`` inputs -> ids, padded to
+    ``[batch, F, width]``."""
+    outs = []
+    for j, col in enumerate(columns):
+        raw, out = col.name, f"pre_seq_{j}"
+        elem = TensorProto.INT64 if col.value_type == "int" else TensorProto.STRING
+        g.inputs.append(helper.make_tensor_value_info(raw, elem, ["batch", col.max_length]))
+        ids = f"{out}_ids"
+        g.lookup(col, raw, ids, padding=True)
+        if col.max_length < width:
+            pads = g.const(f"{out}_pads", np.array([0, 0, 0, width - col.max_length], dtype=np.int64))
+            pad_id = g.const(f"{out}_pad_value", np.array(col.cardinality, dtype=np.int64))
+            g.node("Pad", [ids, pads, pad_id], [f"{out}_wide"], mode="constant")
+            ids = f"{out}_wide"
+        g.node("Unsqueeze", [ids, g.const("pre_axes_1", np.array([1], dtype=np.int64))], [out])
+        outs.append(out)
+    g.concat_features(outs, core_input("sequence"))
+
+
+def preprocessing(schema: FittedSchema) -> _Graph:
+    """The nodes that turn raw columns into the model's inputs, one function per column kind."""
+    g = _Graph()
+    if schema.categorical:
+        categorical_ids(g, schema.categorical)
+    if schema.dense:
+        dense_values(g, schema.dense)
+    if schema.image:
+        image_values(g, schema.image)
+    if schema.sequence:
+        sequence_ids(g, schema.sequence, schema.sequence_width)
+    return g
+
+
+def build_onnx(run: LoadedRun) -> onnx.ModelProto:
+    """Export the torch model on preprocessed tensors, then put the preprocessing graph in front."""
+    model = run.model.eval()
+    kinds = list(model.encoders.keys())
+    example = [example_input(kind, model.encoders[kind].features, 4) for kind in kinds]
+    tasks = model.task_names
+    with tempfile.TemporaryDirectory() as tmp:
+        core_path = Path(tmp) / "core.onnx"
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated but exact for these graphs
+            warnings.simplefilter("ignore", DeprecationWarning)
+            names = [core_input(k) for k in kinds]
+            torch.onnx.export(_Core(model, kinds).eval(), tuple(example), str(core_path), input_names=names, output_names=tasks,
+                              dynamic_axes={**{k: {0: "batch"} for k in names}, **{t: {0: "batch"} for t in tasks}},
+                              opset_version=OPSET, dynamo=False)
+        core = onnx.load(str(core_path))
+    pre = preprocessing(run.schema)
+    nodes, inits, raw_inputs, uses_ms = pre.nodes, pre.inits, pre.inputs, pre.uses_ms
+    graph = core.graph
+    kept_inputs = [i for i in graph.input if i.name not in {core_input(k) for k in kinds}]
+    del graph.input[:]
+    graph.input.extend(raw_inputs + kept_inputs)
+    old_nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + old_nodes)
+    graph.initializer.extend(inits)
+    graph.name = "recmtl"
+    core.opset_import.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
+    if uses_ms:
+        core.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    core.producer_name = "recmtl"
+    core.producer_version = recmtl.__version__
+    onnx.checker.check_model(core)
+    return core
+
+

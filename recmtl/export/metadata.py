@@ -1,0 +1,54 @@
+"""The exported model's metadata: its inputs (``recmtl.serving.wire``), tasks and scores, versions and the run's
+metrics, stored in ``metadata_props``."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+
+import recmtl
+from recmtl.training.evaluate import LoadedRun
+from recmtl.rundir import RunDir
+from recmtl.serving.wire import FORMAT, METADATA_KEY, MISSING_VALUES, ModelInput
+
+from recmtl.export.graph import OPSET
+
+
+def model_inputs(run: LoadedRun) -> list[ModelInput]:
+    inputs = [ModelInput(c.name, "int64" if c.value_type == "int" else "string") for c in run.schema.categorical]
+    inputs += [ModelInput(d.name, "float32") for d in run.schema.dense]
+    inputs += [ModelInput(i.name, "float32", (i.channels, i.height, i.width), "image") for i in run.schema.image]
+    return inputs + [ModelInput(s.name, "int64" if s.value_type == "int" else "string", (s.max_length,), "sequence")
+                     for s in run.schema.sequence]
+
+
+def metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
+    metrics = RunDir(run.run_dir).read_metrics(required=False)
+    def task_entry(t: Any) -> dict[str, Any]:
+        head = run.model.heads[t.name]
+        entry = {"name": t.name, "label": t.label, "head": t.head,
+                 "score": "probability" if t.head in ("binary", "esmm") else "value"}
+        if head.label_type in ("class", "multi"):
+            entry["score"] = "class probabilities" if head.label_type == "class" else "attribute probabilities"
+            entry["width"] = len(head.task.classes)  # the model's dry run checked predict's width against it
+            entry["classes"] = [c if isinstance(c, (int, str)) else str(c) for c in head.task.classes]
+        return entry
+
+    schema = {
+        "format": FORMAT,
+        "inputs": [i.to_metadata() for i in inputs],
+        "missing_values": MISSING_VALUES,
+        "tasks": [task_entry(t) for t in run.config.tasks],
+    }
+    return {
+        METADATA_KEY: json.dumps(schema),
+        "recmtl.version": recmtl.__version__,
+        "torch.version": torch.__version__,
+        "onnx.opset": str(OPSET),
+        "recmtl.metrics": json.dumps({k: metrics.get(k) for k in ("monitor", "best_epoch", "validation", "test") if k in metrics}),
+        "recmtl.created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+

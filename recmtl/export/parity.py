@@ -1,0 +1,54 @@
+"""The parity check: onnxruntime's scores of the exported file against PyTorch's on sample rows. Scores are
+compared with a relative and an absolute tolerance, as ``numpy.isclose`` does: probabilities are bounded,
+but a regression output (watch time in seconds, a price) is not, and float32 arithmetic in a different order
+differs by a few units in the last place of the value, whatever its size."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from recmtl.training.evaluate import LoadedRun
+from recmtl.serving.score import Scorer
+
+#: absolute tolerance: what a difference may be on scores near 0 (probabilities, standardised values)
+PARITY_ATOL = 1e-4
+#: relative tolerance: what a difference may be per unit of the score's size (float32 epsilon is 1.2e-7)
+PARITY_RTOL = 1e-5
+
+
+def parity_failures(diffs: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The tasks whose scores differ beyond ``PARITY_ATOL + PARITY_RTOL * |torch score|`` somewhere."""
+    return {t: d for t, d in diffs.items() if not d["excess"] <= 0}
+
+
+def parity(run: LoadedRun, model_path: Path, sample: pa.Table) -> dict[str, dict[str, float]]:
+    """Per task, between onnxruntime and PyTorch on ``sample`` rows: the largest absolute difference (``max_abs``),
+    the largest relative one (``max_rel``, per unit of ``max(|torch score|, 1)``) and how far the worst row exceeds its
+    tolerance (``excess`` <= 0: within it everywhere)."""
+    scorer = Scorer(model_path)
+    onnx_scores = scorer.score(sample)
+    arrays = run.schema.transform(sample, labels=False)
+    with torch.no_grad():
+        torch_scores = run.model.predict({k: torch.from_numpy(v) for k, v in arrays.inputs.items()})
+    def flat(col: pa.Array) -> np.ndarray:
+        return (col.flatten() if pa.types.is_fixed_size_list(col.type) else col).to_numpy()
+    return {t: score_differences(flat(onnx_scores.column(t)), torch_scores[t].numpy().reshape(-1))
+            for t in run.model.task_names}
+
+
+def score_differences(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    """``max_abs`` and ``max_rel`` (per unit of ``max(|want|, 1)``) differences of ``got`` to ``want``, and ``excess``:
+    the largest ``|got - want| - (PARITY_ATOL + PARITY_RTOL * |want|)`` (<= 0: within tolerance everywhere; a NaN on
+    either side where the other is not NaN counts as infinite)."""
+    got, want = np.asarray(got, np.float64).reshape(-1), np.asarray(want, np.float64).reshape(-1)
+    if not len(want):
+        return {"max_abs": 0.0, "max_rel": 0.0, "excess": 0.0}
+    both_nan = np.isnan(got) & np.isnan(want)
+    diff = np.where(both_nan, 0.0, np.abs(got - want))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    excess = diff - (PARITY_ATOL + PARITY_RTOL * np.where(np.isnan(want), 0.0, np.abs(want)))
+    scale = np.maximum(np.where(np.isnan(want), 1.0, np.abs(want)), 1.0)
+    return {"max_abs": float(diff.max()), "max_rel": float((diff / scale).max()), "excess": float(excess.max())}
