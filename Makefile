@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_train_throughput.py
+	$(BIN)/python benchmarks/speed/bench_train_throughput.py
 
 clean:
 	rm -rf $(VENV) demo_run build *.egg-info

@@ -1,4 +1,4 @@
-"""benchmarks/balancers.py: the paired differences and relative step times it reports, and a tiny run."""
+"""benchmarks/quality/balancers.py: the paired differences and relative step times it reports, and a tiny run."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "balancers.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "balancers.py"
 _spec = importlib.util.spec_from_file_location("balancers_bench", BENCH)
 bench = importlib.util.module_from_spec(_spec)
 sys.path.insert(0, str(BENCH.parent))

@@ -2,7 +2,7 @@
 `recmtl convert` (train and test CSV) -> `recmtl split` (test 1:1 into validation and test) -> `recmtl init`
 -> `recmtl train` (MMoE, one seed, 2 epochs), each a subprocess of the console script.
 
-The full benchmark (3 seeds, MMoE and shared-bottom, more epochs) is benchmarks/census_income.py, with
+The full benchmark (3 seeds, MMoE and shared-bottom, more epochs) is benchmarks/quality/census_income.py, with
 results in benchmarks/RESULTS.md. Skipped when ../shared/data/census-income-kdd is not next to the repo.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "census-inc
 RECMTL = str(Path(sys.executable).with_name("recmtl"))
 
 # one source of truth for the UCI column names and the continuous columns: the benchmark script
-_spec = importlib.util.spec_from_file_location("census_income_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "census_income.py")
+_spec = importlib.util.spec_from_file_location(
+    "census_income_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "census_income.py")
 _bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bench)
 COLUMNS, DENSE = _bench.COLUMNS, _bench.DENSE

@@ -3,7 +3,7 @@ the correlation of two regression tasks falls.
 
 For each seed and task correlation ``p`` the data is generated afresh with ``recmtl datagen mmoe-synthetic
 --correlation p --seed SEED`` (``y_i = w_i.x + sum_k sin(a_k w_i.x + b_k) + noise``, 100 dense inputs,
-``w_2 = p u_1 + sqrt(1-p^2) u_2``; see recmtl/datagen.py), then each tower is trained with ``recmtl train``
+``w_2 = p u_1 + sqrt(1-p^2) u_2``; see recmtl/data/synthetic.py), then each tower is trained with ``recmtl train``
 (``recmtl.cli.main`` called in this process; one thread) with two ``regression`` heads, early stopping on
 the validation loss; the test loss is the mean over the two tasks of the test MSE (RMSE squared) of the
 best checkpoint. The paper reports training loss averaged over 200 runs; this script reports test loss
@@ -12,9 +12,9 @@ best checkpoint. The paper reports training loss averaged over 200 runs; this sc
 Sizes as in the paper: MMoE and OMoE with 8 experts of one 16-unit layer, shared-bottom with one bottom
 layer as wide as the experts together (128 units); task towers of 8 units for all.
 
-Usage: python benchmarks/mmoe_synthetic.py [--correlations 1.0,0.9,0.5,0] [--seeds 1,2,3] [--rows 20000]
-       [--epochs 30] [--work-dir DIR] [--plot benchmarks/mmoe_synthetic.png] [--json results.json]
-       python benchmarks/mmoe_synthetic.py --from-json results.json   # tables and plot again, no training
+Usage: python benchmarks/quality/mmoe_synthetic.py [--correlations 1.0,0.9,0.5,0] [--seeds 1,2,3] [--rows 20000]
+       [--epochs 30] [--work-dir DIR] [--plot benchmarks/quality/mmoe_synthetic.png] [--json results.json]
+       python benchmarks/quality/mmoe_synthetic.py --from-json results.json   # tables and plot again, no training
 """
 from __future__ import annotations
 

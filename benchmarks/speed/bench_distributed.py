@@ -13,7 +13,7 @@ Reported: rows/s of the epoch loop (``rows_per_s`` in metrics.json: global rows 
 no fit pass, validation or checkpoints) and the validation AUC of the last epoch. On a 2-core machine the
 gain is bounded by the cores: the point is that the distributed run is correct at the same global batch.
 
-Usage: python benchmarks/bench_distributed.py [--rows 600000] [--rounds 2] [--epochs 1] [--work-dir DIR]
+Usage: python benchmarks/speed/bench_distributed.py [--rows 600000] [--rounds 2] [--epochs 1] [--work-dir DIR]
        [--kinds 2threads,1thread,torchrun]
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ overrides below) and scores the test split against the true probabilities
 (``recmtl evaluate --reference test.truth.parquet``). The target: each task's test AUC within
 ``--tolerance`` (0.01) of the reference (Bayes-optimal) AUC. Exit status 1 when a task misses it.
 
-Usage: python benchmarks/funnel_quality.py [--rows 1000000] [--work-dir DIR] [--set key=value ...]
+Usage: python benchmarks/quality/funnel_quality.py [--rows 1000000] [--work-dir DIR] [--set key=value ...]
 """
 from __future__ import annotations
 

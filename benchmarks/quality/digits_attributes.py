@@ -13,7 +13,7 @@ held-out test digit accuracy (target >= 0.95) and the test AUC per attribute, me
 (the data split is the same for every seed; the seed sets initialisation and shuffling).
 
 Usage (the figures in RESULTS.md):
-    python benchmarks/digits_attributes.py --work-dir /tmp/digits_bench --seeds 0,1,2 --json /tmp/digits_bench/results.json
+    python benchmarks/quality/digits_attributes.py --work-dir /tmp/digits_bench --seeds 0,1,2 --json /tmp/digits_bench/results.json
 """
 from __future__ import annotations
 

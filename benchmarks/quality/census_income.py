@@ -18,7 +18,7 @@ The data is read from ``../shared/data/census-income-kdd`` next to the repositor
 nothing is copied into the repository: every output goes to ``--work-dir`` (a temporary folder unless
 given; kept when given, and the converted Parquet files found there are reused).
 
-Usage: python benchmarks/census_income.py [--seeds 1,2,3] [--towers mmoe,shared_bottom | all] [--work-dir DIR]
+Usage: python benchmarks/quality/census_income.py [--seeds 1,2,3] [--towers mmoe,shared_bottom | all] [--work-dir DIR]
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "census-income-kdd"
+# benchmarks/quality/ -> benchmarks/ -> the repository -> its parent, which holds shared/data
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "census-income-kdd"
 TRAIN_CSV = "census-income.data.gz"
 TEST_CSV = "census-income.test.gz"
 

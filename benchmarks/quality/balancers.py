@@ -17,14 +17,14 @@ The balancers are discovered from the plugin registry (``recmtl.registry.load_re
 installed balancer is benchmarked without editing this file; every balancer runs with its default
 parameters and equal task weights. A run that fails is reported as failed, not dropped silently.
 
-census-income: the data preparation of ``benchmarks/census_income.py`` (``recmtl convert``, ``split``,
+census-income: the data preparation of ``benchmarks/quality/census_income.py`` (``recmtl convert``, ``split``,
 ``init``), then a random subsample of ``--census-rows`` training rows and ``--eval-rows`` validation and
 test rows (the full files with ``--census-rows 0 --eval-rows 0``). mmoe-synthetic: ``recmtl datagen
 mmoe-synthetic --correlation 0.1`` (low task correlation), ``--synthetic-rows`` rows split 80/10/10.
 
 Usage (the figures in RESULTS.md):
-    python benchmarks/balancers.py --work-dir /tmp/balancers --json /tmp/balancers/results.json \
-        --plot benchmarks/balancers.png
+    python benchmarks/quality/balancers.py --work-dir /tmp/balancers --json /tmp/balancers/results.json \
+        --plot benchmarks/quality/balancers.png
 Scale up with --census-rows 0 --eval-rows 0 --epochs 10 --seeds 1,2,3,4,5. ``--resume`` skips runs
 already in the --json file; ``--report-only`` redraws the table and plot from it.
 """
@@ -419,7 +419,7 @@ def main() -> None:
         data = json.loads(args.json.read_text())
     if not args.report_only:
         data.update({"machine": f"{platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
-                     "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/balancers.py " + " ".join(sys.argv[1:])})
+                     "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/quality/balancers.py " + " ".join(sys.argv[1:])})
         tmp = None
         if args.work_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="balancers-")

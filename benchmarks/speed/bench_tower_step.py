@@ -2,12 +2,12 @@
 
 Wall times of whole training runs on a shared machine move with the load; this measures the tower alone:
 forward + backward + Adam step on a ``[batch, input_dim]`` input (census-income: 32 categorical features x
-16-d embeddings + 7 dense = 519) with two tasks, each tower at the sizes of benchmarks/census_income.py.
+16-d embeddings + 7 dense = 519) with two tasks, each tower at the sizes of benchmarks/quality/census_income.py.
 Rounds are interleaved (every tower once per round, order shuffled) and the median per tower is reported,
 so load changes hit every tower alike. STEM also gets the categorical ids and its embedding tables (sparse,
 SparseAdam), as in training.
 
-Usage: python benchmarks/bench_tower_step.py [--rounds 30] [--batch 2048] [--threads 1]
+Usage: python benchmarks/speed/bench_tower_step.py [--rounds 30] [--batch 2048] [--threads 1]
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the tower sizes live with the census-income quality benchmark (benchmarks/quality/census_income.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
 from census_income import TOWERS  # noqa: E402
 
 from recmtl.contracts import FeatureInfo  # noqa: E402

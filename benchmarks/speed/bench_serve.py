@@ -2,7 +2,7 @@
 requests/s), 256-row requests (rows/s), with micro-batching on and off, in alternating rounds (medians). Bounded
 in time and requests.
 
-    python benchmarks/bench_serve.py MODEL.onnx DATA.parquet [--seconds 8] [--max-requests 200000] [--rounds 3]
+    python benchmarks/speed/bench_serve.py MODEL.onnx DATA.parquet [--seconds 8] [--max-requests 200000] [--rounds 3]
 
 The load generator (one process, bare asyncio HTTP/1.1 keep-alive connections) shares the machine's cores
 with the server.

@@ -8,7 +8,7 @@ ceiling are measured back to back on each chunk of rows (`--chunk-rows`) and the
 those per-chunk ratios; each (c) run is compared with (b) on a chunk just before and just after it. A
 neighbour's load on a shared host then hits both sides of a ratio alike.
 
-    python benchmarks/bench_score.py --rows 2000000 [--rss-rows 10000000] [--work-dir DIR]
+    python benchmarks/speed/bench_score.py --rows 2000000 [--rss-rows 10000000] [--work-dir DIR]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import onnx
 import pyarrow.parquet as pq
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # benchmarks/speed/ -> the repository
 RECMTL = str(Path(sys.executable).with_name("recmtl"))
 
 CONFIG = """

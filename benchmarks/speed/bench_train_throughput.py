@@ -18,7 +18,7 @@ Two measurements (see benchmarks/RESULTS.md for recorded figures):
    (the id lookup of the Parquet pipeline) of the same rows. Reported: median step time per ``V`` and the
    ratio largest / smallest (target <= 1.3).
 
-Usage: python benchmarks/bench_train_throughput.py [--rows 1000000] [--rounds 3] [--work-dir DIR]
+Usage: python benchmarks/speed/bench_train_throughput.py [--rows 1000000] [--rounds 3] [--work-dir DIR]
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ with and without a balance-log line, alternating step by step so that both see t
 The cost of one line is the difference of the median step times; the overhead at ``log_every = N`` is
 that cost / (N x median step time without logging).
 
-Usage: python benchmarks/bench_balance_log.py [--rows 100000] [--steps 60] [--balancer fixed] [--device cpu]
+Usage: python benchmarks/speed/bench_balance_log.py [--rows 100000] [--steps 60] [--balancer fixed] [--threads 2]
 """
 from __future__ import annotations
 
