@@ -1,18 +1,24 @@
 """recmtl: multi-task learning for recommenders, built on pluggy."""
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
 import pluggy
 
-__version__ = "0.1.0"
+try:  # one version source: the installed distribution's metadata (pyproject.toml)
+    __version__ = metadata.version("recmtl")
+except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree that was never installed
+    __version__ = "0+unknown"
 
+#: marks a plugin's hook implementations (built-in plugins use it too)
 hookimpl = pluggy.HookimplMarker("recmtl")
-hookspec = pluggy.HookspecMarker("recmtl")
+
+from recmtl.hookspecs import hookspec  # noqa: E402  (the one HookspecMarker)
 
 from recmtl.errors import ConfigError, DataError, PluginError, RecmtlError  # noqa: E402
 
-_CONTRACTS = {"Balancer", "Encoder", "FeatureInfo", "Head", "TaskInfo", "Tower"}
+_CONTRACTS = {"Balancer", "Encoder", "FeatureInfo", "Head", "TaskInfo", "Tower", "TrainingRun"}
 
 
 def __getattr__(name: str) -> Any:
@@ -25,5 +31,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Balancer", "ConfigError", "DataError", "Encoder", "FeatureInfo", "Head", "PluginError",
-    "RecmtlError", "TaskInfo", "Tower", "hookimpl", "hookspec", "__version__",
+    "RecmtlError", "TaskInfo", "Tower", "TrainingRun", "hookimpl", "hookspec", "__version__",
 ]

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -154,6 +155,12 @@ class Head(nn.Module):
         at least one labelled attribute, NaN marking the missing ones)."""
         return {}
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The names ``metrics`` may return (a metric that needs groups, e.g. ``gauc``, only with groups): what
+        ``early_stopping.monitor`` may name for this head; ``auto`` monitors ``mean/auc`` when every head has
+        ``auc``."""
+        return ()
+
 
 class Balancer(nn.Module):
     """Combines per-task losses and performs the backward pass.
@@ -173,3 +180,16 @@ class Balancer(nn.Module):
 
     def on_epoch_end(self, epoch: int, train_losses: dict[str, float]) -> None:
         """Called after each epoch with the mean training loss per task (for e.g. DWA)."""
+
+
+@runtime_checkable
+class TrainingRun(Protocol):
+    """What the training life-cycle hooks receive as ``run`` (``recmtl.hookspecs``): read it, do not replace
+    its members. ``history`` grows by one record per finished epoch (the ``metrics`` of ``recmtl_epoch_end``)."""
+
+    config: Any  # recmtl.config.Config
+    schema: Any  # recmtl.schema.FittedSchema
+    model: nn.Module  # recmtl.training.model.MultiTaskModel
+    balancer: Balancer
+    run_dir: Path
+    history: list[dict[str, Any]]

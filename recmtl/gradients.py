@@ -1,5 +1,7 @@
-"""Per-task gradients on the shared parameters: what gradient-manipulation balancers (PCGrad, MGDA, ...)
-and the trainer's conflict logging work on. Gradients are flattened into one row per task."""
+"""The balancer SDK: per-task gradients on the shared parameters (what gradient-manipulation balancers such as
+PCGrad and MGDA, and the trainer's conflict logging, work on; flattened into one row per task), and the bases
+``GradientBalancer`` (combine per-task gradients into one direction) and ``LossWeightingBalancer`` (weight the
+losses, one backward), plus ``SeededGenerator`` for balancers that draw random numbers."""
 from __future__ import annotations
 
 import torch
@@ -95,3 +97,34 @@ class GradientBalancer(Balancer):
         task_weights = coeffs.tolist() if self.scale_task_specific else [1.0] * len(scaled)
         backward_with_shared_gradient(scaled, task_weights, params, direction.detach())
         return {t: float(c) * float(self.weights.get(t, 1.0)) for t, c in zip(self.task_names, coeffs)}
+
+
+class LossWeightingBalancer(Balancer):
+    """Base of the loss-weighting balancers (fixed, DWA, RLW, ...): subclasses implement ``task_weights``, and
+    ``backward`` minimises ``sum_t w_t L_t`` with one ordinary backward pass, returning the ``w_t`` it used."""
+
+    def task_weights(self, losses: dict[str, torch.Tensor]) -> list[float]:
+        """One weight per task, in ``task_names`` order, for this step."""
+        raise NotImplementedError
+
+    def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
+        w = [float(x) for x in self.task_weights(losses)]
+        total = sum(wi * losses[t] for wi, t in zip(w, self.task_names))
+        total.backward()
+        return dict(zip(self.task_names, w))
+
+
+class SeededGenerator:
+    """Mixin (list it before the Balancer base): the balancer's own ``torch.Generator``, saved in and
+    restored from checkpoints, so a ``--resume``d run continues the same random sequence."""
+
+    generator: torch.Generator
+
+    def init_generator(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def get_extra_state(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from recmtl.contracts import Balancer, Encoder, Head, Tower
-    from recmtl.training.loop import TrainRun
+    from recmtl.contracts import Balancer, Encoder, Head, Tower, TrainingRun
 
 hookspec = pluggy.HookspecMarker("recmtl")
 
@@ -54,24 +53,24 @@ def recmtl_register_encoders() -> dict[str, type[Encoder]]:
 
 
 @hookspec
-def recmtl_train_start(run: TrainRun) -> None:
+def recmtl_train_start(run: TrainingRun) -> None:
     """Called once before the first training step (also after ``--resume``); ``run`` holds the
     config, the fitted schema, the model and the run directory."""
 
 
 @hookspec
-def recmtl_epoch_end(run: TrainRun, epoch: int, metrics: dict[str, Any]) -> None:
+def recmtl_epoch_end(run: TrainingRun, epoch: int, metrics: dict[str, Any]) -> None:
     """Called after each epoch's validation with that epoch's record: ``train_loss`` per task,
     ``validation`` metrics per task, ``weights`` of the balancer, ``seconds`` and ``rows``."""
 
 
 @hookspec
-def recmtl_checkpoint_saved(run: TrainRun, path: str, is_best: bool) -> None:
+def recmtl_checkpoint_saved(run: TrainingRun, path: str, is_best: bool) -> None:
     """Called after a checkpoint was written (atomically) to ``path``; ``is_best`` when it is the best
     epoch so far by the monitored metric."""
 
 
 @hookspec
-def recmtl_train_end(run: TrainRun, metrics: dict[str, Any]) -> None:
+def recmtl_train_end(run: TrainingRun, metrics: dict[str, Any]) -> None:
     """Called once when training finishes (epochs done or early stopped) with the final
     ``metrics.json`` content."""

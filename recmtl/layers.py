@@ -1,8 +1,21 @@
-"""Building blocks shared by plugins (kept in the core so plugins never import each other)."""
+"""Building blocks shared by plugins, public so that a third-party plugin has the built-ins' power and plugins
+never import each other:
+
+* MLPs: ``mlp``, ``check_units``;
+* mixture of experts: ``Experts`` (``num_experts`` MLPs as batched matrix products, refusing experts that start
+  identical), ``mix`` (gate-weighted sum), ``entropy``, ``GateStats`` (the ``Tower.diagnostics`` conventions:
+  ``gate_weights``, ``gate_entropy``, ``max_entropy``, ``expert_utilisation``);
+* embeddings: ``embedding_width_groups`` and ``fused_embedding`` (one table per width, ids offset per feature);
+* heads: ``masked_mean`` (a loss averaged over the labelled entries).
+"""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 
@@ -23,3 +36,165 @@ def check_units(name: str, units: Sequence[int]) -> list[int]:
     if any(u <= 0 for u in units):
         raise ValueError(f"{name} must be positive layer widths, got {units}")
     return units
+
+
+# ---- heads --------------------------------------------------------------------------------------
+def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``per_entry`` over the entries where ``mask`` is 1 (0 when none is): a head's loss over its
+    labelled rows."""
+    return (per_entry * mask).sum() / mask.sum().clamp_min(1)
+
+
+# ---- embeddings ---------------------------------------------------------------------------------
+def embedding_width_groups(widths: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """Features grouped by embedding width, ``[(width, feature positions)]``, widths ascending: one fused table
+    per group."""
+    return [(w, [i for i, x in enumerate(widths) if x == w]) for w in sorted(set(widths))]
+
+
+def fused_embedding(sizes: Sequence[int], width: int, sparse: bool = True, init_std: float = 0.05) -> tuple[nn.Embedding, np.ndarray]:
+    """One table holding several features' rows (``sizes[i]`` rows for feature ``i``) and each feature's first
+    row (its offset): one lookup for all the features of a width, sparse gradients so a step costs time in the
+    ids seen, not the vocabulary."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    table = nn.Embedding(int(sizes.sum()), int(width), sparse=sparse)
+    nn.init.normal_(table.weight, std=init_std)
+    return table, offsets
+
+
+# ---- mixture of experts -------------------------------------------------------------------------
+class Experts(nn.Module):
+    """``num_experts`` MLPs, evaluated as batched matrix products.
+
+    The input is either shared by every expert (``[batch, input_dim]``: the first layer is one matrix
+    product) or one input per expert (``[num_experts, batch, input_dim]``, e.g. PLE's later levels,
+    STEM's task-specific experts, cross-stitch columns).
+    """
+
+    def __init__(self, input_dim: int, num_experts: int, units: list[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"the number of experts must be at least 1, got {num_experts}")
+        if not units:
+            raise ValueError("experts need at least one layer")
+        self.num_experts = num_experts
+        self.units = list(units)
+        widths = [input_dim] + self.units
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
+            bound = 1 / math.sqrt(w_in)
+            shape = (w_in, num_experts * w_out) if i == 0 else (num_experts, w_in, w_out)
+            self.weights.append(nn.Parameter(torch.empty(shape).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_experts, 1, w_out).uniform_(-bound, bound)))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.check_distinct()
+
+    @property
+    def output_dim(self) -> int:
+        return self.units[-1]
+
+    def layer_weights(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s weights as ``[num_experts, in, out]`` (a view)."""
+        w = self.weights[i]
+        if i == 0:
+            return w.view(w.shape[0], self.num_experts, -1).transpose(0, 1)
+        return w
+
+    def check_distinct(self) -> None:
+        """The collapse guard: experts that start identical get identical gradients and stay identical."""
+        if self.num_experts < 2:
+            return
+        first = self.layer_weights(0).detach().reshape(self.num_experts, -1)
+        if torch.cdist(first, first).add(torch.eye(self.num_experts) * 1e9).min() <= 1e-8:
+            raise ValueError("two experts start with identical weights; experts must be initialised independently")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, in]`` or ``[num_experts, batch, in]`` -> ``[num_experts, batch, units[-1]]``."""
+        e = self.num_experts
+        if x.dim() == 2 and torch.onnx.is_in_onnx_export():
+            # one Gemm with its bias and the Relu, which onnxruntime fuses (slower in a torch training step)
+            h = torch.relu(torch.addmm(self.biases[0].reshape(-1), x, self.weights[0]))
+            h = h.view(x.shape[0], e, -1).transpose(0, 1)
+        elif x.dim() == 2:
+            h = torch.relu((x @ self.weights[0]).view(x.shape[0], e, -1).transpose(0, 1) + self.biases[0])
+        else:
+            h = torch.relu(torch.baddbmm(self.biases[0], x, self.layer_weights(0)))
+        h = self.dropout(h)
+        for w, bias in zip(list(self.weights)[1:], list(self.biases)[1:]):
+            h = self.dropout(torch.relu(torch.baddbmm(bias, h, w)))
+        return h
+
+
+def mix(gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted sum of expert outputs ``[E, B, D]``: gates ``[B, E]`` -> ``[B, D]``, or one gate per task
+    ``[B, T, E]`` -> ``[T, B, D]``. Under ONNX export a broadcast product and a sum (onnxruntime runs them
+    faster than its Einsum); einsum otherwise (faster in a torch training step)."""
+    if torch.onnx.is_in_onnx_export():
+        if gates.dim() == 2:
+            return (gates.t().unsqueeze(-1) * experts).sum(0)
+        return (gates.permute(1, 2, 0).unsqueeze(-1) * experts.unsqueeze(0)).sum(1)
+    if gates.dim() == 2:
+        return torch.einsum("be,ebd->bd", gates, experts)
+    return torch.einsum("bte,ebd->tbd", gates, experts)
+
+
+def entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of a probability matrix ``[..., n]``."""
+    return -(weights * torch.log(weights.clamp_min(1e-12))).sum(-1)
+
+
+class GateStats:
+    """Per-gate mean weight per expert, mean entropy and top-1 share, over the evaluation rows seen.
+
+    Training passes are not counted (dropout, and the weights move while they are summed); neither is
+    tracing for ONNX export.
+    """
+
+    def __init__(self, gates: dict[str, int], expert_names: dict[str, list[str]] | None = None) -> None:
+        self.sizes = dict(gates)
+        self.expert_names = expert_names
+        self.reset()
+
+    def reset(self) -> None:
+        self.weight_sum: dict[str, torch.Tensor] = {}
+        self.top_count: dict[str, torch.Tensor] = {}
+        self.entropy_sum: dict[str, float | torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    @staticmethod
+    def active(module: nn.Module) -> bool:
+        return not module.training and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+
+    @torch.no_grad()
+    def update(self, gate: str, weights: torch.Tensor) -> None:
+        """``weights``: ``[batch, num_experts]``, rows summing to 1."""
+        w = weights.detach().float()
+        top = torch.bincount(w.argmax(-1), minlength=w.shape[-1])
+        if gate not in self.rows:
+            self.weight_sum[gate], self.top_count[gate] = w.sum(0), top
+            self.entropy_sum[gate], self.rows[gate] = entropy(w).sum(), w.shape[0]
+        else:
+            self.weight_sum[gate] += w.sum(0)
+            self.top_count[gate] += top
+            self.entropy_sum[gate] += entropy(w).sum()
+            self.rows[gate] += w.shape[0]
+
+    def diagnostics(self) -> dict[str, Any]:
+        """The conventional keys, then forget what was seen."""
+        if not self.rows:
+            return {}
+        out: dict[str, Any] = {
+            "gate_weights": {g: [round(v, 4) for v in (self.weight_sum[g] / n).tolist()] for g, n in self.rows.items()},
+            "gate_entropy": {g: round(float(self.entropy_sum[g]) / n, 4) for g, n in self.rows.items()},
+            "max_entropy": round(math.log(max(self.sizes.values())), 4),
+            "expert_utilisation": {g: [round(v, 4) for v in (self.top_count[g].float() / n).tolist()]
+                                   for g, n in self.rows.items()},
+        }
+        if len(set(self.sizes.values())) > 1:  # gates over different numbers of experts
+            out["gate_max_entropy"] = {g: round(math.log(n), 4) for g, n in self.sizes.items()}
+        if self.expert_names:
+            out["expert_names"] = self.expert_names
+        self.reset()
+        return out

@@ -1,4 +1,5 @@
-"""Metrics over labelled rows: AUC, logloss and GAUC for binary tasks, RMSE/MAE for regression."""
+"""Metrics over labelled rows: AUC, logloss and GAUC for binary tasks (``binary_metrics``, with the label check
+``binary_label_problem``), RMSE/MAE for regression."""
 from __future__ import annotations
 
 import numpy as np
@@ -40,3 +41,25 @@ def rmse(label: np.ndarray, score: np.ndarray) -> float:
 
 def mae(label: np.ndarray, score: np.ndarray) -> float:
     return float(mean_absolute_error(label, score)) if len(label) else float("nan")
+
+
+#: what ``binary_metrics`` returns (``gauc`` only when the rows have groups)
+BINARY_METRICS = ("auc", "logloss", "gauc")
+
+
+def binary_metrics(label: np.ndarray, score: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
+    """AUC and logloss of probabilities ``score`` for 0/1 ``label``, and GAUC when ``group`` is given."""
+    out = {"auc": auc(label, score), "logloss": logloss(label, score)}
+    if group is not None:
+        out["gauc"] = gauc(label, score, group)
+    return out
+
+
+def binary_label_problem(distinct: np.ndarray, what: str = "a binary head") -> str | None:
+    """What is wrong with distinct label values that should be 0/1 (None when they are)."""
+    bad = [v for v in distinct.tolist() if v not in (0.0, 1.0)]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:5])
+        return (f"{what} needs 0/1 labels, found {shown}; map a column's values to 1 with "
+                "`positive: [values]` in the task")
+    return None

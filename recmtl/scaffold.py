@@ -103,8 +103,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recmtl import Head, TaskInfo, hookimpl
-from recmtl import metrics
+from recmtl import Head, TaskInfo, hookimpl, metrics
+from recmtl.layers import masked_mean
 
 
 class {cls}(Head):
@@ -120,18 +120,20 @@ class {cls}(Head):
         bce = F.binary_cross_entropy_with_logits(output, label, reduction="none")
         p_true = torch.exp(-bce)
         per_row = (1 - p_true) ** self.gamma * bce
-        return (per_row * mask).sum() / mask.sum().clamp_min(1)
+        return masked_mean(per_row, mask)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(output)
 
     @classmethod
     def label_problem(cls, distinct: np.ndarray) -> str | None:
-        bad = [v for v in distinct.tolist() if v not in (0.0, 1.0)]
-        return f"needs 0/1 labels, found {{bad[:5]}}" if bad else None
+        return metrics.binary_label_problem(distinct, "a {name} head")
 
     def metrics(self, label: np.ndarray, score: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
-        return {{"auc": metrics.auc(label, score), "logloss": metrics.logloss(label, score)}}
+        return metrics.binary_metrics(label, score, group)
+
+    def metric_names(self) -> tuple[str, ...]:
+        return metrics.BINARY_METRICS
 
 
 @hookimpl

@@ -158,6 +158,9 @@ def check_head(cls: type[Head], input_dim: int = 8, **params: Any) -> Head:
     else:
         m = head.metrics(label.numpy()[mask.numpy() > 0], score.detach().numpy()[mask.numpy() > 0])
     assert isinstance(m, dict) and all(isinstance(v, float) for v in m.values()), f"{name}.metrics must return dict of floats"
+    declared = set(head.metric_names())
+    assert set(m) <= declared, (f"{name}.metrics returned {sorted(set(m) - declared)} which metric_names() does not "
+                                f"declare ({sorted(declared)})")
     hx = torch.randn(n, input_dim)
     if kind == "class":
         target = (hx[:, 0] > 0).float() + (hx[:, 1] > 0).float()

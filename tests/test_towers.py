@@ -11,7 +11,7 @@ from torch import nn
 from recmtl.training.model import sparse_parameters
 from recmtl.registry import load_registry
 from recmtl.testing import TASKS, sample_features, sample_inputs
-from recmtl_plugins.towers._moe import Experts
+from recmtl.layers import Experts
 from recmtl_plugins.towers.aitm import AITM
 from recmtl_plugins.towers.cross_stitch import CrossStitch
 from recmtl_plugins.towers.dselect_k import DSelectK, smooth_step
@@ -285,7 +285,7 @@ def test_tower_trains_through_the_cli(name, small_funnel, tmp_path, cli):
 
 def test_export_layout_of_experts_and_mixing_equals_training_layout(monkeypatch):
     """Under ONNX export, Experts and mix() take a layout onnxruntime runs faster; same numbers."""
-    from recmtl_plugins.towers._moe import Experts, mix
+    from recmtl.layers import Experts, mix
     torch.manual_seed(0)
     experts = Experts(10, 3, [8, 4]).eval()
     x = torch.randn(5, 10)

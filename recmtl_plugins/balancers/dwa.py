@@ -13,12 +13,12 @@ where it stopped. The per-task ``weight`` of the config is not used.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from recmtl import Balancer, hookimpl
+from recmtl.gradients import LossWeightingBalancer
 
 
-class DynamicWeightAverage(Balancer):
+class DynamicWeightAverage(LossWeightingBalancer):
     def __init__(self, task_names: list[str], weights: dict[str, float], temperature: float = 2.0) -> None:
         super().__init__(task_names, weights)
         if temperature <= 0:
@@ -37,11 +37,8 @@ class DynamicWeightAverage(Balancer):
         ratio = self.loss_history[1] / self.loss_history[0].clamp_min(1e-12)
         return k * torch.softmax(ratio / self.temperature, dim=0)
 
-    def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
-        w = self.current_weights().tolist()
-        total = sum(wi * losses[t] for wi, t in zip(w, self.task_names))
-        total.backward()
-        return dict(zip(self.task_names, w))
+    def task_weights(self, losses: dict[str, torch.Tensor]) -> list[float]:
+        return self.current_weights().tolist()
 
     def on_epoch_end(self, epoch: int, train_losses: dict[str, float]) -> None:
         latest = torch.tensor([float(train_losses[t]) for t in self.task_names], dtype=torch.float64)

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from recmtl import Balancer, hookimpl
+from recmtl.gradients import LossWeightingBalancer
 
 
-class FixedWeights(Balancer):
-    def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
-        total = sum(self.weights.get(t, 1.0) * loss for t, loss in losses.items())
-        total.backward()
-        return {t: float(self.weights.get(t, 1.0)) for t in losses}
+class FixedWeights(LossWeightingBalancer):
+    def task_weights(self, losses: dict[str, torch.Tensor]) -> list[float]:
+        return [float(self.weights.get(t, 1.0)) for t in self.task_names]
 
 
 @hookimpl

@@ -16,8 +16,7 @@ import math
 import torch
 
 from recmtl import Balancer, hookimpl
-from recmtl.gradients import GradientBalancer
-from recmtl_plugins.balancers._random import SeededGenerator
+from recmtl.gradients import GradientBalancer, SeededGenerator
 
 
 def vaccinate(g_i: torch.Tensor, g_j: torch.Tensor, target: float) -> float:

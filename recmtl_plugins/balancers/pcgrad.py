@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from recmtl import Balancer, hookimpl
-from recmtl.gradients import GradientBalancer
-from recmtl_plugins.balancers._random import SeededGenerator
+from recmtl.gradients import GradientBalancer, SeededGenerator
 
 
 def pcgrad(grads: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

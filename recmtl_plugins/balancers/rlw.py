@@ -12,16 +12,14 @@ run is reproducible and resumes with the same sequence. The per-task ``weight`` 
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
-from torch import nn
 
 from recmtl import Balancer, hookimpl
-from recmtl_plugins.balancers._random import SeededGenerator
+from recmtl.gradients import LossWeightingBalancer, SeededGenerator
 
 
-class RandomLossWeighting(SeededGenerator, Balancer):
+class RandomLossWeighting(SeededGenerator, LossWeightingBalancer):
     def __init__(self, task_names: list[str], weights: dict[str, float], distribution: str = "normal",
                  concentration: float = 1.0, seed: int | None = None) -> None:
         super().__init__(task_names, weights)
@@ -45,11 +43,8 @@ class RandomLossWeighting(SeededGenerator, Balancer):
             lam = torch.from_numpy(np.random.default_rng(seed).dirichlet([self.concentration] * k))
         return k * lam
 
-    def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
-        w = self.sample().tolist()
-        total = sum(wi * losses[t] for wi, t in zip(w, self.task_names))
-        total.backward()
-        return dict(zip(self.task_names, w))
+    def task_weights(self, losses: dict[str, torch.Tensor]) -> list[float]:
+        return self.sample().tolist()
 
 
 @hookimpl

@@ -3,18 +3,11 @@
 Output: the concatenated embeddings, ``[batch, sum of widths]``."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from recmtl import Encoder, FeatureInfo, hookimpl
-
-
-def width_groups(features: list[FeatureInfo], dim: int) -> tuple[list[int], list[tuple[int, list[int]]]]:
-    """Each feature's embedding width (its ``embedding_dim`` or ``dim``) and the features grouped by width,
-    ``[(width, feature positions)]``: one fused table per group."""
-    widths = [int(f.options.get("embedding_dim") or dim) for f in features]
-    return widths, [(w, [i for i, x in enumerate(widths) if x == w]) for w in sorted(set(widths))]
+from recmtl.layers import embedding_width_groups, fused_embedding
 
 
 class EmbeddingEncoder(Encoder):
@@ -24,15 +17,13 @@ class EmbeddingEncoder(Encoder):
         super().__init__(features)
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
-        widths, self.groups = width_groups(features, dim)
+        widths = [int(f.options.get("embedding_dim") or dim) for f in features]
+        self.groups = embedding_width_groups(widths)
         self.tables = nn.ModuleList()
         for g, (w, pos) in enumerate(self.groups):
-            cards = [features[i].cardinality for i in pos]
-            offsets = np.concatenate([[0], np.cumsum(cards)[:-1]]).astype(np.int64)
+            table, offsets = fused_embedding([features[i].cardinality for i in pos], w, sparse, init_std)
             self.register_buffer(f"offsets_{g}", torch.from_numpy(offsets), persistent=True)
             self.register_buffer(f"positions_{g}", torch.tensor(pos, dtype=torch.long), persistent=True)
-            table = nn.Embedding(int(sum(cards)), w, sparse=sparse)
-            nn.init.normal_(table.weight, std=init_std)
             self.tables.append(table)
         self._dim = sum(widths)
         self._single = len(self.groups) == 1

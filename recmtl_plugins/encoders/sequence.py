@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from recmtl import Encoder, FeatureInfo, hookimpl
-from recmtl_plugins.encoders.embedding import width_groups
+from recmtl.layers import embedding_width_groups, fused_embedding
 
 POOLINGS = ("mean", "sum", "max")
 
@@ -32,17 +32,16 @@ class SequencePoolEncoder(Encoder):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.pooling = pooling
-        widths, self.groups = width_groups(features, dim)
+        widths = [int(f.options.get("embedding_dim") or dim) for f in features]
+        self.groups = embedding_width_groups(widths)
         self.tables = nn.ModuleList()
         for g, (w, pos) in enumerate(self.groups):
             cards = np.array([features[i].cardinality for i in pos], dtype=np.int64)
             # each feature's rows: its ids 0..cardinality-1 and one padding row (never pooled)
-            offsets = np.concatenate([[0], np.cumsum(cards + 1)[:-1]]).astype(np.int64)
+            table, offsets = fused_embedding(cards + 1, w, sparse, init_std)
             self.register_buffer(f"offsets_{g}", torch.from_numpy(offsets)[None, :, None], persistent=True)
             self.register_buffer(f"padding_{g}", torch.from_numpy(cards)[None, :, None], persistent=True)
             self.register_buffer(f"positions_{g}", torch.tensor(pos, dtype=torch.long), persistent=True)
-            table = nn.Embedding(int((cards + 1).sum()), w, sparse=sparse)
-            nn.init.normal_(table.weight, std=init_std)
             self.tables.append(table)
         self._dim = sum(widths)
         self._single = len(self.groups) == 1

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recmtl import Head, TaskInfo, hookimpl
+from recmtl.layers import masked_mean
 from recmtl import metrics as M
 
 EPS = 1e-7
@@ -33,7 +34,7 @@ class ESMMHead(Head):
 
     def loss(self, output: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         per_row = F.binary_cross_entropy(output.clamp(EPS, 1 - EPS), label, reduction="none")
-        return (per_row * mask).sum() / mask.sum().clamp_min(1)
+        return masked_mean(per_row, mask)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return output
@@ -44,10 +45,10 @@ class ESMMHead(Head):
         return f"an ESMM head needs 0/1 click-and-convert labels, found {bad[:5]}" if bad else None
 
     def metrics(self, label: np.ndarray, score: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
-        out = {"auc": M.auc(label, score), "logloss": M.logloss(label, score)}
-        if group is not None:
-            out["gauc"] = M.gauc(label, score, group)
-        return out
+        return M.binary_metrics(label, score, group)
+
+    def metric_names(self) -> tuple[str, ...]:
+        return M.BINARY_METRICS
 
 
 @hookimpl

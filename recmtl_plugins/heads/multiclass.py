@@ -15,6 +15,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 from torch import nn
 
 from recmtl import Head, TaskInfo, hookimpl
+from recmtl.layers import masked_mean
 
 
 class MulticlassHead(Head):
@@ -43,7 +44,7 @@ class MulticlassHead(Head):
     def loss(self, output: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         target = torch.where(mask > 0, label, torch.zeros_like(label)).long()  # masked rows: any valid id
         per_row = F.cross_entropy(output, target, reduction="none", label_smoothing=self.label_smoothing)
-        return (per_row * mask).sum() / mask.sum().clamp_min(1)
+        return masked_mean(per_row, mask)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return torch.softmax(output, dim=-1)
@@ -64,6 +65,9 @@ class MulticlassHead(Head):
         return {"accuracy": float(accuracy_score(y, pred)),
                 "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
                 "logloss": float(log_loss(y, probs / probs.sum(1, keepdims=True), labels=np.arange(score.shape[1])))}
+
+    def metric_names(self) -> tuple[str, ...]:
+        return ("accuracy", "macro_f1", "logloss")
 
 
 @hookimpl

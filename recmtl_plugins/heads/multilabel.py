@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from recmtl_plugins.heads.binary import binary_label_problem
 from sklearn.metrics import f1_score
 from torch import nn
 
 from recmtl import Head, TaskInfo, hookimpl
+from recmtl.layers import masked_mean
 from recmtl import metrics as M
 
 
@@ -41,14 +41,14 @@ class MultilabelHead(Head):
     def loss(self, output: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean BCE over the labelled (row, attribute) entries."""
         per_entry = F.binary_cross_entropy_with_logits(output, label, reduction="none")
-        return (per_entry * mask).sum() / mask.sum().clamp_min(1)
+        return masked_mean(per_entry, mask)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(output)
 
     @classmethod
     def label_problem(cls, distinct: np.ndarray) -> str | None:
-        problem = binary_label_problem(distinct)
+        problem = M.binary_label_problem(distinct)
         return problem and problem.replace("a binary head", "a multilabel head (each attribute)")
 
     def metrics(self, label: np.ndarray, score: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
@@ -70,6 +70,9 @@ class MultilabelHead(Head):
         out["micro_f1"] = float(f1_score(label[known], pred[known], zero_division=0)) if known.any() else float("nan")
         out["macro_f1"] = float(np.nanmean(f1s)) if not np.all(np.isnan(f1s)) else float("nan")
         return out
+
+    def metric_names(self) -> tuple[str, ...]:
+        return (*(f"auc_{a}" for a in self.attributes), "auc", "micro_f1", "macro_f1")
 
 
 @hookimpl

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from recmtl import Head, TaskInfo, hookimpl
+from recmtl.layers import masked_mean
 from recmtl import metrics as M
 
 
@@ -24,13 +25,16 @@ class RegressionHead(Head):
     def loss(self, output: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         target = torch.log1p(label.clamp_min(0)) if self.log1p else label
         per_row = (output - target) ** 2
-        return (per_row * mask).sum() / mask.sum().clamp_min(1)
+        return masked_mean(per_row, mask)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return torch.exp(output) - 1 if self.log1p else output  # expm1, in a form the ONNX exporter knows
 
     def metrics(self, label: np.ndarray, score: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
         return {"rmse": M.rmse(label, score), "mae": M.mae(label, score)}
+
+    def metric_names(self) -> tuple[str, ...]:
+        return ("rmse", "mae")
 
 
 @hookimpl

@@ -23,7 +23,7 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units
-from recmtl_plugins.towers._moe import Experts, GateStats
+from recmtl.layers import Experts, GateStats
 
 
 class AITM(Tower):

@@ -16,7 +16,7 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units, mlp
-from recmtl_plugins.towers._moe import Experts
+from recmtl.layers import Experts
 
 
 class CrossStitch(Tower):

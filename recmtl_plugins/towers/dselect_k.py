@@ -26,7 +26,7 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units, mlp
-from recmtl_plugins.towers._moe import Experts, GateStats, entropy, mix
+from recmtl.layers import Experts, GateStats, entropy, mix
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units, mlp
-from recmtl_plugins.towers._moe import Experts, GateStats, mix
+from recmtl.layers import Experts, GateStats, mix
 
 
 class OMoE(Tower):

@@ -17,7 +17,7 @@ from torch import nn
 
 from recmtl import Tower, hookimpl
 from recmtl.layers import check_units
-from recmtl_plugins.towers._moe import Experts
+from recmtl.layers import Experts
 
 
 class SoftSharing(Tower):

@@ -22,7 +22,7 @@ from torch import nn
 
 from recmtl import FeatureInfo, Tower, hookimpl
 from recmtl.layers import check_units, mlp
-from recmtl_plugins.towers._moe import Experts, GateStats, mix
+from recmtl.layers import Experts, GateStats, mix
 
 
 class STEM(Tower):
