@@ -150,7 +150,7 @@ def step_timing(cfg: Path, sets: list[str], schema_dir: Path, balancers: list[st
     from recmtl.training.batches import blocks, minibatches
     from recmtl.registry import load_registry
     from recmtl.schema import FittedSchema
-    from recmtl.training.loop import make_optimizers
+    from recmtl.training.optimizers import make_optimizers
 
     config = load_config(cfg, sets)
     torch.set_num_threads(config.train.threads or 1)

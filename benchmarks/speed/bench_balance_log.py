@@ -28,7 +28,7 @@ from recmtl.training.model import MultiTaskModel, validate_plugins
 from recmtl.training.batches import blocks, minibatches
 from recmtl.registry import load_registry
 from recmtl.schema import fit_schema
-from recmtl.training.loop import make_optimizers
+from recmtl.training.optimizers import make_optimizers
 
 
 def config(data: Path, balancer: str):

@@ -4,7 +4,7 @@ Two measurements (see benchmarks/RESULTS.md for recorded figures):
 
 1. Pipeline cost. For each tower (shared-bottom and MMoE) and each of ``--rounds`` interleaved rounds:
    * baseline: the same recmtl model (``MultiTaskModel`` from the fitted schema), the same optimisers
-     (``recmtl.training.loop.make_optimizers``) and balancer, trained for one epoch on tensors already in memory:
+     (``recmtl.training.optimizers.make_optimizers``) and balancer, trained for one epoch on tensors already in memory:
      every row preprocessed up front, permuted once, then plain slicing into batches (no DataLoader);
    * pipeline: the real training loop, ``recmtl.training.loop.train`` with ``epochs=1`` and the progress bar off,
      reading Parquet; its ``rows_per_s`` comes from the ``metrics.json`` history (the epoch loop only:
@@ -48,7 +48,8 @@ from recmtl.registry import load_registry
 from recmtl.schema import CategoricalColumn, DenseColumn, FittedSchema, LabelColumn, fit_schema
 from recmtl.data.starter import starter_config
 import recmtl.training.loop as train_module
-from recmtl.training.loop import make_optimizers, seed_everything
+from recmtl.training.loop import seed_everything
+from recmtl.training.optimizers import make_optimizers
 from recmtl.training.loop import train as recmtl_train
 
 TOWERS = {

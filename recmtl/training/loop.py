@@ -35,6 +35,8 @@ from recmtl.errors import ConfigError, DataError
 from recmtl.training.evaluate import merge_predictions, predict, task_metrics
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.batches import blocks, minibatches
+from recmtl.training.early_stopping import Monitor
+from recmtl.training.optimizers import make_optimizers
 from recmtl.registry import Registry
 from recmtl.rundir import BEST, LAST, RunDir
 from recmtl.schema import FittedSchema, check_types, fit_schema
@@ -66,76 +68,6 @@ def seed_everything(seed: int) -> None:
 def versions() -> dict[str, str]:
     return {"recmtl": recmtl.__version__, "torch": torch.__version__, "pyarrow": pyarrow.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
-
-
-class Monitor:
-    """Resolves ``early_stopping.monitor`` into a number per epoch and whether larger is better."""
-
-    def __init__(self, spec: str, model: MultiTaskModel) -> None:
-        self.model = model
-        if spec == "auto":
-            has_auc = all("auc" in _metric_names(h) for h in model.heads.values())
-            spec = "mean/auc" if has_auc else "loss"
-        self.spec = spec
-        if spec == "loss":
-            self.higher = False
-        else:
-            if "/" not in spec:
-                raise ConfigError(f"early_stopping.monitor '{spec}': use auto, loss, TASK/METRIC or mean/METRIC")
-            task, metric = spec.split("/", 1)
-            if task != "mean" and task not in model.heads:
-                raise ConfigError(f"early_stopping.monitor '{spec}': no task '{task}' (tasks: {', '.join(model.task_names)})")
-            heads = model.heads.values() if task == "mean" else [model.heads[task]]
-            self.higher = any(metric in h.higher_is_better for h in heads)
-
-    def value(self, metrics: dict[str, dict[str, float]]) -> float:
-        if self.spec == "loss":
-            return float(np.mean([m["loss"] for m in metrics.values()]))
-        task, metric = self.spec.split("/", 1)
-        if task == "mean":
-            vals = [m[metric] for m in metrics.values() if metric in m]
-            if not vals:
-                raise ConfigError(f"early_stopping.monitor '{self.spec}': no task reports '{metric}'")
-            return float(np.mean(vals))
-        if metric not in metrics[task]:
-            raise ConfigError(f"early_stopping.monitor '{self.spec}': task '{task}' reports {sorted(metrics[task])}")
-        return float(metrics[task][metric])
-
-    def better(self, new: float, best: float | None) -> bool:
-        if best is None or math.isnan(best):
-            return not math.isnan(new)
-        return new > best if self.higher else new < best
-
-
-def _metric_names(head: Any) -> set[str]:
-    kind, k = getattr(head, "label_type", "value"), max(len(head.task.classes), 2)
-    if kind == "class":  # two rows, classes 0 and 1, scored [batch, K]
-        score = np.zeros((2, k))
-        score[0, :2], score[1, :2] = (0.6, 0.4), (0.3, 0.7)
-        probe = head.metrics(np.array([0.0, 1.0]), score)
-    elif kind == "multi":  # each attribute 0 on one row, 1 on the other
-        probe = head.metrics(np.array([[0.0] * k, [1.0] * k]), np.array([[0.2] * k, [0.8] * k]))
-    else:
-        probe = head.metrics(np.array([0.0, 1.0]), np.array([0.2, 0.8]))
-    return set(probe)
-
-
-def make_optimizers(config: Config, model: MultiTaskModel, balancer: Balancer) -> list[torch.optim.Optimizer]:
-    """A dense optimiser for the dense parameters and a sparse one for sparse embedding tables."""
-    sparse = sparse_parameters(model)
-    sparse_ids = {id(p) for p in sparse}
-    dense = [p for p in list(model.parameters()) + list(balancer.parameters()) if id(p) not in sparse_ids]
-    opt = config.optimizer
-    emb_lr = opt.embedding_lr or opt.lr
-    dense_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
-                 "adagrad": torch.optim.Adagrad}[opt.name]
-    optimizers = [dense_cls(dense, lr=opt.lr, weight_decay=opt.weight_decay)]
-    if sparse:
-        if opt.name in ("adam", "adamw"):
-            optimizers.append(torch.optim.SparseAdam(sparse, lr=emb_lr))
-        else:  # SGD and Adagrad accept sparse gradients themselves
-            optimizers.append(dense_cls(sparse, lr=emb_lr))
-    return optimizers
 
 
 def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool = False) -> dict[str, Any]:
