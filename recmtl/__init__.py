@@ -14,9 +14,8 @@ except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tr
 #: marks a plugin's hook implementations (built-in plugins use it too)
 hookimpl = pluggy.HookimplMarker("recmtl")
 
-from recmtl.hookspecs import hookspec  # noqa: E402  (the one HookspecMarker)
-
 from recmtl.errors import ConfigError, DataError, PluginError, RecmtlError  # noqa: E402
+from recmtl.hookspecs import hookspec  # noqa: E402  (the one HookspecMarker)
 
 _CONTRACTS = {"Balancer", "Encoder", "FeatureInfo", "Head", "TaskInfo", "Tower", "TrainingRun"}
 

@@ -62,7 +62,8 @@ def init(
     data: Annotated[str, typer.Argument(help="Training Parquet file, folder or glob to inspect.")],
     task: Annotated[list[str], typer.Option("--task", "-t", help="Task label column, or NAME=COLUMN; repeatable.")] = [],
     positive: Annotated[list[str], typer.Option(help="COLUMN=VALUE: this value of a label column counts as 1; repeatable.")] = [],
-    head: Annotated[list[str], typer.Option(help="TASK=HEAD, e.g. conversion=esmm (default: binary for 0/1 labels, else regression).")] = [],
+    head: Annotated[list[str], typer.Option(
+        help="TASK=HEAD, e.g. conversion=esmm (default: binary for 0/1 labels, else regression).")] = [],
     exclude: Annotated[list[str], typer.Option(help="Column not to use as a feature; repeatable.")] = [],
     dense: Annotated[list[str], typer.Option(help="Treat this integer column as dense; repeatable.")] = [],
     categorical: Annotated[list[str], typer.Option(help="Treat this float column as categorical; repeatable.")] = [],
@@ -75,8 +76,8 @@ def init(
 ) -> None:
     """Write a starter config by inspecting DATA's schema (ints/strings -> categorical, floats -> dense,
     PNG/JPEG bytes or square number lists -> image)."""
-    from recmtl.files import write_text
     from recmtl.data.starter import render, starter_config
+    from recmtl.files import write_text
     if output.exists() and not force:
         raise ConfigError(f"{output} exists; pass --force to overwrite it")
     result = starter_config(data, task, output, positive, exclude, dense, categorical, validation, test, tower,
@@ -105,9 +106,9 @@ def train(
     if device is not None:
         set_ = [*set_, f"train.device={device}"]
     from recmtl.config import load_config, parse_config, read_raw, set_dotted
+    from recmtl.rundir import CONFIG
     from recmtl.training.evaluate import format_table
     from recmtl.training.loop import train as run_training
-    from recmtl.rundir import CONFIG
     if resume and (out / CONFIG).is_file():
         raw = read_raw(out / CONFIG)  # a resumed run keeps its own config
         for item in set_:
@@ -134,7 +135,9 @@ def evaluate(
     data: Annotated[str, typer.Argument(help="Parquet file, folder or glob with the label columns.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     save_predictions: Annotated[Optional[Path], typer.Option(help="Also write per-row scores (and labels) to this Parquet file.")] = None,
-    reference: Annotated[Optional[Path], typer.Option(help="Row-aligned Parquet of reference scores, one column per task (e.g. a datagen truth file): their AUC is shown alongside.")] = None,
+    reference: Annotated[Optional[Path], typer.Option(
+        help="Row-aligned Parquet of reference scores, one column per task (e.g. a datagen truth file): "
+             "their AUC is shown alongside.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16_384,
 ) -> None:
     """Per-task metrics of a trained model on DATA, over each task's labelled rows."""
@@ -143,10 +146,10 @@ def evaluate(
     import pyarrow.parquet as pq
 
     from recmtl.data.parquet import ParquetSource
-    from recmtl.training.evaluate import format_table, load_run, predict, task_metrics
     from recmtl.files import atomic_path
     from recmtl.metrics import auc
     from recmtl.schema import check_types
+    from recmtl.training.evaluate import format_table, load_run, predict, task_metrics
 
     run = load_run(run_dir, State.plugins, State.disabled)
     cols = [c for t in run.config.tasks for c in t.label_columns] + run.schema.feature_columns
@@ -194,7 +197,8 @@ def evaluate(
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `recmtl train`.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for index.html and the PNGs (default: RUN_DIR/report).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Folder for index.html and the PNGs (default: RUN_DIR/report).")] = None,
 ) -> None:
     """Training curves, tower diagnostics and task-balance plots: PNGs and one self-contained index.html."""
     from recmtl.report import write_report
@@ -208,7 +212,8 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")],
     sample: Annotated[Optional[str], typer.Option(help="Parquet rows for the parity check (default: the validation data).")] = None,
     sample_rows: Annotated[int, typer.Option(min=1)] = 4096,
-    triton_repo: Annotated[Optional[Path], typer.Option(help="Also write a Triton model repository here (NAME/1/model.onnx + config.pbtxt).")] = None,
+    triton_repo: Annotated[Optional[Path], typer.Option(
+        help="Also write a Triton model repository here (NAME/1/model.onnx + config.pbtxt).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository (default: the output file's stem).")] = None,
 ) -> None:
     """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
@@ -254,7 +259,8 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime threads per worker.")] = None,
 ) -> None:
     """Serve exported models over HTTP: Open Inference Protocol (v2), /v1 JSON predict, /metrics."""
-    from recmtl.serving.app import ServeOptions, serve as run_server
+    from recmtl.serving.app import ServeOptions
+    from recmtl.serving.app import serve as run_server
     typer.echo(f"serving {model} on http://{host}:{port} (v2: /v2/models/NAME/infer, v1: /v1/models/NAME/predict)")
     run_server(model, host, port, workers, ServeOptions(max_batch_size, max_wait_ms, int(max_body_mb * (1 << 20)), threads))
 
@@ -336,7 +342,8 @@ def convert(
     names: Annotated[Optional[str], typer.Option(help="Comma-separated column names (needed with --no-header).")] = None,
     header: Annotated[bool, typer.Option(help="The first line holds column names.")] = True,
     delimiter: str = ",",
-    null_value: Annotated[list[str], typer.Option(help="A string read as null, e.g. '?'; repeatable. Default: empty field only, so 'NA' stays a value.")] = [],
+    null_value: Annotated[list[str], typer.Option(
+        help="A string read as null, e.g. '?'; repeatable. Default: empty field only, so 'NA' stays a value.")] = [],
     strip: Annotated[bool, typer.Option(help="Trim spaces around values ('a, b').")] = True,
     type_: Annotated[list[str], typer.Option("--type", help="COLUMN=TYPE (int64, float64, string); repeatable.")] = [],
 ) -> None:

@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_config
+from torch import nn
+
+from recmtl.errors import ConfigError
+from recmtl.registry import load_registry
 from recmtl_plugins.balancers.aligned_mtl import align
 from recmtl_plugins.balancers.cagrad import cagrad
 from recmtl_plugins.balancers.gradvac import gradvac, vaccinate
@@ -17,10 +21,6 @@ from recmtl_plugins.balancers.imtl import imtl_g
 from recmtl_plugins.balancers.mgda import min_norm_weights
 from recmtl_plugins.balancers.nash_mtl import nash_weights
 from recmtl_plugins.balancers.pcgrad import pcgrad
-from torch import nn
-
-from recmtl.errors import ConfigError
-from recmtl.registry import load_registry
 
 REGISTRY = load_registry()
 GRADIENT_BALANCERS = ["pcgrad", "mgda", "cagrad", "imtl", "gradvac", "nash_mtl", "aligned_mtl", "metabalance"]

@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 from conftest import write_config
+from torch import nn
+
 from recmtl_plugins.balancers.dbmtl import DualBalancing
 from recmtl_plugins.balancers.dwa import DynamicWeightAverage
 from recmtl_plugins.balancers.famo import FAMO
 from recmtl_plugins.balancers.gradnorm import GradNorm, last_shared_layer
 from recmtl_plugins.balancers.rlw import RandomLossWeighting
-from torch import nn
 
 TASKS = ["a", "b"]
 

@@ -6,7 +6,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from test_export_score import exported, holey_data  # noqa: F401  (module-scoped fixtures)
 
 dd = pytest.importorskip("dask.dataframe")

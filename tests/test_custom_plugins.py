@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import RECMTL, REPO, write_config
 from test_plugins import NEW_TOWER
 
@@ -45,7 +44,7 @@ def train_export_score(env, tmp_path, data_dir, tower: dict) -> None:
 def test_third_party_package_trains_exports_scores(funnel_dir, tmp_path):
     env = pip_install_target(THIRD_PARTY, tmp_path / "site")
     listed = recmtl(env, "plugins").stdout
-    line = next(l for l in listed.splitlines() if l.split()[:2] == ["tower", "independent"])
+    line = next(row for row in listed.splitlines() if row.split()[:2] == ["tower", "independent"])
     assert "recmtl-independent==0.1.0" in line  # registered by its distribution's entry point
     assert "independent" not in recmtl({**os.environ}, "plugins").stdout  # not without the install
     train_export_score(env, tmp_path, funnel_dir, {"name": "independent", "units": [16]})

@@ -11,9 +11,8 @@ import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sklearn.metrics import roc_auc_score
-
 from conftest import write_config
+from sklearn.metrics import roc_auc_score
 
 FEATURES_WITH_HASHING = (
     [{"name": "user_id", "kind": "categorical", "hash_buckets": 97},

@@ -10,18 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from recmtl_plugins.heads.multiclass import MulticlassHead
-from recmtl_plugins.heads.multilabel import MultilabelHead
-from recmtl_plugins.heads.regression import RegressionHead
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from recmtl.config import parse_config
 from recmtl.contracts import TaskInfo
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError, PluginError
-from recmtl.training.model import MultiTaskModel
 from recmtl.registry import load_registry
 from recmtl.schema import fit_schema
+from recmtl.training.model import MultiTaskModel
+from recmtl_plugins.heads.multiclass import MulticlassHead
+from recmtl_plugins.heads.multilabel import MultilabelHead
+from recmtl_plugins.heads.regression import RegressionHead
 
 REGISTRY = load_registry()
 

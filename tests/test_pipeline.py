@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recmtl.data.parquet import ParquetSource
-from recmtl.training.batches import blocks, minibatches
 from recmtl.schema import DenseColumn, FittedSchema, LabelColumn
+from recmtl.training.batches import blocks, minibatches
 
 
 def make(tmp_path, n=1000, files=2):

@@ -5,10 +5,10 @@ import json
 import textwrap
 
 import pytest
+from conftest import write_config
 
 from recmtl.errors import PluginError
 from recmtl.registry import load_registry
-from conftest import write_config
 
 NEW_TOWER = textwrap.dedent('''
     import torch

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
+
 from recmtl.config import TrainConfig
 
 pytest.importorskip("matplotlib")

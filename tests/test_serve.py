@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import RECMTL, REPO
 from test_export_score import exported, holey_data  # noqa: F401  (module-scoped fixtures)
 
@@ -114,7 +113,8 @@ def test_v2_json_and_tritonclient_binary(server, exported, rows):  # noqa: F811
     ref = reference_scores(exported, clean)
     # JSON has no NaN: the JSON request uses rows whose dense values are all present
     dense_ok = np.all([~np.isnan(arrays[i["name"]]) for i in meta["inputs"] if i["datatype"] == "FP32"], axis=0)
-    body = {"inputs": [{"name": k, "shape": [int(dense_ok.sum())], "datatype": next(i["datatype"] for i in meta["inputs"] if i["name"] == k),
+    datatype = {i["name"]: i["datatype"] for i in meta["inputs"]}
+    body = {"inputs": [{"name": k, "shape": [int(dense_ok.sum())], "datatype": datatype[k],
                         "data": v[dense_ok].tolist()} for k, v in arrays.items()], "id": "req-1"}
     r = httpx.post(server.url + "/v2/models/model/infer", json=body)
     assert r.status_code == 200, r.text
@@ -417,8 +417,8 @@ def test_a_bad_request_in_a_merged_batch_fails_alone(server, exported, rows):  #
 
 def test_merged_feeds_equal_to_feeds(exported, rows):  # noqa: F811
     """v1 rows (kept as lists until a batch runs) and v2 arrays merge into exactly the arrays to_feeds makes."""
-    from recmtl.serving.score import Scorer, to_feeds
     from recmtl.serving.decoders import JsonRows, RequestDecoder, merge_feeds
+    from recmtl.serving.score import Scorer, to_feeds
     scorer = Scorer(exported / "model.onnx")
     decoder = RequestDecoder(scorer.inputs, scorer.tasks)
     table = rows.slice(0, 6)

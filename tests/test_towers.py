@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from recmtl.training.model import sparse_parameters
+from recmtl.layers import Experts
 from recmtl.registry import load_registry
 from recmtl.testing import TASKS, sample_features, sample_inputs
-from recmtl.layers import Experts
+from recmtl.training.model import sparse_parameters
 from recmtl_plugins.towers.aitm import AITM
 from recmtl_plugins.towers.cross_stitch import CrossStitch
 from recmtl_plugins.towers.dselect_k import DSelectK, smooth_step

@@ -11,9 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from sklearn.metrics import roc_auc_score
-
 from conftest import run_subprocess, write_config
+from sklearn.metrics import roc_auc_score
 
 
 def test_init_train_evaluate(cli, funnel_dir, tmp_path):

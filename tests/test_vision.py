@@ -12,9 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from recmtl.data.images import decode_images
 from recmtl.data.synthetic import COLOURS, DIGIT_ATTRIBUTES, SHAPES, digits_attributes, shapes
 from recmtl.errors import DataError
-from recmtl.data.images import decode_images
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -204,8 +204,8 @@ def test_serve_takes_base64_images_and_v2_tensors_and_returns_k_scores(digits_ru
 
     from starlette.testclient import TestClient
 
-    from recmtl.serving.score import Scorer
     from recmtl.serving.app import create_app
+    from recmtl.serving.score import Scorer
     t = pq.read_table(digits_run / "data" / "test.parquet").slice(0, 6)
     ref = Scorer(digits_run / "model.onnx").score(t)
     with TestClient(create_app(digits_run / "model.onnx")) as client:

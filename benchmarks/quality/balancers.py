@@ -146,10 +146,10 @@ def step_timing(cfg: Path, sets: list[str], schema_dir: Path, balancers: list[st
 
     from recmtl.config import load_config
     from recmtl.data.parquet import ParquetSource
-    from recmtl.training.model import MultiTaskModel
-    from recmtl.training.batches import blocks, minibatches
     from recmtl.registry import load_registry
     from recmtl.schema import FittedSchema
+    from recmtl.training.batches import blocks, minibatches
+    from recmtl.training.model import MultiTaskModel
     from recmtl.training.optimizers import make_optimizers
 
     config = load_config(cfg, sets)

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recmtl.training.balance_log import BalanceLog
 from recmtl.config import parse_config
 from recmtl.data.parquet import ParquetSource
 from recmtl.data.synthetic import funnel
-from recmtl.training.model import MultiTaskModel, validate_plugins
-from recmtl.training.batches import blocks, minibatches
 from recmtl.registry import load_registry
 from recmtl.schema import fit_schema
+from recmtl.training.balance_log import BalanceLog
+from recmtl.training.batches import blocks, minibatches
+from recmtl.training.model import MultiTaskModel, validate_plugins
 from recmtl.training.optimizers import make_optimizers
 
 

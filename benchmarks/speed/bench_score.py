@@ -106,8 +106,8 @@ def main() -> None:
     if not model_path.exists():  # delete it to measure a new exporter on the same trained model
         sh("export", str(run), "-o", str(model_path))
 
-    from recmtl.training.evaluate import load_run
     from recmtl.serving.score import Scorer, to_feeds
+    from recmtl.training.evaluate import load_run
     table = pq.read_table(data / "test.parquet")
     n = table.num_rows
     loaded = load_run(run)

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
 from census_income import TOWERS  # noqa: E402
 
 from recmtl.contracts import FeatureInfo  # noqa: E402
-from recmtl.training.model import sparse_parameters  # noqa: E402
 from recmtl.registry import load_registry  # noqa: E402
+from recmtl.training.model import sparse_parameters  # noqa: E402
 
 
 def main() -> None:

@@ -39,18 +39,18 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+import recmtl.training.loop as train_module
 from recmtl.config import parse_config
 from recmtl.data.parquet import ParquetSource
+from recmtl.data.starter import starter_config
 from recmtl.data.synthetic import funnel
-from recmtl.training.model import MultiTaskModel, validate_plugins
-from recmtl.training.batches import to_batch
 from recmtl.registry import load_registry
 from recmtl.schema import CategoricalColumn, DenseColumn, FittedSchema, LabelColumn, fit_schema
-from recmtl.data.starter import starter_config
-import recmtl.training.loop as train_module
+from recmtl.training.batches import to_batch
 from recmtl.training.loop import seed_everything
-from recmtl.training.optimizers import make_optimizers
 from recmtl.training.loop import train as recmtl_train
+from recmtl.training.model import MultiTaskModel, validate_plugins
+from recmtl.training.optimizers import make_optimizers
 
 TOWERS = {
     "shared_bottom": {"name": "shared_bottom", "bottom_units": [256, 128], "task_units": [64]},

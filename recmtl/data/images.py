@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recmtl.errors import DataError
 from recmtl.data.arrow import plain_array
+from recmtl.errors import DataError
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 

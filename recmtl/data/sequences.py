@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recmtl.errors import DataError
 from recmtl.data.arrow import plain_array
+from recmtl.errors import DataError
+
 
 def is_list_type(typ: pa.DataType) -> bool:
     return pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from recmtl.data.parquet import ParquetSource
-from recmtl.errors import ConfigError, close_matches
-from recmtl.data.images import is_image_type
 from recmtl.data.arrow import plain_array
+from recmtl.data.images import is_image_type
+from recmtl.data.parquet import ParquetSource
 from recmtl.data.sequences import item_type
+from recmtl.errors import ConfigError, close_matches
 
 HEADER = """\
-# recmtl config written by `recmtl init`. Reference: README.md, section "Config".
+# recmtl config written by `recmtl init`. Reference: docs/config.md.
 # features: categorical (ints/strings -> vocabulary with min_count, or hash_buckets), dense
 #           (floats: nulls filled, standardised) and image (PNG/JPEG bytes or number lists: height, width,
 #           channels), sequence (lists of ints/strings, e.g. recent item ids: the last max_length items,

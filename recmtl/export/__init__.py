@@ -22,12 +22,11 @@ import pyarrow as pa
 
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import RecmtlError
-from recmtl.files import atomic_path
-from recmtl.training.evaluate import load_run
-
 from recmtl.export.graph import build_onnx
 from recmtl.export.metadata import metadata, model_inputs
 from recmtl.export.parity import PARITY_ATOL, PARITY_RTOL, parity, parity_failures
+from recmtl.files import atomic_path
+from recmtl.training.evaluate import load_run
 
 
 class ExportError(RecmtlError):

@@ -28,9 +28,9 @@ from torch import nn
 
 import recmtl
 from recmtl.schema import CategoricalColumn, DenseColumn, FittedSchema, ImageColumn, SequenceColumn
+from recmtl.serving.wire import INT_NULL, PAD_INT, PAD_STRING
 from recmtl.training.evaluate import LoadedRun
 from recmtl.training.model import MultiTaskModel, example_input
-from recmtl.serving.wire import INT_NULL, PAD_INT, PAD_STRING
 
 OPSET = 17
 ML_OPSET = 2

@@ -9,11 +9,10 @@ from typing import Any
 import torch
 
 import recmtl
-from recmtl.training.evaluate import LoadedRun
+from recmtl.export.graph import OPSET
 from recmtl.rundir import RunDir
 from recmtl.serving.wire import FORMAT, METADATA_KEY, MISSING_VALUES, ModelInput
-
-from recmtl.export.graph import OPSET
+from recmtl.training.evaluate import LoadedRun
 
 
 def model_inputs(run: LoadedRun) -> list[ModelInput]:

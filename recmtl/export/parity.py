@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from recmtl.training.evaluate import LoadedRun
 from recmtl.serving.score import Scorer
+from recmtl.training.evaluate import LoadedRun
 
 #: absolute tolerance: what a difference may be on scores near 0 (probabilities, standardised values)
 PARITY_ATOL = 1e-4

@@ -11,11 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sklearn.utils import murmurhash3_32
 
-from recmtl.errors import DataError
-from recmtl.data.images import decode_images, is_image_type
 from recmtl.data.arrow import plain_array
+from recmtl.data.images import decode_images, is_image_type
 from recmtl.data.sequences import item_type, last_items
-
+from recmtl.errors import DataError
 
 
 def _value_type(name: str, typ: pa.DataType, kind: str) -> str:

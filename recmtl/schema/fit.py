@@ -10,10 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recmtl.config import Config, FeatureConfig, TaskConfig
+from recmtl.data.arrow import plain_array
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
-from recmtl.data.arrow import plain_array
-
 from recmtl.schema.columns import CategoricalColumn, DenseColumn, ImageColumn, SequenceColumn, _value_type
 from recmtl.schema.fitted import FittedSchema
 from recmtl.schema.labels import LabelColumn

@@ -12,10 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recmtl.contracts import FeatureInfo
+from recmtl.data.arrow import plain_array
 from recmtl.files import atomic_path, write_json
 from recmtl.rundir import SCHEMA, VOCAB, RunDir
-from recmtl.data.arrow import plain_array
-
 from recmtl.schema.columns import CategoricalColumn, DenseColumn, ImageColumn, SequenceColumn
 from recmtl.schema.labels import LabelColumn
 

@@ -10,9 +10,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recmtl.errors import DataError
 from recmtl.data.arrow import plain_array
-
+from recmtl.errors import DataError
 
 
 @dataclass

@@ -9,9 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recmtl.config import FeatureConfig
-from recmtl.errors import DataError
 from recmtl.data.arrow import plain_array
-
+from recmtl.errors import DataError
 from recmtl.schema.labels import LabelColumn
 
 LEAK_SAMPLE_ROWS = 200_000

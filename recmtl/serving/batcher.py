@@ -69,7 +69,7 @@ class MicroBatcher:
                         break  # waited enough, or nobody else is waiting: do not add latency
                     try:
                         item = await asyncio.wait_for(self.queue.get(), remaining)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                 if rows + item.rows > self.max_batch_size:
                     carry = item  # starts the next batch

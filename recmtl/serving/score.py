@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recmtl.errors import DataError, close_matches
-from recmtl.data.images import decode_images
 from recmtl.data.arrow import arrow_scalar, arrow_view, numpy_dtype, numpy_view, plain_array
+from recmtl.data.images import decode_images
 from recmtl.data.sequences import last_items
+from recmtl.errors import DataError, close_matches
 from recmtl.serving.wire import INT_NULL, PAD_INT, PAD_STRING, ModelInput, schema_from_metadata
 
 #: rows per onnxruntime call: 1024 scored 24% faster than 2048 end to end on 2 cores (benchmarks/RESULTS.md)

@@ -9,7 +9,6 @@ from recmtl.errors import ConfigError
 from recmtl.training.model import MultiTaskModel
 
 
-
 class Monitor:
     """Resolves ``early_stopping.monitor`` into a number per epoch and whether larger is better."""
 

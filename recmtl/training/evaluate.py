@@ -12,11 +12,11 @@ import torch
 from recmtl.config import Config, parse_config, read_raw
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
-from recmtl.training.model import MultiTaskModel
-from recmtl.training.batches import blocks, minibatches
 from recmtl.registry import Registry, load_registry
 from recmtl.rundir import BEST, CONFIG, RunDir
 from recmtl.schema import FittedSchema
+from recmtl.training.batches import blocks, minibatches
+from recmtl.training.model import MultiTaskModel
 
 
 @dataclass

@@ -18,10 +18,15 @@ import torch
 from tqdm import tqdm
 
 import recmtl
-from recmtl.training.balance_log import BalanceLog
 from recmtl.config import Config, dump_config
 from recmtl.contracts import Balancer
 from recmtl.data.parquet import ParquetSource
+from recmtl.errors import ConfigError, DataError
+from recmtl.registry import Registry
+from recmtl.rundir import BEST, LAST, RunDir
+from recmtl.schema import FittedSchema, check_types, fit_schema
+from recmtl.training.balance_log import BalanceLog
+from recmtl.training.batches import blocks, minibatches
 from recmtl.training.device import Precision, batches_to, resolve_precision
 from recmtl.training.distributed import (
     Context,
@@ -31,15 +36,10 @@ from recmtl.training.distributed import (
     memory_estimate,
     setup,
 )
-from recmtl.errors import ConfigError, DataError
+from recmtl.training.early_stopping import Monitor
 from recmtl.training.evaluate import merge_predictions, predict, task_metrics
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
-from recmtl.training.batches import blocks, minibatches
-from recmtl.training.early_stopping import Monitor
 from recmtl.training.optimizers import make_optimizers
-from recmtl.registry import Registry
-from recmtl.rundir import BEST, LAST, RunDir
-from recmtl.schema import FittedSchema, check_types, fit_schema
 
 
 def say(msg: str) -> None:

@@ -2,13 +2,11 @@
 embedding tables."""
 from __future__ import annotations
 
-
 import torch
 
 from recmtl.config import Config
 from recmtl.contracts import Balancer
 from recmtl.training.model import MultiTaskModel, sparse_parameters
-
 
 
 def make_optimizers(config: Config, model: MultiTaskModel, balancer: Balancer) -> list[torch.optim.Optimizer]:

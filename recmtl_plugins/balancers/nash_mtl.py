@@ -7,7 +7,8 @@ directional improvement ``g_t . d`` equals ``1 / alpha_t`` (scale-invariant, Par
 
 No convex-programming package is needed: the solution is the unique minimiser of the strictly convex
 ``f(alpha) = 1/2 alpha^T M alpha - sum_t log alpha_t`` (its gradient is ``M alpha - 1/alpha``), found by
-damped Newton steps on the T x T system (the authors solve a sequence of convex programs with cvxpy). As in the authors' code the Gram matrix is first divided by its Frobenius norm (so the
+damped Newton steps on the T x T system (the authors solve a sequence of convex programs with cvxpy).
+As in the authors' code the Gram matrix is first divided by its Frobenius norm (so the
 update keeps the gradients' scale), ``alpha`` is re-solved every ``update_weights_every`` steps (the
 steps between reuse it and cost one backward pass), and the shared update is clipped to ``max_norm``
 (0 turns that off; with ``train.precision: fp16`` the clip would see loss-scaled gradients, so set it to

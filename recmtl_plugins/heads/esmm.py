@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recmtl import Head, TaskInfo, hookimpl
-from recmtl.layers import masked_mean
 from recmtl import metrics as M
+from recmtl.layers import masked_mean
 
 EPS = 1e-7
 

@@ -16,8 +16,8 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from recmtl import Head, TaskInfo, hookimpl
-from recmtl.layers import masked_mean
 from recmtl import metrics as M
+from recmtl.layers import masked_mean
 
 
 class MultilabelHead(Head):

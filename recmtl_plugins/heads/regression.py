@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from recmtl import Head, TaskInfo, hookimpl
-from recmtl.layers import masked_mean
 from recmtl import metrics as M
+from recmtl.layers import masked_mean
 
 
 class RegressionHead(Head):

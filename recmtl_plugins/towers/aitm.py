@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import check_units
-from recmtl.layers import Experts, GateStats
+from recmtl.layers import Experts, GateStats, check_units
 
 
 class AITM(Tower):

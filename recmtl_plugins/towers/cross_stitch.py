@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import check_units, mlp
-from recmtl.layers import Experts
+from recmtl.layers import Experts, check_units, mlp
 
 
 class CrossStitch(Tower):

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import check_units, mlp
-from recmtl.layers import Experts, GateStats, entropy, mix
+from recmtl.layers import Experts, GateStats, check_units, entropy, mix, mlp
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:

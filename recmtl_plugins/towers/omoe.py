@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import check_units, mlp
-from recmtl.layers import Experts, GateStats, mix
+from recmtl.layers import Experts, GateStats, check_units, mix, mlp
 
 
 class OMoE(Tower):

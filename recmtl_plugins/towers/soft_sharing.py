@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import check_units
-from recmtl.layers import Experts
+from recmtl.layers import Experts, check_units
 
 
 class SoftSharing(Tower):

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from recmtl import FeatureInfo, Tower, hookimpl
-from recmtl.layers import check_units, mlp
-from recmtl.layers import Experts, GateStats, mix
+from recmtl.layers import Experts, GateStats, check_units, mix, mlp
 
 
 class STEM(Tower):

@@ -1,5 +1,6 @@
-from recmtl.testing import check_tower
 from recmtl_independent import IndependentTowers
+
+from recmtl.testing import check_tower
 
 
 def test_contract():
