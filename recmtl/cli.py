@@ -129,6 +129,10 @@ def train(
     typer.echo(f"run saved in {out}")
 
 
+CHECKPOINT_HELP = ("Which trained weights: tasks (each task from its own best epoch, the default), best (best.pt: one "
+                   "network, the best epoch by early_stopping.monitor), last, or a checkpoint file in the run directory.")
+
+
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `recmtl train`.")],
@@ -139,6 +143,7 @@ def evaluate(
         help="Row-aligned Parquet of reference scores, one column per task (e.g. a datagen truth file): "
              "their AUC is shown alongside.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16_384,
+    checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "tasks",
 ) -> None:
     """Per-task metrics of a trained model on DATA, over each task's labelled rows."""
     import numpy as np
@@ -151,7 +156,9 @@ def evaluate(
     from recmtl.schema import check_types
     from recmtl.training.evaluate import format_table, load_run, predict, task_metrics
 
-    run = load_run(run_dir, State.plugins, State.disabled)
+    run = load_run(run_dir, State.plugins, State.disabled, checkpoint)
+    if run.epochs and not as_json:
+        typer.echo("epochs: " + ", ".join(f"{t} {e}" for t, e in run.epochs.items()), err=True)
     cols = [c for t in run.config.tasks for c in t.label_columns] + run.schema.feature_columns
     if run.schema.group_column:
         cols.append(run.schema.group_column)
@@ -186,7 +193,7 @@ def evaluate(
         with atomic_path(save_predictions) as tmp:
             pq.write_table(pa.table(table), tmp)
     if as_json:
-        out = {"data": data, "metrics": metrics}
+        out = {"data": data, "metrics": metrics, "epochs": run.epochs}
         if ref_metrics:
             out["reference"] = ref_metrics
         typer.echo(json.dumps(out, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
@@ -215,11 +222,12 @@ def export(
     triton_repo: Annotated[Optional[Path], typer.Option(
         help="Also write a Triton model repository here (NAME/1/model.onnx + config.pbtxt).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository (default: the output file's stem).")] = None,
+    checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "tasks",
 ) -> None:
     """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
     from recmtl.export import PARITY_ATOL, PARITY_RTOL, export_run
     from recmtl.serving.triton import write_triton_repo
-    diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled)
+    diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled, checkpoint, typer.echo)
     typer.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{t}={d['max_abs']:.2e}" for t, d in diffs.items())
                + f" (limit {PARITY_ATOL:g} + {PARITY_RTOL:g} x |score|)")
     typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")

@@ -106,9 +106,11 @@ class DataConfig(_Strict):
 
 class EarlyStoppingConfig(_Strict):
     """``monitor``: ``auto`` (mean AUC when every task has one, else loss), ``loss``, ``TASK/METRIC`` or
-    ``mean/METRIC``; ``patience`` epochs without improvement before stopping (0 = never stop early)."""
+    ``mean/METRIC`` (selects ``best.pt`` and when to stop), or a mapping ``{task: METRIC}`` (each task's best epoch
+    by its own metric; stop when no task improved). Every task's best epoch is kept either way
+    (``recmtl.training.early_stopping``); ``patience`` epochs without improvement before stopping (0 = never)."""
 
-    monitor: str = "auto"
+    monitor: str | dict[str, str] = "auto"
     patience: int = Field(2, ge=0)
 
 

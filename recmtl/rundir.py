@@ -9,7 +9,8 @@ write is atomic (``recmtl.files``), so an interrupted run never leaves a file th
 ``run.json``       versions, argv, start time, world size
 ``metrics.json``   per-epoch history, best epoch, validation and test metrics (rewritten every epoch)
 ``balance.jsonl``  the balance log: one JSON line every ``train.log_every`` steps (``recmtl.training.balance_log``)
-``best.pt``        the model state of the best epoch
+``best.pt``        the model state of the best epoch by ``early_stopping.monitor``
+``best_epochs/``   ``epoch_NNNN.pt``: the model state of each task's best epoch (one file per distinct epoch)
 ``last.pt``        everything ``--resume`` needs: model, balancer, optimisers, RNGs, history
 =================  =====================================================================================
 """
@@ -30,6 +31,12 @@ METRICS = "metrics.json"
 BALANCE_LOG = "balance.jsonl"
 BEST = "best.pt"
 LAST = "last.pt"
+BEST_EPOCHS = "best_epochs"
+
+
+def epoch_checkpoint(epoch: int) -> str:
+    """The file name (relative to the run directory) of the model state saved after ``epoch`` (1-based)."""
+    return f"{BEST_EPOCHS}/epoch_{epoch:04d}.pt"
 
 
 def not_a_run_dir(path: Path, reason: str) -> DataError:
@@ -141,6 +148,25 @@ class RunDir:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
         return path
+
+    def prune_epoch_checkpoints(self, keep: set[int]) -> None:
+        """Delete the per-epoch checkpoints of epochs (1-based) not in ``keep``."""
+        folder = self.path / BEST_EPOCHS
+        if folder.is_dir():
+            for path in folder.glob("epoch_*.pt"):
+                if path.stem.removeprefix("epoch_").isdigit() and int(path.stem.removeprefix("epoch_")) not in keep:
+                    path.unlink(missing_ok=True)
+
+    def task_best_epochs(self) -> dict[str, int] | None:
+        """Each task's best epoch (1-based) as ``metrics.json`` records it, when every one has its checkpoint;
+        None for runs from before per-task selection, or when a file is missing."""
+        best = self.read_metrics(required=False).get("task_best")
+        if not isinstance(best, dict) or not best:
+            return None
+        epochs = {t: int(b["epoch"]) for t, b in best.items() if isinstance(b, dict) and isinstance(b.get("epoch"), int)}
+        if len(epochs) != len(best) or not all((self.path / epoch_checkpoint(e)).is_file() for e in epochs.values()):
+            return None
+        return epochs
 
     def load_checkpoint(self, name: str) -> dict[str, Any]:
         """A checkpoint's state dict, on the CPU."""

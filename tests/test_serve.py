@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import shutil
 import signal
 import socket
@@ -261,20 +262,21 @@ def test_graceful_shutdown_finishes_in_flight_request(exported, rows):  # noqa: 
     srv = Server(exported / "model.onnx", "--max-body-mb", "256")
     try:
         big = {"instances": instances(rows) * 3000}  # 192k rows: seconds of work for the server
-        result: dict[str, object] = {}
-
-        def send() -> None:
-            r = httpx.post(srv.url + "/v1/models/model/predict", json=big, timeout=120)
-            result["status"], result["n"], result["t"] = r.status_code, len(r.json().get("predictions", [])), time.time()
-
-        with cf.ThreadPoolExecutor(1) as pool:
-            future = pool.submit(send)
-            time.sleep(1.0)
-            signalled = time.time()
-            srv.proc.send_signal(signal.SIGTERM)
-            future.result()
-        assert result["status"] == 200 and result["n"] == len(big["instances"])
-        assert result["t"] > signalled  # it was in flight when SIGTERM arrived, and it finished
+        body = json.dumps(big).encode()
+        # the whole request is on the wire before SIGTERM (a client thread could still be encoding it on a
+        # loaded machine, and then meet a closed port): a raw socket, the response read after the signal
+        conn = socket.create_connection(("127.0.0.1", srv.port), timeout=120)
+        conn.sendall(b"POST /v1/models/model/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        time.sleep(0.5)
+        srv.proc.send_signal(signal.SIGTERM)
+        response = b""
+        while chunk := conn.recv(1 << 20):
+            response += chunk
+        conn.close()
+        head, _, payload = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        assert len(json.loads(payload)["predictions"]) == len(big["instances"])  # in flight at SIGTERM, and finished
         assert srv.proc.wait(timeout=30) in (0, -signal.SIGTERM)
     finally:
         if srv.proc.poll() is None:

@@ -15,6 +15,7 @@ sample rows and writes nothing when it fails.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -26,7 +27,7 @@ from recmtl.export.graph import build_onnx
 from recmtl.export.metadata import metadata, model_inputs
 from recmtl.export.parity import PARITY_ATOL, PARITY_RTOL, parity, parity_failures
 from recmtl.files import atomic_path
-from recmtl.training.evaluate import load_run
+from recmtl.training.evaluate import PER_TASK, load_run
 
 
 class ExportError(RecmtlError):
@@ -34,9 +35,21 @@ class ExportError(RecmtlError):
 
 
 def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None = None, sample_rows: int = 4096,
-               plugins: list[str] = (), disabled: list[str] = ()) -> dict[str, float]:
-    """Write ``output`` atomically after the parity check; returns its per-task differences (``parity``)."""
-    run = load_run(run_dir, list(plugins), list(disabled))
+               plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = PER_TASK,
+               say: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+    """Write ``output`` atomically after the parity check; returns its per-task differences (``parity``).
+    ``checkpoint`` as in ``load_run``: by default each task is scored by the model of its own best epoch; when
+    those epochs differ the graph holds one copy of the network per distinct epoch (``say`` is told the cost)."""
+    run = load_run(run_dir, list(plugins), list(disabled), checkpoint)
+    if say is not None and run.epochs:
+        distinct = sorted(set(run.epochs.values()))
+        epochs = ", ".join(f"{t}: {e}" for t, e in run.epochs.items())
+        if len(distinct) > 1:
+            say(f"each task from its own best epoch ({epochs}): the model holds {len(distinct)} copies of the network, "
+                f"so it is {len(distinct)}x the size and scores about {len(distinct)}x slower; `--checkpoint best` "
+                "exports one network (best.pt)")
+        else:
+            say(f"epoch {distinct[0]} for every task ({epochs})")
     inputs = model_inputs(run)
     model = build_onnx(run)
     for key, value in metadata(run, inputs).items():

@@ -46,7 +46,9 @@ def metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
         "recmtl.version": recmtl.__version__,
         "torch.version": torch.__version__,
         "onnx.opset": str(OPSET),
-        "recmtl.metrics": json.dumps({k: metrics.get(k) for k in ("monitor", "best_epoch", "validation", "test") if k in metrics}),
+        "recmtl.metrics": json.dumps({k: metrics.get(k) for k in ("monitor", "best_epoch", "validation", "test", "task_best")
+                                      if k in metrics}),
+        "recmtl.epochs": json.dumps(run.epochs or {}),  # the epoch (1-based) each task's scores come from
         "recmtl.created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

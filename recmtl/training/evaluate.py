@@ -13,10 +13,10 @@ from recmtl.config import Config, parse_config, read_raw
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
 from recmtl.registry import Registry, load_registry
-from recmtl.rundir import BEST, CONFIG, RunDir
+from recmtl.rundir import BEST, CONFIG, LAST, RunDir, epoch_checkpoint
 from recmtl.schema import FittedSchema
 from recmtl.training.batches import blocks, minibatches
-from recmtl.training.model import MultiTaskModel
+from recmtl.training.model import MultiTaskModel, PerTaskModel
 
 
 @dataclass
@@ -124,23 +124,54 @@ def task_metrics(model: MultiTaskModel, pred: Predictions) -> dict[str, dict[str
 class LoadedRun:
     config: Config
     schema: FittedSchema
-    model: MultiTaskModel
+    model: MultiTaskModel | PerTaskModel
     registry: Registry
     run_dir: Path
+    #: the epoch (1-based) each task's scores come from, when known
+    epochs: dict[str, int] | None = None
 
 
-def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = BEST) -> LoadedRun:
-    """Rebuild a trained model from its run directory (config, schema, checkpoint)."""
+#: ``checkpoint`` of :func:`load_run`: each task from its own best epoch (the default)
+PER_TASK = "tasks"
+
+
+def per_task_model(config: Config, schema: FittedSchema, registry: Registry, states: dict[int, dict[str, Any]],
+                   epochs: dict[str, int]) -> MultiTaskModel | PerTaskModel:
+    """The model that scores each task with the state of its epoch (``states``: epoch -> model state dict): one
+    ``MultiTaskModel`` when every task has the same epoch, else a ``PerTaskModel`` over one copy per epoch."""
+    distinct = sorted(set(epochs.values()))
+    models = []
+    for e in distinct:
+        m = MultiTaskModel(config, schema, registry)
+        m.load_state_dict(states[e])
+        models.append(m.eval())
+    if len(models) == 1:
+        return models[0]
+    return PerTaskModel(models, {t: distinct.index(e) for t, e in epochs.items()}).eval()
+
+
+def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = PER_TASK) -> LoadedRun:
+    """Rebuild a trained model from its run directory (config, schema, checkpoint). ``checkpoint``: ``tasks`` (each
+    task scored by the model of its own best epoch, ``best.pt`` for runs from before per-task selection), ``best``
+    (``best.pt``: one network, the best epoch by ``early_stopping.monitor``), ``last`` or a checkpoint file name."""
     files = RunDir(run_dir)
     run_dir = files.path
     config_path = files.require(CONFIG)
     config = parse_config(read_raw(config_path), run_dir, str(config_path))
     registry = load_registry([*config.plugin_modules(), *plugins], disabled)
     schema = FittedSchema.load(run_dir)
+    epochs = files.task_best_epochs() if checkpoint == PER_TASK else None
+    if epochs is not None:
+        states = {e: files.load_checkpoint(epoch_checkpoint(e))["model"] for e in set(epochs.values())}
+        return LoadedRun(config, schema, per_task_model(config, schema, registry, states, epochs), registry, run_dir, epochs)
+    name = {PER_TASK: BEST, "best": BEST, "last": LAST}.get(checkpoint, checkpoint)
     model = MultiTaskModel(config, schema, registry)
-    model.load_state_dict(files.load_checkpoint(checkpoint)["model"])
+    state = files.load_checkpoint(name)
+    model.load_state_dict(state["model"])
     model.eval()
-    return LoadedRun(config, schema, model, registry, run_dir)
+    epoch = state.get("epoch")
+    return LoadedRun(config, schema, model, registry, run_dir,
+                     {t: int(epoch) + 1 for t in model.task_names} if isinstance(epoch, int) else None)
 
 
 def format_table(metrics: dict[str, dict[str, Any]], reference: dict[str, dict[str, float]] | None = None) -> str:

@@ -23,7 +23,7 @@ from recmtl.contracts import Balancer
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import ConfigError, DataError
 from recmtl.registry import Registry
-from recmtl.rundir import BEST, LAST, RunDir
+from recmtl.rundir import BEST, LAST, RunDir, epoch_checkpoint
 from recmtl.schema import FittedSchema, check_types, fit_schema
 from recmtl.training.balance_log import BalanceLog
 from recmtl.training.batches import blocks, minibatches
@@ -36,8 +36,8 @@ from recmtl.training.distributed import (
     memory_estimate,
     setup,
 )
-from recmtl.training.early_stopping import Monitor
-from recmtl.training.evaluate import merge_predictions, predict, task_metrics
+from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors
+from recmtl.training.evaluate import merge_predictions, per_task_model, predict, task_metrics
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
 
@@ -123,7 +123,10 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
     precision = Precision(resolve_precision(config.train.precision, ctx.device), ctx.device)
     optimizers = make_optimizers(config, model, balancer)
     _report_memory(config, schema, model, balancer, optimizers, ctx, precision)
-    monitor = Monitor(config.train.early_stopping.monitor, model)
+    spec = config.train.early_stopping.monitor
+    monitor = Monitor(spec if isinstance(spec, str) else "auto", model)  # best.pt (a mapping: as auto)
+    task_monitors = TaskMonitors(spec, model)  # each task's best epoch -> best_epochs/
+    loss_fallback = BestValue(higher=False)  # best.pt while the monitor has been NaN on every epoch
     shared = model.shared_parameters()
     run = TrainRun(config, schema, model, balancer, run_dir)
     hook = registry.pm.hook
@@ -138,13 +141,22 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
         start_epoch, best, best_epoch, bad_epochs = state["epoch"] + 1, state["best"], state["best_epoch"], state["bad_epochs"]
+        task_monitors.load_state_dict(state.get("task_monitors", {}))
+        loss_fallback.value, loss_fallback.epoch = state.get("loss_fallback", (math.nan, -1))
         run.history = state["history"]
         balance_log.step = state.get("global_step", 0)
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         say(f"resuming {run_dir} after epoch {state['epoch'] + 1} (best {monitor.spec} = {best} at epoch {best_epoch + 1})")
-        if state.get("stopped_early"):
-            say("the run had stopped early; nothing to train")
+        trained_for = state.get("epochs", _saved_epochs(files))  # train.epochs when the run last trained
+        if state.get("stopped_early") and config.train.epochs > trained_for and start_epoch < config.train.epochs:
+            say(f"the run had stopped early after epoch {start_epoch}; train.epochs {trained_for} -> "
+                f"{config.train.epochs}: training on, with {config.train.early_stopping.patience} epochs' patience again")
+            bad_epochs = 0
+            if main:
+                files.write_config(dump_config(config))
+        elif state.get("stopped_early"):
+            say(f"the run had stopped early; nothing to train (raise train.epochs above {trained_for} to train on)")
             start_epoch = config.train.epochs
         elif start_epoch >= config.train.epochs:
             say(f"the run already trained {start_epoch} epochs (train.epochs = {config.train.epochs}); nothing to train")
@@ -210,14 +222,25 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
             diag = model.diagnostics()
             if diag:
                 record["diagnostics"] = diag
-        else:
+            moved = task_monitors.update(val, epoch)
+            fallback = loss_fallback.offer(float(np.nanmean([m["loss"] for m in val.values()])), epoch)
+        else:  # no validation data: the training loss selects, per task and overall
             score = float(np.mean(list(train_loss.values())))
+            moved = task_monitors.update({t: {"loss": v} for t, v in train_loss.items()}, epoch)
+            fallback = False
         record["monitor"] = {monitor.spec if valid_src is not None else "train_loss": score}
         improved = (monitor.better(score, best) if valid_src is not None else (best is None or score < best))
         if improved:
-            best, best_epoch, bad_epochs = score, epoch, 0
+            best, best_epoch = score, epoch
+        elif fallback and (best is None or math.isnan(best)):  # the monitor was NaN on every epoch so far
+            if best_epoch < 0:
+                say(f"{monitor.spec} is NaN on the validation data; best.pt is chosen by the validation loss until it "
+                    "is defined (set early_stopping.monitor to change what selects)")
+            best_epoch, improved = epoch, True
+        if isinstance(spec, dict):  # per-task monitors: stop when no task improved for `patience` epochs
+            bad_epochs = 0 if moved else bad_epochs + 1
         else:
-            bad_epochs += 1
+            bad_epochs = 0 if improved else bad_epochs + 1
         run.history.append(record)
         summary = "  ".join(
             f"{t}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if k in ("auc", "logloss", "rmse", "gauc", "accuracy"))
@@ -229,28 +252,42 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         state = {"model": model.state_dict(), "balancer": balancer.state_dict(),
                  "optimizers": [o.state_dict() for o in optimizers], "epoch": epoch, "best": best,
                  "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": run.history, "stopped_early": stop,
-                 "global_step": balance_log.step,
+                 "global_step": balance_log.step, "epochs": tc.epochs, "task_monitors": task_monitors.state_dict(),
+                 "loss_fallback": (loss_fallback.value, loss_fallback.epoch),
                  "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
         state["amp"] = precision.state_dict()
         if improved and main:
             path = files.save_checkpoint(BEST, {"model": model.state_dict(), "epoch": epoch})
             hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=True)
+        if moved and main:  # some task's best epoch is this one: keep its model, drop epochs no task needs
+            files.save_checkpoint(epoch_checkpoint(epoch + 1), {"model": model.state_dict(), "epoch": epoch})
+            files.prune_epoch_checkpoints({task_monitors.best_epoch(t) + 1 for t in model.task_names})
         if main:
             path = files.save_checkpoint(LAST, state)
             hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=False)
-            files.write_metrics(_summary(run.history, best_epoch, monitor.spec, None))
+            files.write_metrics(_summary(run.history, best_epoch, monitor.spec, None, task_monitors))
             hook.recmtl_epoch_end(run=run, epoch=epoch + 1, metrics=record)
         if stop:
-            say(f"early stopping: {monitor.spec} did not improve for {patience} epochs; best epoch {best_epoch + 1}")
+            what = "no task's monitored metric" if isinstance(spec, dict) else monitor.spec
+            say(f"early stopping: {what} did not improve for {patience} epochs; best epoch {best_epoch + 1}")
             break
 
-    # final metrics from the best checkpoint
-    best_state = files.load_checkpoint(BEST)["model"] if main else None
-    model.load_state_dict(ctx.broadcast_object(best_state))
+    # final metrics: each task from the model of its own best epoch (as `evaluate` and `export` use by default)
+    epochs = {t: task_monitors.best_epoch(t) + 1 for t in model.task_names}
+    if min(epochs.values()) < 1:  # no epoch was ever finite for some task: best.pt for all
+        epochs = {t: best_epoch + 1 for t in model.task_names}
+
+    def state_of(e: int) -> dict[str, Any] | None:
+        if not main:
+            return None
+        name = epoch_checkpoint(e) if files.file(epoch_checkpoint(e)).is_file() else BEST  # BEST: the fallback above
+        return files.load_checkpoint(name)["model"]
+    states = {e: ctx.broadcast_object(state_of(e)) for e in sorted(set(epochs.values()))}
+    final = per_task_model(config, schema, registry, states, epochs).to(ctx.device)
     test_metrics = None
     if test_src is not None:
-        test_metrics = _metrics(ctx, model, schema, test_src, config)
-    summary = _summary(run.history, best_epoch, monitor.spec, test_metrics)
+        test_metrics = _metrics(ctx, final, schema, test_src, config)
+    summary = _summary(run.history, best_epoch, monitor.spec, test_metrics, task_monitors)
     if main:
         files.write_metrics(summary)
         hook.recmtl_train_end(run=run, metrics=summary)
@@ -284,10 +321,27 @@ def _report_memory(config: Config, schema: FittedSchema, model: MultiTaskModel, 
         f"data buffers {format_bytes(est['data'])}; total {format_bytes(est['total'])} plus activations")
 
 
-def _summary(history: list[dict[str, Any]], best_epoch: int, monitor: str, test: dict | None) -> dict[str, Any]:
+def _saved_epochs(files: RunDir) -> int:
+    """``train.epochs`` of the run directory's saved config (runs whose last.pt predates recording it)."""
+    import yaml
+    try:
+        raw = yaml.safe_load(files.read_config_text()) or {}
+        return int((raw.get("train") or {}).get("epochs", 10))
+    except (yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return 10
+
+
+def _summary(history: list[dict[str, Any]], best_epoch: int, monitor: str, test: dict | None,
+             task_monitors: TaskMonitors | None = None) -> dict[str, Any]:
     best = history[best_epoch] if 0 <= best_epoch < len(history) else {}
     out: dict[str, Any] = {"monitor": monitor, "best_epoch": best_epoch + 1,
                            "validation": best.get("validation"), "history": history}
+    if task_monitors is not None:  # each task's best epoch, what chose it, and its validation metrics there
+        task_best = task_monitors.summary()
+        for t, entry in task_best.items():
+            record = history[entry["epoch"] - 1] if 1 <= entry["epoch"] <= len(history) else {}
+            entry["validation"] = (record.get("validation") or {}).get(t)
+        out["task_best"] = task_best
     if test is not None:
         out["test"] = test
     return out

@@ -194,6 +194,39 @@ class MultiTaskModel(nn.Module):
         return self.tower.diagnostics()
 
 
+class PerTaskModel(nn.Module):
+    """Several trained copies of one network, each task scored by its own copy (e.g. the model of that task's best
+    epoch): task ``t``'s outputs and scores are exactly what ``models[owner[t]]`` computes, so a dependent head
+    (ESMM's CTCVR) uses the upstream score of its own copy. Offers what evaluation and export use of a
+    ``MultiTaskModel`` (``run``, ``predict``, ``forward``, ``heads``, ``task_names``, ``encoders``,
+    ``label_slices``, ``task_label``); each copy is evaluated once per batch."""
+
+    def __init__(self, models: list[MultiTaskModel], owner: dict[str, int]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.owner = dict(owner)
+        first = models[0]
+        self.task_names = list(first.task_names)
+        self.label_slices = first.label_slices
+        # plain attributes (not submodules): the modules are registered once, under `models`
+        self.__dict__["encoders"] = first.encoders
+        self.__dict__["heads"] = {t: models[owner[t]].heads[t] for t in self.task_names}
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        results = {i: self.models[i].run(inputs) for i in sorted(set(self.owner.values()))}
+        return ({t: results[self.owner[t]][0][t] for t in self.task_names},
+                {t: results[self.owner[t]][1][t] for t in self.task_names})
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.run(inputs)[0]
+
+    def predict(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.run(inputs)[1]
+
+    def task_label(self, labels: torch.Tensor, mask: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.models[0].task_label(labels, mask, task)
+
+
 def example_input(kind: str, features: list, n: int) -> torch.Tensor:
     """Zeros shaped like ``n`` preprocessed rows of the features of ``kind`` (dry runs, ONNX export)."""
     if kind == "categorical":
