@@ -1,17 +1,8 @@
-"""``recmtl export``: one self-contained ONNX file from a run directory.
-
-Inputs are the raw feature columns (int64 or string for categorical, float32 for dense, dynamic batch);
-vocabulary lookup (``ai.onnx.ml.LabelEncoder``) or hashing, null handling and standardisation run inside
-the graph. An image feature is a float32 input ``[batch, C, H, W]`` with pixels scaled to [0, 1]: decoding
-PNG/JPEG bytes stays outside the graph (``recmtl.data.images``, used by ``recmtl score`` and ``recmtl serve``).
-A sequence feature is an int64 or string input ``[batch, max_length]``: a row's last items, the unused
-positions holding the padding sentinel (``recmtl.serving.wire.PAD_INT`` = INT64_MIN + 1, ``PAD_STRING``), which
-the in-graph lookup maps to the padding id; nulls inside a list are missing values as for categorical.
-One output per task: ``[batch]`` (a probability for binary heads, pCTCVR for ESMM, a value for regression)
-or ``[batch, K]`` (class probabilities of a multiclass head, attribute probabilities of a multilabel head,
-their names in the metadata's ``classes``). The recmtl
-schema, task names and versions are in ``metadata_props``. Export checks parity against PyTorch on
-sample rows and writes nothing when it fails.
+"""The exported ONNX graph: the torch model on preprocessed tensors (``torch.onnx.export``), with the preprocessing
+in front of it, one function per column kind, each the in-graph twin of its numpy transform in
+``recmtl.schema.columns`` (``categorical_ids``, ``dense_values``, ``image_values``, ``sequence_ids``; ``ids_nodes``
+for the vocabulary lookup or hashing they share). The raw inputs are in the wire format of
+``recmtl.serving.wire``.
 """
 from __future__ import annotations
 
