@@ -106,7 +106,7 @@ def train(
     if device is not None:
         set_ = [*set_, f"train.device={device}"]
     from recmtl.config import load_config, parse_config, read_raw, set_dotted
-    from recmtl.rundir import CONFIG
+    from recmtl.rundir import CONFIG, require_trusted_plugins
     from recmtl.training.evaluate import format_table
     from recmtl.training.loop import train as run_training
     if resume and (out / CONFIG).is_file():
@@ -115,6 +115,7 @@ def train(
             key, _, value = item.partition("=")
             set_dotted(raw, key, __import__("yaml").safe_load(value))
         cfg = parse_config(raw, out, str(out / CONFIG))
+        require_trusted_plugins(out, cfg.plugin_modules(), State.plugins)
     else:
         cfg = load_config(config, set_)
     summary = run_training(cfg, out, _registry(cfg.plugin_modules()), resume=resume)

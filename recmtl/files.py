@@ -3,12 +3,15 @@ write never leaves a file that looks complete."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from recmtl.errors import DataError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -27,9 +30,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp_path.exists():
             os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, target)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"no space left on the device to write {target} ({exc.strerror}); nothing was "
+                            "written there") from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def sweep_temporary_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted ``atomic_path`` writes left in ``folder`` and its subfolders (``.NAME.*.tmp``);
+    returns them. Only for a folder no other process is writing to."""
+    found = [p for p in Path(folder).rglob(".*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

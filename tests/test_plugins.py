@@ -57,10 +57,15 @@ def test_user_module_plugin_is_listed_and_trains(cli, funnel_dir, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "per_task_linear", "width": 4})
     r = cli("--plugin", mod, "train", cfg, "--out", tmp_path / "run")
     assert r.code == 0, r
-    # plugins named in the config load too, .py paths relative to the config (evaluate needs no --plugin)
+    # plugins named in the config load too, .py paths relative to the config
     cfg2 = write_config(tmp_path / "c2.yaml", funnel_dir, tower={"name": "per_task_linear"}, plugins=["my_towers.py"])
     assert cli("train", cfg2, "--out", tmp_path / "run2").code == 0
-    r = cli("evaluate", tmp_path / "run2", funnel_dir / "test.parquet", "--json")
+    # ... but a run directory is code: its saved plugins load only when named again
+    for args in (("evaluate", tmp_path / "run2", funnel_dir / "test.parquet"),
+                 ("train", cfg2, "--out", tmp_path / "run2", "--resume")):
+        r = cli(*args)
+        assert r.code == 2 and "names plugin code to import" in r.err and f"--plugin {mod}" in r.err, r
+    r = cli("--plugin", mod, "evaluate", tmp_path / "run2", funnel_dir / "test.parquet", "--json")
     assert r.code == 0 and json.loads(r.out)["metrics"]["click"]["auc"] > 0.5
 
 

@@ -213,8 +213,23 @@ def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(model_path: str, threads: int | None, spin: bool) -> None:
+def _worker_init(model_path: str, threads: int | None, spin: bool, parent: int | None = None) -> None:
+    if parent is not None:
+        _exit_with(parent)
     _WORKER["scorer"] = Scorer(model_path, threads, spin)
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker process when ``parent`` is gone (``kill -9`` of ``recmtl score`` must not leave workers)."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="recmtl-parent-watch").start()
 
 
 def _worker_score(path: str, row_group: int, keep: Sequence[str], batch_size: int, read_rows: int) -> pa.Table:
@@ -270,10 +285,11 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
         else:
             import concurrent.futures as cf
             import multiprocessing as mp
+            import os
             units = [(str(source.paths[i]), rg) for i, rg in source.units]
             ctx = mp.get_context("spawn")
             with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                        initargs=(str(model_path), threads or 1, spin)) as pool:
+                                        initargs=(str(model_path), threads or 1, spin, os.getpid())) as pool:
                 pending: list[cf.Future] = []
                 for unit in units:  # a bounded window of row groups in flight, written in order
                     pending.append(pool.submit(_worker_score, *unit, list(keep), batch_size, read_rows))

@@ -13,7 +13,7 @@ from recmtl.config import Config, parse_config, read_raw
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
 from recmtl.registry import Registry, load_registry
-from recmtl.rundir import BEST, CONFIG, LAST, RunDir, epoch_checkpoint
+from recmtl.rundir import BEST, CONFIG, LAST, RunDir, epoch_checkpoint, require_trusted_plugins
 from recmtl.schema import FittedSchema
 from recmtl.training.batches import blocks, minibatches
 from recmtl.training.model import MultiTaskModel, PerTaskModel
@@ -158,6 +158,7 @@ def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] =
     run_dir = files.path
     config_path = files.require(CONFIG)
     config = parse_config(read_raw(config_path), run_dir, str(config_path))
+    require_trusted_plugins(run_dir, config.plugin_modules(), list(plugins))
     registry = load_registry([*config.plugin_modules(), *plugins], disabled)
     schema = FittedSchema.load(run_dir)
     epochs = files.task_best_epochs() if checkpoint == PER_TASK else None

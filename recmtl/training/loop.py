@@ -22,6 +22,7 @@ from recmtl.config import Config, dump_config
 from recmtl.contracts import Balancer
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import ConfigError, DataError
+from recmtl.files import sweep_temporary_files
 from recmtl.registry import Registry
 from recmtl.rundir import BEST, LAST, RunDir, epoch_checkpoint
 from recmtl.schema import FittedSchema, check_types, fit_schema
@@ -71,19 +72,40 @@ def versions() -> dict[str, str]:
 
 
 def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool = False) -> dict[str, Any]:
-    """Train ``config`` into ``run_dir``; returns the content of ``metrics.json``."""
-    run_dir = Path(run_dir)
-    files = RunDir(run_dir)
+    """Train ``config`` into ``run_dir``; returns the content of ``metrics.json``. Rank 0 holds the run directory's
+    lock while it trains (a second ``recmtl train`` into it is refused) and first sweeps the temporary files that
+    interrupted writes left there."""
     rank, world, _ = env_world()
     if config.train.batch_size % world:
         raise ConfigError(f"train.batch_size {config.train.batch_size} is the global batch and must be divisible by "
                           f"the number of processes ({world})")
-    if rank == 0 and resume and not files.file(LAST).is_file():
-        raise ConfigError(f"nothing to resume: {run_dir} has no {LAST}")
-    if rank == 0 and not resume and files.holds_run:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    if rank != 0:
+        return _train(config, Path(run_dir), registry, resume)
+    files = RunDir(run_dir)
+    with files.lock():
+        swept = sweep_temporary_files(files.path)
+        if swept:
+            say(f"removed {len(swept)} temporary file(s) left by an interrupted run: "
+                + ", ".join(str(p.relative_to(files.path)) for p in swept[:5]))
+        if resume and not files.file(LAST).is_file():
+            if not files.file(BEST).is_file():
+                raise ConfigError(f"nothing to resume: {files.path} has no {LAST}")
+            say(f"{files.path} has {BEST} but no {LAST}: the run was interrupted while writing its first checkpoint; "
+                "training it again from the start")
+            files.discard_checkpoints()
+            resume = False
+        if not resume and files.holds_run:
+            hint = (f"; it has no {LAST} (interrupted during its first checkpoint): pass --resume to train it again "
+                    "from the start" if not files.file(LAST).is_file() else "; pass --resume to continue it")
+            raise ConfigError(f"{files.path} already holds a run{hint}, or choose another --out")
+        return _train(config, files.path, registry, resume)
+
+
+def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> dict[str, Any]:
+    files = RunDir(run_dir)
     ctx = setup(config.train.device)  # under torchrun: joins the process group (recmtl/distributed.py)
     main = ctx.is_main  # only rank 0 reads and writes the run directory
+    resume = ctx.broadcast_object(resume)  # rank 0 may have turned an interrupted first epoch into a fresh start
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
