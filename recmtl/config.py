@@ -1,6 +1,7 @@
 """The run configuration: a YAML/TOML file validated up front with pydantic."""
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -135,6 +136,27 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # every N steps: weights, per-task gradient norms and cosines on the shared parameters -> balance.jsonl
     log_every: int = Field(200, ge=0)
+    # also save last.pt inside an epoch: every N steps (an int) or every "30s" / "10m" / "1h" (0 = at epoch ends only);
+    # --resume then continues from that step with the same batches as an uninterrupted run
+    checkpoint_every: int | str = 0
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _checkpoint_every(cls, v: int | str) -> int | str:
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError("checkpoint_every must be 0 (off), a number of steps, or a duration like '10m'")
+            return v
+        if not re.fullmatch(r"\d+(\.\d+)?(s|m|h)", v.strip()):
+            raise ValueError(f"checkpoint_every '{v}': use a number of steps (e.g. 500) or a duration: 30s, 10m, 1h")
+        return v.strip()
+
+    def checkpoint_interval(self) -> tuple[int, float]:
+        """``checkpoint_every`` as (steps, seconds); 0 where it does not apply."""
+        if isinstance(self.checkpoint_every, int):
+            return self.checkpoint_every, 0.0
+        value, unit = float(self.checkpoint_every[:-1]), self.checkpoint_every[-1]
+        return 0, value * {"s": 1, "m": 60, "h": 3600}[unit]
 
 
 class EvaluationConfig(_Strict):

@@ -232,3 +232,44 @@ def _funnel_test(trained: Path) -> Path:
     import yaml
     cfg = yaml.safe_load((trained / "config.yaml").read_text())
     return Path(cfg["data"]["validation"])
+
+
+@pytest.mark.slow
+def test_a_kill_mid_epoch_resumes_to_exactly_the_uninterrupted_result(funnel_dir, tmp_path):
+    """train.checkpoint_every: last.pt inside the epoch; --resume continues from that step with the same batches
+    (bit-identical parameters and losses at the end)."""
+    train = {"batch_size": 256, "epochs": 2, "progress": False, "threads": 1, "checkpoint_every": 5,
+             "early_stopping": {"patience": 0}}
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, train=train,
+                       tower={"name": "mmoe", "num_experts": 2, "expert_units": [16], "task_units": [8], "dropout": 0.1})
+    from conftest import run_subprocess
+    whole = tmp_path / "whole"
+    r = run_subprocess("train", cfg, "--out", whole)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([RECMTL, "train", str(cfg), "--out", str(cut)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, killed_at = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            state = RunDir(cut).load_checkpoint(LAST)
+        except (DataError, FileNotFoundError, OSError):
+            state = None
+        if state is not None and state.get("in_epoch") and state["in_epoch"]["epoch"] == 1 and state["in_epoch"]["steps"] >= 10:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = state["in_epoch"]["steps"]
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, "training finished before it could be killed mid-epoch"
+    r = run_subprocess("train", cfg, "--out", cut, "--resume")
+    assert r.returncode == 0 and "of epoch 2" in r.stderr, r.stderr[-2000:]
+    a, b = RunDir(whole).load_checkpoint(LAST), RunDir(cut).load_checkpoint(LAST)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    import json
+    ha, hb = (json.loads((d / "metrics.json").read_text())["history"] for d in (whole, cut))
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
+    assert [h["validation"] for h in ha] == [h["validation"] for h in hb]

@@ -2,6 +2,7 @@
 checkpoints, ``--resume``, and the run directory."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import platform
@@ -154,7 +155,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     hook = registry.pm.hook
     balance_log = BalanceLog(files.balance_log, config.train.log_every if main else 0, model.task_names)
 
-    start_epoch, best, best_epoch, bad_epochs = 0, None, -1, 0
+    start_epoch, best, best_epoch, bad_epochs, in_epoch = 0, None, -1, 0, None
     if resume:
         state = ctx.broadcast_object(files.load_checkpoint(LAST) if main else None)
         model.load_state_dict(state["model"])
@@ -164,12 +165,15 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
             opt.load_state_dict(opt_state)
         start_epoch, best, best_epoch, bad_epochs = state["epoch"] + 1, state["best"], state["best_epoch"], state["bad_epochs"]
         task_monitors.load_state_dict(state.get("task_monitors", {}))
+        in_epoch = state.get("in_epoch")  # saved inside an epoch (train.checkpoint_every)
         loss_fallback.value, loss_fallback.epoch = state.get("loss_fallback", (math.nan, -1))
         run.history = state["history"]
         balance_log.step = state.get("global_step", 0)
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
-        say(f"resuming {run_dir} after epoch {state['epoch'] + 1} (best {monitor.spec} = {best} at epoch {best_epoch + 1})")
+        where = (f"at step {in_epoch['steps']} of epoch {in_epoch['epoch'] + 1}" if in_epoch
+                 else f"after epoch {state['epoch'] + 1}")
+        say(f"resuming {run_dir} {where} (best {monitor.spec} = {best} at epoch {best_epoch + 1})")
         trained_for = state.get("epochs", _saved_epochs(files))  # train.epochs when the run last trained
         if state.get("stopped_early") and config.train.epochs > trained_for and start_epoch < config.train.epochs:
             say(f"the run had stopped early after epoch {start_epoch}; train.epochs {trained_for} -> "
@@ -190,6 +194,13 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     balancer_state = [*balancer.parameters(), *balancer.buffers()]
     patience = config.train.early_stopping.patience
     tc = config.train
+    every_steps, every_seconds = tc.checkpoint_interval()
+
+    def save_last(state: dict[str, Any]) -> None:
+        state["amp"] = precision.state_dict()
+        path = files.save_checkpoint(LAST, state)
+        hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=False)
+
     for epoch in range(start_epoch, tc.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         model.train()
@@ -198,8 +209,16 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         applied: dict[str, float] = {}
         stream = minibatches(blocks(train_src, schema, config.data.read_rows, rng, shard=ctx.shard), rank_batch,
                              config.data.shuffle_buffer, rng)
-        with tqdm(total=train_src.num_rows, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="row", unit_scale=True,
-                  disable=not tc.progress or not main, file=sys.stderr, mininterval=1.0) as bar:
+        if in_epoch is not None and in_epoch["epoch"] == epoch:
+            # the same batches as the interrupted run: the epoch's stream again, its first steps read and dropped
+            steps, rows, applied = in_epoch["steps"], in_epoch["rows"], in_epoch["applied"]
+            loss_sum = dict(in_epoch["loss_sum"])
+            t0 -= in_epoch["seconds"]
+            stream = itertools.islice(stream, steps, None)
+        in_epoch = None
+        saved_at = time.perf_counter()
+        with tqdm(total=train_src.num_rows, initial=rows * ctx.world, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="row",
+                  unit_scale=True, disable=not tc.progress or not main, file=sys.stderr, mininterval=1.0) as bar:
             for batch in ctx.steps(batches_to(stream, ctx.device)):  # the same step count on every rank
                 with precision.autocast():
                     outputs = model(batch.inputs)
@@ -221,6 +240,19 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                 bar.update(batch.rows * ctx.world)
                 if steps % 50 == 0:
                     bar.set_postfix({t: f"{loss_sum[t] / steps:.4f}" for t in model.task_names}, refresh=False)
+                if main and ((every_steps and steps % every_steps == 0)
+                             or (every_seconds and time.perf_counter() - saved_at >= every_seconds)):
+                    # under torchrun the resumed epoch's train loss continues from rank 0's partial sums
+                    save_last({"model": model.state_dict(), "balancer": balancer.state_dict(),
+                               "optimizers": [o.state_dict() for o in optimizers], "epoch": epoch - 1, "best": best,
+                               "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": run.history,
+                               "stopped_early": False, "global_step": balance_log.step, "epochs": tc.epochs,
+                               "task_monitors": task_monitors.state_dict(),
+                               "loss_fallback": (loss_fallback.value, loss_fallback.epoch),
+                               "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+                               "in_epoch": {"epoch": epoch, "steps": steps, "rows": rows, "loss_sum": dict(loss_sum),
+                                            "seconds": time.perf_counter() - t0, "applied": dict(applied)}})
+                    saved_at = time.perf_counter()
         seconds = time.perf_counter() - t0
         if ctx.world > 1:  # every rank's losses, steps and rows
             *sums, steps, rows = ctx.all_sum([*loss_sum.values(), steps, rows])
@@ -277,7 +309,6 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                  "global_step": balance_log.step, "epochs": tc.epochs, "task_monitors": task_monitors.state_dict(),
                  "loss_fallback": (loss_fallback.value, loss_fallback.epoch),
                  "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
-        state["amp"] = precision.state_dict()
         if improved and main:
             path = files.save_checkpoint(BEST, {"model": model.state_dict(), "epoch": epoch})
             hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=True)
@@ -285,8 +316,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
             files.save_checkpoint(epoch_checkpoint(epoch + 1), {"model": model.state_dict(), "epoch": epoch})
             files.prune_epoch_checkpoints({task_monitors.best_epoch(t) + 1 for t in model.task_names})
         if main:
-            path = files.save_checkpoint(LAST, state)
-            hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=False)
+            save_last(state)
             files.write_metrics(_summary(run.history, best_epoch, monitor.spec, None, task_monitors))
             hook.recmtl_epoch_end(run=run, epoch=epoch + 1, metrics=record)
         if stop:
