@@ -506,3 +506,86 @@ def test_a_folder_of_only_bad_models_is_a_clear_error(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     r = run_subprocess("serve", tmp_path, "--port", str(free_port()), timeout=60)
     assert r.returncode == 2 and "no model in" in r.stderr and "'bad'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- 9. scoring: one-line errors for damaged or inconsistent input, null-typed columns accepted -------------------
+def _lying_footer(src, dst, rows: int) -> None:
+    """``src`` (one row group of ``rows`` rows) with footers that declare 2000 rows: pyarrow reads it short."""
+    import struct
+
+    def varint(n: int) -> bytes:
+        out, n = b"", n * 2  # zigzag of a non-negative i64
+        while n >= 0x80:
+            out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+        return out + bytes([n])
+    raw = src.read_bytes()
+    length = struct.unpack("<I", raw[-8:-4])[0]
+    footer = raw[-8 - length:-8]
+    assert len(varint(rows)) == len(varint(2000))
+    patched = footer.replace(b"\x16" + varint(rows), b"\x16" + varint(2000))  # num_rows / num_values (i64 fields)
+    dst.write_bytes(raw[:-8 - length] + patched + raw[-8:])
+
+
+def test_scoring_errors_are_one_line(cli, exported, holey_data, tmp_path):  # noqa: F811
+    import pyarrow as pa
+    table = pq.read_table(holey_data / "test.parquet").slice(0, 1500)
+    model, out = exported / "model.onnx", tmp_path / "s.parquet"
+    # a file whose rows read fewer than its footer says
+    pq.write_table(table, tmp_path / "full.parquet", row_group_size=1500)
+    _lying_footer(tmp_path / "full.parquet", tmp_path / "short.parquet", 1500)
+    assert pq.ParquetFile(tmp_path / "short.parquet").metadata.num_rows == 2000
+    for workers in ("1", "2"):
+        r = cli("score", model, tmp_path / "short.parquet", "-o", out, "--no-progress", "--workers", workers)
+        assert r.code == 2 and "read 1,500 rows" in r.err and "declare 2,000" in r.err, r
+        assert not out.exists()
+    # a --keep column whose type changes across files
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(table.slice(0, 700), parts / "a.parquet")
+    other = table.slice(700).set_column(table.schema.get_field_index("row_id"), "row_id",
+                                        pa.array([str(v) for v in table["row_id"].to_pylist()[700:]]))
+    pq.write_table(other, parts / "b.parquet")
+    r = cli("score", model, parts, "-o", out, "--keep", "row_id", "--no-progress")
+    assert r.code == 2 and "--keep column 'row_id' is string in" in r.err and "b.parquet" in r.err, r
+    assert not out.exists() and "Traceback" not in r.err
+    # an input column of the wrong kind in the second file only: named with its file
+    wrong = table.slice(700).set_column(table.schema.get_field_index("d01"), "d01", pa.array(["x"] * 800))
+    pq.write_table(wrong, parts / "b.parquet")
+    r = cli("score", model, parts, "-o", out, "--no-progress")
+    assert r.code == 2 and "b.parquet: column 'd01' has type string" in r.err, r
+
+
+def test_an_arrow_error_while_opening_a_file_is_a_data_error(holey_data, monkeypatch):  # noqa: F811
+    import pyarrow as pa
+    import pyarrow.parquet as pqm
+
+    from recmtl.data.parquet import ParquetSource
+    from recmtl.errors import DataError
+
+    def unsupported(*args, **kwargs):
+        raise pa.ArrowNotImplementedError("Not implemented: reading a type of the footer")
+    monkeypatch.setattr(pqm, "ParquetFile", unsupported)
+    with pytest.raises(DataError, match="not a readable Parquet file.*Not implemented"):
+        ParquetSource(str(holey_data / "test.parquet"))
+
+
+def test_damaged_dictionary_indices_and_null_typed_columns(cli, exported, holey_data, tmp_path):  # noqa: F811
+    import pyarrow as pa
+
+    from recmtl.errors import DataError
+    from recmtl.serving.score import Scorer, to_feeds
+    scorer = Scorer(exported / "model.onnx")
+    table = pq.read_table(holey_data / "test.parquet").slice(0, 50)
+    damaged = pa.DictionaryArray.from_arrays(pa.array([0, 1, 9], pa.int32()), pa.array(["a", "b"]), safe=False)
+    batch = table.slice(0, 3).set_column(table.schema.get_field_index("c03"), "c03", damaged)
+    with pytest.raises(DataError, match="column 'c03' is damaged"):
+        to_feeds(batch, scorer.inputs)
+    # an all-null column of Arrow type null is every value missing, as with nulls of the column's own type
+    i = table.schema.get_field_index("user_id")
+    typed = table.set_column(i, "user_id", pa.nulls(50, pa.int64()))
+    untyped = table.set_column(i, "user_id", pa.nulls(50))
+    pq.write_table(untyped, tmp_path / "nulls.parquet")
+    r = cli("score", exported / "model.onnx", tmp_path / "nulls.parquet", "-o", tmp_path / "s.parquet", "--no-progress")
+    assert r.code == 0, r
+    np.testing.assert_array_equal(pq.read_table(tmp_path / "s.parquet")["click"].to_numpy(),
+                                  scorer.score(typed).column("click").to_numpy())
