@@ -259,7 +259,7 @@ def test_body_limit(exported, rows):  # noqa: F811
 
 
 def test_graceful_shutdown_finishes_in_flight_request(exported, rows):  # noqa: F811
-    srv = Server(exported / "model.onnx", "--max-body-mb", "256")
+    srv = Server(exported / "model.onnx", "--max-body-mb", "256", "--max-request-rows", "200000")
     try:
         big = {"instances": instances(rows) * 3000}  # 192k rows: seconds of work for the server
         body = json.dumps(big).encode()
