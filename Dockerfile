@@ -13,10 +13,13 @@ COPY pyproject.toml README.md ./
 COPY recmtl ./recmtl
 COPY recmtl_plugins ./recmtl_plugins
 
+# onnxruntime 1.32 refuses external-data paths outside the model's folder (1.22 followed them); recmtl itself
+# refuses any model with external data before onnxruntime opens it (recmtl/serving/modelfile.py). The pins are
+# the versions the test suite runs.
 RUN pip install --no-cache-dir --no-deps . \
     && pip install --no-cache-dir \
-        "onnxruntime==1.22.0" "pyarrow==20.0.0" "numpy==2.2.6" "pluggy==1.6.0" \
-        "typer==0.16.0" "tqdm==4.67.1" "starlette==0.47.0" "uvicorn[standard]==0.34.3" "prometheus-client==0.22.1" "orjson==3.10.18" \
+        "onnxruntime==1.32.0" "pyarrow==26.0.1" "numpy==2.4.6" "pluggy==1.7.0" \
+        "typer==0.29.2" "tqdm==4.70.1" "starlette==1.10.0" "uvicorn[standard]==0.54.0" "prometheus-client==0.26.0" "orjson==3.13.0" \
     && groupadd --gid 10001 recmtl && useradd --create-home --uid 10001 --gid 10001 recmtl
 
 USER 10001:10001

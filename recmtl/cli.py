@@ -266,12 +266,23 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request may wait for others to batch with.")] = 2.0,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Larger request bodies get 413.")] = 16.0,
     threads: Annotated[Optional[int], typer.Option(min=1, help="onnxruntime threads per worker.")] = None,
+    max_request_rows: Annotated[int, typer.Option(min=1, help="Requests of more rows get 413.")] = 65_536,
+    max_concurrency: Annotated[int, typer.Option(min=1, help="Inference requests in flight per worker; "
+                                                        "more get 503 with Retry-After.")] = 64,
+    read_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request's head, then its body, may take "
+                                                         "to arrive (else 408).")] = 10.0,
+    max_inflight_mb: Annotated[float, typer.Option(min=0.001, help="Request bodies in flight per worker, in all; "
+                                                              "more get 503 with Retry-After.")] = 64.0,
+    max_connections: Annotated[int, typer.Option(min=1, help="Open connections per worker; requests on more "
+                                                        "get 503 with Retry-After.")] = 1024,
 ) -> None:
     """Serve exported models over HTTP: Open Inference Protocol (v2), /v1 JSON predict, /metrics."""
     from recmtl.serving.app import ServeOptions
     from recmtl.serving.app import serve as run_server
     typer.echo(f"serving {model} on http://{host}:{port} (v2: /v2/models/NAME/infer, v1: /v1/models/NAME/predict)")
-    run_server(model, host, port, workers, ServeOptions(max_batch_size, max_wait_ms, int(max_body_mb * (1 << 20)), threads))
+    run_server(model, host, port, workers, ServeOptions(max_batch_size, max_wait_ms, int(max_body_mb * (1 << 20)), threads,
+                                                        max_request_rows, max_concurrency, int(max_inflight_mb * (1 << 20)),
+                                                        read_timeout, max_connections=max_connections))
 
 
 @app.command()

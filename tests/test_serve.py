@@ -179,7 +179,7 @@ def test_v1_bad_features(server, rows):
     (lambda b: b["inputs"][0].update(shape=[5]), "needs 5 values"),
     (lambda b: b["inputs"][0].update(shape=[2, 3]), "shape must be"),
     (lambda b: b["inputs"][0].update(datatype="BYTES", data=["a", "b"]), "expects INT64"),
-    (lambda b: b["inputs"][0].update(datatype="INT64", data=["a", "b"]), "must be numbers"),
+    (lambda b: b["inputs"][0].update(datatype="INT64", data=["a", "b"]), "must be integers"),
     (lambda b: b["inputs"][0].update(name="nope"), "unknown input 'nope'"),
     (lambda b: b["inputs"].pop(), "missing input(s)"),
     (lambda b: b.update(inputs=[]), "non-empty"),
@@ -259,7 +259,7 @@ def test_body_limit(exported, rows):  # noqa: F811
 
 
 def test_graceful_shutdown_finishes_in_flight_request(exported, rows):  # noqa: F811
-    srv = Server(exported / "model.onnx", "--max-body-mb", "256")
+    srv = Server(exported / "model.onnx", "--max-body-mb", "256", "--max-request-rows", "200000")
     try:
         big = {"instances": instances(rows) * 3000}  # 192k rows: seconds of work for the server
         body = json.dumps(big).encode()

@@ -39,15 +39,17 @@ def is_image_type(typ: pa.DataType) -> str | None:
 
 
 def _decode_one(data: bytes, name: str, row: int, channels: int, height: int, width: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.size != (width, height):
                 raise DataError(f"image column '{name}', row {row}: {img.size[0]}x{img.size[1]} pixels, "
                                 f"the model expects width {width} x height {height}")
             pixels = np.asarray(img.convert(MODES[channels]), dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"image column '{name}', row {row}: not a readable image ({exc})") from None
+    except DataError:
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ... for damaged data
+        raise DataError(f"image column '{name}', row {row}: not a readable image ({type(exc).__name__}: {exc})") from None
     pixels = pixels.reshape(height, width, channels)
     return pixels.transpose(2, 0, 1) / np.float32(255.0)
 

@@ -39,7 +39,7 @@ def open_parquet(path: Path, read_dictionary: Sequence[str] = ()) -> pq.ParquetF
         strings = [c for c in read_dictionary if c in schema.names
                    and (pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type))]
         return pq.ParquetFile(path, metadata=pf.metadata, read_dictionary=strings) if strings else pf
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:  # ArrowInvalid, ArrowNotImplementedError (a type it cannot read), ...
         raise DataError(f"{path} is not a readable Parquet file (corrupt or another format): {exc}") from None
 
 
@@ -95,7 +95,7 @@ class ParquetSource:
                     if u in shared:  # rank r keeps rows r, r + world, ...
                         batch = batch.take(pa.array(np.arange(shard[0], batch.num_rows, shard[1])))
                     yield batch
-            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+            except (pa.ArrowException, OSError) as exc:
                 raise DataError(f"failed reading {self.paths[file_index]} (row group {row_group}): {exc}") from None
 
 

@@ -4,16 +4,27 @@
   ``POST /v2/models/{name}/infer`` with JSON tensors or Triton's binary-data extension.
 * ``POST /v1/models/{name}/predict`` with ``{"instances": [{column: value, ...}]}`` (raw values, nulls allowed).
 * ``GET /metrics``: Prometheus text (requests by route and status, latency, batch sizes).
-* Dynamic micro-batching: concurrent requests to a model are merged into one onnxruntime call.
-* Anything a client sends wrong is a 4xx with ``{"error": ...}``; bodies over the limit are a 413.
+* Dynamic micro-batching: concurrent requests to a model are merged into one onnxruntime call; a large
+  request runs in calls of ``max_batch_size`` rows.
+* Anything a client sends wrong is a 4xx with ``{"error": ...}`` (413 over the body or row limit, 408 for a body
+  slower than ``read_timeout_s``); a request that comes while ``max_concurrency`` requests are being answered,
+  or whose body would make more than ``max_inflight_bytes`` of bodies in flight, gets a 503 with ``Retry-After``
+  (a request alone is always admitted); an unexpected server error is a JSON 500, its traceback logged once per
+  kind.
+* A model that fails to load is left out (its routes answer 503 with the reason); the others are served.
+* Request heads (size, time) and the number of connections are bounded by ``recmtl.serving.protocol``.
 
 Request decoding lives in ``recmtl.serving.decoders``, micro-batching in ``recmtl.serving.batcher``.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import time
+import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +46,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import recmtl
-from recmtl.errors import RecmtlError
+from recmtl.errors import DataError, RecmtlError
 from recmtl.serving.batcher import MicroBatcher
 from recmtl.serving.decoders import ClientError, RequestDecoder, merge_feeds
 from recmtl.serving.score import Scorer
@@ -43,6 +54,9 @@ from recmtl.serving.triton import discover_models
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = b"application/json"
+CLOSE = (b"connection", b"close")
+OFF_LOOP_BYTES = 256 << 10  # bodies from this size are decoded and answered in a thread
+log = logging.getLogger("uvicorn.error")
 
 
 class JSONResponse(_StarletteJSON):
@@ -54,10 +68,39 @@ class JSONResponse(_StarletteJSON):
 
 @dataclass
 class ServeOptions:
+    """What ``recmtl serve`` takes; the limits bound what one client can make the server hold."""
+
     max_batch_size: int = 256  # rows per onnxruntime call; 0 disables micro-batching
     max_wait_ms: float = 2.0
     max_body_bytes: int = 16 << 20
     threads: int | None = None
+    max_request_rows: int = 65_536  # rows in one request; more is a 413
+    max_concurrency: int = 64  # inference requests in flight per worker; more get a 503 with Retry-After
+    max_inflight_bytes: int = 64 << 20  # their bodies' size (Content-Length) in all; more get a 503 too
+    read_timeout_s: float = 10.0  # for a request's head, and then for its body
+    max_header_bytes: int = 64 << 10  # a larger request head is a 431
+    max_connections: int = 1024  # open connections per worker; requests on more get a 503
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+
+    #: the environment variables ``app_from_env`` (in every worker process) reads the options from
+    ENV = {"max_batch_size": "RECMTL_SERVE_MAX_BATCH", "max_wait_ms": "RECMTL_SERVE_MAX_WAIT_MS",
+           "max_body_bytes": "RECMTL_SERVE_MAX_BODY", "threads": "RECMTL_SERVE_THREADS",
+           "max_request_rows": "RECMTL_SERVE_MAX_ROWS", "max_concurrency": "RECMTL_SERVE_MAX_CONCURRENCY",
+           "max_inflight_bytes": "RECMTL_SERVE_MAX_INFLIGHT",
+           "read_timeout_s": "RECMTL_SERVE_READ_TIMEOUT", "max_header_bytes": "RECMTL_SERVE_MAX_HEADER",
+           "max_connections": "RECMTL_SERVE_MAX_CONNECTIONS", "keep_alive_s": "RECMTL_SERVE_KEEP_ALIVE"}
+
+    def to_env(self) -> dict[str, str]:
+        return {var: "" if getattr(self, key) is None else str(getattr(self, key)) for key, var in self.ENV.items()}
+
+    @classmethod
+    def from_env(cls) -> ServeOptions:
+        defaults, values = cls(), {}
+        for key, var in cls.ENV.items():
+            raw, default = os.environ.get(var, ""), getattr(defaults, key)
+            if raw:
+                values[key] = float(raw) if isinstance(default, float) else int(raw)
+        return cls(**values)
 
 
 @dataclass
@@ -73,14 +116,58 @@ class ServedModel:
     batcher: MicroBatcher = field(init=False)
 
     def __post_init__(self) -> None:
-        self.decoder = RequestDecoder(self.scorer.inputs, self.scorer.tasks)
+        self.decoder = RequestDecoder(self.scorer.inputs, self.scorer.tasks, self.options.max_request_rows)
         inputs, session, tasks = self.scorer.inputs, self.scorer.session, self.scorer.tasks
-        self.batcher = MicroBatcher(lambda feeds: session.run(tasks, feeds), lambda parts: merge_feeds(parts, inputs),
+        shrink = self.scorer.shrink_arena_options()
+
+        def run(feeds: dict[str, np.ndarray], last_of_large: bool = False) -> list[np.ndarray]:
+            return session.run(tasks, feeds, shrink if last_of_large else None)
+        self.batcher = MicroBatcher(run, lambda parts: merge_feeds(parts, inputs),
                                     self.options.max_batch_size, self.options.max_wait_ms, self._observe)
 
     def _observe(self, rows: int) -> None:
         if self.batch_rows is not None:
             self.batch_rows.observe(rows)
+
+
+def load_models(target: str | Path, options: ServeOptions) -> tuple[dict[str, ServedModel], dict[str, str]]:
+    """The models of ``target`` (``discover_models``) with their sessions, and the reason of each that could
+    not be loaded (name -> message, logged once); a DataError when there is none to serve."""
+    models: dict[str, ServedModel] = {}
+    paths, failed = discover_models(target)
+    for name, reason in failed.items():
+        log.warning("model '%s' not served: %s", name, reason)
+    for name, path in paths.items():
+        try:
+            models[name] = ServedModel(name, path, Scorer(path, options.threads), options)
+        except Exception as exc:  # a damaged, foreign or unreadable file: the other models are still served
+            failed[name] = str(exc) if isinstance(exc, RecmtlError) else f"{path}: {type(exc).__name__}: {exc}"
+            log.warning("model '%s' not served: %s", name, failed[name])
+    if not models:
+        raise DataError(f"no model in {target} could be loaded: " + "; ".join(f"'{k}': {v}" for k, v in failed.items()))
+    return models, failed
+
+
+class ErrorLog:
+    """Logs an unexpected exception's traceback once per kind (type and the place it was raised), so that a
+    request which keeps failing cannot flood the log; at most ``limit`` kinds are told."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self.seen: set[tuple[str, str, int]] = set()
+        self.limit = limit
+
+    def __call__(self, route: str, exc: BaseException) -> None:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = (frames[-1].filename, frames[-1].lineno or 0) if frames else ("", 0)
+        kind = (type(exc).__name__, *where)
+        if kind in self.seen or len(self.seen) > self.limit:
+            return
+        self.seen.add(kind)
+        if len(self.seen) > self.limit:
+            log.error("more than %d kinds of internal errors: no more are logged", self.limit)
+            return
+        log.error("internal error on route %s (%s; logged once, later ones are counted in /metrics as status 500)",
+                  route, type(exc).__name__, exc_info=exc)
 
 
 def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIApp:
@@ -92,11 +179,11 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIA
                         buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
     batch_rows = Histogram("recmtl_batch_rows", "Rows per onnxruntime call", ["model"], registry=registry,
                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
-    models: dict[str, ServedModel] = {}
-    for name, path in discover_models(target).items():
-        m = ServedModel(name, path, Scorer(path, options.threads), options)
+    models, failed = load_models(target, options)
+    for name, m in models.items():
         m.batch_rows = batch_rows.labels(name)
-        models[name] = m
+    log_internal = ErrorLog()
+    inflight, inflight_bytes = 0, 0  # inference requests decoded, queued or run; the bodies of those and those being read
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -106,26 +193,34 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIA
 
     def model_named(name: str) -> ServedModel:
         if name not in models:
+            if name in failed:
+                raise ClientError(503, f"model '{name}' is not served: it failed to load ({failed[name]})")
             raise ClientError(404, f"unknown model '{name}'; served: {sorted(models)}")
         return models[name]
 
     async def read_body(headers: dict[bytes, bytes], receive: Receive) -> bytes | None:
-        """The request body from ASGI messages; None when the client went away."""
+        """The request body from ASGI messages, within ``read_timeout_s``; None when the client went away."""
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > options.max_body_bytes:
-            raise ClientError(413, f"body of {declared.decode()} bytes exceeds the limit of {options.max_body_bytes}")
+            raise ClientError(413, f"body of {declared.decode()} bytes exceeds the limit of {options.max_body_bytes} "
+                                   "(recmtl serve --max-body-mb)")
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > options.max_body_bytes:
-                raise ClientError(413, f"body exceeds the limit of {options.max_body_bytes} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            async with asyncio.timeout(options.read_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > options.max_body_bytes:
+                        raise ClientError(413, f"body exceeds the limit of {options.max_body_bytes} bytes (recmtl serve --max-body-mb)")
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        except TimeoutError:
+            raise ClientError(408, f"the request body did not arrive within {options.read_timeout_s:g} s "
+                                   f"({size} bytes received; recmtl serve --read-timeout)") from None
 
     def recorder(route: str) -> Callable[[int, float], None]:
         """``record(status, start)`` for one route: its request count by status and its latency."""
@@ -151,6 +246,9 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIA
                     response = error(exc.status, str(exc))
                 except RecmtlError as exc:
                     response = error(400, str(exc))
+                except Exception as exc:
+                    log_internal(route, exc)
+                    response = error(500, f"internal server error ({type(exc).__name__})")
                 record(response.status_code, start)
                 return response
             return handler
@@ -184,7 +282,17 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIA
         return JSONResponse({"name": m.name, "ready": True})
 
     # ---- the inference routes: (model, body, headers) -> (content, content type, extra headers) -----------------
-    async def infer(m: ServedModel, body: bytes, headers: dict[bytes, bytes]) -> tuple[bytes, bytes, list]:
+    # decoding and encoding are CPU work in proportion to the body: for a large one they run in a thread, so
+    # the event loop goes on reading other requests meanwhile
+    # in one thread of their own: each thread that allocates gets a malloc arena that keeps its peak
+    decoding = ThreadPoolExecutor(1, thread_name_prefix="recmtl-decode")
+
+    async def off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        if size < OFF_LOOP_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(decoding, fn, *args)
+
+    def decode_v2(m: ServedModel, body: bytes, headers: dict[bytes, bytes]) -> tuple[dict, dict, int, dict]:
         header_len = headers.get(HEADER_LENGTH.lower().encode())
         try:
             if header_len is not None:
@@ -198,7 +306,10 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIA
         if not isinstance(header, dict):
             raise ClientError(400, "the request must be a JSON object with 'inputs'")
         feeds, rows, wants = m.decoder.from_v2(header, binary)
-        outputs = dict(zip(m.scorer.tasks, await m.batcher.infer(feeds, rows)))
+        return header, feeds, rows, wants
+
+    def encode_v2(m: ServedModel, header: dict, scores: list[np.ndarray], rows: int, wants: dict[str, bool]) -> tuple[bytes, bytes, list]:
+        outputs = dict(zip(m.scorer.tasks, scores))
         out_json, blobs = [], []
         for name, binary_out in wants.items():
             values = outputs[name].reshape(-1).astype(np.float32)
@@ -219,40 +330,75 @@ def create_app(target: str | Path, options: ServeOptions | None = None) -> ASGIA
         head = orjson.dumps(result)
         return head + b"".join(blobs), b"application/octet-stream", [(HEADER_LENGTH.encode(), str(len(head)).encode())]
 
-    async def predict(m: ServedModel, body: bytes, headers: dict[bytes, bytes]) -> tuple[bytes, bytes, list]:
+    async def infer(m: ServedModel, body: bytes, headers: dict[bytes, bytes]) -> tuple[bytes, bytes, list]:
+        header, feeds, rows, wants = await off_loop(len(body), decode_v2, m, body, headers)
+        scores = await m.batcher.infer(feeds, rows)
+        return await off_loop(len(body), encode_v2, m, header, scores, rows, wants)
+
+    def decode_v1(m: ServedModel, body: bytes) -> tuple[Any, int]:
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise ClientError(400, f"malformed JSON: {exc}") from None
-        feeds, rows = m.decoder.from_instances(payload)
-        outputs = await m.batcher.infer(feeds, rows)
+        return m.decoder.from_instances(payload)
+
+    def encode_v1(m: ServedModel, outputs: list[np.ndarray], rows: int) -> tuple[bytes, bytes, list]:
         # one number per task and row, or a list of K class/attribute probabilities
         columns = [(o.reshape(rows, -1) if m.scorer.widths[t] else o.reshape(-1)).tolist()  # float32 -> float exactly
                    for t, o in zip(m.scorer.tasks, outputs)]
         return orjson.dumps({"model_name": m.name, "predictions": [dict(zip(m.scorer.tasks, row)) for row in zip(*columns)]}), JSON_TYPE, []
+
+    async def predict(m: ServedModel, body: bytes, headers: dict[bytes, bytes]) -> tuple[bytes, bytes, list]:
+        feeds, rows = await off_loop(len(body), decode_v1, m, body)
+        outputs = await m.batcher.infer(feeds, rows)
+        return await off_loop(len(body), encode_v1, m, outputs, rows)
 
     inference = {"predict": (predict, recorder("predict")), "infer": (infer, recorder("infer"))}
 
     async def answer(route: str, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         """An inference route straight from and to ASGI messages (no Request/Response objects, no routing or
         middleware: about a quarter of the event loop's time per 1-row request went there)."""
+        nonlocal inflight, inflight_bytes
         start = time.perf_counter()
         handle, record = inference[route]
+        counted = reserved = False
+        size = 0
         try:
             if scope["method"] != "POST":
                 raise ClientError(405, f"method {scope['method']} not allowed on {scope['path']}")
             m = model_named(name)
             headers = dict(scope["headers"])
+            declared = headers.get(b"content-length", b"")
+            size = min(int(declared), options.max_body_bytes) if declared.isdigit() else options.max_body_bytes
+            # answered before the body is read, so cheap under overload; a request alone is always admitted. A
+            # request counts in max_concurrency once its body is in (a slow client cannot hold a slot by sending
+            # slowly), and its declared body size in max_inflight_bytes from now on (memory stays bounded)
+            if inflight >= options.max_concurrency or (inflight_bytes and inflight_bytes + size > options.max_inflight_bytes):
+                raise ClientError(503, f"server busy: {inflight} requests being answered, {inflight_bytes / (1 << 20):.1f} MiB "
+                                       f"of bodies in flight (recmtl serve --max-concurrency {options.max_concurrency}, "
+                                       f"--max-inflight-mb {options.max_inflight_bytes / (1 << 20):g}); retry shortly")
+            inflight_bytes += size
+            reserved = True
             body = await read_body(headers, receive)
             if body is None:
                 return
+            inflight += 1
+            counted = True
             content, content_type, extra = await handle(m, body, headers)
             status = 200
         except ClientError as exc:
             status, content, content_type = exc.status, orjson.dumps({"error": str(exc)}), JSON_TYPE
-            extra = [(b"allow", b"POST")] if status == 405 else []
+            extra = {405: [(b"allow", b"POST")], 503: [(b"retry-after", b"1")], 408: [CLOSE], 413: [CLOSE]}.get(status, [])
         except RecmtlError as exc:
             status, content, content_type, extra = 400, orjson.dumps({"error": str(exc)}), JSON_TYPE, []
+        except Exception as exc:
+            log_internal(route, exc)
+            status, content, content_type, extra = 500, orjson.dumps({"error": f"internal server error ({type(exc).__name__})"}), \
+                JSON_TYPE, []
+        finally:
+            inflight -= counted
+            if reserved:
+                inflight_bytes -= size
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-length", str(len(content)).encode()), (b"content-type", content_type), *extra]})
         await send({"type": "http.response.body", "body": content})
@@ -299,13 +445,7 @@ def inference_route(path: str) -> tuple[str, str] | None:
 
 def app_from_env() -> ASGIApp:
     """Factory for ``uvicorn --factory`` with several workers: settings come from RECMTL_SERVE_* variables."""
-    options = ServeOptions(
-        max_batch_size=int(os.environ.get("RECMTL_SERVE_MAX_BATCH", "256")),
-        max_wait_ms=float(os.environ.get("RECMTL_SERVE_MAX_WAIT_MS", "2")),
-        max_body_bytes=int(os.environ.get("RECMTL_SERVE_MAX_BODY", str(16 << 20))),
-        threads=int(os.environ["RECMTL_SERVE_THREADS"]) if os.environ.get("RECMTL_SERVE_THREADS") else None,
-    )
-    return create_app(os.environ["RECMTL_SERVE_TARGET"], options)
+    return create_app(os.environ["RECMTL_SERVE_TARGET"], ServeOptions.from_env())
 
 
 def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
@@ -313,13 +453,11 @@ def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000, workers
     import uvicorn
     options = options or ServeOptions()
     discover_models(target)  # fail early with a clear message
-    os.environ.update({
-        "RECMTL_SERVE_TARGET": str(Path(target).resolve()), "RECMTL_SERVE_MAX_BATCH": str(options.max_batch_size),
-        "RECMTL_SERVE_MAX_WAIT_MS": str(options.max_wait_ms), "RECMTL_SERVE_MAX_BODY": str(options.max_body_bytes),
-        "RECMTL_SERVE_THREADS": str(options.threads or ""),
-    })
+    os.environ.update({"RECMTL_SERVE_TARGET": str(Path(target).resolve()), **options.to_env()})
     access_log = log_level in ("trace", "debug", "info")
     uvicorn.run("recmtl.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, timeout_graceful_shutdown=30,
+                http="recmtl.serving.protocol:GuardedProtocol",  # bounded request heads (recmtl/serving/protocol.py)
+                ws="none", timeout_keep_alive=options.keep_alive_s,
                 # formatting access lines costs per request; the client address (proxy headers) is only for them
                 access_log=access_log, proxy_headers=access_log)

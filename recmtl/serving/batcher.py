@@ -21,13 +21,18 @@ class _Pending:
 class MicroBatcher:
     """Runs requests of ``rows`` rows through ``run``; while batching is on (``max_batch_size`` > 0), requests
     that arrive within ``max_wait_ms`` of each other are merged by ``merge`` into one call of up to
-    ``max_batch_size`` rows, and each gets back its own slice of the outputs. ``observe(rows)`` is told the
-    size of every call (a metric)."""
+    ``max_batch_size`` rows, and each gets back its own slice of the outputs. A request of more rows runs
+    alone, in calls of ``max_batch_size`` rows (``chunk_rows`` when batching is off), so onnxruntime's memory
+    for one call stays that of ``max_batch_size`` rows whatever the request; its last call is
+    ``run(feeds, True)``, the others ``run(feeds, False)``, so that ``run`` can give memory back after it.
+    ``observe(rows)`` is told the size of every call (a metric)."""
 
-    def __init__(self, run: Callable[[dict[str, np.ndarray]], Outputs], merge: Callable[[list[Any]], dict[str, np.ndarray]],
-                 max_batch_size: int, max_wait_ms: float, observe: Callable[[int], None] = lambda rows: None) -> None:
+    def __init__(self, run: Callable[..., Outputs], merge: Callable[[list[Any]], dict[str, np.ndarray]],
+                 max_batch_size: int, max_wait_ms: float, observe: Callable[[int], None] = lambda rows: None,
+                 chunk_rows: int = 1024) -> None:
         self.run, self.merge, self.observe = run, merge, observe
         self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
+        self.chunk_rows = max_batch_size if max_batch_size > 0 else chunk_rows
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
         self.active = 0  # requests waiting for a batched result
@@ -36,8 +41,7 @@ class MicroBatcher:
         """Scores per task for ``rows`` rows; merged with concurrent requests when batching is on."""
         loop = asyncio.get_running_loop()
         if self.max_batch_size <= 0 or rows >= self.max_batch_size:
-            self.observe(rows)
-            return await loop.run_in_executor(None, self.run, self.merge([feeds]))
+            return await loop.run_in_executor(None, self.run_chunked, self.merge([feeds]), rows)
         if self.worker is None:
             self.queue = asyncio.Queue()
             self.worker = loop.create_task(self._batch_loop())
@@ -48,6 +52,18 @@ class MicroBatcher:
             return await fut
         finally:
             self.active -= 1
+
+    def run_chunked(self, feeds: dict[str, np.ndarray], rows: int) -> Outputs:
+        """``run`` over slices of at most ``chunk_rows`` rows, outputs concatenated."""
+        step = self.chunk_rows
+        if rows <= step:
+            self.observe(rows)
+            return self.run(feeds)
+        parts = []
+        for start in range(0, rows, step):
+            self.observe(min(step, rows - start))
+            parts.append(self.run({k: v[start:start + step] for k, v in feeds.items()}, start + step >= rows))
+        return [np.concatenate(outs) for outs in zip(*parts)]
 
     async def _batch_loop(self) -> None:
         """Collect requests until ``max_batch_size`` rows or ``max_wait_ms`` after the first, then run

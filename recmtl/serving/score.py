@@ -17,6 +17,7 @@ from recmtl.data.arrow import arrow_scalar, arrow_view, numpy_dtype, numpy_view,
 from recmtl.data.images import decode_images
 from recmtl.data.sequences import last_items
 from recmtl.errors import DataError, close_matches
+from recmtl.serving.modelfile import check_self_contained
 from recmtl.serving.wire import INT_NULL, PAD_INT, PAD_STRING, ModelInput, schema_from_metadata
 
 #: rows per onnxruntime call: 1024 scored 24% faster than 2048 end to end on 2 cores (benchmarks/RESULTS.md)
@@ -37,6 +38,8 @@ def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> 
                             f"the model needs: {', '.join(i.name for i in inputs)}")
         # a string column read dictionary-encoded stays so: _strings converts each distinct value once
         col = plain_array(batch.column(inp.name), decode_dictionary=inp.dtype != "string" or inp.is_sequence)
+        if pa.types.is_null(col.type):  # an all-null column (Arrow type null): every value missing
+            col = pa.nulls(len(col), inp.arrow_type())
         typ = col.type
         if inp.is_image:
             feeds[inp.name] = decode_images(col, inp.name, *inp.shape)
@@ -92,7 +95,11 @@ def _strings(col: pa.Array, name: str) -> np.ndarray:
     indices = col.indices
     if indices.null_count:
         indices = indices.fill_null(arrow_scalar(len(values) - 1, numpy_dtype(indices.type)))
-    return values[numpy_view(indices)]
+    try:
+        return values[numpy_view(indices)]
+    except IndexError:  # damaged dictionary indices (a corrupt file): numpy checks the bounds
+        raise DataError(f"column '{name}' is damaged: its dictionary-encoded values point outside their "
+                        f"dictionary of {len(values) - 1} strings") from None
 
 
 class Scorer:
@@ -106,6 +113,7 @@ class Scorer:
         path = Path(model_path)
         if not path.is_file():
             raise DataError(f"no such model file: {path}")
+        check_self_contained(path)  # before onnxruntime could read another file the model names
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -125,6 +133,14 @@ class Scorer:
         self.string_columns = [i.name for i in self.inputs if i.dtype == "string" and not i.is_sequence and not i.is_image]
         #: K for tasks scored as K probabilities (multiclass, multilabel), None for one score per row
         self.widths: dict[str, int | None] = {t["name"]: t.get("width") for t in self.meta["tasks"]}
+
+    def shrink_arena_options(self) -> Any:
+        """onnxruntime run options that give the CPU arena's unused memory back after the run (for the last
+        call of a large request: the arena otherwise keeps the peak of every burst)."""
+        import onnxruntime as ort
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return options
 
     def check_columns(self, schema: pa.Schema) -> None:
         """Fail before any output when a needed column is missing or of the wrong kind."""
@@ -237,7 +253,10 @@ def _worker_score(path: str, row_group: int, keep: Sequence[str], batch_size: in
     scorer: Scorer = _WORKER["scorer"]
     pf = open_parquet(Path(path), scorer.string_columns)
     cols = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
-    batches = [scorer.score(b, keep, batch_size) for b in pf.iter_batches(read_rows, row_groups=[row_group], columns=cols)]
+    try:
+        batches = [scorer.score(b, keep, batch_size) for b in pf.iter_batches(read_rows, row_groups=[row_group], columns=cols)]
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"failed reading {path} (row group {row_group}): {exc}") from None
     return pa.Table.from_batches(batches) if batches else None
 
 
@@ -253,9 +272,18 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
 
     scorer = Scorer(model_path, threads if workers <= 1 else 1, spin)
     source = ParquetSource(input_spec, read_dictionary=scorer.string_columns)
-    scorer.check_columns(source.schema)
-    for k in keep:
-        ParquetSource.require([k], source.schema, input_spec)
+    for path, pf in zip(source.paths, source.files):  # every file, before anything is written
+        schema = pf.schema_arrow
+        try:
+            scorer.check_columns(schema)
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        ParquetSource.require(keep, schema, path)
+        for k in keep:
+            first, this = source.schema.field(k).type, schema.field(k).type
+            if this != first:
+                raise DataError(f"--keep column '{k}' is {this} in {path} but {first} in {source.paths[0]}: "
+                                "a kept column must have one type in every file")
 
     def kept(field: pa.Field) -> pa.Field:  # a string input read dictionary-encoded is written back as strings
         read_as_dictionary = field.name in scorer.string_columns and pa.types.is_dictionary(field.type)
@@ -263,6 +291,7 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
     out_schema = pa.schema([kept(source.schema.field(k)) for k in keep] + [pa.field(t, scorer.output_type(t)) for t in scorer.tasks])
     cols = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
     rows = 0
+    expected = source.num_rows
     # scores are all distinct: no dictionary encoding (building one and giving up cost more than the write)
     with atomic_path(output) as tmp, pq.ParquetWriter(tmp, out_schema, use_dictionary=list(keep)) as writer, \
             tqdm(total=source.num_rows, unit="row", unit_scale=True, desc="score", disable=not progress,
@@ -297,4 +326,7 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
                         write(pending.pop(0).result())
                 for fut in pending:
                     write(fut.result())
+        if rows != expected:  # pyarrow reads a damaged column chunk short without a word
+            raise DataError(f"read {rows:,} rows from {input_spec} but its Parquet footers declare {expected:,}: "
+                            "a damaged file (nothing was written)")
     return rows

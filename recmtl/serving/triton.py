@@ -10,19 +10,38 @@ from recmtl.files import atomic_path
 from recmtl.serving.wire import WIRE_TYPES, read_model_schema
 
 
-def discover_models(target: str | Path) -> dict[str, Path]:
-    """Model name -> ONNX file: a file (named by its stem), a folder's ``*.onnx`` files and Triton's
-    ``NAME/1/model.onnx``."""
+def discover_models(target: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The models ``recmtl serve`` finds in ``target``, name -> ONNX file, and the names it refuses, name ->
+    reason. A file is one model named by its stem; a folder holds ``NAME.onnx`` files and Triton's
+    ``NAME/1/model.onnx``. In a folder a symlink is followed only to a file inside the folder (a link out of
+    it is refused), and a name claimed by two files is refused (neither is served, rather than one
+    shadowing the other). A DataError when the target is missing or holds no model at all."""
     path = Path(target)
     if path.is_file():
-        return {path.stem: path}
-    if path.is_dir():
-        found = {p.stem: p for p in sorted(path.glob("*.onnx"))}
-        found.update({p.parent.parent.name: p for p in sorted(path.glob("*/1/model.onnx"))})  # Triton layout
-        if not found:
-            raise DataError(f"{path} holds no .onnx models")
-        return found
-    raise DataError(f"no such model file or folder: {path}")
+        return {path.stem: path}, {}
+    if not path.is_dir():
+        raise DataError(f"no such model file or folder: {path}")
+    root = path.resolve()
+    claims: dict[str, list[Path]] = {}
+    for name, p in [(p.stem, p) for p in sorted(path.glob("*.onnx"))] + \
+                   [(p.parent.parent.name, p) for p in sorted(path.glob("*/1/model.onnx"))]:  # Triton layout
+        if not p.is_dir():  # a folder that happens to be named x.onnx is not a model
+            claims.setdefault(name, []).append(p)
+    if not claims:
+        raise DataError(f"{path} holds no .onnx models")
+    found: dict[str, Path] = {}
+    refused: dict[str, str] = {}
+    for name, paths in claims.items():
+        if len(paths) > 1:
+            refused[name] = (f"{len(paths)} files claim the name '{name}' ({', '.join(str(p) for p in paths)}); "
+                             "rename or remove all but one")
+        elif not paths[0].exists():
+            refused[name] = f"{paths[0]} is a symlink to nothing"
+        elif not paths[0].resolve().is_relative_to(root):
+            refused[name] = f"{paths[0]} links to {paths[0].resolve()}, outside {root}: links are followed only inside the folder"
+        else:
+            found[name] = paths[0]
+    return found, refused
 
 
 def write_triton_repo(model_path: str | Path, repo: str | Path, name: str, max_batch_size: int = 1024,
