@@ -7,11 +7,14 @@ import json
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import write_config
 from torch import nn
 
+from recmtl.data.synthetic import funnel
 from recmtl.errors import ConfigError
 from recmtl.registry import load_registry
 from recmtl_plugins.balancers.aligned_mtl import align
@@ -254,6 +257,34 @@ def test_nash_divides_out_the_fp16_loss_scale(max_norm):
         assert fp16 == pytest.approx(unscaled, rel=1e-6)  # clip_grad_norm_ adds 1e-6 to the norm
 
 
+def test_nash_step_under_the_real_fp16_grad_scaler_matches_fp32():
+    """One SGD step as the trainer takes it (scale_losses, grad_scale, backward, step) with the fp16 GradScaler
+    (loss scale 65536) moves the parameters as the fp32 step does; a scale-free direction that did not carry
+    the loss scale would move the shared layer 65536 times less."""
+    from recmtl.training.device import Precision
+
+    def step(mode: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        shared, heads = nn.Linear(3, 4), nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)])
+        params = [*shared.parameters(), *heads.parameters()]
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.SGD(params, lr=0.1)
+        bal = REGISTRY.create("balancer", "nash_mtl", ["a", "b"], {})
+        precision = Precision(mode, torch.device("cpu"))
+        x = torch.tensor([[1.0, -0.5, 2.0], [0.3, 0.8, -1.0]])
+        h = torch.relu(shared(x))
+        losses = {"a": heads[0](h).pow(2).mean(), "b": (heads[1](h) - 1).pow(2).mean()}
+        opt.zero_grad()
+        scaled = precision.scale_losses(losses)
+        bal.grad_scale = precision.grad_scale()
+        bal.backward(scaled, list(shared.parameters()))
+        precision.step([opt])
+        return [p.detach() - b for p, b in zip(params, before)]
+
+    for fp32, fp16 in zip(step("fp32"), step("fp16")):
+        assert fp16.flatten().tolist() == pytest.approx(fp32.flatten().tolist(), rel=1e-5, abs=1e-7)
+
+
 def test_nash_solves_again_after_a_step_that_left_a_task_out():
     bal = REGISTRY.create("balancer", "nash_mtl", ["a", "b"], {}, update_weights_every=3, max_norm=0.0)
     first = bal.backward({"a": t([1, 0])[0] @ (theta := nn.Parameter(torch.zeros(2, dtype=torch.float64))),
@@ -426,6 +457,26 @@ def test_metabalance_averages_skip_the_steps_without_labels():
     theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
     bal.backward({"target": 0 * theta.sum(), "aux": torch.tensor([0.0, 1.0], dtype=torch.float64) @ theta}, [theta])
     assert theta.grad.tolist() == [0.0, 1.0]  # no target seen yet: nothing to scale towards
+
+
+def test_imtl_through_the_cli_leaves_out_batches_without_conversion_labels(cli, tmp_path):
+    """Most conversion labels null and batches of 16: on the steps whose batch has none (the balance log's
+    gradient norm is 0) IMTL-G takes the click gradient alone (alpha 1), not a zero update (alpha 0)."""
+    funnel(tmp_path / "data", rows=2000, seed=3, categorical=6, dense=4, cardinality=50)
+    train = pq.read_table(tmp_path / "data" / "train.parquet")
+    keep = np.random.default_rng(0).random(train.num_rows) < 0.05
+    labels = pa.array(np.where(keep, train["conversion"].to_numpy(), 0), mask=~keep, type=pa.int8())
+    pq.write_table(train.set_column(train.schema.get_field_index("conversion"), "conversion", labels),
+                   tmp_path / "data" / "train.parquet")
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "data", balancer={"name": "imtl"},
+                       tasks=[{"name": "click", "head": "binary"}, {"name": "conversion", "head": "binary"}],
+                       train={"batch_size": 16, "epochs": 1, "progress": False, "threads": 1, "log_every": 1})
+    r = cli("train", cfg, "--out", tmp_path / "run")
+    assert r.code == 0, r
+    lines = [json.loads(x) for x in (tmp_path / "run" / "balance.jsonl").read_text().splitlines()]
+    absent = [x for x in lines if x["grad_norms"]["conversion"] == 0]
+    assert len(absent) > len(lines) / 3 and len(absent) < len(lines)
+    assert all(x["weights"] == {"click": 1.0, "conversion": 0.0} for x in absent)
 
 
 @pytest.mark.slow
