@@ -168,7 +168,14 @@ class Balancer(nn.Module):
     Built as ``cls(task_names, weights, **params)`` where ``weights`` are the per-task weights from the
     config. ``backward`` receives the losses and the shared parameters, so both loss weighting and
     gradient surgery fit; it returns the weights it applied (for logs and reports).
+
+    ``grad_scale`` is the factor that the gradients of this step's losses carry (``train.precision: fp16``
+    multiplies them by the loss scale, and the optimiser step divides it out again; 1.0 otherwise). The
+    trainer sets it before each ``backward``. Only a balancer whose update does not scale with its
+    gradients needs it (``nash_mtl``: its direction is the same for ``G`` and ``10 G``).
     """
+
+    grad_scale: float = 1.0
 
     def __init__(self, task_names: list[str], weights: dict[str, float]) -> None:
         super().__init__()

@@ -4,6 +4,8 @@ PCGrad and MGDA, and the trainer's conflict logging, work on; flattened into one
 losses, one backward), plus ``SeededGenerator`` for balancers that draw random numbers."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -54,6 +56,30 @@ def backward_with_shared_gradient(losses: list[torch.Tensor], weights: list[floa
             p.grad.add_(g)
 
 
+def present_tasks(grads: torch.Tensor) -> torch.Tensor:
+    """``[T]`` bool: the rows of ``grads [T, N]`` that are not all zero. A task with no label in a batch (every
+    row masked) has a zero loss and an all-zero gradient there: balancers leave such a task out of the step,
+    since it says nothing about this batch (and would break the methods that normalise or divide by it)."""
+    return grads.ne(0).any(dim=1)
+
+
+def leave_out_absent(combine: Callable[..., tuple[torch.Tensor, torch.Tensor]], grads: torch.Tensor,
+                     *per_task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``combine(grads, *per_task) -> (direction [N], coefficients)`` run on the present tasks only (see
+    ``present_tasks``; ``per_task`` are ``[T]`` tensors such as the losses, cut to the same rows): the tasks
+    left out get coefficient 0, and with no task present the direction is zero. With every task present this
+    is ``combine(grads, *per_task)`` itself."""
+    present = present_tasks(grads)
+    if bool(present.all()):
+        return combine(grads, *per_task)
+    coeffs = torch.zeros(grads.shape[0], dtype=grads.dtype, device=grads.device)
+    if not bool(present.any()):
+        return torch.zeros_like(grads[0]), coeffs
+    direction, sub = combine(grads[present], *(x[present] for x in per_task))
+    coeffs[present] = sub.to(coeffs)
+    return direction, coeffs
+
+
 def conflict_stats(grads: torch.Tensor, task_names: list[str]) -> dict[str, dict[str, float]]:
     """Gradient norm per task and the cosine similarity of every task pair (negative = conflict)."""
     norms = grads.norm(dim=1)
@@ -73,6 +99,9 @@ class GradientBalancer(Balancer):
     shared parameters get the combined direction; every other parameter (task towers, heads, sparse
     embeddings) gets the gradient of ``sum_t w_t L_t``, or of ``sum_t c_t w_t L_t`` when the subclass sets
     ``scale_task_specific`` (its coefficients ``c_t`` then weight the losses everywhere).
+
+    A task whose row of ``grads`` is all zero (no label in the batch) should be left out of the step, not
+    combined as a zero vector (``present_tasks``; ``leave_out_absent`` does it for a stateless ``combine``).
     """
 
     scale_task_specific: bool = False

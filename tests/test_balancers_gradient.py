@@ -7,11 +7,14 @@ import json
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import write_config
 from torch import nn
 
+from recmtl.data.synthetic import funnel
 from recmtl.errors import ConfigError
 from recmtl.registry import load_registry
 from recmtl_plugins.balancers.aligned_mtl import align
@@ -148,6 +151,17 @@ def test_imtl_equal_projections_on_every_unit_gradient():
     assert float(alpha.sum()) == pytest.approx(1.0)
 
 
+def test_imtl_leaves_out_a_task_without_gradient():
+    # the third task has no labels in the batch: alpha as for the first two alone, not (0, 0, 1) and a zero update
+    direction, alpha = imtl_g(t([1, 0], [0, 3], [0, 0]))
+    assert alpha.tolist() == pytest.approx([0.75, 0.25, 0.0])
+    assert direction.tolist() == pytest.approx([0.75, 0.75])
+    direction, alpha = imtl_g(t([0, 0], [0, 3]))  # one task left: its own gradient
+    assert alpha.tolist() == [0.0, 1.0] and direction.tolist() == [0.0, 3.0]
+    direction, alpha = imtl_g(t([0, 0], [0, 0]))
+    assert alpha.tolist() == [0.0, 0.0] and direction.tolist() == [0.0, 0.0]
+
+
 # --- GradVac --------------------------------------------------------------------------------------
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -192,14 +206,97 @@ def test_nash_solution_satisfies_the_bargaining_equations():
     assert (alpha * (m @ alpha)).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
 
 
-def test_nash_backward_uses_the_normalised_gram_and_weights_everything():
+def test_nash_backward_solves_the_papers_equation_on_the_gram_matrix_itself():
+    """alpha_t (G G^T alpha)_t = 1 for G G^T as it is, not divided by its Frobenius norm first (which gave
+    sqrt(||G G^T||_F) times the authors' alpha)."""
     g = t([1, 0.5], [-0.5, 2])
     shared, task, weights = backward_on("nash_mtl", g, max_norm=0.0)
-    m = (g @ g.T) / torch.linalg.matrix_norm(g @ g.T)
+    m = g @ g.T
     a = torch.tensor(weights, dtype=torch.float64)
-    assert (a * (m @ a)).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert (a * (m @ a)).tolist() == pytest.approx([1.0, 1.0], abs=1e-8)
     assert shared.tolist() == pytest.approx((a @ g).tolist())
+    assert float(shared @ shared) == pytest.approx(2.0)  # ||d||^2 = alpha^T M alpha = T
     assert task.tolist() == pytest.approx((2 * a).tolist())  # alpha also weights the task-specific losses
+
+
+def test_nash_hand_computed_scale_through_backward():
+    # g1 = (1, 0), g2 = (0, 2): G G^T = diag(1, 4) -> alpha = (1, 1/2), d = (1, 1); the normalised Gram
+    # diag(1, 4) / sqrt(17) gave 17 ** 0.25 = 2.03 times that
+    shared, _, weights = backward_on("nash_mtl", t([1, 0], [0, 2]), max_norm=0.0)
+    assert weights == pytest.approx([1.0, 0.5], rel=1e-8)
+    assert shared.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_nash_shared_update_does_not_depend_on_the_gradients_scale():
+    g = t([1, 0.5, 0], [-0.5, 2, 1], [0.3, 0, -1])
+    small, _, w_small = backward_on("nash_mtl", 1e-3 * g, max_norm=0.0)
+    large, _, w_large = backward_on("nash_mtl", g, max_norm=0.0)
+    assert small.tolist() == pytest.approx(large.tolist(), rel=1e-7)
+    assert w_small == pytest.approx([1e3 * w for w in w_large], rel=1e-7)  # alpha scales as 1 / ||g||
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1.0])
+def test_nash_divides_out_the_fp16_loss_scale(max_norm):
+    """With fp16 the gradients arrive times the loss scale S, and the optimiser step divides every gradient
+    by S: the shared direction must carry S, alpha and the clip must not see it."""
+    g = t([1, 0.5], [-0.5, 2])
+    tasks = ["a", "b"]
+
+    def run(scale: float) -> list[list[float]]:
+        bal = REGISTRY.create("balancer", "nash_mtl", tasks, {}, max_norm=max_norm, update_weights_every=2)
+        bal.grad_scale = scale
+        out = []
+        for _ in range(2):  # a solve step, then a step that reuses alpha
+            theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+            h = nn.Parameter(torch.ones(2, dtype=torch.float64))
+            w = bal.backward({x: scale * (g[i] @ theta + h[i] ** 2) for i, x in enumerate(tasks)}, [theta])
+            out.append([*(theta.grad / scale).tolist(), *(h.grad / scale).tolist(), *w.values()])
+        return out
+
+    for unscaled, fp16 in zip(run(1.0), run(1024.0)):
+        assert fp16 == pytest.approx(unscaled, rel=1e-6)  # clip_grad_norm_ adds 1e-6 to the norm
+
+
+def test_nash_step_under_the_real_fp16_grad_scaler_matches_fp32():
+    """One SGD step as the trainer takes it (scale_losses, grad_scale, backward, step) with the fp16 GradScaler
+    (loss scale 65536) moves the parameters as the fp32 step does; a scale-free direction that did not carry
+    the loss scale would move the shared layer 65536 times less."""
+    from recmtl.training.device import Precision
+
+    def step(mode: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        shared, heads = nn.Linear(3, 4), nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)])
+        params = [*shared.parameters(), *heads.parameters()]
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.SGD(params, lr=0.1)
+        bal = REGISTRY.create("balancer", "nash_mtl", ["a", "b"], {})
+        precision = Precision(mode, torch.device("cpu"))
+        x = torch.tensor([[1.0, -0.5, 2.0], [0.3, 0.8, -1.0]])
+        h = torch.relu(shared(x))
+        losses = {"a": heads[0](h).pow(2).mean(), "b": (heads[1](h) - 1).pow(2).mean()}
+        opt.zero_grad()
+        scaled = precision.scale_losses(losses)
+        bal.grad_scale = precision.grad_scale()
+        bal.backward(scaled, list(shared.parameters()))
+        precision.step([opt])
+        return [p.detach() - b for p, b in zip(params, before)]
+
+    for fp32, fp16 in zip(step("fp32"), step("fp16")):
+        assert fp16.flatten().tolist() == pytest.approx(fp32.flatten().tolist(), rel=1e-5, abs=1e-7)
+
+
+def test_nash_solves_again_after_a_step_that_left_a_task_out():
+    bal = REGISTRY.create("balancer", "nash_mtl", ["a", "b"], {}, update_weights_every=3, max_norm=0.0)
+    first = bal.backward({"a": t([1, 0])[0] @ (theta := nn.Parameter(torch.zeros(2, dtype=torch.float64))),
+                          "b": 0 * theta.sum()}, [theta])
+    assert first["b"] == 0.0 and first["a"] == pytest.approx(1.0)
+    g = t([1, 0], [0, 2])
+    theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    second = bal.backward({"a": g[0] @ theta, "b": g[1] @ theta}, [theta])
+    assert [second["a"], second["b"]] == pytest.approx([1.0, 0.5])  # solved for this step's gradients
+    theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    third = bal.backward({"a": 5 * g[0] @ theta, "b": 5 * g[1] @ theta}, [theta])
+    assert third == second  # every task present at the last solve: reused until the next due solve
 
 
 def test_nash_clips_the_shared_update():
@@ -284,6 +381,102 @@ def test_config_weights_scale_the_losses_first(name):
 def test_zero_gradient_task_does_not_break_the_step(name):
     shared, _, weights = backward_on(name, t([1, 2], [0, 0]))
     assert torch.isfinite(shared).all() and all(math.isfinite(w) for w in weights)
+
+
+def steps_with_absent_task(name: str, gradients: list[torch.Tensor], absent: list[bool] | None, **params):
+    """Steps of a balancer on ``L_i = g_i . theta + h_i^2``; with ``absent`` a last task whose loss is 0 (a masked
+    mean over no labelled rows) is added, on the steps where it says so, or else ``3 g_0 . theta + h^2``.
+    Returns per step (theta.grad, h.grad of the first tasks, the weights)."""
+    num = gradients[0].shape[0]
+    tasks = [f"t{i}" for i in range(num + (absent is not None))]
+    bal = REGISTRY.create("balancer", name, tasks, {}, **params)
+    out = []
+    for k, g in enumerate(gradients):
+        theta = nn.Parameter(torch.zeros(g.shape[1], dtype=torch.float64))
+        h = nn.Parameter(torch.ones(len(tasks), dtype=torch.float64))
+        losses = {x: g[i] @ theta + h[i] ** 2 for i, x in enumerate(tasks[:num])}
+        if absent is not None:
+            losses[tasks[-1]] = 0 * (theta.sum() + h[-1]) if absent[k] else 3 * g[0] @ theta + h[-1] ** 2
+        weights = bal.backward(losses, [theta])
+        out.append((theta.grad, h.grad[:num], [weights[x] for x in tasks]))
+    return out
+
+
+STEPS = [t([1, 2, 0], [0.5, -1, 1]), t([0.2, 1, -1], [-1, 0.5, 0.3]), t([2, 0, 1], [1, 1, -0.5]),
+         t([0.1, -2, 0.4], [0.3, 0.3, 2])]
+
+
+@pytest.mark.parametrize("name", GRADIENT_BALANCERS)
+def test_a_task_without_labels_is_left_out_of_the_step(name):
+    """A task with no labelled row in the batch has an all-zero shared gradient: every balancer's step is then
+    exactly its step on the other tasks (state included, over several steps), with weight 0 for that task."""
+    alone = steps_with_absent_task(name, STEPS, None)
+    with_absent = steps_with_absent_task(name, STEPS, [True] * len(STEPS))
+    for (shared, task, weights), (shared3, task3, weights3) in zip(alone, with_absent):
+        assert torch.isfinite(shared3).all()
+        assert shared3.tolist() == pytest.approx(shared.tolist(), rel=1e-9, abs=1e-12)
+        assert task3.tolist() == pytest.approx(task.tolist(), rel=1e-9, abs=1e-12)
+        assert weights3[:-1] == pytest.approx(weights, rel=1e-9, abs=1e-12) and weights3[-1] == 0.0
+
+
+@pytest.mark.parametrize("name", GRADIENT_BALANCERS)
+def test_a_task_labelled_on_some_steps_only(name):
+    for shared, task, weights in steps_with_absent_task(name, STEPS, [True, False, True, False]):
+        assert torch.isfinite(shared).all() and torch.isfinite(task).all()
+        assert all(math.isfinite(w) for w in weights)
+    absent_steps = steps_with_absent_task(name, STEPS, [True, False, True, False])[::2]
+    assert [weights[-1] for _, _, weights in absent_steps] == [0.0, 0.0]
+
+
+def test_gradvac_keeps_the_targets_of_a_task_without_labels():
+    bal = REGISTRY.create("balancer", "gradvac", ["a", "b", "c"], {}, beta=0.5)
+    g = t([1, 0], [1, 1], [-1, 2])
+    theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    bal.backward({x: g[i] @ theta for i, x in enumerate("abc")}, [theta])
+    before = bal.targets.clone()
+    theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    bal.backward({"a": g[0] @ theta, "b": g[1] @ theta, "c": 0 * theta.sum()}, [theta])
+    assert bal.targets[2].tolist() == before[2].tolist() and bal.targets[:, 2].tolist() == before[:, 2].tolist()
+    assert float(bal.targets[0, 1]) == pytest.approx(0.5 * float(before[0, 1]) + 0.5 * math.sqrt(0.5))
+
+
+def test_metabalance_averages_skip_the_steps_without_labels():
+    """relax 1: an auxiliary task's gradient gets the target's norm. Its moving average counts only the steps it
+    was present, and the averages are debiased by the steps each task was seen: a task that turns up late is
+    not scaled past the target (counting the zeros, it got 4.7 times the target's norm on its first step here)."""
+    bal = REGISTRY.create("balancer", "metabalance", ["target", "aux"], {}, relax_factor=1.0, beta=0.9)
+    norms = []
+    for k in range(8):
+        theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        aux = 0 * theta.sum() if k < 5 else torch.tensor([0.0, 1.0], dtype=torch.float64) @ theta
+        weights = bal.backward({"target": torch.tensor([3.0, 4.0], dtype=torch.float64) @ theta, "aux": aux}, [theta])
+        norms.append(float(theta.grad[1]))  # the rescaled aux gradient (the target's is (3, 4))
+        assert weights["aux"] == (0.0 if k < 5 else pytest.approx(5.0))
+    assert norms == pytest.approx([4.0] * 5 + [9.0] * 3)  # 4 + 5 once present: the target's norm 5
+    bal = REGISTRY.create("balancer", "metabalance", ["target", "aux"], {}, relax_factor=1.0)
+    theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    bal.backward({"target": 0 * theta.sum(), "aux": torch.tensor([0.0, 1.0], dtype=torch.float64) @ theta}, [theta])
+    assert theta.grad.tolist() == [0.0, 1.0]  # no target seen yet: nothing to scale towards
+
+
+def test_imtl_through_the_cli_leaves_out_batches_without_conversion_labels(cli, tmp_path):
+    """Most conversion labels null and batches of 16: on the steps whose batch has none (the balance log's
+    gradient norm is 0) IMTL-G takes the click gradient alone (alpha 1), not a zero update (alpha 0)."""
+    funnel(tmp_path / "data", rows=2000, seed=3, categorical=6, dense=4, cardinality=50)
+    train = pq.read_table(tmp_path / "data" / "train.parquet")
+    keep = np.random.default_rng(0).random(train.num_rows) < 0.05
+    labels = pa.array(np.where(keep, train["conversion"].to_numpy(), 0), mask=~keep, type=pa.int8())
+    pq.write_table(train.set_column(train.schema.get_field_index("conversion"), "conversion", labels),
+                   tmp_path / "data" / "train.parquet")
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "data", balancer={"name": "imtl"},
+                       tasks=[{"name": "click", "head": "binary"}, {"name": "conversion", "head": "binary"}],
+                       train={"batch_size": 16, "epochs": 1, "progress": False, "threads": 1, "log_every": 1})
+    r = cli("train", cfg, "--out", tmp_path / "run")
+    assert r.code == 0, r
+    lines = [json.loads(x) for x in (tmp_path / "run" / "balance.jsonl").read_text().splitlines()]
+    absent = [x for x in lines if x["grad_norms"]["conversion"] == 0]
+    assert len(absent) > len(lines) / 3 and len(absent) < len(lines)
+    assert all(x["weights"] == {"click": 1.0, "conversion": 0.0} for x in absent)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 from conftest import write_config
 from torch import nn
 
+from recmtl.registry import load_registry
 from recmtl_plugins.balancers.dbmtl import DualBalancing
 from recmtl_plugins.balancers.dwa import DynamicWeightAverage
 from recmtl_plugins.balancers.famo import FAMO
@@ -17,12 +18,26 @@ from recmtl_plugins.balancers.gradnorm import GradNorm, last_shared_layer
 from recmtl_plugins.balancers.rlw import RandomLossWeighting
 
 TASKS = ["a", "b"]
+REGISTRY = load_registry()
 
 
 def linear_losses(theta: nn.Parameter, values: list[float], slopes: list[list[float]]) -> dict[str, torch.Tensor]:
     """Losses with the given values and gradients ``slopes[i]`` with respect to ``theta`` (flattened)."""
     offset = theta - theta.detach()
     return {t: v + (torch.tensor(s).view_as(theta) * offset).sum() for t, v, s in zip(TASKS, values, slopes)}
+
+
+# --- uncertainty -------------------------------------------------------------------------------------
+
+def test_uncertainty_leaves_out_a_task_without_labels():
+    """d/ds_t of 0.5 exp(-s_t) L_t + 0.5 s_t is 0.5 even when L_t = 0 (no labelled row): that batch would
+    lower s_t (raise the task's weight) with nothing learnt; now s_t gets no gradient from it."""
+    bal = REGISTRY.create("balancer", "uncertainty", TASKS, {})
+    theta = nn.Parameter(torch.zeros(2))
+    losses = linear_losses(theta, [2.0, 1.0], [[1, 0], [0, 1]])
+    bal.backward({"a": losses["a"], "b": 0 * losses["b"]}, [theta])
+    assert bal.log_vars.grad.tolist() == pytest.approx([0.5 - 0.5 * 2.0, 0.0])
+    assert theta.grad.tolist() == pytest.approx([0.5, 0.0])
 
 
 # --- DWA ---------------------------------------------------------------------------------------------
@@ -192,6 +207,44 @@ def test_dbmtl_beta_decays_with_beta_sigma_and_state_resumes():
     assert theta.grad.tolist() == pytest.approx([2 * scale, 2 * scale], rel=1e-5)
 
 
+def test_dbmtl_leaves_out_a_task_without_labels():
+    """A task with no labelled row (loss 0, zero gradient) keeps its gradient average and adds nothing; before,
+    its shrunken average was scaled back up to the largest norm and pushed theta along its old direction."""
+    db = DualBalancing(TASKS, {}, beta=0.9)
+    theta, heads = nn.Parameter(torch.tensor([0.1, -0.2])), nn.Parameter(torch.zeros(2))
+    a, b = [3.0, 4.0], [1.0, 0.0]
+    db.backward(exp_losses(theta, heads, a, b), [theta])
+    ema = db.grad_ema.clone()
+    theta.grad = heads.grad = None
+    losses = exp_losses(theta, heads, a, b)
+    w = db.backward({"a": losses["a"], "b": 0 * losses["b"]}, [theta])
+    assert db.grad_ema[1].tolist() == ema[1].tolist()  # b's average untouched
+    h_a = 0.9 * ema[0] + 0.1 * torch.tensor(a)
+    assert w["b"] == 0.0 and w["a"] == pytest.approx(1.0, rel=1e-6)  # alone: scaled to its own norm
+    assert theta.grad.tolist() == pytest.approx(h_a.tolist(), rel=1e-5)
+
+
+def test_gradnorm_leaves_out_a_task_without_labels():
+    gn = GradNorm(["a", "b", "c"], {}, alpha=1.5)
+    W = nn.Parameter(torch.zeros(1, 2))
+    slopes = torch.tensor([[1.0, 1.0], [1.0, 1.0], [3.0, 4.0]])
+
+    def losses(values: list[float], present: list[bool]) -> dict[str, torch.Tensor]:
+        offset = (W - W.detach()).flatten()
+        return {t: (v + slopes[i] @ offset) * float(p) for i, (t, v, p) in enumerate(zip("abc", values, present))}
+
+    gn.backward(losses([1.0, 1.0, 0.0], [True, True, False]), [W])  # c has no labels on the first step
+    assert gn.initial_losses.tolist() == [1.0, 1.0, 0.0]  # L_c(0) not taken from its zero loss
+    assert gn.task_weights.grad.tolist() == [0.0, 0.0, 0.0]  # a and b alone: equal norms and rates, no pull
+    gn.backward(losses([0.5, 1.0, 2.0], [True, True, True]), [W])
+    assert gn.initial_losses.tolist() == [1.0, 1.0, 2.0]  # c's first labelled step
+    W.grad = None
+    gn.backward(losses([0.5, 1.0, 0.0], [True, True, False]), [W])
+    # as the two-task case of test_gradnorm_moves_weight_to_the_slower_task (weights 1 after renormalising)
+    n = math.sqrt(2)
+    assert gn.task_weights.grad.tolist() == pytest.approx([n, -n, 0.0], rel=1e-5)
+
+
 # --- FAMO --------------------------------------------------------------------------------------------
 
 def test_famo_weights_and_logit_update_follow_the_formula():
@@ -216,6 +269,34 @@ def test_famo_weights_and_logit_update_follow_the_formula():
     lam = lam / lam.sum()
     assert [w["a"], w["b"]] == pytest.approx(lam.tolist(), rel=1e-5)
     assert w["b"] > w["a"]
+
+
+def test_famo_leaves_out_a_task_without_labels():
+    """A task whose loss is 0 (no labelled row) took lambda ~ 1 through its 1 / eps term and stalled the
+    others (2e-8 each); now it is left out, and its logit gets no gradient from the batches without it."""
+    three = FAMO(["a", "b", "c"], {}, w_lr=0.025, gamma=0.01)
+    two = FAMO(TASKS, {}, w_lr=0.025, gamma=0.01)
+    for values, slopes in (([2.0, 1.0], [[1, 0], [0, 1]]), ([1.0, 0.9], [[1, 0], [0, 1]])):
+        theta3, theta2 = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+        losses = linear_losses(theta3, values, slopes)
+        w3 = three.backward({**losses, "c": 0 * theta3.sum()}, [theta3])
+        w2 = two.backward(linear_losses(theta2, values, slopes), [theta2])
+        assert w3["c"] == 0.0 and [w3["a"], w3["b"]] == pytest.approx([w2["a"], w2["b"]], rel=1e-5)
+        assert theta3.grad.tolist() == pytest.approx(theta2.grad.tolist(), rel=1e-5)
+    # the update between the two steps: Adam's first step moves a and b by -/+ lr as with two tasks, c not at all
+    assert three.logits.detach().tolist() == pytest.approx([-0.025, 0.025, 0.0], rel=1e-4, abs=1e-9)
+    theta = nn.Parameter(torch.zeros(2))
+    w = three.backward({"a": 0 * theta.sum(), "b": 0 * theta.sum(), "c": 0 * theta.sum()}, [theta])
+    assert w == {"a": 0.0, "b": 0.0, "c": 0.0} and theta.grad.tolist() == [0.0, 0.0]
+
+
+def test_famo_docstring_says_when_the_others_take_the_new_loss():
+    """The paper, the official code and LibMTL re-evaluate the same batch after the step; recmtl uses the next
+    batch. The docstring used to say LibMTL did the same as recmtl."""
+    import recmtl_plugins.balancers.famo as famo
+    doc = " ".join(famo.__doc__.split())
+    assert "LibMTL's trainer all re-evaluate the same batch right after the optimiser step" in doc
+    assert "like LibMTL" not in doc
 
 
 def test_famo_state_resumes():

@@ -51,3 +51,17 @@ def test_tiny_run(tmp_path):
     assert {r["balancer"] for r in rows if not r.get("timing")} == {"fixed", "mgda"}
     assert [set(r["ms"]) for r in rows if r.get("timing")] == [{"fixed", "mgda"}]
     assert "| mgda | mmoe |" in proc.stdout and (tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_unlabelled_batches_tiny_run(tmp_path):
+    script = BENCH.with_name("unlabelled_batches.py")
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(script), "--balancers", "fixed,imtl", "--rows", "2000", "--epochs", "1",
+                           "--labelled", "0.05", "--batch-size", "16", "--work-dir", str(tmp_path / "w"),
+                           "--json", str(out)], check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["balancer"] for r in rows] == ["fixed", "imtl"]
+    assert all(0 < r["auc"]["conversion"] < 1 for r in rows) and "| imtl | 1 |" in proc.stdout
+    assert "44% of the training batches are expected to hold no conversion label" in proc.stdout

@@ -84,6 +84,10 @@ class Precision:
         scale = self.scaler.scale(torch.ones((), device=self.device))  # also creates the scale lazily
         return {t: _ScaleGrad.apply(v, scale.detach()) for t, v in losses.items()}
 
+    def grad_scale(self) -> float:
+        """The factor the gradients of :meth:`scale_losses`' losses carry: the loss scale with fp16, else 1."""
+        return 1.0 if self.scaler is None else float(self.scaler.get_scale())
+
     def scale_grads(self, params: Iterable[nn.Parameter]) -> None:
         """Multiply the gradients present by the loss scale (for a term back-propagated on its own, such as
         a tower's regularisation, so that unscaling in :meth:`step` leaves it as it was); fp16 only."""

@@ -228,7 +228,9 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                 balance_log.before_backward(losses, shared)
                 model.backward_regularization()  # the tower's extra term (e.g. soft sharing's L2), if any
                 precision.scale_grads(sync_params)  # fp16: that term's gradient (alone so far) gets the loss scale
-                applied = balancer.backward(precision.scale_losses(losses), shared)
+                scaled = precision.scale_losses(losses)
+                balancer.grad_scale = precision.grad_scale()  # fp16's loss scale (1.0 otherwise), see Balancer
+                applied = balancer.backward(scaled, shared)
                 balance_log.after_backward(epoch + 1, applied)
                 # gradients, and the state a balancer updates itself, averaged over ranks (no-op in one process)
                 ctx.average_gradients(sync_params, balancer_state)

@@ -7,14 +7,16 @@ small Gram matrix). Then ``G' G'^T = lambda_min I``: the aligned task gradients 
 equal norm, so the linear system has condition number 1 and no task dominates. The shared parameters
 get ``sum_t g'_t``. Eigenvalues below ``max(lambda) * T * eps`` are dropped (rank-deficient systems), as
 in the authors' code; ``scale`` picks the common norm: ``min`` (smallest kept eigenvalue, the paper's
-choice), ``median`` or ``rmse`` (mean eigenvalue).
+choice), ``median`` or ``rmse`` (mean eigenvalue). A task whose shared gradient is all zero (a batch with no
+label for it) is left out: the system is aligned over the other tasks (its zero eigenvalue would be
+dropped anyway, but it would still count in the rank tolerance).
 """
 from __future__ import annotations
 
 import torch
 
 from recmtl import Balancer, hookimpl
-from recmtl.gradients import GradientBalancer
+from recmtl.gradients import GradientBalancer, leave_out_absent
 
 SCALES = ("min", "median", "rmse")
 
@@ -44,6 +46,10 @@ class AlignedMTL(GradientBalancer):
         self.scale = scale
 
     def combine(self, grads, losses, sizes):
+        return leave_out_absent(self.aligned_sum, grads)
+
+    def aligned_sum(self, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sum_t g'_t`` and its coefficients ``B 1``."""
         _, b = align(grads, self.scale)
         coeffs = b.sum(0)
         return coeffs @ grads, coeffs

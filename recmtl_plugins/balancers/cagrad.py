@@ -6,7 +6,9 @@ With ``g_0`` the average gradient, CAGrad takes the update ``d`` within a ball o
 ``w = argmin_{w in simplex} g_w . g_0 + sqrt(phi) ||g_w||`` with ``g_w = sum_i w_i g_i`` and
 ``phi = c^2 ||g_0||^2``; then ``d = g_0 + (sqrt(phi) / ||g_w||) g_w``, divided by ``1 + c^2`` (the
 authors' ``rescale=1``). ``c = 0`` gives plain gradient averaging; large ``c`` approaches MGDA.
-The small dual over the simplex is solved with scipy's SLSQP, as in the authors' code.
+The small dual over the simplex is solved with scipy's SLSQP, as in the authors' code. A task whose
+shared gradient is all zero (a batch with no label for it) is left out (coefficient 0; ``g_0`` and the
+dual are over the other tasks): kept, it would dilute ``g_0`` and draw the dual's weight onto a zero vector.
 """
 from __future__ import annotations
 
@@ -15,11 +17,16 @@ import torch
 from scipy.optimize import minimize
 
 from recmtl import Balancer, hookimpl
-from recmtl.gradients import GradientBalancer
+from recmtl.gradients import GradientBalancer, leave_out_absent
 
 
 def cagrad(grads: torch.Tensor, c: float = 0.5, rescale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grads [T, N]`` -> (update direction ``[N]``, its coefficients ``[T]`` on the task gradients)."""
+    """``grads [T, N]`` -> (update direction ``[N]``, its coefficients ``[T]`` on the task gradients; 0 for
+    all-zero rows)."""
+    return leave_out_absent(lambda g: _cagrad(g, c, rescale), grads)
+
+
+def _cagrad(grads: torch.Tensor, c: float, rescale: bool) -> tuple[torch.Tensor, torch.Tensor]:
     num = grads.shape[0]
     gram = (grads @ grads.T).double().cpu().numpy()
     mean = np.full(num, 1.0 / num)

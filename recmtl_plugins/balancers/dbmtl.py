@@ -12,6 +12,12 @@ and the shared update is ``sum_k alpha_k h_k`` with ``alpha_k = max_j ||h_j|| / 
 (towers, heads, sparse embeddings) get the gradient of ``sum_k log L_k``. Defaults ``beta = 0.9``,
 ``beta_sigma = 0`` are LibMTL's. ``backward`` returns ``alpha_k``, the scale of each task's gradient.
 The per-task ``weight`` of the config is not used.
+
+A task whose shared gradient is all zero (a batch with no label for it) is left out of the step: its
+``h_k`` is not updated (a zero would shrink it, and ``alpha_k`` would scale the stale remainder straight
+back up to the largest norm, pushing the shared parameters along that task's past direction at full
+strength on a batch that says nothing about it), ``alpha_k = 0`` and the largest norm is taken over the
+other tasks.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch
 from torch import nn
 
 from recmtl import Balancer, hookimpl
-from recmtl.gradients import backward_with_shared_gradient, task_gradients
+from recmtl.gradients import backward_with_shared_gradient, present_tasks, task_gradients
 
 EPS = 1e-8
 
@@ -45,9 +51,14 @@ class DualBalancing(Balancer):
         if self.grad_ema is None or self.grad_ema.shape != grads.shape:
             self.grad_ema = torch.zeros_like(grads)
         beta_t = self.beta / self.step ** self.beta_sigma
-        self.grad_ema = beta_t * self.grad_ema.to(grads.device) + (1 - beta_t) * grads
+        present = present_tasks(grads).unsqueeze(1)
+        ema = self.grad_ema.to(grads.device)
+        self.grad_ema = torch.where(present, beta_t * ema + (1 - beta_t) * grads, ema)
         norms = self.grad_ema.norm(dim=1)
-        alpha = norms.max() / (norms + EPS)
+        alpha = torch.zeros_like(norms)
+        if bool(present.any()):
+            kept = present.squeeze(1)
+            alpha[kept] = norms[kept].max() / (norms[kept] + EPS)
         combined = (alpha.unsqueeze(1) * self.grad_ema).sum(0)
         backward_with_shared_gradient(log_losses, [1.0] * len(log_losses), shared_parameters, combined)
         return dict(zip(self.task_names, alpha.tolist()))

@@ -20,6 +20,10 @@ start of the next ``backward`` (right after the optimiser step that changed ``w`
 above ``min_weight`` so that none can turn negative. ``W`` is the last shared parameter with two or
 more dimensions (the weight matrix of the last shared layer; for MMoE the experts' last layer). The
 per-task ``weight`` of the config is not used (every task starts at 1).
+
+A task whose gradient on ``W`` is all zero (a batch with no label for it) is left out of the step: ``G_bar``
+and the mean of ``r`` are over the other tasks, its weight gets no gradient, and its ``L_i(0)`` is the
+loss of the first step on which it has labels (a zero loss there would make ``r_i`` huge for good).
 """
 from __future__ import annotations
 
@@ -61,18 +65,21 @@ class GradNorm(Balancer):
     def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
         self.renormalise()
         loss_vec = torch.stack([losses[t] for t in self.task_names])
-        if not bool((self.initial_losses > 0).all()):
-            self.initial_losses.copy_(loss_vec.detach().clamp_min(1e-12))
         layer = last_shared_layer(shared_parameters)
         w = self.task_weights
         # ||grad_W (w_i L_i)|| = w_i ||grad_W L_i|| (w_i > 0): first-order in w, no second backward needed
         grad_norms = task_gradients([losses[t] for t in self.task_names], layer).norm(dim=1)
-        g = w * grad_norms
-        ratio = loss_vec.detach() / self.initial_losses
-        r = ratio / ratio.mean()
-        target = (g.mean() * r ** self.alpha).detach()
-        grad_loss = (g - target).abs().sum()
-        (weight_grad,) = torch.autograd.grad(grad_loss, w)
+        present = grad_norms > 0  # a task without labels in this batch is left out
+        first = present & (self.initial_losses <= 0)  # L_i(0): the loss of the task's first labelled step
+        self.initial_losses.copy_(torch.where(first, loss_vec.detach().clamp_min(1e-12), self.initial_losses))
+        weight_grad = torch.zeros_like(w)
+        if bool(present.any()):
+            g = (w * grad_norms)[present]
+            ratio = loss_vec.detach()[present] / self.initial_losses[present]
+            r = ratio / ratio.mean()
+            target = (g.mean() * r ** self.alpha).detach()
+            grad_loss = (g - target).abs().sum()
+            (weight_grad,) = torch.autograd.grad(grad_loss, w)
         (w.detach() * loss_vec).sum().backward()
         w.grad = weight_grad
         return dict(zip(self.task_names, w.detach().tolist()))

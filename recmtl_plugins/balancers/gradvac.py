@@ -7,7 +7,9 @@ cosines, ``hat phi <- (1 - beta) hat phi + beta phi``, started at 0) and wheneve
 moves ``g_i`` towards ``g_j`` just enough that their cosine becomes the target:
 ``g_i <- g_i + ||g_i|| (hat phi sqrt(1 - phi^2) - phi sqrt(1 - hat phi^2)) / (||g_j|| sqrt(1 - hat phi^2)) g_j``.
 The shared parameters get ``sum_i g_i``. This plugin works on the whole shared vector (the paper's
-coarsest granularity).
+coarsest granularity). A task whose shared gradient is all zero (a batch with no label for it) is left out
+of the step: its coefficient is 0 and the targets of its pairs stay as they are (its cosine ``0 / 0``
+would otherwise pull them towards 0).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import math
 import torch
 
 from recmtl import Balancer, hookimpl
-from recmtl.gradients import GradientBalancer, SeededGenerator
+from recmtl.gradients import GradientBalancer, SeededGenerator, leave_out_absent, present_tasks
 
 
 def vaccinate(g_i: torch.Tensor, g_j: torch.Tensor, target: float) -> float:
@@ -33,7 +35,20 @@ def vaccinate(g_i: torch.Tensor, g_j: torch.Tensor, target: float) -> float:
 
 def gradvac(grads: torch.Tensor, targets: torch.Tensor, beta: float,
             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One GradVac step; updates ``targets [T, T]`` in place. Returns (``sum_i g_i'``, coefficients)."""
+    """One GradVac step; updates ``targets [T, T]`` in place. Returns (``sum_i g_i'``, coefficients). All-zero
+    rows are left out: coefficient 0, their pairs' targets unchanged, the random order drawn over the others."""
+    present = present_tasks(grads)
+    if bool(present.all()):
+        return _gradvac(grads, targets, beta, generator)
+    idx = present.nonzero().flatten()
+    sub = targets[idx][:, idx]  # a copy: the present pairs' targets, updated below and written back
+    out = leave_out_absent(lambda g: _gradvac(g, sub, beta, generator), grads)
+    targets[idx.unsqueeze(1), idx] = sub
+    return out
+
+
+def _gradvac(grads: torch.Tensor, targets: torch.Tensor, beta: float,
+             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     num = grads.shape[0]
     norms = grads.norm(dim=1)
     coef = torch.eye(num, dtype=grads.dtype, device=grads.device)

@@ -9,14 +9,15 @@ decreases every task's loss unless the point is Pareto-stationary.
 MGDA-UB (the paper's upper bound) differentiates with respect to the shared *representation* to save
 backward passes. recmtl's balancer contract hands over the shared *parameters*, so this plugin solves
 MGDA on the shared-parameter gradients (the exact, more expensive variant): ``on: parameters`` is the
-only value.
+only value. A task whose shared gradient is all zero (a batch with no label for it) is left out of the
+solve (``gamma_t = 0``): as a point of the hull it would be the min-norm point and zero the whole update.
 """
 from __future__ import annotations
 
 import torch
 
 from recmtl import Balancer, hookimpl
-from recmtl.gradients import GradientBalancer
+from recmtl.gradients import GradientBalancer, leave_out_absent
 
 NORMALIZERS = ("none", "l2", "loss", "loss+")
 
@@ -75,6 +76,10 @@ class MGDA(GradientBalancer):
         self.normalize = normalize
 
     def combine(self, grads, losses, sizes):
+        return leave_out_absent(self.min_norm, grads, losses)
+
+    def min_norm(self, grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The min-norm direction and ``gamma`` of non-zero gradients."""
         norms = grads.norm(dim=1)
         scale = {"none": torch.ones_like(norms), "l2": norms, "loss": losses.abs(),
                  "loss+": losses.abs() * norms}[self.normalize].clamp_min(1e-12)

@@ -8,20 +8,33 @@ directional improvement ``g_t . d`` equals ``1 / alpha_t`` (scale-invariant, Par
 No convex-programming package is needed: the solution is the unique minimiser of the strictly convex
 ``f(alpha) = 1/2 alpha^T M alpha - sum_t log alpha_t`` (its gradient is ``M alpha - 1/alpha``), found by
 damped Newton steps on the T x T system (the authors solve a sequence of convex programs with cvxpy).
-As in the authors' code the Gram matrix is first divided by its Frobenius norm (so the
-update keeps the gradients' scale), ``alpha`` is re-solved every ``update_weights_every`` steps (the
-steps between reuse it and cost one backward pass), and the shared update is clipped to ``max_norm``
-(0 turns that off; with ``train.precision: fp16`` the clip would see loss-scaled gradients, so set it to
-0 there). Tasks whose gradient is zero get ``alpha = 0``.
+
+Scale: ``alpha`` solves the equation for ``M = G G^T`` itself, as the paper and the authors' code do. Like
+them it is solved on ``M / ||M||_F`` (well-conditioned whatever the gradients' size) and divided by
+``sqrt(||M||_F)`` after (the authors put the same factor into their constraint,
+``alpha_t ||M||_F (M / ||M||_F alpha)_t >= 1``). So ``alpha`` scales as ``1 / ||g||``, the shared update
+``d = alpha G`` does not depend on the gradients' scale (``||d||^2 = alpha^T M alpha = T`` exactly), and
+the task-specific parameters get ``alpha_t``-weighted gradients, as in the authors' code.
+
+``alpha`` is re-solved every ``update_weights_every`` steps (the steps between reuse it and cost one
+backward pass), and the shared update is clipped to ``max_norm`` (the authors' default 1.0, which with
+``||d|| = sqrt(T)`` sets its norm; 0 turns the clip off). With ``train.precision: fp16`` the gradients
+arrive multiplied by the loss scale (``Balancer.grad_scale``), which this balancer divides out before the
+solve and the clip and puts back on its direction: a scale-free ``d`` would otherwise be divided by the
+loss scale when the optimiser step unscales the gradients. A task whose shared gradient is all zero (a batch with no
+label for it) is left out of the step (``alpha_t = 0``, the others solved among themselves); the next step
+then solves again, so that the steps reusing ``alpha`` do not leave that task out as well.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 from torch import nn
 
 from recmtl import Balancer, hookimpl
-from recmtl.gradients import GradientBalancer
+from recmtl.gradients import GradientBalancer, present_tasks
 
 
 def nash_weights(gram: np.ndarray, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray:
@@ -66,34 +79,45 @@ class NashMTL(GradientBalancer):
             raise ValueError(f"max_norm must be >= 0, got {max_norm}")
         self.every, self.max_norm = int(update_weights_every), float(max_norm)
         self.step = 0
+        self.solve_next = False  # the last solve left a task out: solve again instead of reusing alpha
         self.register_buffer("alpha", torch.ones(len(task_names), dtype=torch.float64))
 
     def combine(self, grads, losses, sizes):
-        gram = grads.double() @ grads.double().T
-        norm = float(torch.linalg.matrix_norm(gram))
-        alpha = torch.as_tensor(nash_weights((gram / norm).cpu().numpy()) if norm > 0 else np.zeros(len(grads)))
+        scale = float(self.grad_scale)  # fp16's loss scale: alpha and the clip are for the true gradients
+        present = present_tasks(grads)
+        g = grads[present].double() / scale
+        gram = g @ g.T
+        norm = float(torch.linalg.matrix_norm(gram)) if len(g) else 0.0
+        alpha = torch.zeros(len(grads), dtype=torch.float64)
+        if norm > 0:  # solved on M / ||M||_F; alpha / sqrt(||M||_F) then solves it for M itself
+            alpha[present.cpu()] = torch.as_tensor(nash_weights((gram / norm).cpu().numpy()) / math.sqrt(norm))
         self.alpha.copy_(alpha)
-        direction = alpha.to(grads) @ grads
+        self.solve_next = not bool(present.all())
+        direction = alpha.to(grads) @ grads / scale
         if self.max_norm > 0:
             direction = direction * min(1.0, self.max_norm / (float(direction.norm()) + 1e-12))
-        return direction, alpha
+        # the trainer divides every gradient by the loss scale after backward: the shared direction carries
+        # it like the task-specific gradients of sum_t alpha_t L_t do
+        return direction * scale, alpha
 
     def get_extra_state(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "solve_next": self.solve_next}
 
     def set_extra_state(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.solve_next = bool(state.get("solve_next", False))
 
     def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
         self.step += 1
-        if (self.step - 1) % self.every == 0:
+        if (self.step - 1) % self.every == 0 or self.solve_next:
             return super().backward(losses, shared_parameters)
         # between updates: reuse alpha with one ordinary backward (the shared gradient is then G alpha)
         a = self.alpha.tolist()
         total = sum(ai * self.weights.get(t, 1.0) * losses[t] for ai, t in zip(a, self.task_names))
         total.backward()
         if self.max_norm > 0:
-            nn.utils.clip_grad_norm_([p for p in shared_parameters if p.grad is not None], self.max_norm)
+            nn.utils.clip_grad_norm_([p for p in shared_parameters if p.grad is not None],
+                                     self.max_norm * float(self.grad_scale))
         return {t: ai * float(self.weights.get(t, 1.0)) for ai, t in zip(a, self.task_names)}
 
 

@@ -4,18 +4,24 @@ Yu, Kumar, Gupta, Levine, Hausman and Finn, "Gradient Surgery for Multi-Task Lea
 For each task ``i`` (and the other tasks ``j`` in random order) a conflicting gradient is projected onto
 the normal plane of the other: if ``g_i . g_j < 0`` then ``g_i <- g_i - (g_i . g_j / ||g_j||^2) g_j``
 (``g_j`` is the original gradient). The shared parameters get ``sum_i g_i``; gradients that do not
-conflict are left alone.
+conflict are left alone. A task whose shared gradient is all zero (a batch with no label for it) is left
+out (coefficient 0): it changes no other gradient either way.
 """
 from __future__ import annotations
 
 import torch
 
 from recmtl import Balancer, hookimpl
-from recmtl.gradients import GradientBalancer, SeededGenerator
+from recmtl.gradients import GradientBalancer, SeededGenerator, leave_out_absent
 
 
 def pcgrad(grads: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grads [T, N]`` -> (``sum_i g_i^PC`` ``[N]``, coefficients ``c [T]`` with ``sum_i g_i^PC = c @ grads``)."""
+    """``grads [T, N]`` -> (``sum_i g_i^PC`` ``[N]``, coefficients ``c [T]`` with ``sum_i g_i^PC = c @ grads``;
+    0 for all-zero rows, and the random order is drawn over the other rows)."""
+    return leave_out_absent(lambda g: _pcgrad(g, generator), grads)
+
+
+def _pcgrad(grads: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     num = grads.shape[0]
     sq = (grads * grads).sum(1)
     coef = torch.eye(num, dtype=grads.dtype, device=grads.device)  # row i: g_i^PC as a combination of the g_j
