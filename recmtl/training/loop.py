@@ -25,6 +25,7 @@ from recmtl.errors import ConfigError, DataError
 from recmtl.registry import Registry
 from recmtl.rundir import BEST, LAST, RunDir
 from recmtl.schema import FittedSchema, check_types, fit_schema
+from recmtl.schema.summary import format_summary, run_summary
 from recmtl.training.balance_log import BalanceLog
 from recmtl.training.batches import blocks, minibatches
 from recmtl.training.device import Precision, batches_to, resolve_precision
@@ -101,15 +102,23 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         schema = None  # rank 0 fits (or loads) it and broadcasts it below
     elif resume:
         schema = FittedSchema.load(run_dir)
+        saved = (files.read_run_info() or {}).get("labels")
+        if isinstance(saved, dict):  # the summary of the run's start
+            say(format_summary(saved, {t.name: t.head for t in config.tasks}))
     else:
         with tqdm(total=train_src.num_rows, desc="fit schema", unit="row", unit_scale=True,
                   disable=not config.train.progress, file=sys.stderr, mininterval=1.0) as bar:
             schema = fit_schema(config, train_src, {t.name: heads[t.name] for t in config.tasks}, bar.update)
+        # the label summary per task and split; one class or none in the validation labels stops here
+        labels = run_summary(schema.labels, schema.label_summary, {"validation": valid_src, "test": test_src},
+                             config.data.read_rows)
+        say(format_summary(labels, {t.name: t.head for t in config.tasks}))
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(run_dir)
         files.write_config(dump_config(config))
         files.write_run_info({"versions": versions(), "argv": sys.argv,
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world})
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world,
+                              "labels": labels})
     schema = ctx.broadcast_object(schema)
 
     model = MultiTaskModel(config, schema, registry)
