@@ -98,13 +98,14 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         if src is not None:
             check_types(config, src)
 
+    heads_by_task = {t.name: t.head for t in config.tasks}
+    label_text = None  # the label summary, printed once the model is built
     if not main:
         schema = None  # rank 0 fits (or loads) it and broadcasts it below
     elif resume:
         schema = FittedSchema.load(run_dir)
         saved = (files.read_run_info() or {}).get("labels")
-        if isinstance(saved, dict):  # the summary of the run's start
-            say(format_summary(saved, {t.name: t.head for t in config.tasks}))
+        label_text = format_summary(saved, heads_by_task) if isinstance(saved, dict) else None  # the run's start
     else:
         with tqdm(total=train_src.num_rows, desc="fit schema", unit="row", unit_scale=True,
                   disable=not config.train.progress, file=sys.stderr, mininterval=1.0) as bar:
@@ -112,7 +113,7 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         # the label summary per task and split; one class or none in the validation labels stops here
         labels = run_summary(schema.labels, schema.label_summary, {"validation": valid_src, "test": test_src},
                              config.data.read_rows)
-        say(format_summary(labels, {t.name: t.head for t in config.tasks}))
+        label_text = format_summary(labels, heads_by_task)
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(run_dir)
         files.write_config(dump_config(config))
@@ -131,6 +132,8 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
     mark_sparse(sparse_parameters(model))
     precision = Precision(resolve_precision(config.train.precision, ctx.device), ctx.device)
     optimizers = make_optimizers(config, model, balancer)
+    if label_text:
+        say(label_text)
     _report_memory(config, schema, model, balancer, optimizers, ctx, precision)
     monitor = Monitor(config.train.early_stopping.monitor, model)
     shared = model.shared_parameters()
