@@ -2,13 +2,15 @@
 against the previous behaviour, on generated ratings data; and what the label summary costs.
 
 The data (``ratings_data``): per row a dense ``x`` and a categorical ``c`` drive one effect; from it a 1-5 star
-``rating`` (5 % null), a Poisson ``views`` count and ``watch`` seconds (log-normal, median ~55 s). Five tasks share
+``rating`` (5 % null), a Poisson ``views`` count and ``watch`` seconds (log-normal, median ~55 s). Six tasks share
 one shared-bottom tower: ``stars`` (multiclass on the rating), ``rating`` (regression), ``liked`` (``positive:
-">=4"``), ``viewed`` (``positive: ">0"``) and ``watch`` (regression with ``log1p``). Two variants:
+">=4"``), ``viewed`` (``positive: ">0"``), ``watch`` (regression with ``log1p``) and ``seconds`` (regression on the
+same seconds without ``log1p``: MSE in seconds squared). Three variants:
 
 * ``after``: the defaults: regression targets standardised inside the head, classes 1..5;
-* ``before``: the previous behaviour, reproduced by config: ``standardize: false`` on both regression heads and
-  ``num_classes: 6`` on stars (int labels within 0..5 become class ids 0..5: the phantom class 0 of K = max + 1).
+* ``before``: the previous behaviour, reproduced by config: ``standardize: false`` on the regression heads and
+  ``num_classes: 6`` on stars (int labels within 0..5 become class ids 0..5: the phantom class 0 of K = max + 1);
+* ``phantom``: ``after`` with ``num_classes: 6`` on stars only (the phantom class alone).
 
 Each variant is trained with ``recmtl train`` (``recmtl.cli.main`` in this process, one thread) for at most
 ``--epochs`` epochs with early stopping on ``monitor: auto`` (the mean validation loss here: not every task has an
@@ -24,6 +26,7 @@ Usage: python benchmarks/quality/labels.py [--seeds 0,1,2] [--rows 20000] [--epo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -38,7 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-REGRESSION = ("rating", "watch")
+REGRESSION = ("rating", "watch", "seconds")
+VARIANTS = ("before", "phantom", "after")
 
 
 def log(msg: str) -> None:
@@ -48,7 +52,8 @@ def log(msg: str) -> None:
 def cli(*args: str) -> None:
     from recmtl.cli import main
     try:
-        main([str(a) for a in args])
+        with contextlib.redirect_stdout(sys.stderr):  # recmtl's tables: the log, not this script's output
+            main([str(a) for a in args])
     except SystemExit as exc:
         if exc.code not in (0, None):
             sys.exit(f"labels: `recmtl {' '.join(map(str, args))}` failed with exit {exc.code}")
@@ -71,16 +76,18 @@ def ratings_data(path: Path, rows: int, seed: int) -> None:
 def config(data: Path, seed: int, variant: str, epochs: int) -> dict[str, Any]:
     before = variant == "before"
     plain = {"standardize": False} if before else {}
+    phantom = variant in ("before", "phantom")
     return {
         "seed": seed,
         "data": {"train": str(data / "train.parquet"), "validation": str(data / "valid.parquet"),
                  "test": str(data / "test.parquet"), "shuffle_buffer": 65536},
         "features": [{"name": "x", "kind": "dense"}, {"name": "c", "kind": "categorical"}],
-        "tasks": [{"name": "stars", "label": "rating", "head": "multiclass", "params": {"num_classes": 6} if before else {}},
+        "tasks": [{"name": "stars", "label": "rating", "head": "multiclass", "params": {"num_classes": 6} if phantom else {}},
                   {"name": "rating", "head": "regression", "params": plain},
                   {"name": "liked", "label": "rating", "positive": ">=4"},
                   {"name": "viewed", "label": "views", "positive": ">0"},
-                  {"name": "watch", "head": "regression", "params": {"log1p": True, **plain}}],
+                  {"name": "watch", "head": "regression", "params": {"log1p": True, **plain}},
+                  {"name": "seconds", "label": "watch", "head": "regression", "params": plain}],
         "encoders": {"categorical": {"name": "embedding", "dim": 8}},
         "tower": {"name": "shared_bottom", "bottom_units": [64], "task_units": [16]},
         "optimizer": {"lr": 0.003},
@@ -104,12 +111,14 @@ def run_one(work: Path, data: Path, seed: int, variant: str, epochs: int) -> dic
             "regression_loss_share": sum(first[t] for t in REGRESSION) / sum(first.values()),
             "stars_accuracy": test["stars"]["accuracy"], "stars_logloss": test["stars"]["logloss"],
             "rating_rmse": test["rating"]["rmse"], "liked_auc": test["liked"]["auc"],
-            "viewed_auc": test["viewed"]["auc"], "watch_rmse": test["watch"]["rmse"], "watch_mae": test["watch"]["mae"]}
+            "viewed_auc": test["viewed"]["auc"], "watch_rmse": test["watch"]["rmse"], "watch_mae": test["watch"]["mae"],
+            "seconds_rmse": test["seconds"]["rmse"]}
 
 
 COLUMNS = [("stars_accuracy", "stars accuracy", 4), ("stars_logloss", "stars logloss", 4), ("rating_rmse", "rating RMSE", 4),
            ("liked_auc", "liked AUC", 4), ("viewed_auc", "viewed AUC", 4), ("watch_rmse", "watch RMSE (s)", 2),
-           ("watch_mae", "watch MAE (s)", 2), ("regression_loss_share", "regression share of epoch-1 loss", 3)]
+           ("watch_mae", "watch MAE (s)", 2), ("seconds_rmse", "seconds RMSE (s)", 2),
+           ("regression_loss_share", "regression share of epoch-1 loss", 3)]
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -118,7 +127,7 @@ def table(results: list[dict[str, Any]]) -> str:
         return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
     lines = ["| variant | " + " | ".join(c[1] for c in COLUMNS) + " | best epoch (seeds) |",
              "|---|" + "---|" * (len(COLUMNS) + 1)]
-    for variant in ("before", "after"):
+    for variant in VARIANTS:
         rows = [r for r in results if r["variant"] == variant]
         if rows:
             lines.append(f"| {variant} | " + " | ".join(cell([r[k] for r in rows], d) for k, _, d in COLUMNS)
@@ -169,7 +178,7 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         data = work / f"data-{seed}"
         ratings_data(data, args.rows, seed)
-        for variant in ("before", "after"):  # interleaved, so load changes hit both alike
+        for variant in VARIANTS:  # interleaved, so load changes hit all alike
             results.append(run_one(work, data, seed, variant, args.epochs))
             log(json.dumps(results[-1]))
     out: dict[str, Any] = {"results": results, "python": platform.python_version(),
