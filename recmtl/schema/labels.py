@@ -103,8 +103,8 @@ class LabelColumn:
         return y_out, m_out
 
     def values(self, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """Float values, or 1/0 through ``positive``, and the mask of labelled entries (nulls, and NaN where the
-        label is a number, stay unlabelled)."""
+        """Float values, or 1/0 through ``positive``, and the mask of labelled entries: nulls stay unlabelled, and
+        so do NaN under a comparison and non-finite numbers taken as they are."""
         arr = plain_array(arr)
         mask = arr.is_valid().to_numpy(zero_copy_only=False)
         numeric = pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)
