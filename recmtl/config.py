@@ -1,8 +1,10 @@
 """The run configuration: a YAML/TOML file validated up front with pydantic."""
 from __future__ import annotations
 
+import operator
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,17 +57,49 @@ class FeatureConfig(_Strict):
         return self
 
 
+#: the comparisons a threshold ``positive`` may use (``TaskConfig.positive``)
+THRESHOLD_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    ">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
+_THRESHOLD = re.compile(r"\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
+
+
+def parse_threshold(text: str) -> tuple[str, float] | None:
+    """``"OP NUMBER"`` (e.g. ``">0"``, ``">= 4"``, ``"!=-1.5"``) -> ``(OP, NUMBER)``; None when ``text`` is not one."""
+    match = _THRESHOLD.fullmatch(text)
+    return (match.group(1), float(match.group(2))) if match else None
+
+
 class TaskConfig(_Strict):
     """One task: its label column, its head and its weight. With ``positive``, the label is 1 where the
-    column's value is one of those values and 0 elsewhere (nulls stay unlabelled). A multilabel head takes
-    a list of 0/1 columns (one per attribute) or one fixed-length list column."""
+    column's value is one of those values (a list), or where it passes a comparison (one string ``"OP
+    NUMBER"``: ``">0"`` for a count, ``">=4"`` for a 1-5 rating), and 0 elsewhere (nulls and NaN stay
+    unlabelled). A multilabel head takes a list of 0/1 columns (one per attribute) or one fixed-length list
+    column."""
 
     name: str
     label: str | list[str] | None = None
     head: str = "binary"
     weight: float = Field(1.0, ge=0)
-    positive: list[str | int | float] | None = None
+    positive: list[str | int | float] | str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("positive", mode="before")
+    @classmethod
+    def _positive_form(cls, value: Any, info: Any) -> Any:
+        task = f"task '{info.data.get('name', '?')}'"
+        if isinstance(value, str):
+            if parse_threshold(value) is not None:
+                return value.strip()
+            hint = "" if value.strip()[:1] in tuple("<>=!") else f"; for values that count as 1 write a list: [{value}]"
+            raise ValueError(f"{task}: positive '{value}' is neither a list of values nor one comparison 'OP NUMBER' "
+                             f"with OP one of >, >=, <, <=, ==, != (e.g. '>0', '>=4'){hint}")
+        if isinstance(value, bool):
+            raise ValueError(f"{task}: positive {str(value).lower()} is a single value; write a list: "
+                             f"[{str(value).lower()}]")
+        if isinstance(value, (int, float)):
+            raise ValueError(f"{task}: positive {value} is a single value; write a list ([{value}]) for values that "
+                             f"count as 1, or a comparison such as '>={value}'")
+        return value
 
     @model_validator(mode="after")
     def _default_label(self) -> TaskConfig:

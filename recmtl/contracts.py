@@ -1,6 +1,7 @@
 """The small contracts every plugin kind implements. Plugins subclass these base classes."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -28,9 +29,15 @@ class TaskInfo:
     label: str | tuple[str, ...]
     head: str
     weight: float = 1.0
-    #: fitted label values: the classes of a ``label_type = "class"`` head in id order (ints 0..K-1, or the
-    #: label strings), the attribute names of a ``"multi"`` head; empty for scalar labels
+    #: fitted label values: the classes of a ``label_type = "class"`` head in id order (the sorted distinct int
+    #: or string labels of the training data, or 0..K-1 with ``num_classes``), the attribute names of a
+    #: ``"multi"`` head; empty for scalar labels
     classes: tuple[Any, ...] = ()
+    #: ``"value"`` heads: statistics of the head's training target (``Head.target_values`` of the labelled
+    #: training values), fitted in the fit pass and saved in ``schema.json``: ``count``, ``mean``, ``std``
+    #: (population), ``min``, ``max``. Empty for other heads, in contract checks, and for runs trained before
+    #: recmtl fitted them (a head then behaves as it did: e.g. mean 0, std 1).
+    target: Mapping[str, float] = field(default_factory=dict)
 
 
 class Encoder(nn.Module):
@@ -149,6 +156,14 @@ class Head(nn.Module):
     def label_problem(cls, distinct: np.ndarray) -> str | None:
         """Say what is wrong with the distinct non-null label values, or None when they are fine."""
         return None
+
+    @classmethod
+    def target_values(cls, label: np.ndarray, **params: Any) -> np.ndarray:
+        """What this head learns to predict from labelled values ``label`` (numpy ``[n]``; ``label_type = "value"``
+        only), given the task's ``params`` as keyword arguments (accept ``**params`` for the others). The fit pass
+        records their statistics in ``TaskInfo.target``, e.g. to standardise the target inside the head (the
+        ``regression`` head: ``log1p(y)`` with ``log1p: true``). Default: the labels as they are."""
+        return label
 
     def metrics(self, label: np.ndarray, score: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
         """Metrics over labelled rows only (``label`` has no nulls here; for ``"multi"`` heads the rows with

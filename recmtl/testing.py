@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -119,7 +120,8 @@ def check_tower(cls: type[Tower], input_dim: int = 12, **params: Any) -> Tower:
 
 
 def check_head(cls: type[Head], input_dim: int = 8, **params: Any) -> Head:
-    """Output/score shapes, masked rows do not count, gradients reach the input, the loss can be fitted.
+    """Output/score shapes, masked rows do not count, gradients reach the input, the loss can be fitted; a
+    ``"value"`` head's ``target_values`` give one finite number per label.
     A ``label_type = "class"`` head gets 3 classes, a ``"multi"`` head 3 attributes with a per-entry mask."""
     torch.manual_seed(0)
     name = _name(cls)
@@ -128,6 +130,10 @@ def check_head(cls: type[Head], input_dim: int = 8, **params: Any) -> Head:
     classes = (0, 1, 2) if kind == "class" else ("attr_a", "attr_b", "attr_c") if kind == "multi" else ()
     head = cls(input_dim, TaskInfo("task_a", "label_a", "head", 1.0, classes), **params)
     assert isinstance(head, Head), f"{name} must subclass recmtl.Head"
+    if kind == "value":  # what the fit pass summarises into TaskInfo.target
+        values = np.asarray(cls.target_values(np.array([0.0, 1.0, 2.5], np.float32), **params), dtype=np.float64)
+        assert values.shape == (3,) and np.isfinite(values).all(), (
+            f"{name}.target_values must return one finite number per label, got {values!r}")
     n = 64
     h = torch.randn(n, input_dim, requires_grad=True)
     upstream = {d: torch.sigmoid(torch.randn(n)) for d in head.depends_on}

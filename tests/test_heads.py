@@ -72,8 +72,9 @@ def test_multiclass_num_classes_must_match_the_fitted_classes():
         multiclass(5, num_classes=4)
     with pytest.raises(ValueError, match="at least 2 classes"):
         MulticlassHead(4, TaskInfo("t", "t", "multiclass", 1.0, (0,)))
-    assert "class ids 0..K-1" in MulticlassHead.label_problem(np.array([0.0, 1.5]))
+    assert "int or string class labels" in MulticlassHead.label_problem(np.array([0.0, 1.5]))
     assert MulticlassHead.label_problem(np.array([0.0, 3.0])) is None
+    assert MulticlassHead.label_problem(np.array([-1.0, 3.0])) is None  # class values, not ids
 
 
 def test_multilabel_loss_by_hand_with_per_attribute_mask():

@@ -17,6 +17,7 @@ from recmtl.schema.columns import CategoricalColumn, DenseColumn, ImageColumn, S
 from recmtl.schema.fitted import FittedSchema
 from recmtl.schema.labels import LabelColumn
 from recmtl.schema.leaks import LEAK_SAMPLE_ROWS, check_leaks
+from recmtl.schema.summary import LabelStats, Moments, check_labels
 
 
 class _VocabCounter:
@@ -75,38 +76,6 @@ class _DenseStats:
         return mean, (std if std > 1e-12 else 1.0)
 
 
-class _LabelStats:
-    MAX_CLASSES = 100_000
-
-    def __init__(self, all_values: bool = False) -> None:
-        self.labelled = 0
-        self.distinct: set[Any] = set()
-        self.all_values = all_values  # class labels: every distinct value is a class
-
-    def add(self, y: np.ndarray, mask: np.ndarray) -> None:
-        self.labelled += int(mask.sum())
-        if len(self.distinct) <= 16:
-            self.distinct.update(np.unique(y[mask]).tolist())
-
-    def add_classes(self, arr: pa.Array) -> None:
-        if not (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)
-                or pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-            raise DataError(f"a class label column must hold int class ids or strings, got {arr.type}")
-        self.labelled += len(arr) - arr.null_count
-        values = pc.unique(arr.drop_null())
-        self.distinct.update(values.cast(pa.int64()).to_pylist() if not pa.types.is_string(values.type)
-                             and not pa.types.is_large_string(values.type) else values.to_pylist())
-        if len(self.distinct) > self.MAX_CLASSES:
-            raise DataError(f"more than {self.MAX_CLASSES} distinct class labels")
-
-    def classes(self, num_classes: int | None) -> list[Any]:
-        """Strings: sorted distinct values; ints: 0..max (or 0..num_classes-1 when that is larger)."""
-        if all(isinstance(v, str) for v in self.distinct):
-            return sorted(self.distinct)
-        k = max(int(max(self.distinct)) + 1, int(num_classes or 0))
-        return list(range(k))
-
-
 def check_types(config: Config, source: ParquetSource) -> dict[str, str]:
     """Validate every configured column's type before reading rows; return the value type per feature."""
     types = {}
@@ -117,7 +86,8 @@ def check_types(config: Config, source: ParquetSource) -> dict[str, str]:
 
 def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, Any],
                progress: Any = None) -> FittedSchema:
-    """One pass over the training data: vocabularies, dense statistics, label checks, leak check."""
+    """One pass over the training data: vocabularies, dense statistics, label checks and summary (the schema's
+    ``label_summary``), the heads' target statistics (``LabelColumn.target``), leak check."""
     types = check_types(config, source)
     cat_cfg = [f for f in config.features if f.kind == "categorical"]
     seq_cfg = [f for f in config.features if f.kind == "sequence"]
@@ -131,7 +101,9 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
     labels = [_label_column(t, kinds[t.name], source) for t in config.tasks]
     counters = {f.name: _VocabCounter() for f in cat_cfg + seq_cfg if not f.hash_buckets}
     stats = {f.name: _DenseStats() for f in dense_cfg}
-    label_stats = {lab.task: _LabelStats(lab.kind == "class") for lab in labels}
+    label_stats = {lab.task: LabelStats(lab) for lab in labels}
+    targets = {lab.task: Moments() for lab in labels if lab.kind == "value"}
+    target_params = {t.name: t.params for t in config.tasks}
     sample: list[pa.RecordBatch] = []
     sampled = 0
     rows = 0
@@ -150,11 +122,10 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
         for f in dense_cfg:
             stats[f.name].add(plain_array(batch.column(f.name)))
         for lab in labels:
-            if lab.kind == "class":
-                label_stats[lab.task].add_classes(plain_array(batch.column(lab.column)))
-            else:
-                y, mask = lab.read(batch)
-                label_stats[lab.task].add(y, mask)
+            read = label_stats[lab.task].add(batch)
+            if lab.task in targets:
+                y, mask = read
+                targets[lab.task].add(head_classes[lab.task].target_values(y[mask[:, 0], 0], **target_params[lab.task]))
         if sampled < LEAK_SAMPLE_ROWS:
             sample.append(batch)
             sampled += batch.num_rows
@@ -163,17 +134,21 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
     if rows == 0:
         raise DataError(f"training data {source.spec} has no rows")
 
+    label_summary = {}
     for task, lab in zip(config.tasks, labels):
         st = label_stats[task.name]
-        if st.labelled == 0:
-            raise DataError(f"task '{task.name}' has no labelled rows: column '{task.label}' is null everywhere in {source.spec}")
-        head_cls = head_classes[task.name]
-        numeric = [v for v in st.distinct if not isinstance(v, str)]
-        problem = head_cls.label_problem(np.array(sorted(numeric)))
-        if problem:
-            raise DataError(f"label column '{task.label}' of task '{task.name}' (head '{task.head}'): {problem}")
-        if lab.kind == "class":
+        if st.labelled:
+            head_cls = head_classes[task.name]
+            numeric = [v for v in (st.counts if lab.kind == "class" else st.distinct) if not isinstance(v, str)]
+            problem = head_cls.label_problem(np.array(sorted(numeric)))
+            if problem:
+                raise DataError(f"label column '{task.label}' of task '{task.name}' (head '{task.head}'): {problem}")
+        if lab.kind == "class" and st.labelled:
             lab.classes = st.classes(task.params.get("num_classes"))
+        label_summary[task.name] = st.summary()
+        check_labels(lab, label_summary[task.name], "training", st.binary, source.spec)
+        if lab.kind == "value":
+            lab.target = targets[task.name].as_dict()
 
     def vocabulary(f: FeatureConfig) -> np.ndarray | None:
         if f.hash_buckets:
@@ -200,7 +175,8 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
     for col in sequence:  # fail before training on lists of the wrong item type
         col.sequence_ids(sample_table.column(col.name).slice(0, 64))
     check_leaks([f for f in config.features if f.kind not in ("image", "sequence")], sample_table, labels)
-    return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image, sequence)
+    return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image, sequence,
+                        label_summary=label_summary)
 
 
 def _countable(arr: pa.Array, value_type: str) -> pa.Array:
@@ -210,6 +186,9 @@ def _countable(arr: pa.Array, value_type: str) -> pa.Array:
 
 def _label_column(task: TaskConfig, kind: str, source: ParquetSource) -> LabelColumn:
     """The task's label reader for its head's ``label_type`` (classes are fitted later for ``class``)."""
+    if task.positive is not None and kind != "value":
+        raise DataError(f"task '{task.name}': positive applies to heads with one value per row (binary, esmm, ...); "
+                        f"head '{task.head}' reads {'classes' if kind == 'class' else 'attributes'}")
     if kind != "multi":
         if isinstance(task.label, list):
             raise DataError(f"task '{task.name}': head '{task.head}' takes one label column, got a list {task.label}")

@@ -59,6 +59,9 @@ class FittedSchema:
     num_rows: int = 0
     image: list[ImageColumn] = field(default_factory=list)
     sequence: list[SequenceColumn] = field(default_factory=list)
+    #: the fit pass's label summary of the training data per task (``recmtl.schema.summary``; not saved here:
+    #: ``recmtl train`` keeps it in ``run.json``)
+    label_summary: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     @property
     def feature_columns(self) -> list[str]:
@@ -162,7 +165,8 @@ class FittedSchema:
             "categorical": cats,
             "dense": [{"name": d.name, "mean": d.mean, "std": d.std, "fill": d.fill} for d in self.dense],
             "labels": [{"task": lab.task, "column": lab.column, "positive": lab.positive, "kind": lab.kind,
-                        "classes": lab.classes} for lab in self.labels],
+                        "classes": lab.classes, **({"target": lab.target} if lab.target else {})}
+                       for lab in self.labels],
             "image": [{"name": i.name, "channels": i.channels, "height": i.height, "width": i.width} for i in self.image],
             "sequence": seqs,
             "group_column": self.group_column,
@@ -183,8 +187,8 @@ class FittedSchema:
         return cls(
             categorical=cats,
             dense=[DenseColumn(**d) for d in meta["dense"]],
-            labels=[LabelColumn(lab["task"], lab["column"], lab["positive"], lab.get("kind", "value"), lab.get("classes"))
-                    for lab in meta["labels"]],
+            labels=[LabelColumn(lab["task"], lab["column"], lab["positive"], lab.get("kind", "value"), lab.get("classes"),
+                                target=lab.get("target")) for lab in meta["labels"]],
             group_column=meta.get("group_column"),
             num_rows=meta.get("num_rows", 0),
             image=[ImageColumn(**i) for i in meta.get("image", [])],

@@ -27,6 +27,7 @@ from recmtl.files import sweep_temporary_files
 from recmtl.registry import Registry
 from recmtl.rundir import BEST, LAST, RunDir, epoch_checkpoint
 from recmtl.schema import FittedSchema, check_types, fit_schema
+from recmtl.schema.summary import format_summary, run_summary
 from recmtl.training.balance_log import BalanceLog
 from recmtl.training.batches import blocks, minibatches
 from recmtl.training.device import Precision, batches_to, resolve_precision
@@ -120,19 +121,28 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         if src is not None:
             check_types(config, src)
 
+    heads_by_task = {t.name: t.head for t in config.tasks}
+    label_text = None  # the label summary, printed once the model is built
     if not main:
         schema = None  # rank 0 fits (or loads) it and broadcasts it below
     elif resume:
         schema = FittedSchema.load(run_dir)
+        saved = (files.read_run_info() or {}).get("labels")
+        label_text = format_summary(saved, heads_by_task) if isinstance(saved, dict) else None  # the run's start
     else:
         with tqdm(total=train_src.num_rows, desc="fit schema", unit="row", unit_scale=True,
                   disable=not config.train.progress, file=sys.stderr, mininterval=1.0) as bar:
             schema = fit_schema(config, train_src, {t.name: heads[t.name] for t in config.tasks}, bar.update)
+        # the label summary per task and split; one class or none in the validation labels stops here
+        labels = run_summary(schema.labels, schema.label_summary, {"validation": valid_src, "test": test_src},
+                             config.data.read_rows)
+        label_text = format_summary(labels, heads_by_task)
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(run_dir)
         files.write_config(dump_config(config))
         files.write_run_info({"versions": versions(), "argv": sys.argv,
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world})
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world,
+                              "labels": labels})
     schema = ctx.broadcast_object(schema)
 
     model = MultiTaskModel(config, schema, registry)
@@ -145,6 +155,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     mark_sparse(sparse_parameters(model))
     precision = Precision(resolve_precision(config.train.precision, ctx.device), ctx.device)
     optimizers = make_optimizers(config, model, balancer)
+    if label_text:
+        say(label_text)
     _report_memory(config, schema, model, balancer, optimizers, ctx, precision)
     spec = config.train.early_stopping.monitor
     monitor = Monitor(spec if isinstance(spec, str) else "auto", model)  # best.pt (a mapping: as auto)

@@ -67,9 +67,11 @@ class MultiTaskModel(nn.Module):
         #: where each task's label sits in a batch's label/mask tensors: (start, width, scalar)
         self.label_slices = schema.label_slices()
         classes = {lab.task: tuple(lab.classes or ()) for lab in schema.labels}
+        targets = {lab.task: dict(lab.target or {}) for lab in schema.labels}
         for task in config.tasks:
             label = tuple(task.label) if isinstance(task.label, list) else (task.label or task.name)
-            info = TaskInfo(task.name, label, task.head, task.weight, classes.get(task.name, ()))
+            info = TaskInfo(task.name, label, task.head, task.weight, classes.get(task.name, ()),
+                            targets.get(task.name, {}))
             self.heads[task.name] = registry.create("head", task.head, dims[task.name], info, **task.params)
         self.order = self._topological_order()
         self._check_contracts(config)

@@ -1,9 +1,10 @@
 """Multiclass head: one softmax over K classes, cross-entropy; accuracy, macro-F1, multiclass logloss.
 
-The label is a class id: an int column of ids ``0..K-1`` used as they are (K = ``num_classes``, or the
-largest id seen in training + 1), or a string column mapped through a vocabulary fitted on the training
-data (the sorted distinct strings; saved in ``schema.json`` and the ONNX metadata, so class ``k`` of the
-score is ``classes[k]``). ``predict`` returns the class probabilities ``[batch, K]``.
+The label is an int or string column; its classes are the sorted distinct values of the training data (ratings
+1..5 are 5 classes), mapped to ids ``0..K-1`` (saved in ``schema.json`` and the ONNX metadata, so class ``k``
+of the score is ``classes[k]``). ``num_classes: K`` makes int labels within ``0..K-1`` the class ids
+themselves, so classes absent from the training data still get a score; other labels must then have exactly K
+distinct values. ``predict`` returns the class probabilities ``[batch, K]``.
 Softmax regression / cross-entropy as in Bishop, *Pattern Recognition and Machine Learning* (2006), 4.3.4.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ class MulticlassHead(Head):
     def __init__(self, input_dim: int, task: TaskInfo, num_classes: int | None = None,
                  label_smoothing: float = 0.0) -> None:
         super().__init__(input_dim, task)
-        seen = len(task.classes)  # int labels: 0..max(label, num_classes - 1); strings: the distinct values
+        seen = len(task.classes)  # the fitted classes: the distinct labels, or 0..num_classes-1
         if num_classes is not None and seen and num_classes != seen:
             raise ValueError(f"num_classes {num_classes} but the label column of task '{task.name}' has {seen} "
                              f"classes ({', '.join(map(str, task.classes[:10]))}{', ...' if seen > 10 else ''})")
@@ -51,9 +52,9 @@ class MulticlassHead(Head):
 
     @classmethod
     def label_problem(cls, distinct: np.ndarray) -> str | None:
-        bad = [v for v in distinct.tolist() if v < 0 or v != int(v)]
+        bad = [v for v in distinct.tolist() if v != int(v)]
         if bad:
-            return (f"a multiclass head needs class ids 0..K-1 (or string class names), found {bad[:5]}")
+            return f"a multiclass head needs int or string class labels, found {bad[:5]}"
         return None
 
     def metrics(self, label: np.ndarray, score: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
