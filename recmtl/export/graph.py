@@ -1,9 +1,10 @@
 """``recmtl export``: one self-contained ONNX file from a run directory.
 
 Inputs are the raw feature columns (int64 or string for categorical, float32 for dense, dynamic batch);
-vocabulary lookup (``ai.onnx.ml.LabelEncoder``) or hashing, null handling and standardisation run inside
-the graph. An image feature is a float32 input ``[batch, C, H, W]`` with pixels scaled to [0, 1]: decoding
-PNG/JPEG bytes stays outside the graph (``recmtl.data.images``, used by ``recmtl score`` and ``recmtl serve``).
+vocabulary lookup (``ai.onnx.ml.LabelEncoder``) or hashing, null handling, a dense column's clip and ``log1p``
+transform and standardisation run inside the graph. An image feature is a float32 input ``[batch, C, H, W]``
+with pixels scaled to [0, 1]: decoding PNG/JPEG bytes stays outside the graph (``recmtl.data.images``, used by
+``recmtl score`` and ``recmtl serve``).
 A sequence feature is an int64 or string input ``[batch, max_length]``: a row's last items, the unused
 positions holding the padding sentinel (``recmtl.serving.wire.PAD_INT`` = INT64_MIN + 1, ``PAD_STRING``), which
 the in-graph lookup maps to the padding id; nulls inside a list are missing values as for categorical.
@@ -161,8 +162,10 @@ def categorical_ids(g: _Graph, columns: list[CategoricalColumn]) -> None:
 
 
 def dense_values(g: _Graph, columns: list[DenseColumn]) -> None:
-    """Twin of ``DenseColumn.values``: raw float ``[batch]`` inputs filled where NaN/inf and standardised, column by
-    column as ``[D, batch]`` (long runs per constant), then transposed to ``[batch, D]``."""
+    """Twin of ``DenseColumn.values``: raw float ``[batch]`` inputs clipped and transformed where a column says so
+    (``log1p``: sign(x) * log(1 + |x|)), filled where NaN/inf and standardised, column by column as ``[D, batch]``
+    (long runs per constant), then transposed to ``[batch, D]``. Columns without a clip or transform take the
+    same nodes as before these existed when none has one."""
     for d in columns:
         g.inputs.append(helper.make_tensor_value_info(d.name, TensorProto.FLOAT, ["batch"]))
 
@@ -175,7 +178,28 @@ def dense_values(g: _Graph, columns: list[DenseColumn]) -> None:
     g.node("IsNaN", ["pre_dense_raw"], ["pre_dense_nan"])
     g.node("IsInf", ["pre_dense_raw"], ["pre_dense_inf"])
     g.node("Or", ["pre_dense_nan", "pre_dense_inf"], ["pre_dense_missing"])
-    g.node("Where", ["pre_dense_missing", fill, "pre_dense_raw"], ["pre_dense_filled"])
+    values = "pre_dense_raw"
+    if any(d.clip_low is not None for d in columns):
+        low = per_column("pre_clip_low", [-np.inf if d.clip_low is None else d.clip_low for d in columns])
+        g.node("Max", [values, low], ["pre_dense_above_low"])
+        values = "pre_dense_above_low"
+    if any(d.clip_high is not None for d in columns):
+        high = per_column("pre_clip_high", [np.inf if d.clip_high is None else d.clip_high for d in columns])
+        g.node("Min", [values, high], ["pre_dense_clipped"])
+        values = "pre_dense_clipped"
+    if any(d.transform == "log1p" for d in columns):
+        g.node("Abs", [values], ["pre_dense_abs"])
+        g.node("Add", ["pre_dense_abs", g.const("pre_dense_one", np.array(1, dtype=np.float32))], ["pre_dense_abs1"])
+        g.node("Log", ["pre_dense_abs1"], ["pre_dense_log_abs"])
+        g.node("Sign", [values], ["pre_dense_sign"])
+        g.node("Mul", ["pre_dense_sign", "pre_dense_log_abs"], ["pre_dense_log1p"])
+        if all(d.transform == "log1p" for d in columns):
+            values = "pre_dense_log1p"
+        else:
+            is_log = g.const("pre_dense_is_log1p", np.array([[d.transform == "log1p"] for d in columns]))
+            g.node("Where", [is_log, "pre_dense_log1p", values], ["pre_dense_transformed"])
+            values = "pre_dense_transformed"
+    g.node("Where", ["pre_dense_missing", fill, values], ["pre_dense_filled"])
     g.node("Sub", ["pre_dense_filled", mean], ["pre_dense_centred"])
     g.node("Div", ["pre_dense_centred", std], ["pre_dense_by_column"])
     g.node("Transpose", ["pre_dense_by_column"], [core_input("dense")], perm=[1, 0])
