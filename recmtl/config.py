@@ -126,6 +126,9 @@ class OptimizerConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     embedding_lr: float | None = Field(None, gt=0)
+    # decoupled weight decay of the sparse embedding tables, on the rows each batch looks up (SparseAdam, sparse
+    # SGD and Adagrad take none of their own): row *= 1 - embedding_lr * embedding_weight_decay per step it is seen
+    embedding_weight_decay: float = Field(0.0, ge=0)
 
 
 class TrainConfig(_Strict):
