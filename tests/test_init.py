@@ -178,9 +178,11 @@ def test_profile_rules():
     assert not prof.heavy_tail(rng.normal(0, 1, 5000))[0]
     assert not prof.heavy_tail(rng.random(5000) * 1e-3)[0]  # skewed? no: uniform
     # min_count: a long tail of values seen fewer than TAIL_COUNT times
-    assert prof.propose_min_count(np.array([1, 1, 1, 2, 50]), 1.0) == prof.TAIL_COUNT
-    assert prof.propose_min_count(np.array([10, 20, 30, 1]), 1.0) == 1
-    assert prof.propose_min_count(np.array([1, 1, 1, 2, 50]), 10.0) == 1  # a 1/10 sample: counts x 10
+    tail = np.array([1, 1, 1, 2, 50] * 20)
+    assert prof.propose_min_count(tail, 1.0) == prof.TAIL_COUNT
+    assert prof.propose_min_count(np.array([10, 20, 30, 1] * 20), 1.0) == 1
+    assert prof.propose_min_count(tail, 10.0) == 1  # a 1/10 sample: counts x 10
+    assert prof.propose_min_count(np.array([1, 1, 1, 2, 50]), 1.0) == 1  # 5 values: no tail
 
 
 def test_integer_codes_and_numbers_are_told_apart():

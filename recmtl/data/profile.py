@@ -56,6 +56,8 @@ HASH_BUCKETS = 1 << 20
 #: least TAIL_SHARE of its distinct values gets min_count TAIL_COUNT
 TAIL_COUNT = 5
 TAIL_SHARE = 0.5
+#: ...when it has at least this many distinct values (a handful of values has no tail)
+TAIL_MIN_VALUES = 50
 
 #: name tokens of columns that usually record what happened after the impression (a label, never a feature)
 OUTCOME_WORDS = frozenset({
@@ -124,8 +126,8 @@ def heavy_tail(x: np.ndarray) -> tuple[bool, float, float]:
 def propose_min_count(counts: np.ndarray, scale: float) -> int:
     """``min_count`` for a vocabulary with these per-value ``counts`` in a sample that is ``1/scale`` of the file:
     :data:`TAIL_COUNT` when values seen fewer than that many times (estimated ``count * scale``) make up at least
-    :data:`TAIL_SHARE` of the distinct values, else 1."""
-    if len(counts) == 0:
+    :data:`TAIL_SHARE` of the distinct values (and there are at least :data:`TAIL_MIN_VALUES`), else 1."""
+    if len(counts) < TAIL_MIN_VALUES:
         return 1
     rare = float(np.mean(counts * scale < TAIL_COUNT))
     return TAIL_COUNT if rare >= TAIL_SHARE else 1

@@ -294,7 +294,7 @@ def starter_config(data: str, tasks: list[str], config_path: str | Path, positiv
         if col not in names:
             raise ConfigError(f"--task: column '{col}' not found in {data}{close_matches(col, names)}")
     label_cols = {c for _, c in parsed}
-    flat = [c for c in names if _flat_type(source.field(c).type)]
+    flat = [c for c in names if _flat_type(source.field(c).type) or c in label_cols]
     sample = prof.read_sample(source, flat)
     if sample.num_rows == 0:
         raise ConfigError(f"{data} has no rows")
