@@ -61,36 +61,50 @@ def new_plugin(
 def init(
     data: Annotated[str, typer.Argument(help="Training Parquet file, folder or glob to inspect.")],
     task: Annotated[list[str], typer.Option("--task", "-t", help="Task label column, or NAME=COLUMN; repeatable.")] = [],
-    positive: Annotated[list[str], typer.Option(help="COLUMN=VALUE: this value of a label column counts as 1; repeatable.")] = [],
+    positive: Annotated[list[str], typer.Option(
+        help="TASK=SPEC: which label values count as 1 for that task; SPEC is a value (repeatable) or a threshold "
+             "such as '>0' or '>=4'. COLUMN=SPEC also works when one task reads that column; a task name wins "
+             "when KEY is both.")] = [],
     head: Annotated[list[str], typer.Option(
         help="TASK=HEAD, e.g. conversion=esmm (default: binary for 0/1 labels, else regression).")] = [],
+    label: Annotated[list[str], typer.Option(
+        help="An outcome column that is not a task now (another stage's label): never a feature; repeatable.")] = [],
+    feature: Annotated[list[str], typer.Option(
+        help="Use this column as a feature even where init would leave it out (an outcome-like name, an id); "
+             "repeatable.")] = [],
     exclude: Annotated[list[str], typer.Option(help="Column not to use as a feature; repeatable.")] = [],
-    dense: Annotated[list[str], typer.Option(help="Treat this integer column as dense; repeatable.")] = [],
-    categorical: Annotated[list[str], typer.Option(help="Treat this float column as categorical; repeatable.")] = [],
+    dense: Annotated[list[str], typer.Option(help="Treat this number column as dense; repeatable.")] = [],
+    categorical: Annotated[list[str], typer.Option(
+        help="Treat this integer, string or boolean column as categorical; repeatable.")] = [],
     validation: Annotated[Optional[str], typer.Option(help="Validation Parquet (early stopping, metrics).")] = None,
     test: Annotated[Optional[str], typer.Option(help="Test Parquet, scored once with the best checkpoint.")] = None,
-    tower: Annotated[str, typer.Option(help="Tower plugin name.")] = "mmoe",
+    tower: Annotated[Optional[str], typer.Option(
+        help="Tower plugin name (default: shared_bottom for one task, mmoe for several).")] = None,
     group_column: Annotated[Optional[str], typer.Option(help="User-id column: binary tasks also report GAUC.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("recmtl.yaml"),
     force: Annotated[bool, typer.Option(help="Overwrite an existing config file.")] = False,
 ) -> None:
-    """Write a starter config by inspecting DATA's schema (ints/strings -> categorical, floats -> dense,
-    PNG/JPEG bytes or square number lists -> image)."""
-    from recmtl.data.starter import render, starter_config
+    """Write a starter config by reading DATA: per column its type, distinct values, nulls and a proposal with
+    the reason (printed as a table and kept as YAML comments), and defaults sized by the number of rows."""
+    from recmtl.data.starter import render, starter_config, summary_table
     from recmtl.files import write_text
     if output.exists() and not force:
         raise ConfigError(f"{output} exists; pass --force to overwrite it")
     result = starter_config(data, task, output, positive, exclude, dense, categorical, validation, test, tower,
-                            group_column, head)
-    cfg = result["config"]
+                            group_column, head, label, feature)
+    cfg = result.config
     registry = _registry()
-    registry.get("tower", tower)
+    registry.get("tower", cfg["tower"]["name"])
     for t in cfg["tasks"]:
         registry.get("head", t["head"])
-    write_text(output, render(cfg, result["skipped"]))
+    write_text(output, render(result))
+    typer.echo(summary_table(result))
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     counts = {k: sum(f["kind"] == k for f in cfg["features"]) for k in ("categorical", "dense", "image", "sequence")}
     typer.echo(f"wrote {output}: " + " + ".join(f"{n} {k}" for k, n in counts.items() if n or k in ("categorical", "dense"))
-               + " features, tasks " + ", ".join(f"{t['name']} ({t['head']})" for t in cfg["tasks"]))
+               + " features, tasks " + ", ".join(f"{t['name']} ({t['head']})" for t in cfg["tasks"])
+               + f", tower {cfg['tower']['name']}, batch {cfg['train']['batch_size']}")
 
 
 @app.command()
@@ -303,11 +317,13 @@ def datagen_funnel(
     correlation: Annotated[float, typer.Option(help="Correlation of the click and conversion effects.")] = 0.5,
     valid_fraction: float = 0.1,
     test_fraction: float = 0.1,
+    tail: Annotated[int, typer.Option(help="Add a long tail: tail_id with this many ids (Zipf popularity, strong "
+                                           "per-id effects) and two heavy-tailed numbers, views and price (0: off).")] = 0,
 ) -> None:
     """Impressions with click and conversion (conversion only after a click) and their true probabilities."""
     from recmtl.data.synthetic import funnel
     paths = funnel(out, rows, seed, categorical, dense, cardinality, correlation, valid_fraction=valid_fraction,
-                   test_fraction=test_fraction)
+                   test_fraction=test_fraction, tail=tail)
     typer.echo("wrote " + ", ".join(str(p) for p in paths) + " (+ .truth.parquet with the true probabilities)")
 
 

@@ -23,6 +23,9 @@ class FeatureConfig(_Strict):
     seen fewer than ``min_count`` times, unseen values and nulls share id 0) or hashed into
     ``hash_buckets``. Dense: numbers; nulls/NaN filled with ``fill`` then standardised. Image: encoded
     PNG/JPEG bytes or fixed-shape number lists of ``channels x height x width`` (see recmtl/images.py).
+    A dense value is first clipped to ``clip`` (when given), then transformed (``transform: log1p`` is
+    ``sign(x) * log1p(|x|)``, for heavy-tailed counts, prices, durations); the fill value and the
+    statistics are those of the transformed values.
     Sequence: a list column of ints or strings (e.g. recently clicked item ids); each row keeps its last
     ``max_length`` items, mapped to ids with a vocabulary fitted over all list values (the categorical
     options apply); a null list is empty, a null item is missing (id 0)."""
@@ -35,6 +38,8 @@ class FeatureConfig(_Strict):
     embedding_dim: int | None = Field(None, ge=1)
     fill: Literal["mean", "zero"] | float = "mean"
     standardize: bool = True
+    transform: Literal["none", "log1p"] = "none"  # dense: applied after clip, before fill and standardising
+    clip: tuple[float, float] | None = None  # dense: [low, high] applied to the raw value
     height: int | None = Field(None, ge=1)
     width: int | None = Field(None, ge=1)
     channels: Literal[1, 3, 4] | None = None  # image: 1 (grey, the default), 3 (RGB) or 4 (RGBA)
@@ -46,6 +51,10 @@ class FeatureConfig(_Strict):
                 self.hash_buckets or self.max_size or self.embedding_dim or self.min_count != 1):
             raise ValueError(f"feature '{self.name}': hash_buckets/max_size/min_count/embedding_dim apply to "
                              "categorical and sequence features only")
+        if self.kind != "dense" and (self.transform != "none" or self.clip is not None):
+            raise ValueError(f"feature '{self.name}': transform/clip apply to dense features only")
+        if self.clip is not None and not (self.clip[0] <= self.clip[1]):
+            raise ValueError(f"feature '{self.name}': clip must be [low, high] with low <= high, got {list(self.clip)}")
         if self.kind == "sequence" and self.max_length is None:
             self.max_length = 50
         if self.kind != "sequence" and self.max_length is not None:
@@ -154,6 +163,9 @@ class OptimizerConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     embedding_lr: float | None = Field(None, gt=0)
+    # decoupled weight decay of the sparse embedding tables, on the rows each batch looks up (SparseAdam, sparse
+    # SGD and Adagrad take none of their own): row *= 1 - embedding_lr * embedding_weight_decay per step it is seen
+    embedding_weight_decay: float = Field(0.0, ge=0)
 
 
 class TrainConfig(_Strict):

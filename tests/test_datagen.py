@@ -33,3 +33,25 @@ def test_mmoe_synthetic_correlation_controls_label_correlation(tmp_path):
         corr[p] = np.corrcoef(t["y1"].to_numpy(), t["y2"].to_numpy())[0, 1]
     assert corr[1.0] > 0.95 and corr[1.0] > corr[0.5] > corr[0.0]
     assert abs(corr[0.0]) < 0.2
+
+
+def test_funnel_tail_adds_rare_ids_and_heavy_numbers_and_keeps_the_rest(tmp_path):
+    from recmtl.data.synthetic import TAIL_EFFECT
+    funnel(tmp_path / "plain", rows=20000, seed=5, categorical=4, dense=3, cardinality=30)
+    funnel(tmp_path / "tail", rows=20000, seed=5, categorical=4, dense=3, cardinality=30, tail=5000)
+    plain, tail = pq.read_table(tmp_path / "plain" / "train.parquet"), pq.read_table(tmp_path / "tail" / "train.parquet")
+    assert tail.column_names == plain.column_names[:-2] + ["tail_id", "views", "price", "click", "conversion"]
+    assert tail.select(plain.column_names[:-2]).equals(plain.select(plain.column_names[:-2]))  # the same features
+    ids, counts = np.unique(tail["tail_id"].to_numpy(), return_counts=True)
+    assert 1000 < len(ids) <= 5000 and np.mean(counts < 5) > 0.6  # most ids are rare
+    views = tail["views"].to_numpy()
+    assert views.dtype == np.int64 and views.min() >= 0 and views.max() > 100 * np.median(views)  # heavy tail
+    assert tail["price"].null_count > 0 and float(np.nanmin(tail["price"].to_numpy(zero_copy_only=False))) > 0
+    truth = pq.read_table(tmp_path / "tail" / "train.truth.parquet")
+    # the per-id effects are strong: the true logit varies a lot between popular ids
+    logit = np.log(truth["click"].to_numpy() / (1 - truth["click"].to_numpy()))
+    top = ids[np.argsort(-counts)[:20]]
+    means = [logit[tail["tail_id"].to_numpy() == i].mean() for i in top]
+    assert np.std(means) > 0.5 * TAIL_EFFECT
+    assert auc(tail["click"].to_numpy(), truth["click"].to_numpy()) > auc(
+        plain["click"].to_numpy(), pq.read_table(tmp_path / "plain" / "train.truth.parquet")["click"].to_numpy())

@@ -4,6 +4,9 @@
   label that can be 1 only when click is 1 (ESMM's click -> conversion funnel, on the impression space).
   The hidden true probabilities go to ``<split>.truth.parquet`` (``click``: P(click), ``conversion``:
   P(click and convert), ``cvr``: P(convert | click)), row-aligned, so the Bayes-optimal AUC is known.
+  With ``tail``: a long tail on top, ``tail_id`` (that many ids, Zipf popularity: most are rare) with strong
+  per-id effects, and two heavy-tailed numbers whose effect is through their logarithm (``views``, a
+  log-normal count, and ``price``, log-normal with nulls).
 * ``mmoe-synthetic``: the two regression tasks of the MMoE paper (Ma et al. KDD 2018, section 4) whose
   correlation is set by ``correlation``.
 """
@@ -69,8 +72,12 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def funnel(out: str | Path, rows: int, seed: int = 0, categorical: int = 26, dense: int = 13,
            cardinality: int = 1000, correlation: float = 0.5, null_rate: float = 0.05,
-           valid_fraction: float = 0.1, test_fraction: float = 0.1) -> list[Path]:
-    """Write ``train/valid/test.parquet`` and their ``.truth.parquet`` files into ``out``."""
+           valid_fraction: float = 0.1, test_fraction: float = 0.1, tail: int = 0) -> list[Path]:
+    """Write ``train/valid/test.parquet`` and their ``.truth.parquet`` files into ``out``. ``tail`` > 0 adds the
+    long-tail columns (:data:`TAIL_EXPONENT`, :data:`TAIL_EFFECT`); every other column is the same as without
+    them (only the labels and the true probabilities change)."""
+    if tail < 0:
+        raise ConfigError(f"--tail must be 0 (off) or a number of ids, got {tail}")
     if categorical < 2 or dense < 2:
         raise ConfigError("funnel needs at least 2 categorical and 2 dense features")
     if cardinality < 2:
@@ -91,6 +98,7 @@ def funnel(out: str | Path, rows: int, seed: int = 0, categorical: int = 26, den
     cat_names = ["user_id", "item_id"] + [f"c{i:02d}" for i in range(3, categorical + 1)]
     string_cols = set(cat_names[2:5])
     dense_names = [f"d{i:02d}" for i in range(1, dense + 1)]
+    add_tail = _long_tail(seed, tail, rho) if tail else None
 
     def make_chunk(start: int, n: int) -> tuple[pa.Table, pa.Table]:
         r = np.random.default_rng([seed, 2, start])
@@ -112,6 +120,8 @@ def funnel(out: str | Path, rows: int, seed: int = 0, categorical: int = 26, den
         interaction = np.tanh(np.where(cols[dense_names[0]].is_null().to_numpy(zero_copy_only=False), 0,
                                        cols[dense_names[0]].to_numpy(zero_copy_only=False)))
         logit_click += 0.4 * interaction * np.where(cols["user_id"].to_numpy() % 2 == 0, 1, -1)
+        if add_tail is not None:
+            add_tail(start, n, cols, logit_click, logit_cvr)
         p_click, p_cvr = _sigmoid(logit_click), _sigmoid(logit_cvr)
         click = (r.random(n) < p_click).astype(np.int8)
         conversion = (click.astype(bool) & (r.random(n) < p_cvr)).astype(np.int8)
@@ -121,6 +131,45 @@ def funnel(out: str | Path, rows: int, seed: int = 0, categorical: int = 26, den
         return data, truth
 
     return _write_splits(Path(out), sizes, make_chunk)
+
+
+#: Zipf exponent of the long-tail ids' popularity: P(k-th most popular) ~ k ** -TAIL_EXPONENT
+TAIL_EXPONENT = 1.1
+#: standard deviation of a long-tail id's effect on the click (and conversion) logit; user_id's is 0.5
+TAIL_EFFECT = 1.0
+
+
+def _long_tail(seed: int, ids: int, rho: float) -> Callable[..., None]:
+    """The long-tail part of ``funnel``: returns ``add(start, n, cols, logit_click, logit_cvr)`` that adds the
+    columns ``tail_id``, ``views``, ``price`` to ``cols`` and their effects to the logits (in place), from its
+    own random streams so that the other columns do not change."""
+    g = np.random.default_rng([seed, 6])
+    weights = np.arange(1, ids + 1, dtype=np.float64) ** -TAIL_EXPONENT
+    cdf = np.cumsum(weights) / weights.sum()
+    id_of_rank = g.permutation(ids)  # popularity is not in id order
+    click_effect = g.normal(0, TAIL_EFFECT, ids)
+    cvr_effect = rho * click_effect + math.sqrt(1 - rho * rho) * g.normal(0, TAIL_EFFECT, ids)
+    views_mu, views_sigma, price_mu, price_sigma = 2.5, 1.8, 3.0, 1.2
+
+    def add(start: int, n: int, cols: dict[str, pa.Array], logit_click: np.ndarray, logit_cvr: np.ndarray) -> None:
+        r = np.random.default_rng([seed, 7, start])
+        rank = np.minimum(np.searchsorted(cdf, r.random(n)), ids - 1)
+        tail_id = id_of_rank[rank]
+        logit_click += click_effect[tail_id]
+        logit_cvr += cvr_effect[tail_id]
+        log_views = r.normal(views_mu, views_sigma, n)
+        views = np.floor(np.expm1(np.maximum(log_views, 0.0))).astype(np.int64)  # a count: 0, 1, 2, ... up to ~1e5
+        z_views = (np.log1p(views) - views_mu) / views_sigma
+        log_price = r.normal(price_mu, price_sigma, n)
+        z_price = (log_price - price_mu) / price_sigma
+        missing = r.random(n) < 0.05
+        logit_click += 0.6 * z_views - 0.4 * np.where(missing, 0.0, z_price)
+        logit_cvr += rho * 0.6 * z_views + 0.5 * np.where(missing, 0.0, z_price)
+        cols["tail_id"] = pa.array(tail_id.astype(np.int64))
+        cols["views"] = pa.array(views)
+        cols["price"] = pa.array(np.exp(log_price).astype(np.float32), mask=missing)
+
+    return add
 
 
 def mmoe_synthetic(out: str | Path, rows: int, correlation: float, seed: int = 0, dim: int = 100,

@@ -1,8 +1,8 @@
 """The exported ONNX graph: the torch model on preprocessed tensors (``torch.onnx.export``), with the preprocessing
 in front of it, one function per column kind, each the in-graph twin of its numpy transform in
-``recmtl.schema.columns`` (``categorical_ids``, ``dense_values``, ``image_values``, ``sequence_ids``; ``ids_nodes``
-for the vocabulary lookup or hashing they share). The raw inputs are in the wire format of
-``recmtl.serving.wire``.
+``recmtl.schema.columns`` (``categorical_ids``, ``dense_values`` with a dense column's fill, clip, ``log1p`` and
+standardisation, ``image_values``, ``sequence_ids``; ``ids_nodes`` for the vocabulary lookup or hashing they
+share). The raw inputs are in the wire format of ``recmtl.serving.wire``.
 """
 from __future__ import annotations
 
@@ -152,8 +152,10 @@ def categorical_ids(g: _Graph, columns: list[CategoricalColumn]) -> None:
 
 
 def dense_values(g: _Graph, columns: list[DenseColumn]) -> None:
-    """Twin of ``DenseColumn.values``: raw float ``[batch]`` inputs filled where NaN/inf and standardised, column by
-    column as ``[D, batch]`` (long runs per constant), then transposed to ``[batch, D]``."""
+    """Twin of ``DenseColumn.values``: raw float ``[batch]`` inputs clipped and transformed where a column says so
+    (``log1p``: sign(x) * log(1 + |x|)), filled where NaN/inf and standardised, column by column as ``[D, batch]``
+    (long runs per constant), then transposed to ``[batch, D]``. Columns without a clip or transform take the
+    same nodes as before these existed when none has one."""
     for d in columns:
         g.inputs.append(helper.make_tensor_value_info(d.name, TensorProto.FLOAT, ["batch"]))
 
@@ -166,7 +168,28 @@ def dense_values(g: _Graph, columns: list[DenseColumn]) -> None:
     g.node("IsNaN", ["pre_dense_raw"], ["pre_dense_nan"])
     g.node("IsInf", ["pre_dense_raw"], ["pre_dense_inf"])
     g.node("Or", ["pre_dense_nan", "pre_dense_inf"], ["pre_dense_missing"])
-    g.node("Where", ["pre_dense_missing", fill, "pre_dense_raw"], ["pre_dense_filled"])
+    values = "pre_dense_raw"
+    if any(d.clip_low is not None for d in columns):
+        low = per_column("pre_clip_low", [-np.inf if d.clip_low is None else d.clip_low for d in columns])
+        g.node("Max", [values, low], ["pre_dense_above_low"])
+        values = "pre_dense_above_low"
+    if any(d.clip_high is not None for d in columns):
+        high = per_column("pre_clip_high", [np.inf if d.clip_high is None else d.clip_high for d in columns])
+        g.node("Min", [values, high], ["pre_dense_clipped"])
+        values = "pre_dense_clipped"
+    if any(d.transform == "log1p" for d in columns):
+        g.node("Abs", [values], ["pre_dense_abs"])
+        g.node("Add", ["pre_dense_abs", g.const("pre_dense_one", np.array(1, dtype=np.float32))], ["pre_dense_abs1"])
+        g.node("Log", ["pre_dense_abs1"], ["pre_dense_log_abs"])
+        g.node("Sign", [values], ["pre_dense_sign"])
+        g.node("Mul", ["pre_dense_sign", "pre_dense_log_abs"], ["pre_dense_log1p"])
+        if all(d.transform == "log1p" for d in columns):
+            values = "pre_dense_log1p"
+        else:
+            is_log = g.const("pre_dense_is_log1p", np.array([[d.transform == "log1p"] for d in columns]))
+            g.node("Where", [is_log, "pre_dense_log1p", values], ["pre_dense_transformed"])
+            values = "pre_dense_transformed"
+    g.node("Where", ["pre_dense_missing", fill, values], ["pre_dense_filled"])
     g.node("Sub", ["pre_dense_filled", mean], ["pre_dense_centred"])
     g.node("Div", ["pre_dense_centred", std], ["pre_dense_by_column"])
     g.node("Transpose", ["pre_dense_by_column"], [core_input("dense")], perm=[1, 0])

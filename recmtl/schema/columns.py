@@ -148,12 +148,26 @@ class SequenceColumn(CategoricalColumn):
 
 @dataclass
 class DenseColumn:
-    """Fills nulls/NaN with ``fill`` then standardises with the fitted mean and std."""
+    """A number: clipped to ``[clip_low, clip_high]`` (when set), transformed (``log1p``: sign(x) * log1p(|x|)),
+    nulls/NaN/inf replaced by ``fill`` (in the transformed unit), then standardised with the fitted mean and std
+    (those of the transformed values)."""
 
     name: str
     mean: float = 0.0
     std: float = 1.0
     fill: float = 0.0
+    transform: str = "none"  # "none" | "log1p"
+    clip_low: float | None = None
+    clip_high: float | None = None
+
+    def transformed(self, x: np.ndarray) -> np.ndarray:
+        """Raw float64 values -> clipped and transformed values (non-finite inputs stay non-finite, except
+        that an infinite value is clipped when a bound is set: callers mark missing values first)."""
+        if self.clip_low is not None or self.clip_high is not None:
+            x = np.clip(x, self.clip_low, self.clip_high)
+        if self.transform == "log1p":
+            x = np.sign(x) * np.log1p(np.abs(x))
+        return x
 
     def values(self, arr: pa.Array) -> np.ndarray:
         arr = plain_array(arr)
@@ -161,7 +175,9 @@ class DenseColumn:
                 or pa.types.is_boolean(arr.type) or pa.types.is_decimal(arr.type)):
             raise DataError(f"feature '{self.name}': expected numbers, got {arr.type}")
         x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        x = np.where(np.isfinite(x), x, self.fill)
+        missing = ~np.isfinite(x)
+        x = self.transformed(x)
+        x = np.where(missing, self.fill, x)
         return ((x - self.mean) / self.std).astype(np.float32)
 
 

@@ -55,14 +55,17 @@ class _VocabCounter:
 
 
 class _DenseStats:
-    def __init__(self) -> None:
+    """Count, sum and sum of squares of a dense column's finite values after its clip and transform."""
+
+    def __init__(self, column: DenseColumn) -> None:
+        self.column = column
         self.n = 0
         self.s = 0.0
         self.ss = 0.0
 
     def add(self, arr: pa.Array) -> None:
         x = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        x = x[np.isfinite(x)]
+        x = self.column.transformed(x[np.isfinite(x)])
         self.n += len(x)
         self.s += float(x.sum())
         self.ss += float(np.square(x).sum())
@@ -100,7 +103,7 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
     kinds = {t.name: getattr(head_classes[t.name], "label_type", "value") for t in config.tasks}
     labels = [_label_column(t, kinds[t.name], source) for t in config.tasks]
     counters = {f.name: _VocabCounter() for f in cat_cfg + seq_cfg if not f.hash_buckets}
-    stats = {f.name: _DenseStats() for f in dense_cfg}
+    stats = {f.name: _DenseStats(_dense_column(f)) for f in dense_cfg}
     label_stats = {lab.task: LabelStats(lab) for lab in labels}
     targets = {lab.task: Moments() for lab in labels if lab.kind == "value"}
     target_params = {t.name: t.params for t in config.tasks}
@@ -162,11 +165,14 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
                                max_length=f.max_length) for f in seq_cfg]
     dense = []
     for f in dense_cfg:
-        mean, std = stats[f.name].mean_std()
-        if not f.standardize:
-            mean, std = 0.0, 1.0
-        fill = stats[f.name].mean_std()[0] if f.fill == "mean" else (0.0 if f.fill == "zero" else float(f.fill))
-        dense.append(DenseColumn(f.name, mean, std, fill))
+        col = stats[f.name].column
+        fitted_mean, std = stats[f.name].mean_std()
+        mean = fitted_mean if f.standardize else 0.0
+        std = std if f.standardize else 1.0
+        # fill: the fitted mean of the transformed values, or a raw value (zero, a number) clipped and transformed
+        raw_fill = 0.0 if f.fill == "zero" else None if f.fill == "mean" else float(f.fill)
+        fill = fitted_mean if raw_fill is None else float(col.transformed(np.array([raw_fill]))[0])
+        dense.append(DenseColumn(f.name, mean, std, fill, col.transform, col.clip_low, col.clip_high))
     image = [ImageColumn(f.name, f.channels or 1, f.height, f.width) for f in image_cfg]
     sample_table = pa.Table.from_batches(sample)
     for col in image:  # fail before training when the images are not what the config says
@@ -177,6 +183,14 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
     check_leaks([f for f in config.features if f.kind not in ("image", "sequence")], sample_table, labels)
     return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image, sequence,
                         label_summary=label_summary)
+
+
+def _dense_column(f: FeatureConfig) -> DenseColumn:
+    """A dense feature's clip and transform, before its statistics are fitted."""
+    low, high = f.clip if f.clip is not None else (None, None)
+    low = None if low is None or low == -math.inf else low  # an infinite bound clips nothing
+    high = None if high is None or high == math.inf else high
+    return DenseColumn(f.name, transform=f.transform, clip_low=low, clip_high=high)
 
 
 def _countable(arr: pa.Array, value_type: str) -> pa.Array:

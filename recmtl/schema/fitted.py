@@ -163,7 +163,8 @@ class FittedSchema:
             "schema_version": SCHEMA_VERSION,
             "num_rows": self.num_rows,
             "categorical": cats,
-            "dense": [{"name": d.name, "mean": d.mean, "std": d.std, "fill": d.fill} for d in self.dense],
+            "dense": [{"name": d.name, "mean": d.mean, "std": d.std, "fill": d.fill, "transform": d.transform,
+                       "clip_low": d.clip_low, "clip_high": d.clip_high} for d in self.dense],
             "labels": [{"task": lab.task, "column": lab.column, "positive": lab.positive, "kind": lab.kind,
                         "classes": lab.classes, **({"target": lab.target} if lab.target else {})}
                        for lab in self.labels],
