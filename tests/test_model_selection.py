@@ -25,7 +25,9 @@ class _Heads:
         from recmtl_plugins.heads.binary import BinaryHead
         from recmtl_plugins.heads.regression import RegressionHead
         self.task_names = list(metric_names)
-        self.heads = {t: (BinaryHead if kind == "binary" else RegressionHead)(4, None) for t, kind in metric_names.items()}
+        from recmtl.contracts import TaskInfo
+        self.heads = {t: (BinaryHead if kind == "binary" else RegressionHead)(4, TaskInfo(t, t, kind))
+                      for t, kind in metric_names.items()}
 
 
 def test_each_task_keeps_its_own_best_epoch():
