@@ -154,6 +154,8 @@ def evaluate(
     data: Annotated[str, typer.Argument(help="Parquet file, folder or glob with the label columns.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     save_predictions: Annotated[Optional[Path], typer.Option(help="Also write per-row scores (and labels) to this Parquet file.")] = None,
+    keep: Annotated[list[str], typer.Option(help="With --save-predictions: column of DATA to copy next to the "
+                                                 "scores (e.g. ids); repeatable.")] = [],
     reference: Annotated[Optional[Path], typer.Option(
         help="Row-aligned Parquet of reference scores, one column per task (e.g. a datagen truth file): "
              "their AUC is shown alongside.")] = None,
@@ -179,6 +181,10 @@ def evaluate(
         cols.append(run.schema.group_column)
     source = ParquetSource(data, cols)
     check_types(run.config, source)
+    keep = list(dict.fromkeys(keep))
+    if keep and save_predictions is None:
+        raise ConfigError("--keep copies columns into the --save-predictions file; pass --save-predictions too")
+    kept_source = ParquetSource(data, keep) if keep else None
     pred = predict(run.model, run.schema, source, batch_size, run.config.data.read_rows)
     metrics = task_metrics(run.model, pred)
     ref_metrics = None
@@ -192,7 +198,14 @@ def evaluate(
                 label, m = pred.task_label(t)
                 ref_metrics[t] = {"auc": auc(label[m], ref.column(t).to_numpy()[m])}
     if save_predictions is not None:
+        from recmtl.serving.score import kept_names
         table = {}
+        if kept_source is not None:  # read in file order, as predict did: row-aligned with the scores
+            kept = pa.Table.from_batches(list(kept_source.batches(columns=keep)), schema=pa.schema(
+                [kept_source.field(k) for k in keep]))
+            taken = [n for t in run.model.task_names for n in (t, f"{t}__label")]
+            for k, name in zip(keep, kept_names(keep, taken)):
+                table[name] = kept.column(k)
         for t in run.model.task_names:
             label, m = pred.task_label(t)
             if pred.scores[t].ndim == 2:  # K class/attribute probabilities: fixed_size_list<float>[K]
@@ -382,6 +395,7 @@ def convert(
         help="A string read as null, e.g. '?'; repeatable. Default: empty field only, so 'NA' stays a value.")] = [],
     strip: Annotated[bool, typer.Option(help="Trim spaces around values ('a, b').")] = True,
     type_: Annotated[list[str], typer.Option("--type", help="COLUMN=TYPE (int64, float64, string); repeatable.")] = [],
+    encoding: Annotated[str, typer.Option(help="The file's text encoding, e.g. latin-1 or cp1252.")] = "utf-8",
 ) -> None:
     """Convert CSV to Parquet, streaming (pyarrow's CSV reader)."""
     from recmtl.data.convert import csv_to_parquet
@@ -394,7 +408,7 @@ def convert(
         if not sep:
             raise ConfigError(f"--type '{item}' must look like COLUMN=TYPE")
         types[col] = typ
-    rows = csv_to_parquet(src, output, col_names, header, delimiter, null_value, strip, types)
+    rows = csv_to_parquet(src, output, col_names, header, delimiter, null_value, strip, types, encoding=encoding)
     typer.echo(f"wrote {output}: {rows:,} rows")
 
 
@@ -404,14 +418,19 @@ def split(
     output: Annotated[list[Path], typer.Option("--output", "-o", help="Output Parquet file; one per fraction.")],
     fractions: Annotated[str, typer.Option(help="Comma-separated fractions summing to 1.")] = "0.5,0.5",
     seed: int = 0,
+    order_by: Annotated[Optional[str], typer.Option(
+        help="Time split: the rows with the earliest values of this column to the first output, the latest to the last.")] = None,
+    group_by: Annotated[Optional[str], typer.Option(
+        help="Group split: all rows of a value of this column (e.g. a user id) to one output.")] = None,
 ) -> None:
-    """Split rows at random into several Parquet files (e.g. validation and test)."""
+    """Split rows into several Parquet files (e.g. train, validation and test): at random, by time
+    (--order-by) or by group (--group-by)."""
     from recmtl.data.convert import split_parquet
     try:
         fr = [float(x) for x in fractions.split(",")]
     except ValueError:
         raise ConfigError(f"--fractions '{fractions}' must be numbers like 0.5,0.5") from None
-    counts = split_parquet(src, output, fr, seed)
+    counts = split_parquet(src, output, fr, seed, order_by=order_by, group_by=group_by)
     typer.echo(", ".join(f"{p}: {n:,} rows" for p, n in zip(output, counts)))
 
 

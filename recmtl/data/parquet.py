@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -44,20 +45,30 @@ def open_parquet(path: Path, read_dictionary: Sequence[str] = ()) -> pq.ParquetF
 
 
 class ParquetSource:
-    """A set of Parquet files read as one table, in row groups."""
+    """A set of Parquet files read as one table, in row groups.
+
+    Files may differ in the width of a column's type (``int32`` in one, ``int64`` in another; ``float`` and
+    ``double``; ``string`` and ``large_string``): ``schema`` holds the type they all widen to (pyarrow's
+    permissive schema unification) and every batch comes in that type. String columns are checked to hold
+    valid UTF-8 as they are read (a :class:`DataError` naming the column and file otherwise)."""
 
     def __init__(self, spec: str, columns: Sequence[str] | None = None, read_dictionary: Sequence[str] = ()) -> None:
         self.spec = spec
-        self.files = [open_parquet(p, read_dictionary) for p in resolve_paths(spec)]
         self.paths = resolve_paths(spec)
-        self.schema = self.files[0].schema_arrow
+        self.files = [open_parquet(p, read_dictionary) for p in self.paths]
         for path, pf in zip(self.paths, self.files):
             if columns is not None:
                 self.require(columns, pf.schema_arrow, path)
+        self.schema = unified_schema([pf.schema_arrow for pf in self.files], self.paths, columns)
         self.columns = list(columns) if columns is not None else self.schema.names
         self.num_rows = sum(pf.metadata.num_rows for pf in self.files)
         self.units = [(i, rg) for i, pf in enumerate(self.files) for rg in range(pf.num_row_groups)]
         self.unit_rows = [self.files[i].metadata.row_group(rg).num_rows for i, rg in self.units]
+        #: the row of its file at which each unit (row group) starts
+        self.unit_start = [0] * len(self.units)
+        for u in range(1, len(self.units)):
+            same_file = self.units[u][0] == self.units[u - 1][0]
+            self.unit_start[u] = self.unit_start[u - 1] + self.unit_rows[u - 1] if same_file else 0
 
     @staticmethod
     def require(columns: Sequence[str], schema: pa.Schema, path: Path | str) -> None:
@@ -85,18 +96,78 @@ class ParquetSource:
             whole, shared = shard_units(order, [self.unit_rows[i] for i in order], world)
             mine = set(whole[rank])
         cols = list(columns) if columns is not None else self.columns
+        target = pa.schema([self.schema.field(c) for c in cols if c in self.schema.names])
+        strings = [i for i, f in enumerate(target) if _is_text(f.type)]
         for u in order:
             if mine is not None and u not in mine and u not in shared:
                 continue
             file_index, row_group = self.units[u]
             pf = self.files[file_index]
+            path = self.paths[file_index]
+            row = self.unit_start[u]
             try:
                 for batch in pf.iter_batches(batch_size=read_rows, row_groups=[row_group], columns=cols):
+                    if strings:
+                        check_utf8(batch, strings, path, row)
+                    row += batch.num_rows
+                    if batch.schema.types != target.types:  # a file whose types are narrower than the others'
+                        batch = batch.cast(target)
                     if u in shared:  # rank r keeps rows r, r + world, ...
                         batch = batch.take(pa.array(np.arange(shard[0], batch.num_rows, shard[1])))
                     yield batch
             except (pa.ArrowException, OSError) as exc:
-                raise DataError(f"failed reading {self.paths[file_index]} (row group {row_group}): {exc}") from None
+                raise DataError(f"failed reading {path} (row group {row_group}): {exc}") from None
+
+
+def _is_text(typ: pa.DataType) -> bool:
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ)
+
+
+def check_utf8(batch: pa.RecordBatch, columns: Sequence[int], path: Path | str, first_row: int = 0) -> None:
+    """Raise a :class:`DataError` naming the column and file when a string column of ``batch`` (its rows
+    starting at row ``first_row`` of ``path``) holds bytes that are not valid UTF-8. Parquet readers do not
+    check this; without it the first conversion to Python strings fails with a raw Arrow error."""
+    for i in columns:
+        col = batch.column(i)
+        try:
+            (col.dictionary if pa.types.is_dictionary(col.type) else col).validate(full=True)
+        except pa.ArrowInvalid as exc:
+            where = ""
+            found = re.search(r"string index (\d+)", str(exc))
+            if found and not pa.types.is_dictionary(col.type):
+                where = f" (row {first_row + int(found.group(1)):,} of the file)"
+            raise DataError(f"column '{batch.schema.field(i).name}' of {path} holds text that is not valid UTF-8"
+                            f"{where}; re-encode the file as UTF-8 (e.g. `recmtl convert --encoding latin-1` "
+                            "from CSV), or store the column as binary") from None
+
+
+def unified_schema(schemas: Sequence[pa.Schema], paths: Sequence[Path | str],
+                   columns: Sequence[str] | None = None) -> pa.Schema:
+    """The first schema with each column's type (of ``columns``; default all) widened to what every file's
+    type widens to (``int32`` and ``int64`` -> ``int64``); a :class:`DataError` naming the column and two
+    files whose types do not unify (e.g. ``int64`` and ``string``)."""
+    first = schemas[0]
+    if all(s.types == first.types and s.names == first.names for s in schemas[1:]):
+        return first
+    fields = []
+    wanted = set(first.names if columns is None else columns)
+    for field in first:
+        typ = field.type
+        for schema, path in zip(schemas[1:], paths[1:]):
+            if field.name not in wanted or field.name not in schema.names or schema.field(field.name).type == typ:
+                continue
+            other = schema.field(field.name).type
+            try:
+                typ = pa.unify_schemas([pa.schema([field.with_type(typ)]), pa.schema([field.with_type(other)])],
+                                       promote_options="permissive").field(field.name).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                raise DataError(f"column '{field.name}' has type {first.field(field.name).type} in {paths[0]} but "
+                                f"{other} in {path}; every file must hold the same type, or types that widen to "
+                                "one (such as int32 and int64)") from None
+        fields.append(field.with_type(typ))
+    return pa.schema(fields, metadata=first.metadata)
 
 
 def shard_units(order: Sequence[int], rows: Sequence[int], world: int) -> tuple[list[list[int]], set[int]]:

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,25 @@ from recmtl.serving.wire import INT_NULL, PAD_INT, PAD_STRING, ModelInput, schem
 
 #: rows per onnxruntime call: 1024 scored 24% faster than 2048 end to end on 2 cores (benchmarks/RESULTS.md)
 DEFAULT_BATCH_SIZE = 1024
+#: appended to a kept column's name when an output column already has it (a task named like its label column)
+KEPT_SUFFIX = "__kept"
+
+
+def kept_names(keep: Sequence[str], taken: Sequence[str]) -> list[str]:
+    """Output names of the ``keep`` columns written beside the columns ``taken`` (the task scores; for
+    ``recmtl evaluate`` also ``TASK__label``): a kept column named like one of those is written as
+    ``NAME__kept`` (e.g. ``--keep recommend`` beside the scores of task ``recommend``), so every output
+    column has its own name and the file stays readable by pandas and pyarrow. ``keep`` must hold no
+    duplicates."""
+    used = set(taken)
+    names = []
+    for k in keep:
+        name = k
+        while name in used or name in keep[len(names) + 1:]:
+            name += KEPT_SUFFIX
+        used.add(name)
+        names.append(name)
+    return names
 
 
 def to_feeds(batch: pa.RecordBatch | pa.Table, inputs: Sequence[ModelInput]) -> dict[str, np.ndarray]:
@@ -158,6 +178,7 @@ class Scorer:
             for i, out in enumerate(self.session.run(self.tasks, chunk)):
                 parts[i].append(out.reshape(len(out), -1) if self.widths[self.tasks[i]] else out.reshape(-1))
         columns = []
+        keep = list(dict.fromkeys(keep))
         for k in keep:
             if k not in batch.schema.names:
                 raise DataError(f"--keep column '{k}' not found{close_matches(k, batch.schema.names)}")
@@ -168,7 +189,7 @@ class Scorer:
             values = np.concatenate(p) if p else np.zeros((0, width) if width else 0, np.float32)
             columns.append(pa.FixedSizeListArray.from_arrays(arrow_view(values.reshape(-1)), width) if width
                            else arrow_view(values))
-        return pa.RecordBatch.from_arrays(columns, names=[*keep, *self.tasks])
+        return pa.RecordBatch.from_arrays(columns, names=[*kept_names(keep, self.tasks), *self.tasks])
 
     def output_type(self, task: str) -> pa.DataType:
         """float32, or ``fixed_size_list<float32>[K]`` for a task scored as K probabilities."""
@@ -180,8 +201,9 @@ def score_batches(model_path: str | Path, batches: Iterable[pa.RecordBatch], kee
                   batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
                   spin: bool = False) -> Iterator[pa.RecordBatch]:
     """Score Arrow record batches with an exported model; yields one scored batch per input batch, in
-    input order, with the ``keep`` columns first and one column per task: float32, or a
-    ``fixed_size_list<float32>[K]`` of class/attribute probabilities for multiclass/multilabel tasks.
+    input order, with the ``keep`` columns first (named as :func:`kept_names` says) and one column per task:
+    float32, or a ``fixed_size_list<float32>[K]`` of class/attribute probabilities for multiclass/multilabel
+    tasks.
     ``threads`` and ``spin``: see ``Scorer``."""
     scorer = Scorer(model_path, threads, spin)
     for batch in batches:
@@ -271,6 +293,7 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
     from recmtl.files import atomic_path
 
     scorer = Scorer(model_path, threads if workers <= 1 else 1, spin)
+    keep = list(dict.fromkeys(keep))
     source = ParquetSource(input_spec, read_dictionary=scorer.string_columns)
     for path, pf in zip(source.paths, source.files):  # every file, before anything is written
         schema = pf.schema_arrow
@@ -288,12 +311,18 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
     def kept(field: pa.Field) -> pa.Field:  # a string input read dictionary-encoded is written back as strings
         read_as_dictionary = field.name in scorer.string_columns and pa.types.is_dictionary(field.type)
         return field.with_type(field.type.value_type) if read_as_dictionary else field
-    out_schema = pa.schema([kept(source.schema.field(k)) for k in keep] + [pa.field(t, scorer.output_type(t)) for t in scorer.tasks])
+    names = kept_names(keep, scorer.tasks)
+    for k, name in zip(keep, names):
+        if name != k:
+            print(f"note: --keep column '{k}' is written as '{name}' (the scores of task '{k}' are named '{k}')",
+                  file=sys.stderr)
+    out_schema = pa.schema([kept(source.schema.field(k)).with_name(name) for k, name in zip(keep, names)]
+                           + [pa.field(t, scorer.output_type(t)) for t in scorer.tasks])
     cols = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
     rows = 0
     expected = source.num_rows
     # scores are all distinct: no dictionary encoding (building one and giving up cost more than the write)
-    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, out_schema, use_dictionary=list(keep)) as writer, \
+    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, out_schema, use_dictionary=names) as writer, \
             tqdm(total=source.num_rows, unit="row", unit_scale=True, desc="score", disable=not progress,
                  mininterval=1.0) as bar:
         def write(table: pa.Table | pa.RecordBatch | None) -> None:
