@@ -54,6 +54,7 @@ class ParquetSource:
 
     def __init__(self, spec: str, columns: Sequence[str] | None = None, read_dictionary: Sequence[str] = ()) -> None:
         self.spec = spec
+        columns = list(dict.fromkeys(columns)) if columns is not None else None  # several tasks may share a label
         self.paths = resolve_paths(spec)
         self.files = [open_parquet(p, read_dictionary) for p in self.paths]
         for path, pf in zip(self.paths, self.files):
