@@ -174,8 +174,6 @@ def evaluate(
     from recmtl.training.evaluate import format_table, load_run, predict, task_metrics
 
     run = load_run(run_dir, State.plugins, State.disabled, checkpoint)
-    if run.epochs and not as_json:
-        typer.echo("epochs: " + ", ".join(f"{t} {e}" for t, e in run.epochs.items()), err=True)
     cols = [c for t in run.config.tasks for c in t.label_columns] + run.schema.feature_columns
     if run.schema.group_column:
         cols.append(run.schema.group_column)
@@ -226,6 +224,8 @@ def evaluate(
             out["reference"] = ref_metrics
         typer.echo(json.dumps(out, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
     else:
+        if run.epochs:
+            typer.echo("epochs: " + ", ".join(f"{t} {e}" for t, e in run.epochs.items()), err=True)
         typer.echo(format_table(metrics, ref_metrics))
 
 

@@ -282,6 +282,15 @@ def _worker_score(path: str, row_group: int, keep: Sequence[str], batch_size: in
     return pa.Table.from_batches(batches) if batches else None
 
 
+def _widens_to(typ: pa.DataType, target: pa.DataType) -> bool:
+    """Whether a column of ``typ`` is read as ``target`` by a ParquetSource over several files (int32 -> int64)."""
+    try:
+        return pa.unify_schemas([pa.schema([("c", target)]), pa.schema([("c", typ)])],
+                                promote_options="permissive").field("c").type == target
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+
+
 def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, keep: Sequence[str] = (),
                   batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None, workers: int = 1,
                   read_rows: int = 65_536, progress: bool = True, spin: bool = False) -> int:
@@ -304,7 +313,7 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
         ParquetSource.require(keep, schema, path)
         for k in keep:
             first, this = source.schema.field(k).type, schema.field(k).type
-            if this != first:
+            if this != first and not _widens_to(this, first):  # ParquetSource reads int32 files as int64, ...
                 raise DataError(f"--keep column '{k}' is {this} in {path} but {first} in {source.paths[0]}: "
                                 "a kept column must have one type in every file")
 
