@@ -186,8 +186,9 @@ class Balancer(nn.Module):
 
     ``grad_scale`` is the factor that the gradients of this step's losses carry (``train.precision: fp16``
     multiplies them by the loss scale, and the optimiser step divides it out again; 1.0 otherwise). The
-    trainer sets it before each ``backward``. Only a balancer whose update does not scale with its
-    gradients needs it (``nash_mtl``: its direction is the same for ``G`` and ``10 G``).
+    trainer sets it before each ``backward``. A balancer needs it where its update does not scale with its
+    gradients (``nash_mtl``: the same direction for ``G`` and ``10 G``), where it keeps gradients across
+    steps (``dbmtl``'s averages: the loss scale changes) or trains its own parameters from them (``gradnorm``).
     """
 
     grad_scale: float = 1.0

@@ -245,6 +245,31 @@ def test_gradnorm_leaves_out_a_task_without_labels():
     assert gn.task_weights.grad.tolist() == pytest.approx([n, -n, 0.0], rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["gradnorm", "dbmtl"])
+def test_fp16_loss_scale_is_divided_out(name):
+    """With fp16 the losses' gradients carry the loss scale S and the optimiser step divides the network's
+    gradients by S (a balancer's own parameters it leaves as they are): scaling by S and dividing out must give
+    the fp32 step. Before, gradnorm's weight gradient came out S times too large, and dbmtl's averages mixed the
+    units of every loss scale they had seen."""
+    from recmtl.training.device import _ScaleGrad  # what Precision.scale_losses wraps the losses in
+
+    def run(scales: list[float]) -> list[list[float]]:
+        bal = REGISTRY.create("balancer", name, TASKS, {})
+        out = []
+        for k, scale in enumerate(scales):  # GradScaler halves the scale on an overflow and doubles it later
+            bal.grad_scale = scale
+            W = nn.Parameter(torch.tensor([[0.3, -0.2]]))
+            values, slopes = [2.0 - 0.3 * k, 1.0 - 0.1 * k], [[1.0 + k, 0.5], [0.2, 2.0 - k]]
+            losses = linear_losses(W, values, slopes)
+            bal.backward({t: _ScaleGrad.apply(v, torch.tensor(scale)) for t, v in losses.items()}, [W])  # as fp16
+            own = [p.grad.flatten().tolist() for p in bal.parameters()]
+            out.append([*(W.grad.flatten() / scale).tolist(), *(x for g in own for x in g)])
+        return out
+
+    for fp32, fp16 in zip(run([1.0, 1.0, 1.0]), run([1024.0, 512.0, 1024.0])):
+        assert fp16 == pytest.approx(fp32, rel=1e-5)
+
+
 # --- FAMO --------------------------------------------------------------------------------------------
 
 def test_famo_weights_and_logit_update_follow_the_formula():

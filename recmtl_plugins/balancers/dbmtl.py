@@ -17,7 +17,9 @@ A task whose shared gradient is all zero (a batch with no label for it) is left 
 ``h_k`` is not updated (a zero would shrink it, and ``alpha_k`` would scale the stale remainder straight
 back up to the largest norm, pushing the shared parameters along that task's past direction at full
 strength on a batch that says nothing about it), ``alpha_k = 0`` and the largest norm is taken over the
-other tasks.
+other tasks. Under ``train.precision: fp16`` the averages are kept in unscaled units (the gradients are
+divided by ``Balancer.grad_scale`` first and the update multiplied by it), so a change of the loss scale
+does not mix units in ``h_k``.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ class DualBalancing(Balancer):
 
     def backward(self, losses: dict[str, torch.Tensor], shared_parameters: list[nn.Parameter]) -> dict[str, float]:
         log_losses = [torch.log(losses[t] + EPS) for t in self.task_names]
-        grads = task_gradients(log_losses, shared_parameters)
+        scale = float(self.grad_scale)  # fp16's loss scale: h_k in unscaled units
+        grads = task_gradients(log_losses, shared_parameters) / scale
         self.step += 1
         if self.grad_ema is None or self.grad_ema.shape != grads.shape:
             self.grad_ema = torch.zeros_like(grads)
@@ -60,7 +63,7 @@ class DualBalancing(Balancer):
             kept = present.squeeze(1)
             alpha[kept] = norms[kept].max() / (norms[kept] + EPS)
         combined = (alpha.unsqueeze(1) * self.grad_ema).sum(0)
-        backward_with_shared_gradient(log_losses, [1.0] * len(log_losses), shared_parameters, combined)
+        backward_with_shared_gradient(log_losses, [1.0] * len(log_losses), shared_parameters, combined * scale)
         return dict(zip(self.task_names, alpha.tolist()))
 
     def get_extra_state(self) -> Any:

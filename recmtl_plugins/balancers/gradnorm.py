@@ -23,7 +23,9 @@ per-task ``weight`` of the config is not used (every task starts at 1).
 
 A task whose gradient on ``W`` is all zero (a batch with no label for it) is left out of the step: ``G_bar``
 and the mean of ``r`` are over the other tasks, its weight gets no gradient, and its ``L_i(0)`` is the
-loss of the first step on which it has labels (a zero loss there would make ``r_i`` huge for good).
+loss of the first step on which it has labels (a zero loss there would make ``r_i`` huge for good). Under
+``train.precision: fp16`` the gradient norms carry the loss scale (``Balancer.grad_scale``); it is divided
+out of ``w.grad``, which the trainer's optimiser step leaves as it is.
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ class GradNorm(Balancer):
             grad_loss = (g - target).abs().sum()
             (weight_grad,) = torch.autograd.grad(grad_loss, w)
         (w.detach() * loss_vec).sum().backward()
-        w.grad = weight_grad
+        w.grad = weight_grad / float(self.grad_scale)  # G_i were of the loss-scaled gradients (fp16)
         return dict(zip(self.task_names, w.detach().tolist()))
 
 
