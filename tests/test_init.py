@@ -88,7 +88,8 @@ def test_init_reads_the_data_and_says_why(cli, data, tmp_path):
     text = cfg_path.read_text()
     assert "- {name: views, kind: dense, transform: log1p}  # a number" in text  # the reason as a comment
     assert "#   review: excluded: free text" in text
-    assert cfg["tower"]["name"] == "shared_bottom"  # one task: no mixture of experts
+    # one task: no mixture of experts; 6,000 rows: narrow layers, dropout
+    assert cfg["tower"] == {"name": "shared_bottom", "bottom_units": [128], "task_units": [32], "dropout": 0.1}
     assert "early_stopping" in cfg["train"] and cfg["train"]["batch_size"] == 64
     r = cli("train", cfg_path, "--out", tmp_path / "run", "--set", "train.epochs=1", "--set", "train.progress=false",
             "--set", "train.threads=1")

@@ -13,15 +13,15 @@ For each data set, through the real CLI (each step a subprocess of the ``recmtl`
    columns as init's config (categorical columns with at most 255 values as native categories, more as
    cross-fitted target encoding, numbers as they are; learning rate 0.05, early stopping on 10 % of the
    training rows), scored on the same test rows;
-5. optionally ``--before CMD``: the same ``init`` run by an older recmtl (e.g. ``python old_recmtl.py``, main's
-   CLI from ``git archive``), trained by this one;
+5. optionally ``--before REV``: the same ``init`` run by the recmtl of git revision REV (``git archive`` of its
+   ``recmtl`` and ``recmtl_plugins`` into the work dir, run by this Python), its config trained by this recmtl;
 6. for the synthetic sets, the Bayes-optimal AUC of the true probabilities (``test.truth.parquet``).
 
 Prints one markdown table per data set (test AUC per task; RMSE for regression tasks): mean ± std over seeds.
 The synthetic data sets take the seed as the data seed too. Every output goes to ``--work-dir``.
 
 Usage: python benchmarks/quality/first_run.py [--datasets census,funnel,tail,smoke] [--seeds 1,2,3]
-       [--work-dir DIR] [--runs init,tuned,hgb,before] [--before 'python /tmp/old_recmtl.py'] [--json OUT]
+       --work-dir DIR [--runs init,tuned,hgb,before] [--before 6f10631] [--json OUT]
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def census(work: Path, recmtl: list[str], seed: int) -> DataSet:
         run([*recmtl, "split", "test_full.parquet", "-o", "valid.parquet", "-o", "test.parquet", "--fractions", "0.5,0.5",
              "--seed", "0"], folder)
     return DataSet("census", folder, ["--task", "income=income_50k", "--task", "never_married=marital_stat",
-                                      "--positive", "income=50000+.", "--positive", "never_married=Never married"],
+                                      "--positive", "income_50k=50000+.", "--positive", "marital_stat=Never married"],
                    {"income": "income_50k", "never_married": "marital_stat"},
                    {"income": ["50000+."], "never_married": ["Never married"]},
                    note="UCI census-income (KDD), all 199,523 training rows; its test file split 1:1 (seed 0)")
@@ -185,6 +185,19 @@ def smoke_sets(work: Path, recmtl: list[str]) -> list[DataSet]:
     out.append(DataSet("birds", b, args, birds, {t: ["1"] for t in birds}, smoke=True,
                        note="MULAN birds, 322 training rows, 3 of its 19 species (labels stored as bytes)"))
     return out
+
+
+def older_recmtl(rev: str, work: Path) -> list[str]:
+    """A command running the CLI of git revision ``rev`` of this repository (extracted into ``work``)."""
+    repo = Path(__file__).resolve().parents[2]
+    folder = work / f"recmtl-{rev}"
+    if not (folder / "recmtl" / "cli.py").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "recmtl", "recmtl_plugins"], capture_output=True,
+                                 check=True)
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    code = f"import sys; sys.path.insert(0, {str(folder)!r}); from recmtl.cli import main; main()"
+    return [sys.executable, "-c", code]
 
 
 # ---- runs --------------------------------------------------------------------------------------------------------
@@ -337,7 +350,7 @@ def main() -> None:
                     help="comma-separated of census, funnel, tail, smoke (the small real samples)")
     ap.add_argument("--seeds", default="1", help="training seeds (also the data seed of funnel and tail)")
     ap.add_argument("--runs", default="init,tuned,hgb", help="comma-separated of init, tuned, hgb, before")
-    ap.add_argument("--before", default=None, help="command running an older recmtl for the `before` init")
+    ap.add_argument("--before", default=None, metavar="REV", help="git revision whose `recmtl init` is the `before` run")
     ap.add_argument("--work-dir", type=Path, required=True, help="folder for data, configs and runs (kept)")
     ap.add_argument("--json", type=Path, default=None, help="append every result as a JSON line to this file")
     args = ap.parse_args()
@@ -345,9 +358,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     kinds = set(args.runs.split(","))
     if "before" in kinds and not args.before:
-        sys.exit("first_run: --runs before needs --before CMD")
+        sys.exit("first_run: --runs before needs --before REV")
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    before_cli = older_recmtl(args.before, work) if "before" in kinds else []
     wanted = args.datasets.split(",")
     if ("census" in wanted or "smoke" in wanted) and not SHARED.is_dir():
         sys.exit(f"first_run: the shared data folder {SHARED} is missing (census and smoke need it)")
@@ -381,7 +395,7 @@ def main() -> None:
                     attempt("tuned", lambda: train(ds, recmtl, cfg, f"tuned-s{seed}", seed, TUNED[ds.name]))
                 if "before" in kinds:
                     def before() -> dict[str, Any]:
-                        old_cfg, _ = init_config(ds, shlex.split(args.before), "before")
+                        old_cfg, _ = init_config(ds, before_cli, "before")
                         return train(ds, recmtl, old_cfg, f"before-s{seed}", seed, [])
                     attempt("before", before)
                 if "hgb" in kinds:
