@@ -171,6 +171,7 @@ def test_profile_rules():
     assert prof.looks_like_outcome("y2") and prof.looks_like_outcome("purchase")
     assert not prof.looks_like_outcome("follow_user_num") and not prof.looks_like_outcome("click_count_7d")
     assert not prof.looks_like_outcome("duration_ms") and not prof.looks_like_outcome("user_id")
+    assert not prof.looks_like_outcome("order_id") and not prof.looks_like_outcome("watch_history")
     assert prof.name_tokens("playTimeMs") == ["play", "time", "ms"]
     assert prof.looks_like_id("item_id") and prof.looks_like_id("videoId") and prof.looks_like_id("det_ind_code")
     rng = np.random.default_rng(0)

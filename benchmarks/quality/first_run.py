@@ -63,8 +63,8 @@ COMMON = ["train.threads=1", "train.progress=false"]
 TUNED: dict[str, list[str]] = {
     "census": ["tower={name: mmoe, num_experts: 8, expert_units: [16], task_units: [8]}", "optimizer.lr=0.003",
                "train.batch_size=512", "train.epochs=30", "train.early_stopping.patience=4"],
-    "funnel": ["optimizer.name=adagrad", "optimizer.lr=0.005", "optimizer.embedding_lr=0.05"],
-    "tail": ["optimizer.name=adagrad", "optimizer.lr=0.005", "optimizer.embedding_lr=0.05"],
+    "funnel": ["encoders.categorical.dim=8"],
+    "tail": ["encoders.categorical.dim=8"],
 }
 
 

@@ -6,7 +6,7 @@ The rules, in the order they are tried (documented in docs/training.md, "What in
 * a pandas index column (``__index_level_0__``, or named in the pandas metadata) is skipped;
 * a column always null, or holding one value and no nulls, is skipped (nothing to learn);
 * a column whose name looks like an outcome (``is_click``, ``purchase``, ``play_time_ms``, ``label``; see
-  :data:`OUTCOME_WORDS`), or a 0/1 column whose positives nest with a binary task's (a funnel stage), is
+  :data:`OUTCOME_WORDS`, :func:`looks_like_outcome`), or a 0/1 column whose positives nest with a binary task's (a funnel stage), is
   excluded with a warning: it is probably another task's label, a leak;
 * Arrow timestamps, dates and times, strings shaped like dates, and integers named like a time holding Unix
   epoch values are excluded (derived features such as hour or weekday are not built);
@@ -88,12 +88,12 @@ def name_tokens(name: str) -> list[str]:
 
 
 def looks_like_outcome(name: str) -> bool:
-    """A name with an outcome word and no aggregate word (``is_click``, ``purchase``, ``play_time_ms``), or
-    ``y``/``y1``-style."""
+    """A name with an outcome word and neither an aggregate nor an id word (``is_click``, ``purchase``,
+    ``play_time_ms``, not ``order_id`` or ``click_count_7d``), or ``y``/``y1``-style."""
     tokens = name_tokens(name)
     if len(tokens) == 1 and re.fullmatch(r"y\d*", tokens[0]):
         return True
-    return any(t in OUTCOME_WORDS for t in tokens) and not any(t in AGGREGATE_WORDS for t in tokens)
+    return any(t in OUTCOME_WORDS for t in tokens) and not any(t in AGGREGATE_WORDS or t in ID_WORDS for t in tokens)
 
 
 def looks_like_id(name: str) -> bool:

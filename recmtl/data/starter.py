@@ -184,7 +184,6 @@ class Sized:
 
     train: dict[str, Any]
     dropout: float
-    embedding_weight_decay: float
     notes: list[str] = field(default_factory=list)
 
 
@@ -199,13 +198,12 @@ LOG_POINTS = 100
 #: below this many training rows the tower gets dropout SMALL_DROPOUT
 SMALL_DATA = 1_000_000
 SMALL_DROPOUT = 0.1
-#: embedding weight decay (``optimizer.embedding_weight_decay``, on the rows of each batch)
-EMBEDDING_WEIGHT_DECAY = 0.0
 
 
 def sized_defaults(rows: int) -> Sized:
-    """``train.batch_size``, ``train.epochs``, ``train.early_stopping.patience``, ``train.log_every``, the tower's
-    dropout and the embedding weight decay for ``rows`` training rows (the rules of docs/training.md)."""
+    """``train.batch_size``, ``train.epochs``, ``train.early_stopping.patience``, ``train.log_every`` and the tower's
+    dropout for ``rows`` training rows (the rules of docs/training.md). The embedding weight decay stays 0: on the
+    long-tail data it did not help, ``min_count`` did (benchmarks/RESULTS.md)."""
     rows = max(rows, 1)
     batch = int(min(MAX_BATCH, max(MIN_BATCH, 2 ** round(math.log2(max(rows / STEPS_PER_EPOCH, 1))))))
     steps = math.ceil(rows / batch)
@@ -220,7 +218,7 @@ def sized_defaults(rows: int) -> Sized:
              f"line every {log_every} steps"]
     if dropout:
         notes.append(f"fewer than {SMALL_DATA:,} rows: dropout {dropout} in the tower")
-    return Sized(train, dropout, EMBEDDING_WEIGHT_DECAY, notes)
+    return Sized(train, dropout, notes)
 
 
 #: tower widths: below SMALL_DATA rows the narrow ones (as good on census-income and the long-tail set, 3-5x faster)
@@ -346,8 +344,6 @@ def starter_config(data: str, tasks: list[str], config_path: str | Path, positiv
     sized = sized_defaults(source.num_rows)
     tower_cfg, tower_why = _tower(tower, len(task_cfg), source.num_rows, sized.dropout)
     optimizer: dict[str, Any] = {"name": "adam", "lr": 0.001}
-    if sized.embedding_weight_decay:
-        optimizer["embedding_weight_decay"] = sized.embedding_weight_decay
     cfg: dict[str, Any] = {
         "seed": 42,
         "data": data_cfg,
