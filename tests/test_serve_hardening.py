@@ -155,8 +155,16 @@ def test_saturation_is_a_503_with_retry_after(exported, holey_data, good_v1):  #
             s.close()
         # while a large request is being answered, another one is told to come back
         big = {"instances": instances(pq.read_table(holey_data / "test.parquet")) * 5}  # 20,000 rows
+        def post_large() -> httpx.Response:  # a client that honours Retry-After: one of the probes below may hold the slot
+            deadline = time.monotonic() + 60
+            while True:
+                r = httpx.post(srv.url + "/v1/models/model/predict", json=big, timeout=60)
+                if r.status_code != 503 or time.monotonic() > deadline:
+                    return r
+                time.sleep(0.05)
+
         with cf.ThreadPoolExecutor(1) as pool:
-            large = pool.submit(httpx.post, srv.url + "/v1/models/model/predict", json=big, timeout=60)
+            large = pool.submit(post_large)
             busy = None
             deadline = time.monotonic() + 20
             while busy is None and not large.done() and time.monotonic() < deadline:
@@ -552,7 +560,7 @@ def test_scoring_errors_are_one_line(cli, exported, holey_data, tmp_path):  # no
     wrong = table.slice(700).set_column(table.schema.get_field_index("d01"), "d01", pa.array(["x"] * 800))
     pq.write_table(wrong, parts / "b.parquet")
     r = cli("score", model, parts, "-o", out, "--no-progress")
-    assert r.code == 2 and "b.parquet: column 'd01' has type string" in r.err, r
+    assert r.code == 2 and "'d01'" in r.err and "string" in r.err and "b.parquet" in r.err, r
 
 
 def test_an_arrow_error_while_opening_a_file_is_a_data_error(holey_data, monkeypatch):  # noqa: F811
