@@ -197,7 +197,7 @@ def test_killing_score_with_workers_ends_the_workers(trained, tmp_path):
     except SystemExit as exc:
         assert exc.code in (0, None)
     src = pq.read_table(_funnel_test(trained))
-    big = pa.concat_tables([src] * 60)
+    big = pa.concat_tables([src] * 200)
     pq.write_table(big, tmp_path / "big.parquet", row_group_size=2000)
     proc = subprocess.Popen([RECMTL, "score", str(tmp_path / "m.onnx"), str(tmp_path / "big.parquet"), "-o",
                              str(tmp_path / "s.parquet"), "--workers", "2", "--no-progress"],
@@ -206,11 +206,12 @@ def test_killing_score_with_workers_ends_the_workers(trained, tmp_path):
     workers: set[int] = set()
     while time.time() < deadline and proc.poll() is None:
         workers = {c for c in children(proc.pid) if c != proc.pid}
-        if len(workers) >= 2:
+        writing = any(tmp_path.glob(".s.parquet.*.tmp"))
+        if len(workers) >= 2 and writing:
             break
-        time.sleep(0.1)
+        time.sleep(0.02)
     assert len(workers) >= 2, "the score workers did not start"
-    time.sleep(1.0)
+    assert proc.poll() is None, "scoring finished before the kill: the input is too small for this machine"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10
