@@ -239,6 +239,7 @@ def gradient_boosting(ds: DataSet, cfg: Path, seed: int) -> dict[str, float]:
     import pandas as pd
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.metrics import mean_squared_error, roc_auc_score
+    from sklearn.model_selection import KFold, StratifiedKFold
     from sklearn.preprocessing import TargetEncoder
 
     config = yaml.safe_load(cfg.read_text())
@@ -262,28 +263,31 @@ def gradient_boosting(ds: DataSet, cfg: Path, seed: int) -> dict[str, float]:
         keep = {s: np.isfinite(y) for s, y in ys.items()}
         xs = {s: frames[s].loc[keep[s], columns].reset_index(drop=True) for s in frames}
         ys = {s: ys[s][keep[s]] for s in ys}
+        def text(col: pd.Series) -> pd.Series:  # categories as strings, null as its own category
+            return col.astype(object).where(col.notna(), "<null>").astype(str)
         cat_small, cat_large = [], []
         for c in columns:
             if kinds[c] != "categorical":
                 continue
-            values = pd.concat([xs[s][c] for s in xs]).astype(str)
+            values = pd.concat([text(xs[s][c]) for s in xs])
             (cat_small if values.nunique() <= 255 else cat_large).append(c)
         prepared = {}
-        codes = {c: {v: i for i, v in enumerate(sorted(pd.concat([xs[s][c] for s in xs]).astype(str).unique()))}
+        codes = {c: {v: i for i, v in enumerate(sorted(pd.concat([text(xs[s][c]) for s in xs]).unique()))}
                  for c in cat_small}
         encoder = None
         if cat_large:
-            encoder = TargetEncoder(target_type="continuous" if regression else "binary", random_state=seed)
-            encoded_train = encoder.fit_transform(xs["train"][cat_large].astype(str), ys["train"])
+            folds = (KFold if regression else StratifiedKFold)(5, shuffle=True, random_state=seed)
+            encoder = TargetEncoder(target_type="continuous" if regression else "binary", cv=folds)
+            encoded_train = encoder.fit_transform(pd.DataFrame({c: text(xs["train"][c]) for c in cat_large}), ys["train"])
         for s, x in xs.items():
             frame = pd.DataFrame(index=x.index)
             for c in columns:
                 if c in codes:
-                    frame[c] = x[c].astype(str).map(codes[c]).astype("float64")
+                    frame[c] = text(x[c]).map(codes[c]).astype("float64")
                 elif c not in cat_large:
                     frame[c] = pd.to_numeric(x[c], errors="coerce").astype("float64")
             if cat_large:
-                enc = encoded_train if s == "train" else encoder.transform(x[cat_large].astype(str))
+                enc = encoded_train if s == "train" else encoder.transform(pd.DataFrame({c: text(x[c]) for c in cat_large}))
                 for j, c in enumerate(cat_large):
                     frame[c] = enc[:, j]
             prepared[s] = frame
@@ -349,7 +353,8 @@ def report(name: str, rows: list[dict[str, Any]]) -> str:
     kinds = [k for k in ("init", "tuned", "hgb", "before", "exact", "bayes") if any(k in r for r in rows)]
     titles = {"init": "init, no edits", "tuned": "tuned", "hgb": "HistGradientBoosting", "before": "before (older init)",
               "exact": "exact-form logistic regression", "bayes": "Bayes-optimal"}
-    tasks = list(rows[0]["hgb"]) if "hgb" in rows[0] else list(rows[0]["init"]["test"])
+    first = next(rows[0][k] for k in ("hgb", "init", "tuned", "before", "exact", "bayes") if k in rows[0])
+    tasks = list(first["test"] if "test" in first else first)
     head = ["task", *(titles[k] for k in kinds)]
     if "tuned" in kinds:
         head.append("init − tuned")
