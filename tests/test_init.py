@@ -176,7 +176,9 @@ def test_profile_rules():
     assert prof.looks_like_id("item_id") and prof.looks_like_id("videoId") and prof.looks_like_id("det_ind_code")
     rng = np.random.default_rng(0)
     heavy, before, after = prof.heavy_tail(np.exp(rng.normal(0, 2, 5000)))
-    assert heavy and before > prof.HEAVY_SKEW and abs(after) < before / 2
+    assert heavy and before > prof.HEAVY_SKEW and abs(after) <= prof.HEAVY_SKEW
+    zeros = np.where(rng.random(5000) < 0.95, 0.0, np.exp(rng.normal(8, 1, 5000)))  # mostly zeros: stays skewed
+    assert not prof.heavy_tail(zeros)[0] and prof.heavy_tail(zeros)[2] > prof.HEAVY_SKEW
     assert not prof.heavy_tail(rng.normal(0, 1, 5000))[0]
     assert not prof.heavy_tail(rng.random(5000) * 1e-3)[0]  # skewed? no: uniform
     # min_count: a long tail of values seen fewer than TAIL_COUNT times

@@ -15,13 +15,15 @@ For each data set, through the real CLI (each step a subprocess of the ``recmtl`
    training rows), scored on the same test rows;
 5. optionally ``--before REV``: the same ``init`` run by the recmtl of git revision REV (``git archive`` of its
    ``recmtl`` and ``recmtl_plugins`` into the work dir, run by this Python), its config trained by this recmtl;
-6. for the synthetic sets, the Bayes-optimal AUC of the true probabilities (``test.truth.parquet``).
+6. for the synthetic sets, the Bayes-optimal AUC of the true probabilities (``test.truth.parquet``) and, with
+   ``--runs ...,exact``, a logistic regression of the generator's exact functional form: what the training rows
+   allow (the finite-sample bound).
 
 Prints one markdown table per data set (test AUC per task; RMSE for regression tasks): mean ± std over seeds.
 The synthetic data sets take the seed as the data seed too. Every output goes to ``--work-dir``.
 
 Usage: python benchmarks/quality/first_run.py [--datasets census,funnel,tail,smoke] [--seeds 1,2,3]
-       --work-dir DIR [--runs init,tuned,hgb,before] [--before 6f10631] [--json OUT]
+       --work-dir DIR [--runs init,tuned,hgb,before,exact] [--before 6f10631] [--json OUT]
 """
 from __future__ import annotations
 
@@ -61,8 +63,7 @@ TAIL_IDS = "20000"
 COMMON = ["train.threads=1", "train.progress=false"]
 #: the tuned reference per data set: overrides of init's config (the best found by hand; benchmarks/RESULTS.md)
 TUNED: dict[str, list[str]] = {
-    "census": ["tower={name: mmoe, num_experts: 8, expert_units: [16], task_units: [8]}", "optimizer.lr=0.003",
-               "train.batch_size=512", "train.epochs=30", "train.early_stopping.patience=4"],
+    "census": ["encoders.categorical.dim=8", "train.epochs=40"],
     "funnel": ["encoders.categorical.dim=8"],
     "tail": ["encoders.categorical.dim=8"],
 }
@@ -238,6 +239,7 @@ def gradient_boosting(ds: DataSet, cfg: Path, seed: int) -> dict[str, float]:
     import pandas as pd
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.metrics import mean_squared_error, roc_auc_score
+    from sklearn.model_selection import KFold, StratifiedKFold
     from sklearn.preprocessing import TargetEncoder
 
     config = yaml.safe_load(cfg.read_text())
@@ -261,28 +263,31 @@ def gradient_boosting(ds: DataSet, cfg: Path, seed: int) -> dict[str, float]:
         keep = {s: np.isfinite(y) for s, y in ys.items()}
         xs = {s: frames[s].loc[keep[s], columns].reset_index(drop=True) for s in frames}
         ys = {s: ys[s][keep[s]] for s in ys}
+        def text(col: pd.Series) -> pd.Series:  # categories as strings, null as its own category
+            return col.astype(object).where(col.notna(), "<null>").astype(str)
         cat_small, cat_large = [], []
         for c in columns:
             if kinds[c] != "categorical":
                 continue
-            values = pd.concat([xs[s][c] for s in xs]).astype(str)
+            values = pd.concat([text(xs[s][c]) for s in xs])
             (cat_small if values.nunique() <= 255 else cat_large).append(c)
         prepared = {}
-        codes = {c: {v: i for i, v in enumerate(sorted(pd.concat([xs[s][c] for s in xs]).astype(str).unique()))}
+        codes = {c: {v: i for i, v in enumerate(sorted(pd.concat([text(xs[s][c]) for s in xs]).unique()))}
                  for c in cat_small}
         encoder = None
         if cat_large:
-            encoder = TargetEncoder(target_type="continuous" if regression else "binary", random_state=seed)
-            encoded_train = encoder.fit_transform(xs["train"][cat_large].astype(str), ys["train"])
+            folds = (KFold if regression else StratifiedKFold)(5, shuffle=True, random_state=seed)
+            encoder = TargetEncoder(target_type="continuous" if regression else "binary", cv=folds)
+            encoded_train = encoder.fit_transform(pd.DataFrame({c: text(xs["train"][c]) for c in cat_large}), ys["train"])
         for s, x in xs.items():
             frame = pd.DataFrame(index=x.index)
             for c in columns:
                 if c in codes:
-                    frame[c] = x[c].astype(str).map(codes[c]).astype("float64")
+                    frame[c] = text(x[c]).map(codes[c]).astype("float64")
                 elif c not in cat_large:
                     frame[c] = pd.to_numeric(x[c], errors="coerce").astype("float64")
             if cat_large:
-                enc = encoded_train if s == "train" else encoder.transform(x[cat_large].astype(str))
+                enc = encoded_train if s == "train" else encoder.transform(pd.DataFrame({c: text(x[c]) for c in cat_large}))
                 for j, c in enumerate(cat_large):
                     frame[c] = enc[:, j]
             prepared[s] = frame
@@ -302,26 +307,61 @@ def gradient_boosting(ds: DataSet, cfg: Path, seed: int) -> dict[str, float]:
     return out
 
 
+def exact_form(ds: DataSet, seed: int) -> dict[str, float]:
+    """The finite-sample bound of the synthetic sets: a logistic regression of the generator's exact functional form
+    (one-hot ids; each dense x and x^2 - 1; the tanh(d01) x parity(user_id) interaction; log1p(views), log(price)),
+    L2 with C = 0.3, fitted on the training rows (CVR on the clicked rows; conversion = pCTR x pCVR)."""
+    import scipy.sparse as sp
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import OneHotEncoder
+
+    train, test = (pq.read_table(ds.folder / f"{s}.parquet").to_pandas() for s in ("train", "test"))
+    cats = [c for c in train.columns if c in ("user_id", "item_id", "tail_id") or (c[0] == "c" and c[1:].isdigit())]
+    dense = [c for c in train.columns if c[0] == "d" and c[1:].isdigit()]
+    encoder = OneHotEncoder(handle_unknown="ignore").fit(train[cats].astype(str))
+
+    def design(frame: Any) -> Any:
+        cols = []
+        for c in dense:
+            x = frame[c].fillna(0).to_numpy()
+            cols += [x, x * x - 1]
+        cols.append(np.tanh(frame["d01"].fillna(0).to_numpy()) * np.where(frame["user_id"] % 2 == 0, 1, -1))
+        if "views" in frame:
+            cols += [np.log1p(frame["views"].to_numpy()), np.log(frame["price"].fillna(np.exp(3.0)).to_numpy())]
+        return sp.hstack([encoder.transform(frame[cats].astype(str)), sp.csr_matrix(np.column_stack(cols))]).tocsr()
+    x_train, x_test = design(train), design(test)
+    click = LogisticRegression(C=0.3, max_iter=3000).fit(x_train, train["click"])
+    clicked = (train["click"] == 1).to_numpy()
+    cvr = LogisticRegression(C=0.3, max_iter=3000).fit(x_train[clicked], train["conversion"][clicked])
+    p_click = click.predict_proba(x_test)[:, 1]
+    return {"click": float(roc_auc_score(test["click"], p_click)),
+            "conversion": float(roc_auc_score(test["conversion"], p_click * cvr.predict_proba(x_test)[:, 1]))}
+
+
 # ---- report ------------------------------------------------------------------------------------------------------
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 4) -> str:
     values = [v for v in values if v == v]
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def report(name: str, rows: list[dict[str, Any]]) -> str:
-    kinds = [k for k in ("init", "tuned", "hgb", "before", "bayes") if any(k in r for r in rows)]
-    titles = {"init": "init, no edits", "tuned": "tuned", "hgb": "HistGradientBoosting", "before": "before (main's init)",
-              "bayes": "Bayes-optimal"}
-    tasks = list(rows[0]["hgb"]) if "hgb" in rows[0] else list(rows[0]["init"]["test"])
+    kinds = [k for k in ("init", "tuned", "hgb", "before", "exact", "bayes") if any(k in r for r in rows)]
+    titles = {"init": "init, no edits", "tuned": "tuned", "hgb": "HistGradientBoosting", "before": "before (older init)",
+              "exact": "exact-form logistic regression", "bayes": "Bayes-optimal"}
+    first = next(rows[0][k] for k in ("hgb", "init", "tuned", "before", "exact", "bayes") if k in rows[0])
+    tasks = list(first["test"] if "test" in first else first)
     head = ["task", *(titles[k] for k in kinds)]
     if "tuned" in kinds:
         head.append("init − tuned")
     if "hgb" in kinds:
         head.append("init − HGB")
+    if "bayes" in kinds:
+        head += [f"gap to Bayes: {k}" for k in ("init", "before", "exact") if k in kinds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def value(r: dict[str, Any], k: str, t: str) -> float:
@@ -335,9 +375,12 @@ def report(name: str, rows: list[dict[str, Any]]) -> str:
             cells.append(mean_std([value(r, "init", t) - value(r, "tuned", t) for r in rows]))
         if "hgb" in kinds:
             cells.append(mean_std([value(r, "init", t) - value(r, "hgb", t) for r in rows]))
+        if "bayes" in kinds:
+            cells += [mean_std([value(r, "bayes", t) - value(r, k, t) for r in rows]) for k in ("init", "before", "exact")
+                      if k in kinds]
         lines.append("| " + " | ".join(cells) + " |")
     runs = [f"{k}: best epoch " + ",".join(str(r[k]["best_epoch"]) for r in rows if k in r) + " of "
-            + ",".join(str(r[k]["epochs"]) for r in rows if k in r) + f", {mean_std([r[k]['seconds'] for r in rows if k in r])} s"
+            + ",".join(str(r[k]["epochs"]) for r in rows if k in r) + f", {mean_std([r[k]['seconds'] for r in rows if k in r], 0)} s"
             for k in ("init", "tuned", "before") if any(k in r for r in rows)]
     failed = [f"{k} failed (seed {r['seed']}): {msg}" for r in rows for k, msg in r.get("failed", {}).items()]
     return (f"**{name}** (seeds {','.join(str(r['seed']) for r in rows)}): " + "; ".join(runs + failed) + "\n\n"
@@ -349,11 +392,25 @@ def main() -> None:
     ap.add_argument("--datasets", default="census,funnel,tail,smoke",
                     help="comma-separated of census, funnel, tail, smoke (the small real samples)")
     ap.add_argument("--seeds", default="1", help="training seeds (also the data seed of funnel and tail)")
-    ap.add_argument("--runs", default="init,tuned,hgb", help="comma-separated of init, tuned, hgb, before")
+    ap.add_argument("--runs", default="init,tuned,hgb",
+                    help="comma-separated of init, tuned, hgb, before, exact (synthetic sets: the exact-form bound)")
     ap.add_argument("--before", default=None, metavar="REV", help="git revision whose `recmtl init` is the `before` run")
-    ap.add_argument("--work-dir", type=Path, required=True, help="folder for data, configs and runs (kept)")
+    ap.add_argument("--work-dir", type=Path, default=None, help="folder for data, configs and runs (kept)")
     ap.add_argument("--json", type=Path, default=None, help="append every result as a JSON line to this file")
+    ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="JSONL",
+                    help="only print the tables of earlier --json files (rows of one data set and seed merged)")
     args = ap.parse_args()
+    if args.report:
+        merged: dict[tuple[str, int], dict[str, Any]] = {}
+        for path in args.report:
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                merged.setdefault((row["dataset"], row["seed"]), {}).update(row)
+        for name in dict.fromkeys(k[0] for k in merged):
+            print(report(name, [r for k, r in sorted(merged.items()) if k[0] == name]) + "\n")
+        return
+    if args.work_dir is None:
+        sys.exit("first_run: --work-dir is required (unless --report)")
     recmtl = recmtl_command()
     seeds = [int(s) for s in args.seeds.split(",")]
     kinds = set(args.runs.split(","))
@@ -403,6 +460,9 @@ def main() -> None:
                     log(f"{ds.name} seed {seed} hgb: {row['hgb']}")
                 if ds.truth:
                     row["bayes"] = bayes(ds)
+                    if "exact" in kinds:
+                        row["exact"] = exact_form(ds, seed)
+                        log(f"{ds.name} seed {seed} exact form: {row['exact']}")
                 results_by_set.setdefault(ds.name, []).append(row)
                 if args.json:
                     with args.json.open("a") as f:

@@ -17,8 +17,10 @@ The rules, in the order they are tried (documented in docs/training.md, "What in
   categorical up to :data:`SMALL_INT` distinct values, excluded when near-unique and filling their range
   (a row number); above that they are dense unless the data says they are codes: per value, the tasks'
   labels explain more than per range of values (:func:`code_or_number`);
-* floats and decimals are dense; a dense column is ``transform: log1p`` when it is heavy-tailed: its sample
-  skewness is above :data:`HEAVY_SKEW` in absolute value and sign(x)*log1p(|x|) at least halves it;
+* floats and decimals are dense; a dense column is ``transform: log1p`` when it is heavy-tailed (sample
+  skewness above :data:`HEAVY_SKEW` in absolute value) and sign(x)*log1p(|x|) is not (log-normal like: counts,
+  prices, durations); a column of mostly zeros and a few large values stays heavy-tailed after the transform
+  and keeps ``none``;
 * a categorical column is hashed (``hash_buckets``) when it would have more than :data:`HASH_ABOVE` values;
   its ``min_count`` is raised when its vocabulary is long-tailed (:func:`propose_min_count`).
 """
@@ -117,10 +119,12 @@ def signed_log1p(x: np.ndarray) -> np.ndarray:
 
 
 def heavy_tail(x: np.ndarray) -> tuple[bool, float, float]:
-    """(heavy-tailed?, skewness, skewness after sign(x)*log1p(|x|)) of finite values ``x``."""
+    """(log1p helps?, skewness, skewness after sign(x)*log1p(|x|)) of finite values ``x``: heavy-tailed
+    (|skewness| > :data:`HEAVY_SKEW`) and no longer after the transform. Census-income's capital gains (95 %
+    zeros; skewness 19.0, 5.0 after) trained 0.0010-0.0014 test AUC worse with the transform than without."""
     before = skewness(x)
     after = skewness(signed_log1p(x))
-    return abs(before) > HEAVY_SKEW and abs(after) <= abs(before) / 2, before, after
+    return abs(before) > HEAVY_SKEW and abs(after) <= HEAVY_SKEW, before, after
 
 
 def propose_min_count(counts: np.ndarray, scale: float) -> int:
@@ -219,7 +223,8 @@ def _dense(p: Proposal, x: np.ndarray, why: str) -> Proposal:
         p.reason = f"{why}; heavy-tailed (skewness {before:.1f}, {after:.1f} after log1p)"
     else:
         p.decision = "dense"
-        p.reason = f"{why} (skewness {before:.1f})"
+        p.reason = f"{why} (skewness {before:.1f}" + (
+            f"; still {after:.1f} after log1p, so left as is)" if abs(before) > HEAVY_SKEW else ")")
     return p
 
 
