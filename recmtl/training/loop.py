@@ -15,16 +15,17 @@ from typing import Any
 import numpy as np
 import pyarrow
 import torch
-from tqdm import tqdm
 
 import recmtl
 from recmtl.config import Config, dump_config
 from recmtl.contracts import Balancer
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import ConfigError, DataError
+from recmtl.progress import progress
 from recmtl.registry import Registry
 from recmtl.rundir import BEST, LAST, RunDir
 from recmtl.schema import FittedSchema, check_types, fit_schema
+from recmtl.threads import ThreadTuner, auto_threads, available_cpus
 from recmtl.training.balance_log import BalanceLog
 from recmtl.training.batches import blocks, minibatches
 from recmtl.training.device import Precision, batches_to, resolve_precision
@@ -40,6 +41,14 @@ from recmtl.training.early_stopping import Monitor
 from recmtl.training.evaluate import merge_predictions, predict, task_metrics
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
+
+
+def env_local_world() -> int:
+    """Processes ``torchrun`` started on this machine (1 without torchrun): they share its CPUs."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def say(msg: str) -> None:
@@ -84,8 +93,10 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
     ctx = setup(config.train.device)  # under torchrun: joins the process group (recmtl/distributed.py)
     main = ctx.is_main  # only rank 0 reads and writes the run directory
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+    # train.threads: null -> one per CPU this process may use (affinity, cgroup quota; recmtl/threads.py)
+    cpus = None if config.train.threads else available_cpus()
+    threads = config.train.threads or auto_threads(torch.get_num_threads(), env_local_world(), cpus)
+    torch.set_num_threads(threads)
     seed_everything(config.seed)
     heads = validate_plugins(config, registry)
 
@@ -102,14 +113,17 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
     elif resume:
         schema = FittedSchema.load(run_dir)
     else:
-        with tqdm(total=train_src.num_rows, desc="fit schema", unit="row", unit_scale=True,
-                  disable=not config.train.progress, file=sys.stderr, mininterval=1.0) as bar:
+        with progress(train_src.num_rows, "fit schema", config.train.progress) as bar:
             schema = fit_schema(config, train_src, {t.name: heads[t.name] for t in config.tasks}, bar.update)
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(run_dir)
         files.write_config(dump_config(config))
         files.write_run_info({"versions": versions(), "argv": sys.argv,
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world})
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world,
+                              "threads": {"count": threads, "source": "auto" if cpus else "train.threads",
+                                          "cpu_affinity": cpus.affinity if cpus else None,
+                                          "cpu_quota": cpus.quota if cpus else None,
+                                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}})
     schema = ctx.broadcast_object(schema)
 
     model = MultiTaskModel(config, schema, registry)
@@ -125,6 +139,8 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
     _report_memory(config, schema, model, balancer, optimizers, ctx, precision)
     monitor = Monitor(config.train.early_stopping.monitor, model)
     shared = model.shared_parameters()
+    # train.threads: null on one CPU process: the thread count follows the measured speed (recmtl/threads.py)
+    tuner = ThreadTuner(threads) if cpus and ctx.world == 1 and ctx.device.type == "cpu" else None
     run = TrainRun(config, schema, model, balancer, run_dir)
     hook = registry.pm.hook
     balance_log = BalanceLog(files.balance_log, config.train.log_every if main else 0, model.task_names)
@@ -164,9 +180,9 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
         applied: dict[str, float] = {}
         stream = minibatches(blocks(train_src, schema, config.data.read_rows, rng, shard=ctx.shard), rank_batch,
                              config.data.shuffle_buffer, rng)
-        with tqdm(total=train_src.num_rows, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="row", unit_scale=True,
-                  disable=not tc.progress or not main, file=sys.stderr, mininterval=1.0) as bar:
+        with progress(train_src.num_rows, f"epoch {epoch + 1}/{tc.epochs}", tc.progress and main) as bar:
             for batch in ctx.steps(batches_to(stream, ctx.device)):  # the same step count on every rank
+                step_start = time.perf_counter()
                 with precision.autocast():
                     outputs = model(batch.inputs)
                     losses = model.losses(outputs, batch.labels, batch.mask)
@@ -182,12 +198,16 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
                 precision.step(optimizers, unscaled=balancer.parameters())
                 for t, loss in losses.items():
                     loss_sum[t] += loss.item()
+                if tuner is not None and (changed := tuner.step(batch.rows, time.perf_counter() - step_start)):
+                    torch.set_num_threads(changed)
                 steps += 1
                 rows += batch.rows
                 bar.update(batch.rows * ctx.world)
                 if steps % 50 == 0:
                     bar.set_postfix({t: f"{loss_sum[t] / steps:.4f}" for t in model.task_names}, refresh=False)
         seconds = time.perf_counter() - t0
+        if tuner is not None:
+            tuner.pause()  # validation and checkpoints are not steps
         if ctx.world > 1:  # every rank's losses, steps and rows
             *sums, steps, rows = ctx.all_sum([*loss_sum.values(), steps, rows])
             steps, rows = int(steps), int(rows)
@@ -202,7 +222,8 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
                                 "or check the label and feature values")
         balancer.on_epoch_end(epoch, train_loss)
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "weights": applied,
-                                  "rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1)}
+                                  "rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1),
+                                  "threads": torch.get_num_threads()}
         if valid_src is not None:
             val = _metrics(ctx, model, schema, valid_src, config, [balancer])
             record["validation"] = val
