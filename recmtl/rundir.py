@@ -6,7 +6,8 @@ write is atomic (``recmtl.files``), so an interrupted run never leaves a file th
 =================  =====================================================================================
 ``config.yaml``    the run's config, as resolved (``dump_config``)
 ``schema.json``    the fitted schema (``recmtl.schema``), vocabularies under ``vocab/``
-``run.json``       versions, argv, start time, world size, the label summary per task and split (``labels``)
+``run.json``       versions, argv, start time, world size, the label summary per task and split (``labels``),
+                   threads (count, auto or train.threads, CPUs seen, OpenMP wait)
 ``metrics.json``   per-epoch history, best epoch, validation and test metrics (rewritten every epoch)
 ``balance.jsonl``  the balance log: one JSON line every ``train.log_every`` steps (``recmtl.training.balance_log``)
 ``best.pt``        the model state of the best epoch by ``early_stopping.monitor``

@@ -96,7 +96,7 @@ class ParquetSource:
             rank, world = shard
             whole, shared = shard_units(order, [self.unit_rows[i] for i in order], world)
             mine = set(whole[rank])
-        cols = list(columns) if columns is not None else self.columns
+        cols = list(dict.fromkeys(columns if columns is not None else self.columns))  # pyarrow reads a name once
         target = pa.schema([self.schema.field(c) for c in cols if c in self.schema.names])
         strings = [i for i, f in enumerate(target) if _is_text(f.type)]
         for u in order:

@@ -296,10 +296,10 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
                   read_rows: int = 65_536, progress: bool = True, spin: bool = False) -> int:
     """Score a Parquet file/folder/glob into one Parquet file (atomic, input row order); returns rows."""
     import pyarrow.parquet as pq
-    from tqdm import tqdm
 
     from recmtl.data.parquet import ParquetSource
     from recmtl.files import atomic_path
+    from recmtl.progress import progress as progress_bar
 
     scorer = Scorer(model_path, threads if workers <= 1 else 1, spin)
     keep = list(dict.fromkeys(keep))
@@ -332,8 +332,7 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
     expected = source.num_rows
     # scores are all distinct: no dictionary encoding (building one and giving up cost more than the write)
     with atomic_path(output) as tmp, pq.ParquetWriter(tmp, out_schema, use_dictionary=names) as writer, \
-            tqdm(total=source.num_rows, unit="row", unit_scale=True, desc="score", disable=not progress,
-                 mininterval=1.0) as bar:
+            progress_bar(source.num_rows, "score", progress) as bar:
         def write(table: pa.Table | pa.RecordBatch | None) -> None:
             nonlocal rows
             if table is None or table.num_rows == 0:

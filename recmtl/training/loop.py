@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pyarrow
 import torch
-from tqdm import tqdm
 
 import recmtl
 from recmtl.config import Config, dump_config
@@ -24,10 +23,12 @@ from recmtl.contracts import Balancer
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import ConfigError, DataError
 from recmtl.files import sweep_temporary_files
+from recmtl.progress import progress
 from recmtl.registry import Registry
 from recmtl.rundir import BEST, LAST, RunDir, epoch_checkpoint
 from recmtl.schema import FittedSchema, check_types, fit_schema
 from recmtl.schema.summary import format_summary, run_summary
+from recmtl.threads import ThreadTuner, auto_threads, available_cpus
 from recmtl.training.balance_log import BalanceLog
 from recmtl.training.batches import blocks, minibatches
 from recmtl.training.device import Precision, batches_to, resolve_precision
@@ -43,6 +44,14 @@ from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors
 from recmtl.training.evaluate import merge_predictions, per_task_model, predict, task_metrics
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
+
+
+def env_local_world() -> int:
+    """Processes ``torchrun`` started on this machine (1 without torchrun): they share its CPUs."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def say(msg: str) -> None:
@@ -108,8 +117,10 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     ctx = setup(config.train.device)  # under torchrun: joins the process group (recmtl/distributed.py)
     main = ctx.is_main  # only rank 0 reads and writes the run directory
     resume = ctx.broadcast_object(resume)  # rank 0 may have turned an interrupted first epoch into a fresh start
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+    # train.threads: null -> one per CPU this process may use (affinity, cgroup quota; recmtl/threads.py)
+    cpus = None if config.train.threads else available_cpus()
+    threads = config.train.threads or auto_threads(torch.get_num_threads(), env_local_world(), cpus)
+    torch.set_num_threads(threads)
     seed_everything(config.seed)
     heads = validate_plugins(config, registry)
 
@@ -130,8 +141,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         saved = (files.read_run_info() or {}).get("labels")
         label_text = format_summary(saved, heads_by_task) if isinstance(saved, dict) else None  # the run's start
     else:
-        with tqdm(total=train_src.num_rows, desc="fit schema", unit="row", unit_scale=True,
-                  disable=not config.train.progress, file=sys.stderr, mininterval=1.0) as bar:
+        with progress(train_src.num_rows, "fit schema", config.train.progress) as bar:
             schema = fit_schema(config, train_src, {t.name: heads[t.name] for t in config.tasks}, bar.update)
         # the label summary per task and split; one class or none in the validation labels stops here
         labels = run_summary(schema.labels, schema.label_summary, {"validation": valid_src, "test": test_src},
@@ -142,7 +152,11 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         files.write_config(dump_config(config))
         files.write_run_info({"versions": versions(), "argv": sys.argv,
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world,
-                              "labels": labels})
+                              "labels": labels,
+                              "threads": {"count": threads, "source": "auto" if cpus else "train.threads",
+                                          "cpu_affinity": cpus.affinity if cpus else None,
+                                          "cpu_quota": cpus.quota if cpus else None,
+                                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}})
     schema = ctx.broadcast_object(schema)
 
     model = MultiTaskModel(config, schema, registry)
@@ -163,6 +177,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     task_monitors = TaskMonitors(spec, model)  # each task's best epoch -> best_epochs/
     loss_fallback = BestValue(higher=False)  # best.pt while the monitor has been NaN on every epoch
     shared = model.shared_parameters()
+    # train.threads: null on one CPU process: the thread count follows the measured speed (recmtl/threads.py)
+    tuner = ThreadTuner(threads) if cpus and ctx.world == 1 and ctx.device.type == "cpu" else None
     run = TrainRun(config, schema, model, balancer, run_dir)
     hook = registry.pm.hook
     balance_log = BalanceLog(files.balance_log, config.train.log_every if main else 0, model.task_names)
@@ -229,9 +245,10 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
             stream = itertools.islice(stream, steps, None)
         in_epoch = None
         saved_at = time.perf_counter()
-        with tqdm(total=train_src.num_rows, initial=rows * ctx.world, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="row",
-                  unit_scale=True, disable=not tc.progress or not main, file=sys.stderr, mininterval=1.0) as bar:
+        with progress(train_src.num_rows, f"epoch {epoch + 1}/{tc.epochs}", tc.progress and main,
+                      initial=rows * ctx.world) as bar:
             for batch in ctx.steps(batches_to(stream, ctx.device)):  # the same step count on every rank
+                step_start = time.perf_counter()
                 with precision.autocast():
                     outputs = model(batch.inputs)
                     losses = model.losses(outputs, batch.labels, batch.mask)
@@ -249,6 +266,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                 precision.step(optimizers, unscaled=balancer.parameters())
                 for t, loss in losses.items():
                     loss_sum[t] += loss.item()
+                if tuner is not None and (changed := tuner.step(batch.rows, time.perf_counter() - step_start)):
+                    torch.set_num_threads(changed)
                 steps += 1
                 rows += batch.rows
                 bar.update(batch.rows * ctx.world)
@@ -268,6 +287,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                                             "seconds": time.perf_counter() - t0, "applied": dict(applied)}})
                     saved_at = time.perf_counter()
         seconds = time.perf_counter() - t0
+        if tuner is not None:
+            tuner.pause()  # validation and checkpoints are not steps
         if ctx.world > 1:  # every rank's losses, steps and rows
             *sums, steps, rows = ctx.all_sum([*loss_sum.values(), steps, rows])
             steps, rows = int(steps), int(rows)
@@ -282,7 +303,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                                 "or check the label and feature values")
         balancer.on_epoch_end(epoch, train_loss)
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "weights": applied,
-                                  "rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1)}
+                                  "rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1),
+                                  "threads": torch.get_num_threads()}
         if valid_src is not None:
             val = _metrics(ctx, model, schema, valid_src, config, [balancer])
             record["validation"] = val
