@@ -191,3 +191,24 @@ def test_thresholded_count_refused_in_train_and_warning_printed(cli, tmp_path):
     r = cli("train", cfg, "--out", tmp_path / "r2")
     assert r.code == 0, r
     assert "recmtl: warning: feature 'noisy_votes' alone nearly separates" in r.err and "'history'" not in r.err
+
+
+def test_small_samples_are_not_called_leaks():
+    """A rare positive whose row happens to have a unique value, and a many-valued group id on few rows,
+    determine the label on the sample only by chance (the shared AliExpress and Ali-CCP samples): no error.
+    A copy of the label on the same rows still is one."""
+    from recmtl.config import FeatureConfig
+    from recmtl.errors import DataError
+    rng = np.random.default_rng(0)
+    n = 150
+    rare = np.zeros(n, dtype=np.int64)
+    rare[7] = 1
+    amount = np.where(rare == 1, 0.256, rng.choice([0.0, 0.1, 0.2], n))
+    group = np.repeat(np.arange(50), 3)
+    grouped = (rng.random(50) < 0.6).astype(np.int64)[group]
+    t = pa.table({"amount": amount, "search_id": group, "purchase": rare, "click": grouped,
+                  "click_copy": 1 - grouped})
+    for feature, label in [("amount", "purchase"), ("search_id", "click")]:
+        leaks.check_leaks([FeatureConfig(name=feature, kind="categorical")], t, [LabelColumn(label, label)])
+    with pytest.raises(DataError, match="feature 'click_copy' determines the label of task 'click'"):
+        leaks.check_leaks([FeatureConfig(name="click_copy", kind="categorical")], t, [LabelColumn("click", "click")])

@@ -24,6 +24,12 @@ LEAK_REFUSE_AUC = 0.999
 LEAK_WARN_AUC = 0.98
 #: rows of the sample the single-feature AUC is computed over
 LEAK_AUC_ROWS = 50_000
+#: a label is checked only when at least this many rows are outside its most frequent value: one positive
+#: in a small sample is "determined" by whatever value it happens to have
+LEAK_MIN_MINORITY = 10
+#: ... and "determines exactly" needs at least this many rows per distinct feature value on average: on
+#: 100 rows a 41-valued search id groups rows by chance, not by derivation
+LEAK_ROWS_PER_VALUE = 10
 
 
 def _warn(message: str) -> None:
@@ -45,7 +51,9 @@ def check_leaks(features: Iterable[FeatureConfig], sample: pa.Table, labels: lis
                 warn: Callable[[str], None] = _warn) -> None:
     """Refuse a feature that is a copy of a label or determines it exactly (a derived column), or a numeric
     feature with many distinct values whose single-feature AUC for a binary label is at least
-    ``LEAK_REFUSE_AUC``; ``warn`` about one at ``LEAK_WARN_AUC`` or more."""
+    ``LEAK_REFUSE_AUC``; ``warn`` about one at ``LEAK_WARN_AUC`` or more. Only where the sample can tell:
+    at least 100 labelled rows, ``LEAK_MIN_MINORITY`` outside the label's majority value, and for "determines"
+    ``LEAK_ROWS_PER_VALUE`` rows per feature value."""
     checks = []  # (task, label column, label values, mask): multilabel tasks per attribute column
     for lab in labels:
         if lab.kind == "class":
@@ -58,6 +66,8 @@ def check_leaks(features: Iterable[FeatureConfig], sample: pa.Table, labels: lis
         if mask.sum() < 100 or len(np.unique(y[mask])) < 2:
             continue
         y_l = y[mask]
+        if len(y_l) - int(np.unique(y_l, return_counts=True)[1].max()) < LEAK_MIN_MINORITY:
+            continue  # too few rows outside the majority value to tell a derivation from chance
         binary = len(np.unique(y_l)) == 2
         for f in features:
             col = plain_array(sample.column(f.name)).filter(pa.array(mask))
@@ -67,6 +77,8 @@ def check_leaks(features: Iterable[FeatureConfig], sample: pa.Table, labels: lis
             n_codes = int(np.nanmax(codes)) + 1 if len(codes) else 0
             leak = False
             if n_codes <= LEAK_MAX_DISTINCT:
+                if len(codes) < LEAK_ROWS_PER_VALUE * n_codes:
+                    continue  # values too rare in this sample for "determines" to mean anything
                 frame = pd.DataFrame({"f": codes, "y": y_l})
                 leak = int(frame.groupby("f", dropna=False)["y"].nunique().max()) == 1
             elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
