@@ -144,6 +144,38 @@ def train(
     typer.echo(f"run saved in {out}")
 
 
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="Config file with two or more tasks.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Compare directory (cells, compare.json, report/).")],
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per cell: config seed, +1, ...")] = 3,
+    towers: Annotated[Optional[str], typer.Option(help="Comma-separated towers of the multi-task cells (default: the config's).")] = None,
+    balancers: Annotated[Optional[str], typer.Option(help="Comma-separated balancers (default: the config's).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Cells trained in parallel processes.")] = 1,
+    metric: Annotated[list[str], typer.Option(help="TASK=METRIC compared for that task (default: auc, accuracy, rmse "
+                                                   "or loss, the first reported); repeatable.")] = [],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config value: key.path=value; repeatable.")] = [],
+) -> None:
+    """Single-task baselines vs multi-task variants, every seed: per-task deltas with paired CIs, negative
+    transfer, Δm; a table, OUT/compare.json and OUT/report/index.html. Re-running skips finished cells."""
+    from recmtl.compare_report import write_compare_report
+    from recmtl.config import load_config
+    from recmtl.training.compare import compare as run_compare
+    from recmtl.training.compare import format_result, head_classes_of, parse_metric_choice, parse_names
+    cfg = load_config(config, set_)
+    registry = _registry(cfg.plugin_modules())
+    if len(cfg.tasks) < 2:
+        raise ConfigError(f"{config} has one task ('{cfg.tasks[0].name}'): nothing to compare; compare needs two or "
+                          "more tasks")
+    tower_list = parse_names(towers, "tower", registry.names("tower"))
+    balancer_list = parse_names(balancers, "balancer", registry.names("balancer"))
+    result = run_compare(cfg, out, seeds, tower_list, balancer_list, workers, [*cfg.plugin_modules(), *State.plugins],
+                         State.disabled, head_classes_of(cfg, registry), parse_metric_choice(metric, cfg))
+    typer.echo(format_result(result))
+    index = write_compare_report(out)
+    typer.echo(f"wrote {out / 'compare.json'} and {index}")
+
+
 CHECKPOINT_HELP = ("Which trained weights: tasks (each task from its own best epoch, the default), best (best.pt: one "
                    "network, the best epoch by early_stopping.monitor), last, or a checkpoint file in the run directory.")
 
