@@ -28,6 +28,7 @@ from recmtl.registry import Registry
 from recmtl.rundir import BEST, LAST, RunDir, epoch_checkpoint
 from recmtl.schema import FittedSchema, check_types, fit_schema
 from recmtl.schema.summary import format_summary, run_summary
+from recmtl.training.affinity import AffinityLog
 from recmtl.training.balance_log import BalanceLog
 from recmtl.training.batches import blocks, minibatches
 from recmtl.training.device import Precision, batches_to, resolve_precision
@@ -39,7 +40,7 @@ from recmtl.training.distributed import (
     memory_estimate,
     setup,
 )
-from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors
+from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors, reference_metrics
 from recmtl.training.evaluate import merge_predictions, per_task_model, predict, task_metrics
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
@@ -112,6 +113,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
     heads = validate_plugins(config, registry)
+    reference = reference_metrics(config.train.early_stopping.reference, [t.name for t in config.tasks])  # delta_m
 
     columns = config.columns()
     train_src = ParquetSource(config.resolve(config.data.train), columns)
@@ -159,13 +161,16 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         say(label_text)
     _report_memory(config, schema, model, balancer, optimizers, ctx, precision)
     spec = config.train.early_stopping.monitor
-    monitor = Monitor(spec if isinstance(spec, str) else "auto", model)  # best.pt (a mapping: as auto)
+    monitor = Monitor(spec if isinstance(spec, str) else "auto", model,  # best.pt (a mapping: as auto)
+                      reference)
     task_monitors = TaskMonitors(spec, model)  # each task's best epoch -> best_epochs/
     loss_fallback = BestValue(higher=False)  # best.pt while the monitor has been NaN on every epoch
     shared = model.shared_parameters()
     run = TrainRun(config, schema, model, balancer, run_dir)
     hook = registry.pm.hook
     balance_log = BalanceLog(files.balance_log, config.train.log_every if main else 0, model.task_names)
+    affinity = AffinityLog(files.affinity_log, config.train.affinity_every if main else 0, model.task_names,
+                           config.optimizer.lr)
 
     start_epoch, best, best_epoch, bad_epochs, in_epoch = 0, None, -1, 0, None
     if resume:
@@ -238,6 +243,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 balance_log.before_backward(losses, shared)
+                affinity.measure(balance_log.step, epoch + 1, model, batch, losses,
+                                 lambda b: model.losses(model(b.inputs), b.labels, b.mask), shared, precision.autocast)
                 model.backward_regularization()  # the tower's extra term (e.g. soft sharing's L2), if any
                 precision.scale_grads(sync_params)  # fp16: that term's gradient (alone so far) gets the loss scale
                 scaled = precision.scale_losses(losses)
