@@ -7,9 +7,12 @@ seeds vary the model), MMoE with 8 experts of 16 units and task towers of 8 (the
 multi-task cell and each task alone, early stopping on the validation loss; test RMSE compared.
 Clusters: ``recmtl datagen task-clusters`` (2 clusters x 2 tasks, correlation 0.9 within, 0 across), a
 shared-bottom tower; the affinity is logged every 10 steps in the all-task cells.
+Funnel: ``recmtl datagen funnel --correlation RHO`` (the correlation of the click and conversion effects) with
+click and conversion as two binary tasks, MMoE with 2 experts; test AUC compared.
 
 Usage: python benchmarks/quality/negative_transfer.py [--work-dir DIR] [--seeds 3] [--rows 10000]
-       [--epochs 12] [--correlations 1.0,0.5,0] [--parts mmoe,clusters,cost]
+       [--epochs 12] [--correlations 1.0,0.5,0] [--funnel-correlations 0.9,-0.5]
+       [--parts mmoe,clusters,cost,funnel]
 """
 from __future__ import annotations
 
@@ -146,6 +149,37 @@ def cost_part(work: Path, args: argparse.Namespace) -> None:
     print()
 
 
+def funnel_part(work: Path, args: argparse.Namespace) -> None:
+    print("### Funnel (click, conversion as two binary tasks), single-task vs MMoE (test AUC, higher is better)\n")
+    print("| correlation | variant | task | single-task | multi-task | Δ paired [95% CI] | Δ % | verdict |")
+    print("|---|---|---|---|---|---|---|---|")
+    for rho in args.funnel_correlations:
+        data = work / f"funnel-r{rho}"
+        if not (data / "test.parquet").is_file():
+            cli("datagen", "funnel", data, "--rows", 3 * args.rows, "--seed", 0, "--categorical", 6, "--dense", 4,
+                "--cardinality", 50, "--correlation", rho)
+        cfg = {"seed": 1,
+               "data": {"train": str(data / "train.parquet"), "validation": str(data / "valid.parquet"),
+                        "test": str(data / "test.parquet")},
+               "features": [{"name": n, "kind": "categorical"} for n in ["user_id", "item_id", "c03", "c04", "c05",
+                                                                         "c06"]]
+               + [{"name": f"d0{i}", "kind": "dense"} for i in range(1, 5)],
+               "tasks": [{"name": "click", "head": "binary"}, {"name": "conversion", "head": "binary"}],
+               "encoders": {"categorical": {"name": "embedding", "dim": 8}},
+               "tower": {"name": "mmoe", "num_experts": 2, "expert_units": [32], "task_units": [16]},
+               "optimizer": {"lr": 0.005},
+               "train": {"batch_size": 512, "epochs": 4, "progress": False, "threads": 1, "log_every": 0}}
+        path = work / f"funnel-r{rho}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        t0 = time.perf_counter()
+        cli("compare", path, "-o", work / f"cmp-funnel-r{rho}", "--seeds", args.seeds)
+        log(f"funnel rho={rho}: {time.perf_counter() - t0:.0f} s")
+        result = json.loads((work / f"cmp-funnel-r{rho}" / "compare.json").read_text())
+        for row in summary_rows(result):
+            print(f"| {rho} | {row} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/negative_transfer"))
@@ -155,7 +189,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=0.003)
     ap.add_argument("--correlations", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 0.5, 0.0])
-    ap.add_argument("--parts", default="mmoe,clusters,cost")
+    ap.add_argument("--funnel-correlations", type=lambda s: [float(x) for x in s.split(",")], default=[0.9, -0.5])
+    ap.add_argument("--parts", default="mmoe,clusters,cost,funnel")
     args = ap.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
@@ -165,6 +200,8 @@ def main() -> None:
         clusters_part(args.work_dir, args)
     if "cost" in parts:
         cost_part(args.work_dir, args)
+    if "funnel" in parts:
+        funnel_part(args.work_dir, args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ directory under ``DIR/runs/``, then compares each task's metrics with its single
 
 Layout of a compare directory::
 
-    DIR/plan.json             the base config (seed, progress and threads left out) and the cells planned so far
+    DIR/plan.json             the base config (as compared: seed, progress and threads left out; and in full) and
+                              the cells planned so far
     DIR/configs/NAME.yaml     each cell's config
     DIR/runs/NAME/            each cell's run directory (``recmtl train --out``)
     DIR/done/NAME.json        written when the cell finished: re-running skips it; an unfinished cell resumes
@@ -210,7 +211,8 @@ def prepare(config: Config, out: Path, cells: list[Cell]) -> list[Cell]:
             raw = cell_config(config, cell)
             parse_config(raw, config._base_dir, str(path))  # a cell's config must validate before any training
             write_text(path, yaml.safe_dump(raw, sort_keys=False))
-    write_json(out / PLAN, {"config": base, "cells": [asdict(c) for c in known.values()]})
+    full = yaml.safe_load(dump_config(config))  # what `recmtl group --train` plans more cells from
+    write_json(out / PLAN, {"config": base, "full": full, "cells": [asdict(c) for c in known.values()]})
     return list(known.values())
 
 

@@ -143,7 +143,7 @@ def config_of(path: Path, plugins: list[str]) -> tuple[Any, bool]:
     from recmtl.training.compare import read_plan
     plan = read_plan(path)
     if plan is not None:
-        raw = dict(plan["config"])
+        raw = dict(plan.get("full") or plan["config"])
         raw["seed"] = min(c["seed"] for c in plan["cells"])
         cfg = parse_config(raw, path, str(path / "plan.json"))
     else:
