@@ -17,7 +17,7 @@ from recmtl.data.synthetic import task_clusters
 from recmtl.errors import ConfigError
 from recmtl.training.affinity import lookahead_affinity, mean_affinity
 from recmtl.training.compare import cell_config, delta_m, plan_cells, with_dependencies
-from recmtl.training.grouping import _partitions, best_partition, partition_score
+from recmtl.training.grouping import _partitions, best_partition, config_of, partition_score
 
 
 # ---- small data --------------------------------------------------------------------------------------------
@@ -151,6 +151,9 @@ def test_compare_end_to_end_resumes_and_refuses_bad_input(cli, clusters_dir, tmp
     assert (out / "report" / "index.html").is_file() and (out / "report" / "compare_deltas.png").is_file()
     for name in ("single-c1_t1-s1", "shared_bottom+fixed-s2"):
         assert (out / "runs" / name / "best.pt").is_file()
+
+    base, is_compare = config_of(out, [])  # what `group --train` plans more cells from: the config in full
+    assert is_compare and base.seed == 1 and base.train.threads == 1 and base.train.progress is False
 
     # a crashed cell (no done marker) is resumed, finished cells are skipped
     (out / "done" / "shared_bottom+fixed-s2.json").unlink()
