@@ -209,7 +209,7 @@ def group(
                          [*cfg.plugin_modules(), *State.plugins], State.disabled, head_classes_of(cfg, registry),
                          groups=suggestion["groups"])
     all_in_one = f"{cfg.tower.name}+{cfg.balancer.name}"
-    result["groups"] = {**suggestion, "vs_all_in_one": grouped_vs_all_in_one(result, all_in_one)}
+    result["groups"] = {**suggestion, "vs_all_in_one": grouped_vs_all_in_one(result, all_in_one, suggestion["groups"])}
     write_json(out / RESULT, result)
     typer.echo(format_result(result))
     vs = result["groups"]["vs_all_in_one"]

@@ -218,7 +218,7 @@ def test_affinity_report_and_group(cli, clusters_dir, tmp_path):
     r = cli("group", run, "--groups", "2", "--train", "-o", tmp_path / "grp", "--seeds", "1")
     assert r.code == 0, r
     result = json.loads((tmp_path / "grp" / "compare.json").read_text())
-    assert set(result["variants"]) == {"shared_bottom+fixed", "grouped"}
-    assert set(result["variants"]["grouped"]["tasks"]) == set(tasks)
+    assert set(result["variants"]) == {"shared_bottom+fixed", "grouped c1_t1+c1_t2|c2_t1+c2_t2"}
+    assert set(result["variants"]["grouped c1_t1+c1_t2|c2_t1+c2_t2"]["tasks"]) == set(tasks)
     assert result["groups"]["groups"] == [["c1_t1", "c1_t2"], ["c2_t1", "c2_t2"]]
     assert set(result["groups"]["vs_all_in_one"]) == set(tasks) and "grouped vs all-in-one" in r.out

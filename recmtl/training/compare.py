@@ -66,6 +66,11 @@ class Cell:
     seed: int
 
 
+def grouped_variant(partition: list[list[str]]) -> str:
+    """The variant name of one partition's grouped models, e.g. ``grouped a+b|c``."""
+    return f"{GROUPED} " + "|".join("+".join(g) for g in partition)
+
+
 def _dependencies(config: Config) -> dict[str, list[str]]:
     """Each task's upstream tasks: task parameters whose value names another task (ESMM's ``ctr_task``)."""
     names = {t.name for t in config.tasks}
@@ -188,7 +193,7 @@ def read_plan(out: Path) -> dict[str, Any] | None:
         raise DataError(f"{path} is not valid JSON ({exc}); it is not a compare directory, or was damaged") from None
 
 
-def prepare(config: Config, out: Path, cells: list[Cell]) -> list[Cell]:
+def prepare(config: Config, out: Path, cells: list[Cell], partition: list[list[str]] | None = None) -> list[Cell]:
     """Write (or extend) ``DIR/plan.json`` and the cells' configs; refuse a directory made from another config.
     Returns every cell of the directory (those planned before and these)."""
     base = fingerprint(config)
@@ -212,7 +217,11 @@ def prepare(config: Config, out: Path, cells: list[Cell]) -> list[Cell]:
             parse_config(raw, config._base_dir, str(path))  # a cell's config must validate before any training
             write_text(path, yaml.safe_dump(raw, sort_keys=False))
     full = yaml.safe_load(dump_config(config))  # what `recmtl group --train` plans more cells from
-    write_json(out / PLAN, {"config": base, "full": full, "cells": [asdict(c) for c in known.values()]})
+    partitions = list((plan or {}).get("partitions", []))
+    if partition and partition not in partitions:
+        partitions.append(partition)
+    write_json(out / PLAN, {"config": base, "full": full, "cells": [asdict(c) for c in known.values()],
+                            "partitions": partitions})
     return list(known.values())
 
 
@@ -351,8 +360,15 @@ def analyse(out: Path, head_classes: dict[str, Any], metric_choice: dict[str, st
     # values[variant][task][metric][seed]
     values: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
     valid_single: dict[str, dict[str, dict[int, float]]] = {}
+    by_group: dict[tuple[str, ...], dict[str, dict[str, dict[int, float]]]] = {}  # group cells, by their group
     for cell in cells:
         metrics, valid = cell_metrics(out / "runs" / cell.name, split)
+        if cell.variant == GROUPED:
+            for t in cell.scored:
+                for m, v in (metrics.get(t) or {}).items():
+                    if m not in NOT_METRICS:
+                        by_group.setdefault(cell.scored, {}).setdefault(t, {}).setdefault(m, {})[cell.seed] = v
+            continue
         for t in cell.scored:
             for m, v in (metrics.get(t) or {}).items():
                 if m in NOT_METRICS:
@@ -362,10 +378,11 @@ def analyse(out: Path, head_classes: dict[str, Any], metric_choice: dict[str, st
                 for m, v in (valid.get(t) or {}).items():
                     valid_single.setdefault(t, {}).setdefault(m, {})[cell.seed] = v
     single = values.get(SINGLE, {})
-    if GROUPED in values:  # a task in no group of two or more is trained alone: its single-task cells
-        for t in tasks:
-            if t not in values[GROUPED] and t in single:
-                values[GROUPED][t] = single[t]
+    for partition in plan.get("partitions", []):  # each task from its group's cell; a task alone: single-task
+        grouped = {t: (by_group.get(tuple(g), {}).get(t) if len(g) > 1 else single.get(t))
+                   for g in partition for t in g}
+        if all(grouped.values()):
+            values[grouped_variant(partition)] = grouped
     primary = {}
     for t in tasks:
         seen = single.get(t) or next((v[t] for v in values.values() if t in v), None)
@@ -472,7 +489,7 @@ def compare(config: Config, out: Path, seeds: int, towers: list[str], balancers:
     """Plan, train the missing cells, analyse; writes ``DIR/compare.json`` and returns it."""
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cells = plan_cells(config, seeds, towers, balancers, groups)
-    all_cells = prepare(config, out, cells)
+    all_cells = prepare(config, out, cells, groups)
     wanted = {c.name for c in cells}
     run_cells(out, [c for c in all_cells if c.name in wanted], workers, plugins, disabled, say)
     result = analyse(out, head_classes, metric_choice)

@@ -153,11 +153,11 @@ def config_of(path: Path, plugins: list[str]) -> tuple[Any, bool]:
     return cfg, plan is not None
 
 
-def grouped_vs_all_in_one(result: dict[str, Any], all_in_one: str) -> dict[str, Any]:
+def grouped_vs_all_in_one(result: dict[str, Any], all_in_one: str, partition: list[list[str]]) -> dict[str, Any]:
     """Per task, the grouped models' primary metric minus the all-in-one model's, paired by seed."""
-    from recmtl.training.compare import _stats
+    from recmtl.training.compare import _stats, grouped_variant
     out = {}
-    grouped = result["variants"].get("grouped", {}).get("tasks", {})
+    grouped = result["variants"].get(grouped_variant(partition), {}).get("tasks", {})
     whole = result["variants"].get(all_in_one, {}).get("tasks", {})
     for t, te in grouped.items():
         pm = result["primary"].get(t)
