@@ -198,8 +198,16 @@ def census_part(work: Path, args: argparse.Namespace) -> None:
         print(f"census-income: skipped, {census.DATA_DIR} is absent\n")
         return
     census.prepare(census.recmtl_executable(), folder, census.DATA_DIR)  # convert + split (+ a 2-task config)
+    train = folder / "train.parquet"
+    if args.census_rows:  # a random subsample of the training rows (validation and test stay whole)
+        import numpy as np
+        import pyarrow.parquet as pq
+        table = pq.read_table(train)
+        keep = np.sort(np.random.default_rng(0).choice(table.num_rows, args.census_rows, replace=False))
+        train = folder / f"train_{args.census_rows}.parquet"
+        pq.write_table(table.take(keep), train)
     cfg = folder / "census3.yaml"
-    init = ["init", folder / "train.parquet", "--exclude", "instance_weight", "--validation",
+    init = ["init", train, "--exclude", "instance_weight", "--validation",
             folder / "valid.parquet", "--test", folder / "test.parquet", "--tower", "mmoe", "-o", cfg, "--force",
             "--task", "income=income_50k", "--task", "never_married=marital_stat", "--task",
             "college=education", "--positive", "income_50k=50000+.", "--positive", "marital_stat=Never married"]
@@ -210,7 +218,7 @@ def census_part(work: Path, args: argparse.Namespace) -> None:
     cli(*init)
     sets = [f"tower={census.TOWERS['mmoe']}", *(f"{k}={v}" for k, v in census.COMMON.items()),
             f"train.epochs={args.census_epochs}"]
-    out = work / "cmp-census"
+    out = work / (f"cmp-census-{args.census_rows}" if args.census_rows else "cmp-census")
     t0 = time.perf_counter()
     cli("compare", cfg, "-o", out, "--seeds", args.seeds, "--towers", "shared_bottom,mmoe,ple",
         *[x for s in sets for x in ("--set", s)])
@@ -235,6 +243,7 @@ def main() -> None:
     ap.add_argument("--correlations", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 0.5, 0.0])
     ap.add_argument("--funnel-correlations", type=lambda s: [float(x) for x in s.split(",")], default=[0.9, -0.5])
     ap.add_argument("--census-epochs", type=int, default=10)
+    ap.add_argument("--census-rows", type=int, default=0, help="train on a random subsample of this many rows")
     ap.add_argument("--parts", default="mmoe,clusters,cost,funnel", help="also: census (slow)")
     args = ap.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
