@@ -163,7 +163,7 @@ def test_compare_end_to_end_resumes_and_refuses_bad_input(cli, clusters_dir, tmp
 
     # Δm as the training target, against the compare directory's single-task validation metrics
     raw = yaml.safe_load(cfg.read_text())
-    raw["train"]["early_stopping"] = {"monitor": "delta_m", "reference": str(out)}
+    raw["train"]["early_stopping"] = {"monitor": "delta_m", "reference": "cmp"}  # relative to the config file
     (tmp_path / "dm.yaml").write_text(yaml.safe_dump(raw))
     r = cli("train", tmp_path / "dm.yaml", "-o", tmp_path / "dm")
     assert r.code == 0, r

@@ -113,7 +113,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
     heads = validate_plugins(config, registry)
-    reference = reference_metrics(config.train.early_stopping.reference, [t.name for t in config.tasks])  # delta_m
+    ref = config.train.early_stopping.reference  # delta_m's single-task metrics: a compare directory or a mapping
+    reference = reference_metrics(config.resolve(ref) if isinstance(ref, str) else ref, [t.name for t in config.tasks])
 
     columns = config.columns()
     train_src = ParquetSource(config.resolve(config.data.train), columns)
