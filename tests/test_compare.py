@@ -65,6 +65,9 @@ def test_cells_keep_dependencies_and_fix_monitors(funnel_dir, tmp_path):
     assert len(cells) == 8 and {c.seed for c in cells} == {1, 2}
     conv = next(c for c in cells if c.name == "single-conversion-s2")
     assert conv.tasks == ("click", "conversion") and conv.scored == ("conversion",)
+    blind = parse_config({**raw, "data": {"train": raw["data"]["train"]}}, tmp_path)
+    with pytest.raises(ConfigError, match="compare needs held-out data"):
+        plan_cells(blind, 1, [], [])
     one = parse_config({**raw, "tasks": [raw["tasks"][0]]}, tmp_path)
     with pytest.raises(ConfigError, match="one task .*nothing to compare"):
         plan_cells(one, 3, [], [])

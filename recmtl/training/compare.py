@@ -109,6 +109,9 @@ def plan_cells(config: Config, seeds: int, towers: list[str], balancers: list[st
                           "two or more tasks (single-task baselines against multi-task models)")
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if not config.data.validation and not config.data.test:
+        raise ConfigError("compare needs held-out data to compare the models on: set data.test (or at least "
+                          "data.validation) in the config")
     towers = towers or [config.tower.name]
     balancers = balancers or [config.balancer.name]
     names = [t.name for t in config.tasks]
