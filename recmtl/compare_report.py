@@ -10,7 +10,7 @@ from typing import Any
 
 from recmtl.errors import DataError
 from recmtl.files import atomic_path
-from recmtl.report import _CSS, Image, _figure_html, _matplotlib, _new_figure, _render, _table
+from recmtl.report import _CSS, Image, _figure_html, _heatmap, _heatmap_size, _matplotlib, _new_figure, _render, _table
 
 RESULT = "compare.json"
 
@@ -59,6 +59,24 @@ def delta_figure(result: dict[str, Any]) -> Image:
                    "primary metric; bars: 95% interval over seeds.")
 
 
+def groups_figure(groups: dict[str, Any]) -> Image:
+    """The mean affinity matrix ``recmtl group`` chose the groups from."""
+    names, matrix = groups["tasks"], groups["affinity"]
+    finite = [abs(v) for row in matrix for v in row if _finite(v)]
+    top = max(finite) if finite else 0.0
+    scale = 10.0 ** math.floor(math.log10(top)) if top > 0 else 1.0
+    fig = _new_figure(*_heatmap_size(len(names), len(names)))
+    ax = fig.add_subplot()
+    _heatmap(ax, [[v / scale if _finite(v) else math.nan for v in row] for row in matrix], names, names, cmap="RdBu",
+             diverging=True)
+    ax.set_xlabel("task j (whose loss changes)")
+    ax.set_ylabel("task i (whose gradient steps)")
+    ax.set_title(f"mean affinity (x {scale:g})")
+    return _render(fig, "groups", "groups_affinity.png", "Task affinity",
+                   "Groups chosen: " + "  ".join("{" + ", ".join(g) + "}" for g in groups["groups"])
+                   + f" ({groups.get('method', '?')}; score {groups.get('score', math.nan):.4g}).")
+
+
 def write_compare_report(folder: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write ``compare_deltas.png`` and ``index.html`` into ``out_dir`` (default ``DIR/report``)."""
     folder = Path(folder)
@@ -91,7 +109,15 @@ def write_compare_report(folder: str | Path, out_dir: str | Path | None = None) 
                                            "multi std", "Δ (paired)", "95% CI", "verdict"], rows)]
     parts += [_figure_html(i) for i in images]
     if result.get("groups"):
-        parts.append("<h2>Task groups</h2><pre>" + html.escape(json.dumps(result["groups"], indent=2)) + "</pre>")
+        groups = result["groups"]
+        fig = groups_figure(groups)
+        images.append(fig)
+        vs = [[t, d.get("metric"), d.get("mean", math.nan),
+               f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d.get("ci95") else "-"]
+              for t, d in (groups.get("vs_all_in_one") or {}).items()]
+        parts.append("<h2>Task groups</h2>" + _figure_html(fig)
+                     + ("<h3>Grouped minus all-in-one (paired by seed)</h3>"
+                        + _table(["task", "metric", "Δ", "95% CI"], vs) if vs else ""))
     parts.append("</body></html>\n")
     for img in images:
         with atomic_path(out / img.name) as tmp:

@@ -225,3 +225,4 @@ def test_affinity_report_and_group(cli, clusters_dir, tmp_path):
     assert set(result["variants"]["grouped c1_t1+c1_t2|c2_t1+c2_t2"]["tasks"]) == set(tasks)
     assert result["groups"]["groups"] == [["c1_t1", "c1_t2"], ["c2_t1", "c2_t2"]]
     assert set(result["groups"]["vs_all_in_one"]) == set(tasks) and "grouped vs all-in-one" in r.out
+    assert (tmp_path / "grp" / "report" / "groups_affinity.png").is_file()
