@@ -174,6 +174,8 @@ def test_compare_end_to_end_resumes_and_refuses_bad_input(cli, clusters_dir, tmp
     assert metrics["monitor"] == "delta_m" and math.isfinite(metrics["history"][0]["monitor"]["delta_m"])
 
     # bad input, each refused before any training
+    r = cli("compare", cfg, "-o", out, "--seeds", "2", "--metric", "c1_t1=bogus")  # trained cells: no training
+    assert r.code == 2 and "--metric c1_t1=bogus: task 'c1_t1' reports loss, mae, rmse" in r.err
     r = cli("compare", cfg, "-o", out, "--set", "optimizer.lr=0.02")
     assert r.code == 2 and "different config (optimizer.lr is 0.01 there and 0.02 here)" in r.err
     r = cli("compare", cfg, "-o", tmp_path / "x", "--towers", "mmoe,nope")

@@ -204,7 +204,12 @@ def prepare(config: Config, out: Path, cells: list[Cell], partition: list[list[s
     if plan is None and out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not a compare directory (no {PLAN}); choose another -o")
     if plan is not None:
-        diff = _first_difference(plan["config"], base)
+        stored = plan["config"]
+        try:  # through the current config model: keys added since with their defaults compare equal
+            stored = fingerprint(parse_config({**stored, "seed": 0}, config._base_dir))
+        except ConfigError:
+            pass
+        diff = _first_difference(stored, base)
         if diff:
             raise ConfigError(f"{out} holds a comparison of a different config ({diff}); refusing to mix their cells: "
                               "use another -o, or the same config")
@@ -391,6 +396,8 @@ def analyse(out: Path, head_classes: dict[str, Any], metric_choice: dict[str, st
         seen = single.get(t) or next((v[t] for v in values.values() if t in v), None)
         if seen:
             primary[t] = primary_metric(seen, (metric_choice or {}).get(t))
+            if primary[t] not in seen:
+                raise ConfigError(f"--metric {t}={primary[t]}: task '{t}' reports {', '.join(sorted(seen))}")
     higher = {t: {m: higher_is_better(head_classes.get(t), m) for v in values.values() for m in v.get(t, {})}
               for t in tasks}
     result: dict[str, Any] = {"split": split, "tasks": tasks, "primary": primary, "higher_is_better": higher,
