@@ -12,7 +12,7 @@ click and conversion as two binary tasks, MMoE with 2 experts; test AUC compared
 
 Usage: python benchmarks/quality/negative_transfer.py [--work-dir DIR] [--seeds 3] [--rows 10000]
        [--epochs 12] [--correlations 1.0,0.5,0] [--funnel-correlations 0.9,-0.5]
-       [--parts mmoe,clusters,cost,funnel]
+       [--parts mmoe,clusters,cost,funnel,census] [--census-rows 20000] [--census-epochs 4]
 """
 from __future__ import annotations
 
