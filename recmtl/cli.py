@@ -144,6 +144,84 @@ def train(
     typer.echo(f"run saved in {out}")
 
 
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="Config file with two or more tasks.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Compare directory (cells, compare.json, report/).")],
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per cell: config seed, +1, ...")] = 3,
+    towers: Annotated[Optional[str], typer.Option(help="Comma-separated towers of the multi-task cells (default: the config's).")] = None,
+    balancers: Annotated[Optional[str], typer.Option(help="Comma-separated balancers (default: the config's).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Cells trained in parallel processes.")] = 1,
+    metric: Annotated[list[str], typer.Option(help="TASK=METRIC compared for that task (default: auc, accuracy, rmse "
+                                                   "or loss, the first reported); repeatable.")] = [],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config value: key.path=value; repeatable.")] = [],
+) -> None:
+    """Single-task baselines vs multi-task variants, every seed: per-task deltas with paired CIs, negative
+    transfer, Δm; a table, OUT/compare.json and OUT/report/index.html. Re-running skips finished cells."""
+    from recmtl.compare_report import write_compare_report
+    from recmtl.config import load_config
+    from recmtl.training.compare import compare as run_compare
+    from recmtl.training.compare import format_result, head_classes_of, parse_metric_choice, parse_names
+    cfg = load_config(config, set_)
+    registry = _registry(cfg.plugin_modules())
+    if len(cfg.tasks) < 2:
+        raise ConfigError(f"{config} has one task ('{cfg.tasks[0].name}'): nothing to compare; compare needs two or "
+                          "more tasks")
+    tower_list = parse_names(towers, "tower", registry.names("tower"))
+    balancer_list = parse_names(balancers, "balancer", registry.names("balancer"))
+    result = run_compare(cfg, out, seeds, tower_list, balancer_list, workers, [*cfg.plugin_modules(), *State.plugins],
+                         State.disabled, head_classes_of(cfg, registry), parse_metric_choice(metric, cfg))
+    typer.echo(format_result(result))
+    index = write_compare_report(out)
+    typer.echo(f"wrote {out / 'compare.json'} and {index}")
+
+
+@app.command()
+def group(
+    source: Annotated[Path, typer.Argument(help="A run directory or a compare directory with affinity.jsonl "
+                                                "(trained with train.affinity_every N).")],
+    groups: Annotated[int, typer.Option(min=1, help="Number of task groups.")] = 2,
+    train: Annotated[bool, typer.Option("--train", help="Also train the grouped models (every seed) and compare them "
+                                                        "with the all-in-one and single-task models.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="With --train: the compare directory (default: "
+                                                                    "SOURCE when it is one).")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="With --train: seeds per cell.")] = 3,
+    workers: Annotated[int, typer.Option(min=1, help="With --train: cells trained in parallel processes.")] = 1,
+) -> None:
+    """Suggest which tasks to train together from the lookahead task affinity (TAG); --train trains the groups."""
+    from recmtl.files import write_json
+    from recmtl.training.grouping import config_of, format_suggestion, grouped_vs_all_in_one, suggest
+    suggestion = suggest(source, groups)
+    typer.echo(format_suggestion(suggestion))
+    if not train:
+        return
+    from recmtl.compare_report import write_compare_report
+    from recmtl.training.compare import RESULT, format_result, head_classes_of
+    from recmtl.training.compare import compare as run_compare
+    cfg, is_compare = config_of(source, State.plugins)
+    if out is None:
+        if not is_compare:
+            raise ConfigError(f"{source} is a run directory: pass --out DIR for the compare directory of the grouped, "
+                              "all-in-one and single-task models")
+        out = source
+    registry = _registry(cfg.plugin_modules())
+    result = run_compare(cfg, out, seeds, [cfg.tower.name], [cfg.balancer.name], workers,
+                         [*cfg.plugin_modules(), *State.plugins], State.disabled, head_classes_of(cfg, registry),
+                         groups=suggestion["groups"])
+    all_in_one = f"{cfg.tower.name}+{cfg.balancer.name}"
+    result["groups"] = {**suggestion, "vs_all_in_one": grouped_vs_all_in_one(result, all_in_one, suggestion["groups"])}
+    write_json(out / RESULT, result)
+    typer.echo(format_result(result))
+    vs = result["groups"]["vs_all_in_one"]
+    if vs:
+        typer.echo(f"grouped vs all-in-one ({all_in_one}), paired by seed:")
+        for t, d in vs.items():
+            ci = d["ci95"]
+            typer.echo(f"  {t} {d['metric']}: {d['mean']:+.4f}" + (f"  95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+                       + ("  worse" if d["grouped_worse"] else ""))
+    typer.echo(f"wrote {out / RESULT} and {write_compare_report(out)}")
+
+
 CHECKPOINT_HELP = ("Which trained weights: tasks (each task from its own best epoch, the default), best (best.pt: one "
                    "network, the best epoch by early_stopping.monitor), last, or a checkpoint file in the run directory.")
 
@@ -353,6 +431,22 @@ def datagen_mmoe(
     """The MMoE paper's synthetic regression task pair (section 4) with a chosen task correlation."""
     from recmtl.data.synthetic import mmoe_synthetic
     paths = mmoe_synthetic(out, rows, correlation, seed, dim, valid_fraction=valid_fraction, test_fraction=test_fraction)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@datagen_app.command("task-clusters")
+def datagen_task_clusters(
+    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet.")],
+    rows: int = 20_000,
+    seed: int = 0,
+    clusters: Annotated[int, typer.Option(min=1, help="Clusters of related tasks.")] = 2,
+    per_cluster: Annotated[int, typer.Option(min=1, help="Tasks per cluster (named c1_t1, c1_t2, ...).")] = 2,
+    within: Annotated[float, typer.Option(help="Correlation of the tasks of one cluster; 0 across clusters.")] = 0.9,
+    dim: Annotated[int, typer.Option(help="Input dimension.")] = 50,
+) -> None:
+    """Regression tasks in clusters of related ones (MMoE-synthetic style): the grouping `recmtl group` should find."""
+    from recmtl.data.synthetic import task_clusters
+    paths = task_clusters(out, rows, seed, clusters, per_cluster, within, dim)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
 
 

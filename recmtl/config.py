@@ -156,6 +156,18 @@ class EarlyStoppingConfig(_Strict):
 
     monitor: str | dict[str, str] = "auto"
     patience: int = Field(2, ge=0)
+    # monitor delta_m: the single-task metrics it is relative to, a `recmtl compare` directory (relative to the
+    # config file) or a mapping {task: {metric: value}}
+    reference: str | dict[str, dict[str, float]] | None = None
+
+    @model_validator(mode="after")
+    def _reference(self) -> EarlyStoppingConfig:
+        if self.monitor == "delta_m" and self.reference is None:
+            raise ValueError("monitor delta_m needs the single-task reference metrics: set early_stopping.reference "
+                             "to a `recmtl compare` directory or to a mapping {task: {metric: value}}")
+        if self.reference is not None and self.monitor != "delta_m":
+            raise ValueError(f"early_stopping.reference applies to monitor delta_m only (monitor is {self.monitor!r})")
+        return self
 
 
 class OptimizerConfig(_Strict):
@@ -182,6 +194,8 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # every N steps: weights, per-task gradient norms and cosines on the shared parameters -> balance.jsonl
     log_every: int = Field(200, ge=0)
+    # every N steps the lookahead task affinity (TAG) -> affinity.jsonl; costs T gradients + T+1 forwards (0 = off)
+    affinity_every: int = Field(0, ge=0)
     # also save last.pt inside an epoch: every N steps (an int) or every "30s" / "10m" / "1h" (0 = at epoch ends only);
     # --resume then continues from that step with the same batches as an uninterrupted run
     checkpoint_every: int | str = 0
@@ -337,4 +351,7 @@ def dump_config(config: Config) -> str:
     for key in ("train", "validation", "test"):
         if data["data"].get(key):
             data["data"][key] = config.resolve(data["data"][key])
+    reference = data["train"]["early_stopping"].get("reference")
+    if isinstance(reference, str):
+        data["train"]["early_stopping"]["reference"] = config.resolve(reference)
     return yaml.safe_dump(data, sort_keys=False)

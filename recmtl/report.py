@@ -45,6 +45,7 @@ class RunData:
     run_info: dict[str, Any] = field(default_factory=dict)
     balance: list[dict[str, Any]] = field(default_factory=list)
     balance_x: list[float] = field(default_factory=list)
+    affinity: list[dict[str, Any]] = field(default_factory=list)  # affinity.jsonl (train.affinity_every)
     diagnostics_epoch: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -99,6 +100,10 @@ def load_run_data(run_dir: str | Path) -> RunData:
     if len(data.balance) < len(records):
         data.notes.append(f"balance.jsonl: {len(records) - len(data.balance)} line(s) of steps re-trained "
                           "after --resume replaced by the newer ones")
+    records, skipped = files.read_affinity_log()
+    if skipped:
+        data.notes.append(f"affinity.jsonl: {skipped} unreadable line(s) skipped")
+    data.affinity = order_balance(records)[0]
     return data
 
 
@@ -434,6 +439,49 @@ def balance_figures(data: RunData) -> list[Image]:
     return images
 
 
+def affinity_figures(data: RunData) -> list[Image]:
+    """The mean lookahead affinity matrix (TAG) and its evolution over training, one line per task pair."""
+    import numpy as np
+    records = [r for r in data.affinity if isinstance(r.get("affinity"), dict)]
+    if not records:
+        return []
+    names = list(records[0]["affinity"])
+    stack = np.array([[[_num((r["affinity"].get(a) or {}).get(b)) for b in names] for a in names] for r in records])
+    finite = stack[np.isfinite(stack)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+    scale = 10.0 ** math.floor(math.log10(top)) if top > 0 else 1.0
+    with np.errstate(invalid="ignore"):
+        mean = np.nanmean(np.where(np.isfinite(stack), stack, np.nan), axis=0) if finite.size else stack[0]
+    fig = _new_figure(*_heatmap_size(len(names), len(names)))
+    ax = fig.subplots()
+    _heatmap(ax, (mean / scale).tolist(), names, names, cmap="RdBu", diverging=True)
+    ax.set_xlabel("task j (whose loss changes)")
+    ax.set_ylabel("task i (whose gradient steps)")
+    ax.set_title(f"mean over {len(records)} steps (x {scale:g})")
+    images = [_render(fig, "affinity", "affinity_matrix.png", "Affinity matrix",
+                      "1 - L_j(after a step along task i's gradient) / L_j(before), averaged over the measured steps; "
+                      "> 0: training task i helps task j.")]
+    x = [_num(r.get("step")) for r in records]
+    fig = _new_figure(8.0, 4.0)
+    ax = fig.subplots()
+    k = 0
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i != j:
+                ax.plot(x, (stack[:, i, j] / scale).tolist(), color=f"C{k % 10}", label=f"{a} -> {b}",
+                        marker="o" if len(x) <= 60 else None, markersize=3, linewidth=1.2)
+                k += 1
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"affinity (x {scale:g})")
+    ax.set_title("inter-task affinity over training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2 if k > 6 else 1)
+    images.append(_render(fig, "affinity", "affinity_evolution.png", "Affinity over training",
+                          "How the task relations change during training (dynamic task relations)."))
+    return images
+
+
 def conflict_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per task pair over the logged steps: mean, minimum and last cosine, share of steps below 0."""
     out = []
@@ -535,7 +583,9 @@ def render_html(data: RunData, images: list[Image], extra_diagnostics: dict[str,
         parts.append("<h3>Test (best checkpoint)</h3>" + _metrics_table(m["test"]))
     sections = [("curves", "Training curves", ""),
                 ("tower", "Tower diagnostics", "What the tower learned about how the tasks relate."),
-                ("balance", "Task balance", "Logged every <code>train.log_every</code> training steps (balance.jsonl).")]
+                ("balance", "Task balance", "Logged every <code>train.log_every</code> training steps (balance.jsonl)."),
+                ("affinity", "Task affinity", "Lookahead inter-task affinity (TAG), measured every "
+                 "<code>train.affinity_every</code> steps (affinity.jsonl).")]
     for key, heading, intro in sections:
         if key in by_section:
             parts.append(f"<h2>{heading}</h2>" + (f"<p>{intro}</p>" if intro else ""))
@@ -589,6 +639,7 @@ def build_images(data: RunData) -> tuple[list[Image], dict[str, Any]]:
             continue
         images += out if isinstance(out, list) else ([out] if out else [])
     images += balance_figures(data)
+    images += affinity_figures(data)
     return images, extra
 
 

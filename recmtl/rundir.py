@@ -10,6 +10,7 @@ write is atomic (``recmtl.files``), so an interrupted run never leaves a file th
                    threads (count, auto or train.threads, CPUs seen, OpenMP wait)
 ``metrics.json``   per-epoch history, best epoch, validation and test metrics (rewritten every epoch)
 ``balance.jsonl``  the balance log: one JSON line every ``train.log_every`` steps (``recmtl.training.balance_log``)
+``affinity.jsonl`` the lookahead task affinity: one JSON line every ``train.affinity_every`` steps (``recmtl.training.affinity``)
 ``best.pt``        the model state of the best epoch by ``early_stopping.monitor``
 ``best_epochs/``   ``epoch_NNNN.pt``: the model state of each task's best epoch (one file per distinct epoch)
 ``last.pt``        everything ``--resume`` needs: model, balancer, optimisers, RNGs, history
@@ -33,6 +34,7 @@ VOCAB = "vocab"
 RUN_INFO = "run.json"
 METRICS = "metrics.json"
 BALANCE_LOG = "balance.jsonl"
+AFFINITY_LOG = "affinity.jsonl"
 BEST = "best.pt"
 LAST = "last.pt"
 BEST_EPOCHS = "best_epochs"
@@ -181,24 +183,15 @@ class RunDir:
     def read_balance_log(self) -> tuple[list[dict[str, Any]], int]:
         """Records of ``balance.jsonl`` (absent file: none) and the number of lines that could not be read
         (e.g. the last line of a run that was killed while writing it)."""
-        path = self.balance_log
-        if not path.is_file():
-            return [], 0
-        records, skipped = [], 0
-        with path.open(errors="replace") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    skipped += 1
-                    continue
-                if isinstance(rec, dict):
-                    records.append(rec)
-                else:
-                    skipped += 1
-        return records, skipped
+        return _read_jsonl(self.balance_log)
+
+    @property
+    def affinity_log(self) -> Path:
+        return self.path / AFFINITY_LOG
+
+    def read_affinity_log(self) -> tuple[list[dict[str, Any]], int]:
+        """Records of ``affinity.jsonl`` (as ``read_balance_log``)."""
+        return _read_jsonl(self.affinity_log)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
@@ -304,3 +297,24 @@ def _write_failure(tmp: Path, exc: Exception) -> str:
     if free is not None and free < 64 << 20:
         return f"no space left on the device ({free / 1e6:.1f} MB free)"
     return str(exc).strip().splitlines()[0][:200]
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """A JSON-lines log's object records and the count of unreadable lines; an absent file has none."""
+    if not path.is_file():
+        return [], 0
+    records, skipped = [], 0
+    with path.open(errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                skipped += 1
+    return records, skipped

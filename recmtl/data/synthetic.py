@@ -203,6 +203,39 @@ def mmoe_synthetic(out: str | Path, rows: int, correlation: float, seed: int = 0
     return _write_splits(Path(out), sizes, make_chunk)
 
 
+def task_clusters(out: str | Path, rows: int, seed: int = 0, clusters: int = 2, per_cluster: int = 2,
+                  within: float = 0.9, dim: int = 50, num_sines: int = 10, valid_fraction: float = 0.1,
+                  test_fraction: float = 0.1) -> list[Path]:
+    """Regression tasks in clusters of related ones, built like ``mmoe_synthetic``: task ``c{k}_t{m}`` has
+    ``y = w.x + sum_k sin(a_k w.x + b_k) + eps`` with ``w = within u_k + sqrt(1 - within^2) v_km`` for orthonormal
+    ``u_k`` (one per cluster) and ``v_km`` (one per task), so tasks of one cluster correlate by about ``within`` and
+    tasks of different clusters not at all: the grouping a task-grouping method should find."""
+    if not -1 <= within <= 1:
+        raise ConfigError(f"within must be in [-1, 1], got {within}")
+    n_tasks = clusters * per_cluster
+    if clusters < 1 or per_cluster < 1 or dim < clusters + n_tasks:
+        raise ConfigError(f"task_clusters needs clusters, per_cluster >= 1 and dim >= clusters * (per_cluster + 1) "
+                          f"(got {clusters}, {per_cluster}, {dim})")
+    sizes = split_sizes(rows, valid_fraction, test_fraction)
+    g = np.random.default_rng([seed, 5])
+    q, _ = np.linalg.qr(g.normal(size=(dim, clusters + n_tasks)))
+    tasks = {f"c{k + 1}_t{m + 1}": within * q[:, k] + math.sqrt(1 - within ** 2) * q[:, clusters + k * per_cluster + m]
+             for k in range(clusters) for m in range(per_cluster)}
+    alpha, beta = g.normal(size=num_sines), g.normal(size=num_sines)
+    names = [f"x{i:03d}" for i in range(dim)]
+
+    def make_chunk(start: int, n: int) -> tuple[pa.Table, None]:
+        r = np.random.default_rng([seed, 6, start])
+        x = r.normal(size=(n, dim))
+        cols = {name: x[:, i].astype(np.float32) for i, name in enumerate(names)}
+        for t, w in tasks.items():
+            z = x @ w
+            cols[t] = (z + np.sin(np.outer(z, alpha) + beta).sum(1) + r.normal(0, 0.1, n)).astype(np.float32)
+        return pa.table(cols), None
+
+    return _write_splits(Path(out), sizes, make_chunk)
+
+
 # ---- images: digits with attributes, drawn shapes -------------------------------------------------
 DIGIT_ATTRIBUTES = {  # attribute -> the digits that have it
     "even": (0, 2, 4, 6, 8),

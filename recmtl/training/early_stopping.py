@@ -26,8 +26,19 @@ class Monitor:
     """Resolves a string ``early_stopping.monitor`` into a number per epoch and whether larger is better.
     ``auto`` is ``mean/auc`` when every head has an ``auc``, else ``loss`` (the mean of the tasks' losses)."""
 
-    def __init__(self, spec: str, model: MultiTaskModel) -> None:
+    def __init__(self, spec: str, model: MultiTaskModel, reference: dict[str, dict[str, float]] | None = None) -> None:
         self.model = model
+        self.reference = reference
+        if spec == "delta_m":
+            if not reference:
+                raise ConfigError("early_stopping.monitor delta_m needs single-task reference metrics "
+                                  "(early_stopping.reference: a `recmtl compare` directory or {task: {metric: value}})")
+            missing = [t for t in model.task_names if t not in reference]
+            if missing:
+                raise ConfigError(f"early_stopping.reference has no single-task metrics for task(s) "
+                                  f"{', '.join(missing)} (it has {', '.join(sorted(reference)) or 'none'})")
+            self.spec, self.higher = spec, True
+            return
         if spec == "auto":
             has_auc = all("auc" in h.metric_names() for h in model.heads.values())
             spec = "mean/auc" if has_auc else "loss"
@@ -45,6 +56,11 @@ class Monitor:
             self.higher = any(metric in h.higher_is_better for h in heads)
 
     def value(self, metrics: dict[str, dict[str, float]]) -> float:
+        if self.spec == "delta_m":
+            from recmtl.training.compare import delta_m, higher_is_better
+            heads = self.model.heads
+            return delta_m(metrics, {t: self.reference[t] for t in self.model.task_names},
+                           lambda t, m: higher_is_better(heads[t], m))
         if self.spec == "loss":
             return _mean_loss(metrics)
         task, metric = self.spec.split("/", 1)
@@ -62,6 +78,37 @@ class Monitor:
         if best is None or math.isnan(best):
             return not math.isnan(new)
         return new > best if self.higher else new < best
+
+
+def reference_metrics(reference: str | dict[str, dict[str, float]] | None,
+                      tasks: list[str] = ()) -> dict[str, dict[str, float]] | None:
+    """``early_stopping.reference`` as ``{task: {metric: value}}``: a mapping as given, or a ``recmtl compare``
+    directory's single-task validation means of each task's primary metric (``compare.json``); every one of
+    ``tasks`` must have one."""
+    out = _reference(reference)
+    missing = [t for t in tasks if out is not None and t not in out]
+    if missing:
+        raise ConfigError(f"early_stopping.reference has no single-task metrics for task(s) {', '.join(missing)} "
+                          f"(it has {', '.join(sorted(out)) or 'none'})")
+    return out
+
+
+def _reference(reference: str | dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]] | None:
+    if reference is None or isinstance(reference, dict):
+        return reference
+    import json
+    from pathlib import Path
+    path = Path(reference)
+    path = path / "compare.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"early_stopping.reference {reference}: no compare.json there; run `recmtl compare CONFIG "
+                          f"-o {reference}` first, or give {{task: {{metric: value}}}}")
+    try:
+        result = json.loads(path.read_text())
+        return {t: {result["primary"][t]: ms[result["primary"][t]]} for t, ms in result["reference"].items()
+                if t in result["primary"] and result["primary"][t] in ms}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"early_stopping.reference {path} is not a compare.json with reference metrics ({exc})") from None
 
 
 class BestValue:

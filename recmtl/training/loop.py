@@ -29,6 +29,7 @@ from recmtl.rundir import BEST, LAST, RunDir, epoch_checkpoint
 from recmtl.schema import FittedSchema, check_types, fit_schema
 from recmtl.schema.summary import format_summary, run_summary
 from recmtl.threads import ThreadTuner, auto_threads, available_cpus
+from recmtl.training.affinity import AffinityLog
 from recmtl.training.balance_log import BalanceLog
 from recmtl.training.batches import blocks, minibatches
 from recmtl.training.device import Precision, batches_to, resolve_precision
@@ -40,7 +41,7 @@ from recmtl.training.distributed import (
     memory_estimate,
     setup,
 )
-from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors
+from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors, reference_metrics
 from recmtl.training.evaluate import merge_predictions, per_task_model, predict, task_metrics
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
@@ -123,6 +124,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     torch.set_num_threads(threads)
     seed_everything(config.seed)
     heads = validate_plugins(config, registry)
+    ref = config.train.early_stopping.reference  # delta_m's single-task metrics: a compare directory or a mapping
+    reference = reference_metrics(config.resolve(ref) if isinstance(ref, str) else ref, [t.name for t in config.tasks])
 
     columns = config.columns()
     train_src = ParquetSource(config.resolve(config.data.train), columns)
@@ -173,7 +176,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         say(label_text)
     _report_memory(config, schema, model, balancer, optimizers, ctx, precision)
     spec = config.train.early_stopping.monitor
-    monitor = Monitor(spec if isinstance(spec, str) else "auto", model)  # best.pt (a mapping: as auto)
+    monitor = Monitor(spec if isinstance(spec, str) else "auto", model,  # best.pt (a mapping: as auto)
+                      reference)
     task_monitors = TaskMonitors(spec, model)  # each task's best epoch -> best_epochs/
     loss_fallback = BestValue(higher=False)  # best.pt while the monitor has been NaN on every epoch
     shared = model.shared_parameters()
@@ -182,6 +186,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     run = TrainRun(config, schema, model, balancer, run_dir)
     hook = registry.pm.hook
     balance_log = BalanceLog(files.balance_log, config.train.log_every if main else 0, model.task_names)
+    affinity = AffinityLog(files.affinity_log, config.train.affinity_every if main else 0, model.task_names,
+                           config.optimizer.lr)
 
     start_epoch, best, best_epoch, bad_epochs, in_epoch = 0, None, -1, 0, None
     if resume:
@@ -255,6 +261,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 balance_log.before_backward(losses, shared)
+                affinity.measure(balance_log.step, epoch + 1, model, batch, losses,
+                                 lambda b: model.losses(model(b.inputs), b.labels, b.mask), shared, precision.autocast)
                 model.backward_regularization()  # the tower's extra term (e.g. soft sharing's L2), if any
                 precision.scale_grads(sync_params)  # fp16: that term's gradient (alone so far) gets the loss scale
                 scaled = precision.scale_losses(losses)
