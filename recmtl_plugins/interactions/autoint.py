@@ -45,7 +45,7 @@ class AutoInt(Interaction):
         e = fields
         b, n = e.shape[0], e.shape[1]
         for qkv, res in zip(self.qkv, self.residual):
-            q, k, v = qkv(e).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, H, n, dh]
+            q, k, v = qkv(e).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, n, dh]
             att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
             out = (att @ v).transpose(1, 2).reshape(b, n, self._width)
             e = torch.relu(out + res(e))
