@@ -370,11 +370,15 @@ def datagen_funnel(
     test_fraction: float = 0.1,
     tail: Annotated[int, typer.Option(help="Add a long tail: tail_id with this many ids (Zipf popularity, strong "
                                            "per-id effects) and two heavy-tailed numbers, views and price (0: off).")] = 0,
+    interactions: Annotated[float, typer.Option(help="Add FM-style pairwise products of the categorical fields' factors "
+                                                     "to the logits, with this standard deviation (0: off).")] = 0.0,
+    task_fields: Annotated[int, typer.Option(help="N: the last N categorical fields move only click, the N before "
+                                                  "them only conversion (0: off).")] = 0,
 ) -> None:
     """Impressions with click and conversion (conversion only after a click) and their true probabilities."""
     from recmtl.data.synthetic import funnel
     paths = funnel(out, rows, seed, categorical, dense, cardinality, correlation, valid_fraction=valid_fraction,
-                   test_fraction=test_fraction, tail=tail)
+                   test_fraction=test_fraction, tail=tail, interactions=interactions, task_fields=task_fields)
     typer.echo("wrote " + ", ".join(str(p) for p in paths) + " (+ .truth.parquet with the true probabilities)")
 
 

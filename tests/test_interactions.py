@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from recmtl.config import parse_config
-from recmtl.errors import ConfigError
+from recmtl.errors import RecmtlError
 from recmtl.registry import load_registry
 from recmtl.schema import FittedSchema
 from recmtl.testing import check_interaction
@@ -74,6 +74,17 @@ def test_fm_trains_and_exports(fm_run):
     assert metrics
 
 
+def test_dcn_v2_mixture_parallel_exports(funnel_dir, tmp_path):
+    """The einsum-heavy variant (mixture of low-rank experts, parallel deep part) passes the parity check."""
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+                       interaction={"name": "dcn_v2", "num_layers": 2, "rank": 4, "num_experts": 2,
+                                    "structure": "parallel", "deep_units": [16]},
+                       train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
+    run_cli("train", cfg, "--out", tmp_path / "run")
+    run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
+
+
 def model_for(fm_run, **sections) -> MultiTaskModel:
     raw = yaml.safe_load((fm_run / "run" / "config.yaml").read_text())
     raw.update(sections)
@@ -130,6 +141,35 @@ def test_bad_interaction_config_fails_before_reading_data(cli, tmp_path, section
 def test_interaction_none_is_todays_model(fm_run):
     model = model_for(fm_run, interaction=None)
     assert model.interaction is None and model.gates is None
-    with pytest.raises(ConfigError):
+    with pytest.raises(RecmtlError, match="unknown interaction 'nope'"):
         validate_plugins(parse_config({**yaml.safe_load((fm_run / "run" / "config.yaml").read_text()),
                                        "interaction": {"name": "nope"}}), REGISTRY)
+
+
+def test_datagen_interactions_and_task_fields(tmp_path, cli):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recmtl.data.synthetic import funnel
+
+    def logits(d, col):
+        p = pq.read_table(d / "train.truth.parquet")[col].to_numpy().astype(np.float64)
+        return np.log(p / (1 - p))
+
+    kw = dict(rows=6000, seed=1, categorical=6, dense=2, cardinality=30, valid_fraction=0, test_fraction=0)
+    funnel(tmp_path / "plain", **kw)
+    funnel(tmp_path / "pairs", interactions=1.0, **kw)
+    plain, pairs = pq.read_table(tmp_path / "plain" / "train.parquet"), pq.read_table(tmp_path / "pairs" / "train.parquet")
+    assert plain.drop(["click", "conversion"]).equals(pairs.drop(["click", "conversion"]))  # only the labels change
+    extra = logits(tmp_path / "pairs", "click") - logits(tmp_path / "plain", "click")
+    assert 0.85 < extra.std() < 1.15  # the term's standard deviation is --interactions
+    funnel(tmp_path / "split", task_fields=1, **kw)
+    data = pq.read_table(tmp_path / "split" / "train.parquet")
+    last = data["c06"].to_numpy()
+
+    def spread(col: str) -> float:
+        lg = logits(tmp_path / "split", col)
+        return float(np.std([lg[last == v].mean() for v in np.unique(last) if (last == v).sum() > 50]))
+    assert spread("click") > 3 * spread("cvr")  # the last field moves click only
+    r = cli("datagen", "funnel", tmp_path / "bad", "--rows", "100", "--categorical", "4", "--task-fields", "2")
+    assert r.code == 2 and "--task-fields must be in [0, 1]" in r.err, r
