@@ -49,6 +49,7 @@ def test_gate_matrix_in_diagnostics_and_report(gated_run, cli):
     r = cli("report", gated_run / "run", "-o", gated_run / "report")
     assert r.code == 0, r
     assert (gated_run / "report" / "matrix_feature_gates.png").is_file()
+    assert "Which features each task uses" in (gated_run / "report" / "index.html").read_text()
     assert (gated_run / "m.onnx").is_file()  # exported: the parity check passed
 
 
