@@ -93,6 +93,10 @@ def check_interaction(config: Config, registry: Registry) -> None:
                           f"features), the config has {len(fields)}: {', '.join(fields) or 'none'}")
 
 
+#: initial scale of a projected field (the built-in embeddings' ``init_std``)
+PROJECTION_STD = 0.05
+
+
 class FieldView(nn.Module):
     """The encoders' field views as one tensor ``[batch, n_fields, dim]``: fields of width ``dim`` as the encoders
     give them, others (dense values, images, narrower embeddings) by a learned projection per field
@@ -107,10 +111,10 @@ class FieldView(nn.Module):
         for kind, enc in encoders.items():
             names, width = (enc.field_names, enc.field_dim) if enc.has_fields else ([kind], enc.output_dim)
             self.names += list(names)
-            if width != self.dim:
-                bound = 1 / width ** 0.5
-                self.weights[kind] = nn.Parameter(torch.empty(len(names), width, self.dim).uniform_(-bound, bound))
-                self.biases[kind] = nn.Parameter(torch.empty(len(names), self.dim).uniform_(-bound, bound))
+            if width != self.dim:  # projected fields start at the scale of fresh embeddings (std 0.05), no offset
+                std = PROJECTION_STD / width ** 0.5
+                self.weights[kind] = nn.Parameter(torch.randn(len(names), width, self.dim) * std)
+                self.biases[kind] = nn.Parameter(torch.zeros(len(names), self.dim))
 
     def forward(self, encoders: nn.ModuleDict, flats: dict[str, torch.Tensor],
                 fields: dict[str, torch.Tensor | None]) -> torch.Tensor:
@@ -314,7 +318,8 @@ class MultiTaskModel(nn.Module):
         n = x.shape[0]
         if self.gates is not None:
             x, fields = self.gates(x, fields)
-            inputs = {k: v.repeat(len(self.task_names), *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+            if self.tower_uses_inputs:  # the tower reads the ids of each task's copy
+                inputs = {k: v.repeat(len(self.task_names), *([1] * (v.dim() - 1))) for k, v in inputs.items()}
         if self.interaction is not None:
             x = self.interaction(x, fields)
         hidden = self.call_tower(x, inputs)
