@@ -173,3 +173,59 @@ def test_datagen_interactions_and_task_fields(tmp_path, cli):
     assert spread("click") > 3 * spread("cvr")  # the last field moves click only
     r = cli("datagen", "funnel", tmp_path / "bad", "--rows", "100", "--categorical", "4", "--task-fields", "2")
     assert r.code == 2 and "--task-fields must be in [0, 1]" in r.err, r
+
+
+def test_third_party_encoders_field_view():
+    """An encoder with the field view supplies its own fields and names; one without counts as one field."""
+    from torch import nn
+
+    from recmtl.contracts import Encoder, FeatureInfo
+    from recmtl.training.model import FieldView
+
+    class Pairs(Encoder):  # two fields of width 4 out of three dense values
+        kind = "dense"
+        has_fields = True
+
+        def __init__(self, features):
+            super().__init__(features)
+            self.lin = nn.Linear(3, 8)
+
+        @property
+        def output_dim(self):
+            return 8
+
+        @property
+        def field_names(self):
+            return ["left", "right"]
+
+        @property
+        def field_dim(self):
+            return 4
+
+        def forward(self, x):
+            return self.lin(x)
+
+        def fields(self, x):
+            return self.lin(x).view(-1, 2, 4)
+
+    class Plain(Encoder):  # no field view
+        kind = "image"
+
+        @property
+        def output_dim(self):
+            return 5
+
+        def forward(self, x):
+            return x.flatten(1)[:, :5]
+
+    feats = [FeatureInfo(n, "dense") for n in "abc"]
+    encoders = nn.ModuleDict({"dense": Pairs(feats), "image": Plain([FeatureInfo("img", "image")])})
+    view = FieldView(encoders, 4)
+    assert view.names == ["left", "right", "image"]
+    x = {"dense": torch.randn(2, 3), "image": torch.randn(2, 5)}
+    flats = {k: e(x[k]) for k, e in encoders.items()}
+    fields = {"dense": encoders["dense"].fields(x["dense"]), "image": None}
+    out = view(encoders, flats, fields)
+    assert out.shape == (2, 3, 4)
+    torch.testing.assert_close(out[:, :2], fields["dense"])  # the encoder's own width: as it is
+    assert encoders["dense"].field_columns() == [0] * 4 + [1] * 4 and encoders["image"].field_columns() == [0] * 5
