@@ -308,6 +308,44 @@ def evaluate(
 
 
 @app.command()
+def importance(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `recmtl train`.")],
+    data: Annotated[str, typer.Argument(help="Held-out Parquet file, folder or glob with the feature and label columns.")],
+    tasks: Annotated[list[str], typer.Option("--tasks", help="Task to measure (repeatable; default: every task).")] = [],
+    repeats: Annotated[int, typer.Option(min=1, help="Permutations per feature.")] = 5,
+    rows: Annotated[int, typer.Option(min=1, help="Rows of DATA used (the first ones).")] = 50_000,
+    min_drop: Annotated[float, typer.Option(min=0, help="Smallest metric drop that counts as a use.")] = 0.001,
+    seed: int = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for importance.json and importance.png "
+                                                                  "(default: RUN_DIR/importance).")] = None,
+    checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "tasks",
+) -> None:
+    """Permutation importance per task per feature on held-out DATA; groups features into useful to all tasks,
+    task-specific and no measurable use."""
+    from recmtl.data.parquet import ParquetSource
+    from recmtl.files import atomic_path
+    from recmtl.schema import check_types
+    from recmtl.training.evaluate import load_run
+    from recmtl.training.importance import format_importance, importance_figure, permutation_importance, read_rows
+
+    run = load_run(run_dir, State.plugins, State.disabled, checkpoint)
+    cols = [c for t in run.config.tasks for c in t.label_columns] + run.schema.feature_columns
+    source = ParquetSource(data, cols)
+    check_types(run.config, source)
+    chosen = list(dict.fromkeys(tasks)) or list(run.model.task_names)
+    result = permutation_importance(run.model, run.schema, read_rows(source, rows), chosen, repeats, seed, min_drop)
+    result["data"] = data
+    folder = out or Path(run_dir) / "importance"
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "importance.json") as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=2))
+    with atomic_path(folder / "importance.png") as tmp:
+        importance_figure(result, tmp)
+    typer.echo(format_importance(result))
+    typer.echo(f"wrote {folder / 'importance.json'} and {folder / 'importance.png'}")
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `recmtl train`.")],
     out: Annotated[Optional[Path], typer.Option(
@@ -410,11 +448,15 @@ def datagen_funnel(
     test_fraction: float = 0.1,
     tail: Annotated[int, typer.Option(help="Add a long tail: tail_id with this many ids (Zipf popularity, strong "
                                            "per-id effects) and two heavy-tailed numbers, views and price (0: off).")] = 0,
+    interactions: Annotated[float, typer.Option(help="Add FM-style pairwise products of the categorical fields' factors "
+                                                     "to the logits, with this standard deviation (0: off).")] = 0.0,
+    task_fields: Annotated[int, typer.Option(help="N: the last N categorical fields move only click, the N before "
+                                                  "them only conversion (0: off).")] = 0,
 ) -> None:
     """Impressions with click and conversion (conversion only after a click) and their true probabilities."""
     from recmtl.data.synthetic import funnel
     paths = funnel(out, rows, seed, categorical, dense, cardinality, correlation, valid_fraction=valid_fraction,
-                   test_fraction=test_fraction, tail=tail)
+                   test_fraction=test_fraction, tail=tail, interactions=interactions, task_fields=task_fields)
     typer.echo("wrote " + ", ".join(str(p) for p in paths) + " (+ .truth.parquet with the true probabilities)")
 
 

@@ -225,6 +225,13 @@ class EvaluationConfig(_Strict):
     group_column: str | None = None
 
 
+class FeatureGatesConfig(_Strict):
+    """Per-task field gates: each task scales every field of its input by its own learned ``2·sigmoid(a)`` (1 at the
+    start), with an L1 penalty ``sparsity * sum(gates)`` added to the training loss."""
+
+    sparsity: float = Field(0.0, ge=0)
+
+
 class Config(_Strict):
     seed: int = 42
     plugins: list[str] = Field(default_factory=list)
@@ -232,6 +239,9 @@ class Config(_Strict):
     features: list[FeatureConfig] = Field(min_length=1)
     tasks: list[TaskConfig] = Field(min_length=1)
     encoders: dict[str, ComponentConfig] = Field(default_factory=dict)
+    # a feature-interaction block between the encoders and the tower (null: none, the encoders' flat vector)
+    interaction: ComponentConfig | None = None
+    feature_gates: FeatureGatesConfig | None = None  # per-task field gates (null: off)
     tower: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="shared_bottom"))
     balancer: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="fixed"))
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)

@@ -55,6 +55,10 @@ class Encoder(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    #: True: the encoder offers the *field view* (``fields``, ``field_dim``, ``field_names``, ``field_columns``):
+    #: one embedding per field, for interaction blocks and per-task feature gates. An encoder without it counts
+    #: as one field (its whole output, named by its kind).
+    has_fields: ClassVar[bool] = False
 
     def __init__(self, features: list[FeatureInfo]) -> None:
         super().__init__()
@@ -66,6 +70,32 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # ---- the field view (optional: ``has_fields = True``) ----
+    @property
+    def field_names(self) -> list[str]:
+        """The fields' names, in the order of ``fields``' axis 1 (default: one field per feature)."""
+        return [f.name for f in self.features]
+
+    @property
+    def field_dim(self) -> int:
+        """The width ``w`` of each field in ``fields`` (the model projects it to the common width when it differs)."""
+        raise NotImplementedError
+
+    def fields(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-field embeddings ``[batch, len(field_names), field_dim]`` of the same input ``forward`` takes."""
+        raise NotImplementedError
+
+    def field_columns(self) -> list[int]:
+        """For each of ``forward``'s ``output_dim`` columns, the index of the field it belongs to (per-task
+        feature gates scale the flat vector by it). Default: field-major, ``field_dim`` columns per field."""
+        if not self.has_fields:
+            return [0] * self.output_dim
+        return [j for j in range(len(self.field_names)) for _ in range(self.field_dim)]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(forward(x), fields(x))`` (fields None without the field view); override to compute both at once."""
+        return self(x), (self.fields(x) if self.has_fields else None)
 
 
 class Tower(nn.Module):
@@ -117,6 +147,36 @@ class Tower(nn.Module):
         ``matrices: {name: {"rows": [...], "cols": [...], "values": [[...]]}}`` (e.g. cross-stitch units).
         """
         return {}
+
+
+class Interaction(nn.Module):
+    """A feature-interaction block between the encoders and the tower: ``forward(x, fields) -> [batch, output_dim]``.
+
+    Built as ``cls(input_dim, field_names, field_dim, **params)``. ``x`` is the flat vector ``[batch, input_dim]``
+    (the encoders' outputs concatenated, what a tower gets without a block); ``fields`` is the field view
+    ``[batch, len(field_names), field_dim]``: one embedding per field (categorical and pooled sequence features as
+    the encoders embed them, dense and image features projected to ``field_dim``), or None when the class sets
+    ``uses_fields = False``. ``min_fields``: the fewest fields the block works with (checked before data is read).
+    The tower is built on ``output_dim``.
+    """
+
+    #: False: the block reads only the flat vector (``fields`` is None)
+    uses_fields: ClassVar[bool] = True
+    #: the fewest fields the block needs (e.g. 2 for pairwise interactions)
+    min_fields: ClassVar[int] = 0
+
+    def __init__(self, input_dim: int, field_names: list[str], field_dim: int) -> None:
+        super().__init__()
+        self.input_dim = int(input_dim)
+        self.field_names = list(field_names)
+        self.field_dim = int(field_dim)
+
+    @property
+    def output_dim(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 class Head(nn.Module):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from recmtl.contracts import Balancer, Encoder, Head, Tower, TrainingRun
+    from recmtl.contracts import Balancer, Encoder, Head, Interaction, Tower, TrainingRun
 
 hookspec = pluggy.HookspecMarker("recmtl")
 
@@ -49,6 +49,15 @@ def recmtl_register_encoders() -> dict[str, type[Encoder]]:
     Each encoder declares the feature ``kind`` it consumes (``categorical``, ``dense``, ...) and turns
     the preprocessed tensor of all features of that kind into one ``[batch, output_dim]`` tensor
     (see :class:`recmtl.Encoder`).
+    """
+
+
+@hookspec
+def recmtl_register_interactions() -> dict[str, type[Interaction]]:
+    """Return feature-interaction blocks by name: classes built as ``cls(input_dim, field_names, field_dim, **params)``.
+
+    A block sits between the encoders and the tower (config ``interaction: {name: ...}``) and turns the flat
+    vector and the field view into the tower's input (see :class:`recmtl.Interaction`).
     """
 
 

@@ -323,6 +323,10 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "matrix"
 
 
+FEATURE_GATES_CAPTION = ("Which features each task uses: each task's learned gate per field (feature_gates; 1 at the "
+                         "start, near 0: the task ignores the field).")
+
+
 def matrix_figures(diag: dict[str, Any], epoch: int | None) -> list[Image]:
     mats = diag["matrices"]
     if not isinstance(mats, dict):
@@ -349,7 +353,8 @@ def matrix_figures(diag: dict[str, Any], epoch: int | None) -> list[Image]:
         while slug in used:
             slug += "_"
         used.add(slug)
-        images.append(_render(fig, "tower", f"{slug}.png", f"Matrix: {name}"))
+        caption = FEATURE_GATES_CAPTION if name == "feature_gates" else ""
+        images.append(_render(fig, "tower", f"{slug}.png", f"Matrix: {name}", caption))
     return images
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recmtl.contracts import Balancer, Encoder, FeatureInfo, Head, TaskInfo, Tower
+from recmtl.contracts import Balancer, Encoder, FeatureInfo, Head, Interaction, TaskInfo, Tower
 
 TASKS = ["task_a", "task_b"]
 
@@ -252,13 +252,44 @@ def check_encoder(cls: type[Encoder], **params: Any) -> Encoder:
         out.float().sum().backward()
     for pname, p in enc.named_parameters():
         assert p.grad is not None, f"{name}: no gradient reaches {pname}"
+    if getattr(cls, "has_fields", False):  # the field view: [batch, n_fields, field_dim], the same values as forward
+        with torch.no_grad():
+            flat, fields = enc.encode(x)
+            names = list(enc.field_names)
+            assert tuple(fields.shape) == (n, len(names), enc.field_dim), \
+                f"{name}: fields {tuple(fields.shape)}, expected ({n}, {len(names)}, field_dim={enc.field_dim})"
+            assert torch.allclose(flat, enc(x)), f"{name}: encode(x)[0] differs from forward(x)"
+            cols = list(enc.field_columns())
+            assert len(cols) == enc.output_dim and set(cols) <= set(range(len(names))), \
+                f"{name}: field_columns() must give a field index in [0, {len(names)}) for each of {enc.output_dim} columns"
     return enc
+
+
+def check_interaction(cls: type[Interaction], **params: Any) -> Interaction:
+    """Output ``[batch, output_dim]`` from a flat vector and a field view (4 fields of width 3), gradients reach its
+    parameters and its inputs."""
+    torch.manual_seed(0)
+    name = _name(cls)
+    n, n_fields, d = 64, 4, 3
+    field_names = [f"f{j}" for j in range(n_fields)]
+    block = cls(n_fields * d, field_names, d, **params)
+    fields = torch.randn(n, n_fields, d, requires_grad=True)
+    x = fields.flatten(1)
+    out = block(x, fields if getattr(cls, "uses_fields", True) else None)
+    assert tuple(out.shape) == (n, block.output_dim), f"{name}: output {tuple(out.shape)}, expected ({n}, {block.output_dim})"
+    out.sum().backward()
+    for pname, p in block.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient reaches {pname}"
+    assert fields.grad is not None and fields.grad.abs().sum() > 0, f"{name}: no gradient reaches its inputs"
+    return block
 
 
 def check_registered(kind: str, name: str, factory: Any) -> None:
     """Run the contract check matching ``kind`` on a registered plugin with its default parameters."""
-    {"tower": check_tower, "head": check_head, "balancer": check_balancer, "encoder": check_encoder}[kind](factory)
+    {"tower": check_tower, "head": check_head, "balancer": check_balancer, "encoder": check_encoder,
+     "interaction": check_interaction}[kind](factory)
 
 
-__all__ = ["check_balancer", "check_encoder", "check_head", "check_registered", "check_tower", "sample_features",
+__all__ = ["check_balancer", "check_encoder", "check_head", "check_interaction", "check_registered", "check_tower",
+           "sample_features",
            "sample_inputs"]

@@ -7,6 +7,11 @@
   With ``tail``: a long tail on top, ``tail_id`` (that many ids, Zipf popularity: most are rare) with strong
   per-id effects, and two heavy-tailed numbers whose effect is through their logarithm (``views``, a
   log-normal count, and ``price``, log-normal with nulls).
+  With ``interactions`` > 0: FM-style pairwise products of per-id factor vectors of every pair of categorical
+  fields, ``sum_{i<j} <v_i[id_i], v_j[id_j]>`` (:data:`INTERACTION_RANK` factors), scaled so that the term's
+  standard deviation in the click (and conversion) logit is ``interactions``. With ``task_fields`` = N: the last
+  N categorical fields move only the click logit and the N before them only the conversion logit (their other
+  effect is zero; their effects as strong as ``c03``'s), a known split of which task uses which field.
 * ``mmoe-synthetic``: the two regression tasks of the MMoE paper (Ma et al. KDD 2018, section 4) whose
   correlation is set by ``correlation``.
 """
@@ -72,7 +77,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def funnel(out: str | Path, rows: int, seed: int = 0, categorical: int = 26, dense: int = 13,
            cardinality: int = 1000, correlation: float = 0.5, null_rate: float = 0.05,
-           valid_fraction: float = 0.1, test_fraction: float = 0.1, tail: int = 0) -> list[Path]:
+           valid_fraction: float = 0.1, test_fraction: float = 0.1, tail: int = 0, interactions: float = 0.0,
+           task_fields: int = 0) -> list[Path]:
     """Write ``train/valid/test.parquet`` and their ``.truth.parquet`` files into ``out``. ``tail`` > 0 adds the
     long-tail columns (:data:`TAIL_EXPONENT`, :data:`TAIL_EFFECT`); every other column is the same as without
     them (only the labels and the true probabilities change)."""
@@ -82,6 +88,11 @@ def funnel(out: str | Path, rows: int, seed: int = 0, categorical: int = 26, den
         raise ConfigError("funnel needs at least 2 categorical and 2 dense features")
     if cardinality < 2:
         raise ConfigError("--cardinality must be at least 2")
+    if interactions < 0:
+        raise ConfigError(f"--interactions must be 0 (off) or the interaction term's standard deviation, got {interactions}")
+    if task_fields < 0 or 2 * task_fields > categorical - 2:
+        raise ConfigError(f"--task-fields must be in [0, {(categorical - 2) // 2}] for {categorical} categorical features "
+                          f"(2 * N fields after user_id and item_id), got {task_fields}")
     sizes = split_sizes(rows, valid_fraction, test_fraction)
     g = np.random.default_rng([seed, 1])
     # vocabulary sizes: user_id and item_id get the full cardinality, the rest spread from 3 to it
@@ -99,17 +110,29 @@ def funnel(out: str | Path, rows: int, seed: int = 0, categorical: int = 26, den
     string_cols = set(cat_names[2:5])
     dense_names = [f"d{i:02d}" for i in range(1, dense + 1)]
     add_tail = _long_tail(seed, tail, rho) if tail else None
+    if task_fields:  # the last N fields: click only; the N before them: conversion only; all as strong as c03
+        for j in range(categorical - task_fields, categorical):
+            cvr_effects[j] = np.zeros_like(cvr_effects[j])
+            click_effects[j] = click_effects[j] * (scales[2] / scales[j])
+        for j in range(categorical - 2 * task_fields, categorical - task_fields):
+            click_effects[j] = np.zeros_like(click_effects[j])
+            cvr_effects[j] = cvr_effects[j] * (scales[2] / scales[j])
+    add_pairs = _pairwise(seed, cards, interactions, rho) if interactions else None
 
     def make_chunk(start: int, n: int) -> tuple[pa.Table, pa.Table]:
         r = np.random.default_rng([seed, 2, start])
         logit_click = np.full(n, -1.9)
         logit_cvr = np.full(n, -1.6)
         cols: dict[str, pa.Array] = {}
+        all_ids = []
         for name, card, ec, ev in zip(cat_names, cards, click_effects, cvr_effects):
             ids = np.minimum((card * r.random(n) ** 1.6).astype(np.int64), card - 1)  # skewed popularity
             logit_click += ec[ids]
             logit_cvr += ev[ids]
+            all_ids.append(ids)
             cols[name] = pa.array(np.char.add("v", ids.astype(str)) if name in string_cols else ids)
+        if add_pairs is not None:
+            add_pairs(all_ids, logit_click, logit_cvr)
         for j, name in enumerate(dense_names):
             x = r.normal(0, 1, n)
             missing = r.random(n) < null_rate
@@ -131,6 +154,38 @@ def funnel(out: str | Path, rows: int, seed: int = 0, categorical: int = 26, den
         return data, truth
 
     return _write_splits(Path(out), sizes, make_chunk)
+
+
+#: factors per id of the ``interactions`` term of ``funnel``
+INTERACTION_RANK = 4
+
+
+def _pairwise(seed: int, cards: list[int], strength: float, rho: float) -> Callable[..., None]:
+    """The FM-style term of ``funnel``: returns ``add(ids, logit_click, logit_cvr)`` adding
+    ``sum_{i<j} <v_i[id_i], v_j[id_j]>`` (standard deviation ``strength``; conversion's factors correlated ``rho`` with
+    click's) to the logits in place, from its own random stream so that the other columns do not change."""
+    g = np.random.default_rng([seed, 8])
+    click = [g.normal(0, 1, (c, INTERACTION_RANK)) for c in cards]
+    cvr = [rho * v + math.sqrt(1 - rho * rho) * g.normal(0, 1, v.shape) for v in click]
+
+    def fm(factors: list[np.ndarray], ids: list[np.ndarray]) -> np.ndarray:
+        e = np.stack([f[i] for f, i in zip(factors, ids)], axis=1)  # [n, F, k]
+        total = e.sum(1)
+        return 0.5 * ((total * total).sum(1) - (e * e).sum((1, 2)))
+
+    # scale the factors so that the term's standard deviation is `strength` under the ids' popularity (a
+    # calibration sample drawn as funnel draws ids); the term is quadratic in the factors
+    sample = [np.minimum((c * g.random(20_000) ** 1.6).astype(np.int64), c - 1) for c in cards]
+    for factors in (click, cvr):
+        scale = math.sqrt(strength / max(float(fm(factors, sample).std()), 1e-12))
+        for f in factors:
+            f *= scale
+
+    def add(ids: list[np.ndarray], logit_click: np.ndarray, logit_cvr: np.ndarray) -> None:
+        logit_click += fm(click, ids)
+        logit_cvr += fm(cvr, ids)
+
+    return add
 
 
 #: Zipf exponent of the long-tail ids' popularity: P(k-th most popular) ~ k ** -TAIL_EXPONENT

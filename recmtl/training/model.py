@@ -8,7 +8,7 @@ from torch import nn
 
 from recmtl.config import ComponentConfig, Config
 from recmtl.contracts import Head, TaskInfo
-from recmtl.errors import ConfigError, PluginError
+from recmtl.errors import ConfigError, PluginError, close_matches
 from recmtl.registry import Registry
 from recmtl.schema import FittedSchema
 
@@ -31,7 +31,16 @@ def validate_plugins(config: Config, registry: Registry) -> dict[str, type[Head]
         if getattr(cls, "kind", None) != kind:
             raise ConfigError(f"encoder '{enc.name}' encodes '{cls.kind}' features, not '{kind}'")
         registry.check_params("encoder", enc.name, enc.params, fixed=["features"])
+    check_interaction(config, registry)
     registry.check_params("tower", config.tower.name, config.tower.params, fixed=["input_dim", "task_names", "features"])
+    gate_features = config.tower.params.get("gate_features")
+    if gate_features is not None:  # pepnet's prior features: categorical features of the config
+        names = gate_features if isinstance(gate_features, list) else [gate_features]
+        cats = [f.name for f in config.features if f.kind == "categorical"]
+        for name in names:
+            if name not in cats:
+                raise ConfigError(f"tower '{config.tower.name}': gate_features names '{name}', which is not a categorical "
+                                  f"feature{close_matches(str(name), cats)} (categorical features: {', '.join(cats) or 'none'})")
     registry.check_params("balancer", config.balancer.name, config.balancer.params, fixed=["task_names", "weights"])
     heads = {}
     task_names = {t.name for t in config.tasks}
@@ -44,6 +53,109 @@ def validate_plugins(config: Config, registry: Registry) -> dict[str, type[Head]
     return heads
 
 
+#: the interaction section's own key, read by the model (the common width of the field view), not by the block
+FIELD_DIM_KEY = "field_dim"
+
+
+def interaction_params(config: Config) -> tuple[dict[str, Any], int | None]:
+    """The interaction block's parameters and the field view's width (``interaction.field_dim``, None: default)."""
+    params = dict(config.interaction.params) if config.interaction else {}
+    field_dim = params.pop(FIELD_DIM_KEY, None)
+    if field_dim is not None and (isinstance(field_dim, bool) or not isinstance(field_dim, int) or field_dim < 1):
+        raise ConfigError(f"interaction.{FIELD_DIM_KEY} must be a positive width, got {field_dim!r}")
+    return params, field_dim
+
+
+def config_fields(config: Config, registry: Registry) -> list[str]:
+    """The names of the field view's fields, known from the config alone (before any data is read): one per feature
+    of an encoder with the field view, one per kind (named by it) for an encoder without."""
+    names = []
+    for kind in DEFAULT_ENCODERS:
+        feats = [f.name for f in config.features if f.kind == kind]
+        if feats:
+            has = bool(getattr(registry.get("encoder", encoder_config(config, kind).name), "has_fields", False))
+            names += feats if has else [kind]
+    return names
+
+
+def check_interaction(config: Config, registry: Registry) -> None:
+    """The interaction block's name, parameters and the fields it needs, before any data is read."""
+    if config.interaction is None:
+        return
+    name = config.interaction.name
+    params, _ = interaction_params(config)
+    registry.check_params("interaction", name, params, fixed=["input_dim", "field_names", "field_dim"])
+    cls = registry.get("interaction", name)
+    need = int(getattr(cls, "min_fields", 0))
+    fields = config_fields(config, registry)
+    if getattr(cls, "uses_fields", True) and len(fields) < need:
+        raise ConfigError(f"interaction '{name}' needs at least {need} fields (categorical, sequence, dense or image "
+                          f"features), the config has {len(fields)}: {', '.join(fields) or 'none'}")
+
+
+#: initial scale of a projected field (the built-in embeddings' ``init_std``)
+PROJECTION_STD = 0.05
+
+
+class FieldView(nn.Module):
+    """The encoders' field views as one tensor ``[batch, n_fields, dim]``: fields of width ``dim`` as the encoders
+    give them, others (dense values, images, narrower embeddings) by a learned projection per field
+    (``x_j W_j + b_j``), an encoder without the field view as one field (its whole output, projected)."""
+
+    def __init__(self, encoders: nn.ModuleDict, dim: int) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.names: list[str] = []
+        self.weights = nn.ParameterDict()
+        self.biases = nn.ParameterDict()
+        for kind, enc in encoders.items():
+            names, width = (enc.field_names, enc.field_dim) if enc.has_fields else ([kind], enc.output_dim)
+            self.names += list(names)
+            if width != self.dim:  # projected fields start at the scale of fresh embeddings (std 0.05), no offset
+                std = PROJECTION_STD / width ** 0.5
+                self.weights[kind] = nn.Parameter(torch.randn(len(names), width, self.dim) * std)
+                self.biases[kind] = nn.Parameter(torch.zeros(len(names), self.dim))
+
+    def forward(self, encoders: nn.ModuleDict, flats: dict[str, torch.Tensor],
+                fields: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        parts = []
+        for kind, enc in encoders.items():
+            f = fields[kind] if enc.has_fields else flats[kind].unsqueeze(1)
+            if kind in self.weights:
+                f = torch.einsum("bnw,nwd->bnd", f, self.weights[kind]) + self.biases[kind]
+            parts.append(f)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class FeatureGates(nn.Module):
+    """Per-task field gates ``2·sigmoid(a[task, field])`` (1 at the start): task ``t``'s copy of the input has every
+    field scaled by its gate (the flat vector column by column, the field view field by field); the tasks' copies
+    are stacked along the batch, ``[T * batch, ...]``, so the interaction block and tower run once on all of them and
+    task ``t`` reads rows ``t * batch .. (t + 1) * batch`` of its output."""
+
+    def __init__(self, task_names: list[str], field_names: list[str], field_columns: list[int], sparsity: float) -> None:
+        super().__init__()
+        self.task_names, self.field_names, self.sparsity = list(task_names), list(field_names), float(sparsity)
+        self.logits = nn.Parameter(torch.zeros(len(task_names), len(field_names)))
+        self.register_buffer("columns", torch.tensor(field_columns, dtype=torch.long), persistent=False)
+
+    def gates(self) -> torch.Tensor:
+        return 2 * torch.sigmoid(self.logits)
+
+    def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        g = self.gates()  # [T, F]
+        xs = (x.unsqueeze(0) * g[:, self.columns].unsqueeze(1)).flatten(0, 1)  # [T*B, D]
+        fs = None if fields is None else (fields.unsqueeze(0) * g[:, None, :, None]).flatten(0, 1)
+        return xs, fs
+
+    def penalty(self) -> torch.Tensor:
+        return self.sparsity * self.gates().sum() if self.sparsity > 0 else torch.zeros(())
+
+    def matrix(self) -> dict[str, Any]:
+        return {"rows": list(self.task_names), "cols": list(self.field_names),
+                "values": [[round(float(v), 4) for v in row] for row in self.gates().detach().cpu()]}
+
+
 class MultiTaskModel(nn.Module):
     def __init__(self, config: Config, schema: FittedSchema, registry: Registry) -> None:
         super().__init__()
@@ -53,6 +165,30 @@ class MultiTaskModel(nn.Module):
             enc = encoder_config(config, kind)
             self.encoders[kind] = registry.create("encoder", enc.name, infos, **enc.params)
         input_dim = sum(e.output_dim for e in self.encoders.values())
+        field_names = [n for kind, e in self.encoders.items() for n in (e.field_names if e.has_fields else [kind])]
+        columns, first = [], 0  # the field of each column of the flat vector
+        for kind, e in self.encoders.items():
+            cols = [int(c) for c in e.field_columns()]
+            if len(cols) != e.output_dim:
+                raise PluginError(f"encoder '{encoder_config(config, kind).name}': field_columns() has {len(cols)} "
+                                  f"entries, expected one per output column ({e.output_dim})")
+            columns += [first + c for c in cols]
+            first += len(e.field_names) if e.has_fields else 1
+        self.field_names = field_names
+        self.gates = None
+        if config.feature_gates is not None:
+            self.gates = FeatureGates(self.task_names, field_names, columns, config.feature_gates.sparsity)
+        self.interaction = None
+        self.field_view = None
+        if config.interaction is not None:
+            params, field_dim = interaction_params(config)
+            cls = registry.get("interaction", config.interaction.name)
+            dim = field_dim or self._default_field_dim()
+            if getattr(cls, "uses_fields", True):
+                self.field_view = FieldView(self.encoders, dim)
+            self.interaction = registry.create("interaction", config.interaction.name, input_dim, list(field_names),
+                                               dim, **params)
+            input_dim = int(self.interaction.output_dim)
         # a tower with `uses_inputs` also gets the feature infos (and the preprocessed inputs in forward)
         self.tower_uses_inputs = bool(getattr(registry.get("tower", config.tower.name), "uses_inputs", False))
         extra = {"features": schema.feature_infos()} if self.tower_uses_inputs else {}
@@ -89,15 +225,24 @@ class MultiTaskModel(nn.Module):
             except Exception as exc:
                 raise PluginError(f"{what} failed on a 2-row dry run: {exc!r}") from exc
 
-        parts = []
         for kind, enc in self.encoders.items():
             name = encoder_config(config, kind).name
             out = call(f"encoder '{name}'", enc, inputs[kind])
             if tuple(out.shape) != (2, enc.output_dim):
                 raise PluginError(f"encoder '{name}' returned shape {tuple(out.shape)}, expected (batch, output_dim={enc.output_dim})")
-            parts.append(out)
-        x = torch.cat(parts, dim=1)
-        hidden = call(f"tower '{config.tower.name}'", self.call_tower, x, inputs)
+            if enc.has_fields and self.field_view is not None:
+                f = call(f"encoder '{name}' (field view)", enc.fields, inputs[kind])
+                want = (2, len(enc.field_names), enc.field_dim)
+                if tuple(f.shape) != want:
+                    raise PluginError(f"encoder '{name}': fields returned shape {tuple(f.shape)}, expected {want} "
+                                      "(batch, len(field_names), field_dim)")
+        if self.interaction is not None:
+            x, fields = self.encode_all(inputs)
+            z = call(f"interaction '{config.interaction.name}'", self.interaction, x, fields)
+            if tuple(z.shape) != (2, self.interaction.output_dim):
+                raise PluginError(f"interaction '{config.interaction.name}' returned shape {tuple(z.shape)}, expected "
+                                  f"(batch, output_dim={self.interaction.output_dim})")
+        hidden = call(f"tower '{config.tower.name}'", self.hidden, inputs)
         dims = self.tower.output_dims
         for t in self.task_names:
             if not isinstance(hidden, dict) or t not in hidden:
@@ -119,6 +264,14 @@ class MultiTaskModel(nn.Module):
                                      + ("classes" if head.label_type == "class" else "attributes")))
         self.tower.diagnostics()  # forget the dry run's statistics
         self.train(was_training)
+
+    def _default_field_dim(self) -> int:
+        """The field view's width without ``interaction.field_dim``: the categorical (else sequence) embeddings'."""
+        for kind in ("categorical", "sequence"):
+            enc = self.encoders[kind] if kind in self.encoders else None
+            if enc is not None and enc.has_fields:
+                return int(enc.field_dim)
+        return 16
 
     def _topological_order(self) -> list[str]:
         order: list[str] = []
@@ -145,9 +298,38 @@ class MultiTaskModel(nn.Module):
         parts = [enc(inputs[kind]) for kind, enc in self.encoders.items()]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    def encode_all(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The flat vector ``[batch, D]`` and, when the interaction block reads it, the field view
+        ``[batch, n_fields, field_dim]``."""
+        if self.field_view is None:
+            return self.encode(inputs), None
+        flats, fields = {}, {}
+        for kind, enc in self.encoders.items():
+            flats[kind], fields[kind] = enc.encode(inputs[kind]) if enc.has_fields else (enc(inputs[kind]), None)
+        parts = list(flats.values())
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return x, self.field_view(self.encoders, flats, fields)
+
+    def hidden(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Encoders -> (per-task feature gates) -> (interaction block) -> tower: ``{task: h_task}``."""
+        if self.gates is None and self.interaction is None:
+            return self.call_tower(self.encode(inputs), inputs)
+        x, fields = self.encode_all(inputs)
+        n = x.shape[0]
+        if self.gates is not None:
+            x, fields = self.gates(x, fields)
+            if self.tower_uses_inputs:  # the tower reads the ids of each task's copy
+                inputs = {k: v.repeat(len(self.task_names), *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+        if self.interaction is not None:
+            x = self.interaction(x, fields)
+        hidden = self.call_tower(x, inputs)
+        if self.gates is not None:
+            hidden = {t: hidden[t][i * n:(i + 1) * n] for i, t in enumerate(self.task_names)}
+        return hidden
+
     def run(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Raw outputs (what each head's ``loss`` takes) and scores per task, heads in dependency order."""
-        hidden = self.call_tower(self.encode(inputs), inputs)
+        hidden = self.hidden(inputs)
         outputs: dict[str, torch.Tensor] = {}
         scores: dict[str, torch.Tensor] = {}
         for t in self.order:
@@ -165,6 +347,8 @@ class MultiTaskModel(nn.Module):
         """Back-propagate the tower's extra loss term for the last training forward (kept graph, so
         the balancer's backward still runs after it); returns its value."""
         reg = self.tower.regularization(self._scores)
+        if self.gates is not None and self.gates.sparsity > 0:
+            reg = reg + self.gates.penalty()
         self._scores = {}  # keep no graph on the module
         if reg.requires_grad:
             reg.backward(retain_graph=True)
@@ -190,10 +374,16 @@ class MultiTaskModel(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         """Dense parameters shared by tasks: encoders' dense weights and the tower's shared part."""
         enc = [p for m in self.encoders.values() for p in _dense_params(m)]
-        return enc + list(self.tower.shared_parameters())
+        between = [p for m in (self.field_view, self.interaction) if m is not None for p in _dense_params(m)]
+        return enc + between + list(self.tower.shared_parameters())
 
     def diagnostics(self) -> dict[str, Any]:
-        return self.tower.diagnostics()
+        """The tower's diagnostics, with the ``[task x field]`` matrix of the feature gates (``matrices.feature_gates``)."""
+        diag = self.tower.diagnostics()
+        if self.gates is not None:
+            diag = dict(diag)
+            diag["matrices"] = {**diag.get("matrices", {}), "feature_gates": self.gates.matrix()}
+        return diag
 
 
 class PerTaskModel(nn.Module):

@@ -3,7 +3,8 @@
 Each block is conv 3x3 (padding 1) -> batch norm -> ReLU -> 2x2 max pooling (pooling stops once the
 feature map is 2 pixels wide); the last map is flattened and projected to ``output_dim`` with a ReLU. The
 LeNet/VGG pattern (LeCun et al. 1998; Simonyan & Zisserman, ICLR 2015) at a size that trains on a CPU.
-Input ``[batch, n_images, channels, height, width]`` in [0, 1]; output ``[batch, n_images * output_dim]``.
+Input ``[batch, n_images, channels, height, width]`` in [0, 1]; output ``[batch, n_images * output_dim]``. Field
+view: one field of width ``output_dim`` per image feature.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from recmtl import Encoder, FeatureInfo, hookimpl
 
 class CNNEncoder(Encoder):
     kind = "image"
+    has_fields = True
 
     def __init__(self, features: list[FeatureInfo], channels: list[int] = (16, 32), output_dim: int = 64,
                  dropout: float = 0.0, batch_norm: bool = True) -> None:
@@ -47,9 +49,20 @@ class CNNEncoder(Encoder):
     def output_dim(self) -> int:
         return self._dim * len(self.features)
 
+    @property
+    def field_dim(self) -> int:
+        return self._dim
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = [net(x[:, j]) for j, net in enumerate(self.backbones)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def fields(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)[1]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [net(x[:, j]) for j, net in enumerate(self.backbones)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), torch.stack(parts, dim=1)
 
 
 @hookimpl

@@ -7,7 +7,8 @@ history, Covington et al. RecSys 2016), ``sum`` or ``max``; a row with no items 
 
 Input: LongTensor ``[batch, n_features, length]`` of ids in ``[0, cardinality)`` (0: null, unseen or rare
 items), the padding positions holding the feature's ``cardinality``. Output ``[batch, sum of widths]``
-(``n_features * dim`` when no feature sets its own ``embedding_dim``).
+(``n_features * dim`` when no feature sets its own ``embedding_dim``). Field view: one field per feature, its pooled
+embedding (``[batch, n_features, widest width]``, narrower ones zero-padded).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ POOLINGS = ("mean", "sum", "max")
 
 class SequencePoolEncoder(Encoder):
     kind = "sequence"
+    has_fields = True
 
     def __init__(self, features: list[FeatureInfo], dim: int = 16, pooling: str = "mean", sparse: bool = True,
                  init_std: float = 0.05) -> None:
@@ -45,13 +47,24 @@ class SequencePoolEncoder(Encoder):
             self.tables.append(table)
         self._dim = sum(widths)
         self._single = len(self.groups) == 1
+        self._widths = widths
+        order = [i for _, pos in self.groups for i in pos]  # fields in group order -> feature order
+        self.register_buffer("field_order", torch.tensor([order.index(i) for i in range(len(features))],
+                                                         dtype=torch.long), persistent=False)
 
     @property
     def output_dim(self) -> int:
         return self._dim
 
+    @property
+    def field_dim(self) -> int:
+        return max(self._widths)
+
+    def field_columns(self) -> list[int]:
+        return [i for _, pos in self.groups for i in pos for _ in range(self._widths[i])]
+
     def _pool(self, ids: torch.Tensor, g: int) -> torch.Tensor:
-        """``ids [batch, F, L]`` -> ``[batch, F * width]``."""
+        """``ids [batch, F, L]`` -> ``[batch, F, width]``."""
         emb = self.tables[g](ids + getattr(self, f"offsets_{g}"))  # [B, F, L, w]
         mask = (ids != getattr(self, f"padding_{g}")).unsqueeze(-1)  # [B, F, L, 1]
         if self.pooling == "max":
@@ -61,12 +74,22 @@ class SequencePoolEncoder(Encoder):
             pooled = (emb * mask.to(emb.dtype)).sum(dim=2)
             if self.pooling == "mean":
                 pooled = pooled / mask.sum(dim=2).clamp_min(1).to(emb.dtype)
-        return pooled.flatten(1)
+        return pooled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)[0]
+
+    def fields(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)[1]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._single:
-            return self._pool(x, 0)
-        return torch.cat([self._pool(x[:, getattr(self, f"positions_{g}")], g) for g in range(len(self.tables))], dim=1)
+            pooled = self._pool(x, 0)
+            return pooled.flatten(1), pooled
+        parts = [self._pool(x[:, getattr(self, f"positions_{g}")], g) for g in range(len(self.tables))]
+        w = self.field_dim
+        padded = torch.cat([nn.functional.pad(p, (0, w - p.shape[-1])) for p in parts], dim=1)
+        return torch.cat([p.flatten(1) for p in parts], dim=1), padded[:, self.field_order]
 
 
 @hookimpl

@@ -1,0 +1,152 @@
+"""Feature-interaction blocks vs the plain MLP on funnel data with FM-style pairwise interactions (issue 16).
+
+Generates ``recmtl datagen funnel --interactions STD`` data (the true logits hold pairwise products of per-id
+factors of every pair of categorical fields), trains the same small model with no block (the MLP), ``fm``,
+``dcn_v2`` and ``autoint`` under each tower, for each seed (the model seed; the data are the same), and
+evaluates the test split against the true probabilities (``recmtl evaluate --reference``: the Bayes-optimal
+AUC). Prints per task the test AUC mean ± std over seeds, the paired difference to the MLP (same seed) and the
+reference AUC. With ``--export`` the first seed's runs are exported (parity check) and their onnxruntime scoring
+speed measured on the test split (rows/s, one thread, median of 5).
+
+Usage: python benchmarks/quality/interactions.py --work-dir DIR [--rows 60000] [--interactions 1.5]
+       [--seeds 1,2,3] [--towers mmoe,shared_bottom] [--blocks none,fm,dcn_v2,autoint] [--export]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+BLOCKS = {"none": None, "fm": {"name": "fm"}, "dcn_v2": {"name": "dcn_v2", "num_layers": 2},
+          "autoint": {"name": "autoint", "num_layers": 2}}
+TOWERS = {"mmoe": {"name": "mmoe", "num_experts": 4, "expert_units": [64], "task_units": [32]},
+          "shared_bottom": {"name": "shared_bottom", "bottom_units": [64], "task_units": [32]}}
+
+
+def recmtl() -> str:
+    return str(Path(sys.executable).with_name("recmtl"))
+
+
+def run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE).stdout
+
+
+def config(data: Path, tower: str, block: str, seed: int, categorical: int, dense: int, epochs: int) -> dict:
+    cfg = {
+        "seed": seed,
+        "data": {"train": str(data / "train.parquet"), "validation": str(data / "valid.parquet"),
+                 "shuffle_buffer": 65536},
+        "features": [{"name": n, "kind": "categorical"} for n in ["user_id", "item_id"] + [f"c{i:02d}" for i in range(3, categorical + 1)]]
+        + [{"name": f"d{i:02d}", "kind": "dense"} for i in range(1, dense + 1)],
+        "tasks": [{"name": "click", "head": "binary"}, {"name": "conversion", "head": "esmm", "params": {"ctr_task": "click"}}],
+        "encoders": {"categorical": {"name": "embedding", "dim": 16}},
+        "tower": TOWERS[tower],
+        "optimizer": {"name": "adam", "lr": 0.005},
+        "train": {"batch_size": 512, "epochs": epochs, "progress": False, "threads": 1,
+                  "early_stopping": {"monitor": "mean/auc", "patience": 1}},
+    }
+    if BLOCKS[block] is not None:
+        cfg["interaction"] = BLOCKS[block]
+    return cfg
+
+
+def score_speed(model: Path, data: Path, repeats: int = 5) -> float:
+    """Rows/s of onnxruntime scoring the whole of ``data`` in one call (median of ``repeats``, after a warm-up)."""
+    import pyarrow.parquet as pq
+
+    from recmtl.serving.score import Scorer
+    scorer = Scorer(model, threads=1)
+    table = pq.read_table(data)
+    scorer.score(table.slice(0, 1000))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        scorer.score(table)
+        times.append(time.perf_counter() - t0)
+    return table.num_rows / statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work-dir", type=Path, required=True)
+    ap.add_argument("--rows", type=int, default=60_000)
+    ap.add_argument("--interactions", type=float, default=1.5, help="datagen --interactions (0: the plain funnel)")
+    ap.add_argument("--categorical", type=int, default=8)
+    ap.add_argument("--dense", type=int, default=4)
+    ap.add_argument("--cardinality", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--towers", default="mmoe,shared_bottom")
+    ap.add_argument("--blocks", default="none,fm,dcn_v2,autoint")
+    ap.add_argument("--export", action="store_true", help="export and score the first seed's runs")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--no-train", action="store_true", help="only evaluate the runs already in WORK_DIR (a summary)")
+    args = ap.parse_args(argv)
+    work = args.work_dir
+    data = work / "data"
+    if not (data / "test.parquet").is_file():
+        run([recmtl(), "datagen", "funnel", str(data), "--rows", str(args.rows), "--categorical", str(args.categorical),
+             "--dense", str(args.dense), "--cardinality", str(args.cardinality), "--interactions", str(args.interactions)])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results: dict = {}
+    for seed in seeds:  # seeds outermost: the blocks of one seed run close in time (shared machine)
+        for tower in args.towers.split(","):
+            for block in args.blocks.split(","):
+                name = f"{tower}-{block}-s{seed}"
+                run_dir = work / "runs" / name
+                if args.no_train and not (run_dir / "wall.txt").is_file():
+                    continue
+                if not (run_dir / "metrics.json").is_file():
+                    cfg_path = work / f"{name}.yaml"
+                    cfg_path.write_text(yaml.safe_dump(config(data, tower, block, seed, args.categorical, args.dense, args.epochs)))
+                    t0 = time.time()
+                    run([recmtl(), "train", str(cfg_path), "--out", str(run_dir)])
+                    (run_dir / "wall.txt").write_text(f"{time.time() - t0:.1f}")
+                ev = json.loads(run([recmtl(), "evaluate", str(run_dir), str(data / "test.parquet"), "--json",
+                                     "--reference", str(data / "test.truth.parquet")]))
+                rec = {t: ev["metrics"][t]["auc"] for t in ("click", "conversion")}
+                rec["reference"] = {t: ev["reference"][t]["auc"] for t in ("click", "conversion")}
+                rec["wall_s"] = float((run_dir / "wall.txt").read_text())
+                if args.export and seed == seeds[0]:
+                    model = work / f"{name}.onnx"
+                    out = run([recmtl(), "export", str(run_dir), "-o", str(model)])
+                    rec["export"] = out.strip().splitlines()[-1]
+                    rec["score_rows_per_s"] = score_speed(model, data / "test.parquet")
+                results[name] = rec
+                print(name, json.dumps(rec), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print("\n| tower | block | test AUC click | test AUC conversion | Δ click vs MLP (paired) | Δ conversion vs MLP (paired) "
+          "| wall (s) | seeds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for tower in args.towers.split(","):
+        for block in args.blocks.split(","):
+            done = [s for s in seeds if f"{tower}-{block}-s{s}" in results]
+            if not done:
+                continue
+            recs = [results[f"{tower}-{block}-s{s}"] for s in done]
+            cells = []
+            for t in ("click", "conversion"):
+                v = [r[t] for r in recs]
+                cells.append(f"{statistics.mean(v):.4f} ± {statistics.pstdev(v):.4f}")
+            paired = [s for s in done if f"{tower}-none-s{s}" in results]
+            for t in ("click", "conversion"):
+                d = [results[f"{tower}-{block}-s{s}"][t] - results[f"{tower}-none-s{s}"][t] for s in paired]
+                cells.append(f"{statistics.mean(d):+.4f} ± {statistics.pstdev(d):.4f}" if block != "none" and d else "—")
+            wall = statistics.mean(r["wall_s"] for r in recs)
+            print(f"| {tower} | {block} | " + " | ".join(cells) + f" | {wall:.0f} | {','.join(map(str, done))} |")
+    if not results:
+        return 1
+    ref = results[next(iter(results))]["reference"]
+    print(f"\nBayes-optimal (reference) test AUC: click {ref['click']:.4f}, conversion {ref['conversion']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Built-in feature-interaction blocks, one per module."""

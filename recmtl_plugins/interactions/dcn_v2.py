@@ -1,0 +1,83 @@
+"""DCN-v2: the cross network of Wang et al., "DCN V2: Improved Deep & Cross Network and Practical Lessons for
+Web-scale Learning to Rank Systems", WWW 2021.
+
+Each of ``num_layers`` cross layers computes ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l`` on the flat vector ``x_0``
+(explicit feature crosses of growing order). ``W_l`` is full-rank (``rank: null``), low-rank ``U_l V_l^T``
+(``rank: r``), or a mixture of ``num_experts`` low-rank experts ``U_i tanh(C_i tanh(V_i^T x_l))`` mixed by a softmax
+gate on ``x_l`` (the paper's DCN-Mix). ``structure: stacked`` feeds the cross output to the tower (the tower is
+the deep part on top); ``parallel`` runs a deep MLP (``deep_units``) on ``x_0`` beside the cross network and gives
+the tower both outputs, concatenated.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from recmtl import Interaction, hookimpl
+from recmtl.layers import check_units, mlp
+
+STRUCTURES = ("stacked", "parallel")
+
+
+class DCNv2(Interaction):
+    uses_fields = False
+
+    def __init__(self, input_dim: int, field_names: list[str], field_dim: int, num_layers: int = 3,
+                 structure: str = "stacked", rank: int | None = None, num_experts: int = 1,
+                 deep_units: list[int] = (256, 128), dropout: float = 0.0) -> None:
+        super().__init__(input_dim, field_names, field_dim)
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be stacked or parallel, got {structure!r}")
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be a positive number (or null: full-rank), got {rank}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be at least 1, got {num_experts}")
+        if num_experts > 1 and rank is None:
+            raise ValueError("a mixture of experts (num_experts > 1) is one of low-rank experts: set rank too")
+        d = self.input_dim
+        self.structure, self.rank, self.num_experts = structure, rank, int(num_experts)
+        self.num_layers = int(num_layers)
+        self.bias = nn.Parameter(torch.zeros(self.num_layers, self.num_experts, d))
+        if rank is None:
+            self.full = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(self.num_layers))
+        else:
+            k, r = self.num_experts, int(rank)
+            self.v = nn.Parameter(torch.randn(self.num_layers, k, d, r) / math.sqrt(d))
+            self.u = nn.Parameter(torch.randn(self.num_layers, k, r, d) / math.sqrt(r))
+            if k > 1:
+                self.c = nn.Parameter(torch.randn(self.num_layers, k, r, r) / math.sqrt(r))
+                self.gate = nn.ModuleList(nn.Linear(d, k) for _ in range(self.num_layers))
+        deep_units = check_units("deep_units", deep_units)
+        self.deep = mlp(d, deep_units, dropout) if structure == "parallel" else None
+        self._deep_out = (deep_units[-1] if deep_units else d) if structure == "parallel" else 0
+
+    @property
+    def output_dim(self) -> int:
+        return self.input_dim + self._deep_out
+
+    def cross(self, x0: torch.Tensor, xl: torch.Tensor, layer: int) -> torch.Tensor:
+        """One cross layer: ``x0 * (W xl + b) + xl``."""
+        if self.rank is None:
+            return x0 * (self.full[layer](xl) + self.bias[layer, 0]) + xl
+        if self.num_experts == 1:
+            return x0 * ((xl @ self.v[layer, 0]) @ self.u[layer, 0] + self.bias[layer, 0]) + xl
+        low = torch.tanh(torch.einsum("bd,kdr->kbr", xl, self.v[layer]))
+        low = torch.tanh(torch.einsum("kbr,krs->kbs", low, self.c[layer]))
+        experts = x0.unsqueeze(0) * (torch.einsum("kbr,krd->kbd", low, self.u[layer]) + self.bias[layer].unsqueeze(1))
+        gate = torch.softmax(self.gate[layer](xl), dim=-1)  # [B, K]
+        return torch.einsum("bk,kbd->bd", gate, experts) + xl
+
+    def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:
+        xl = x
+        for layer in range(self.num_layers):
+            xl = self.cross(x, xl, layer)
+        return torch.cat([xl, self.deep(x)], dim=1) if self.deep is not None else xl
+
+
+@hookimpl
+def recmtl_register_interactions() -> dict[str, type[Interaction]]:
+    return {"dcn_v2": DCNv2}

@@ -1,0 +1,231 @@
+"""Feature interactions (issue 16): the encoders' field view, the `interaction` plugin kind and its built-ins
+(fm, dcn_v2, autoint) under every tower, ONNX export with the parity check, and the errors before data is read."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from recmtl.config import parse_config
+from recmtl.errors import RecmtlError
+from recmtl.registry import load_registry
+from recmtl.schema import FittedSchema
+from recmtl.testing import check_interaction
+from recmtl.training.model import MultiTaskModel, example_input, validate_plugins
+from recmtl_plugins.interactions.dcn_v2 import DCNv2
+from recmtl_plugins.interactions.fm import FM
+from tests.conftest import write_config
+
+REGISTRY = load_registry()
+
+
+def test_fm_is_the_sum_of_pairwise_products():
+    torch.manual_seed(0)
+    fields = torch.randn(5, 4, 3)
+    out = FM(12, list("abcd"), 3, keep_input=False)(fields.flatten(1), fields)
+    want = sum(fields[:, i] * fields[:, j] for i in range(4) for j in range(i + 1, 4))
+    torch.testing.assert_close(out, want)
+    assert FM(12, list("abcd"), 3).output_dim == 15  # the flat vector kept beside it
+
+
+@pytest.mark.parametrize("params", [{}, {"rank": 2}, {"rank": 2, "num_experts": 3}, {"structure": "parallel", "deep_units": [8]}])
+def test_dcn_v2_variants_pass_the_contract(params):
+    block = check_interaction(DCNv2, num_layers=2, **params)
+    assert block.output_dim == 12 + (8 if params.get("structure") == "parallel" else 0)
+
+
+def test_dcn_v2_full_rank_layer_is_the_paper_formula():
+    torch.manual_seed(0)
+    block = DCNv2(4, list("abcd"), 1, num_layers=1)
+    x = torch.randn(3, 4)
+    w, b = block.full[0].weight, block.bias[0, 0]
+    torch.testing.assert_close(block(x, None), x * (x @ w.T + b) + x)
+
+
+def test_mixture_needs_a_rank():
+    with pytest.raises(ValueError, match="set rank"):
+        DCNv2(4, list("abcd"), 1, num_experts=2)
+
+
+@pytest.fixture(scope="module")
+def fm_run(funnel_dir, tmp_path_factory):
+    """One small trained run with the fm block, exported with the parity check."""
+    tmp = tmp_path_factory.mktemp("fm_run")
+    cfg = write_config(tmp / "c.yaml", funnel_dir, interaction={"name": "fm"},
+                       train={"batch_size": 1024, "epochs": 1, "progress": False, "threads": 1})
+    run_cli("train", cfg, "--out", tmp / "run")
+    run_cli("export", tmp / "run", "-o", tmp / "m.onnx")  # exits 2 when the parity check fails
+    return tmp
+
+
+def run_cli(*args) -> None:
+    from recmtl.cli import main
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        assert exc.code in (0, None), f"{args[0]} exited {exc.code}"
+
+
+def test_fm_trains_and_exports(fm_run):
+    assert (fm_run / "m.onnx").is_file()
+    metrics = json.loads((fm_run / "run" / "metrics.json").read_text())
+    assert metrics
+
+
+def test_dcn_v2_mixture_parallel_exports(funnel_dir, tmp_path):
+    """The einsum-heavy variant (mixture of low-rank experts, parallel deep part) passes the parity check."""
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+                       interaction={"name": "dcn_v2", "num_layers": 2, "rank": 4, "num_experts": 2,
+                                    "structure": "parallel", "deep_units": [16]},
+                       train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
+    run_cli("train", cfg, "--out", tmp_path / "run")
+    run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def model_for(fm_run, **sections) -> MultiTaskModel:
+    raw = yaml.safe_load((fm_run / "run" / "config.yaml").read_text())
+    raw.update(sections)
+    config = parse_config(raw)
+    validate_plugins(config, REGISTRY)
+    return MultiTaskModel(config, FittedSchema.load(fm_run / "run"), REGISTRY)
+
+
+TOWER_PARAMS = {"shared_bottom": {"bottom_units": [8], "task_units": [4]}, "stem": {"expert_units": [8], "embedding_dim": 2},
+                "soft_sharing": {"units": [8]}, "cross_stitch": {"units": [8]}}
+BLOCKS = {"fm": {}, "autoint": {"num_layers": 1}, "dcn_v2": {"num_layers": 1, "rank": 4, "num_experts": 2},
+          "dcn_v2 parallel": {"num_layers": 1, "structure": "parallel", "deep_units": [8]}}
+
+
+@pytest.mark.parametrize("tower", sorted(REGISTRY.names("tower")))
+def test_every_tower_on_every_block(fm_run, tower):
+    """The model's dry run passes and a training step sends gradients into the block, for each block."""
+    import inspect
+    accepted = inspect.signature(REGISTRY.get("tower", tower)).parameters
+    params = {k: v for k, v in {"expert_units": [8], "task_units": [4], **TOWER_PARAMS.get(tower, {})}.items() if k in accepted}
+    for label, block in BLOCKS.items():
+        model = model_for(fm_run, interaction={"name": label.split()[0], **block}, tower={"name": tower, **params})
+        inputs = {k: example_input(k, e.features, 3) for k, e in model.encoders.items()}
+        outputs = model(inputs)
+        sum(o.float().sum() for o in outputs.values()).backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.interaction.parameters()) or label == "fm", label
+
+
+def test_field_view_names_and_projection(fm_run):
+    model = model_for(fm_run, interaction={"name": "autoint", "field_dim": 4})
+    assert model.field_names == ["user_id", "item_id", "c03", "c04", "c05", "c06", "d01", "d02", "d03", "d04"]
+    inputs = {k: example_input(k, e.features, 2) for k, e in model.encoders.items()}
+    x, fields = model.encode_all(inputs)
+    assert fields.shape == (2, 10, 4) and x.shape == (2, 6 * 8 + 4)  # embeddings of 8 projected to 4, dense to 4
+
+
+BAD = [
+    ({"interaction": {"name": "fmm"}}, "unknown interaction 'fmm'"),
+    ({"interaction": {"name": "dcn_v2", "layers": 2}}, "interaction 'dcn_v2' does not take parameter 'layers'"),
+    ({"interaction": {"name": "fm", "field_dim": 0}}, "interaction.field_dim must be a positive width"),
+    ({"interaction": {"name": "autoint"}, "features": [{"name": "d01", "kind": "dense"}]},
+     "interaction 'autoint' needs at least 2 fields"),
+]
+
+
+@pytest.mark.parametrize("sections,message", BAD, ids=[m for _, m in BAD])
+def test_bad_interaction_config_fails_before_reading_data(cli, tmp_path, sections, message):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "no_such_data", **sections)
+    r = cli("train", cfg, "--out", tmp_path / "run")
+    assert r.code == 2 and message in r.err, r
+    assert "Traceback" not in r.err
+
+
+def test_interaction_none_is_todays_model(fm_run):
+    model = model_for(fm_run, interaction=None)
+    assert model.interaction is None and model.gates is None
+    with pytest.raises(RecmtlError, match="unknown interaction 'nope'"):
+        validate_plugins(parse_config({**yaml.safe_load((fm_run / "run" / "config.yaml").read_text()),
+                                       "interaction": {"name": "nope"}}), REGISTRY)
+
+
+def test_datagen_interactions_and_task_fields(tmp_path, cli):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recmtl.data.synthetic import funnel
+
+    def logits(d, col):
+        p = pq.read_table(d / "train.truth.parquet")[col].to_numpy().astype(np.float64)
+        return np.log(p / (1 - p))
+
+    kw = dict(rows=6000, seed=1, categorical=6, dense=2, cardinality=30, valid_fraction=0, test_fraction=0)
+    funnel(tmp_path / "plain", **kw)
+    funnel(tmp_path / "pairs", interactions=1.0, **kw)
+    plain, pairs = pq.read_table(tmp_path / "plain" / "train.parquet"), pq.read_table(tmp_path / "pairs" / "train.parquet")
+    assert plain.drop(["click", "conversion"]).equals(pairs.drop(["click", "conversion"]))  # only the labels change
+    extra = logits(tmp_path / "pairs", "click") - logits(tmp_path / "plain", "click")
+    assert 0.85 < extra.std() < 1.15  # the term's standard deviation is --interactions
+    funnel(tmp_path / "split", task_fields=1, **kw)
+    data = pq.read_table(tmp_path / "split" / "train.parquet")
+    last = data["c06"].to_numpy()
+
+    def spread(col: str) -> float:
+        lg = logits(tmp_path / "split", col)
+        return float(np.std([lg[last == v].mean() for v in np.unique(last) if (last == v).sum() > 50]))
+    assert spread("click") > 3 * spread("cvr")  # the last field moves click only
+    r = cli("datagen", "funnel", tmp_path / "bad", "--rows", "100", "--categorical", "4", "--task-fields", "2")
+    assert r.code == 2 and "--task-fields must be in [0, 1]" in r.err, r
+
+
+def test_third_party_encoders_field_view():
+    """An encoder with the field view supplies its own fields and names; one without counts as one field."""
+    from torch import nn
+
+    from recmtl.contracts import Encoder, FeatureInfo
+    from recmtl.training.model import FieldView
+
+    class Pairs(Encoder):  # two fields of width 4 out of three dense values
+        kind = "dense"
+        has_fields = True
+
+        def __init__(self, features):
+            super().__init__(features)
+            self.lin = nn.Linear(3, 8)
+
+        @property
+        def output_dim(self):
+            return 8
+
+        @property
+        def field_names(self):
+            return ["left", "right"]
+
+        @property
+        def field_dim(self):
+            return 4
+
+        def forward(self, x):
+            return self.lin(x)
+
+        def fields(self, x):
+            return self.lin(x).view(-1, 2, 4)
+
+    class Plain(Encoder):  # no field view
+        kind = "image"
+
+        @property
+        def output_dim(self):
+            return 5
+
+        def forward(self, x):
+            return x.flatten(1)[:, :5]
+
+    feats = [FeatureInfo(n, "dense") for n in "abc"]
+    encoders = nn.ModuleDict({"dense": Pairs(feats), "image": Plain([FeatureInfo("img", "image")])})
+    view = FieldView(encoders, 4)
+    assert view.names == ["left", "right", "image"]
+    x = {"dense": torch.randn(2, 3), "image": torch.randn(2, 5)}
+    flats = {k: e(x[k]) for k, e in encoders.items()}
+    fields = {"dense": encoders["dense"].fields(x["dense"]), "image": None}
+    out = view(encoders, flats, fields)
+    assert out.shape == (2, 3, 4)
+    torch.testing.assert_close(out[:, :2], fields["dense"])  # the encoder's own width: as it is
+    assert encoders["dense"].field_columns() == [0] * 4 + [1] * 4 and encoders["image"].field_columns() == [0] * 5
