@@ -244,6 +244,7 @@ SMALL_CLI = {
     "cross_stitch": {"units": [16, 8]},
     "soft_sharing": {"units": [16, 8], "penalty": 0.01},
     "aitm": {"units": [16, 8], "calibrator_weight": 0.1},
+    "pepnet": {"gate_features": ["user_id", "item_id"], "task_units": [16, 8]},
 }
 
 
