@@ -340,6 +340,25 @@ def datagen_funnel(
     typer.echo("wrote " + ", ".join(str(p) for p in paths) + " (+ .truth.parquet with the true probabilities)")
 
 
+@datagen_app.command("interests")
+def datagen_interests(
+    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet and their .truth.parquet.")],
+    rows: Annotated[int, typer.Option(help="Total rows over all splits.")] = 100_000,
+    seed: int = 0,
+    items: Annotated[int, typer.Option(help="Distinct item ids.")] = 1000,
+    topics: Annotated[int, typer.Option(help="Latent topics of the items.")] = 20,
+    history: Annotated[int, typer.Option(help="The most items in a row's history (hist).")] = 20,
+    text: Annotated[bool, typer.Option(help="Add a title string whose words move the click.")] = False,
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> None:
+    """Candidate items and user histories (latent interests and topics): click from the history's relation to the
+    candidate, conversion from its brand; their true probabilities."""
+    from recmtl.data.synthetic import interests
+    paths = interests(out, rows, seed, items, topics, history, text, valid_fraction, test_fraction)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths) + " (+ .truth.parquet with the true probabilities)")
+
+
 @datagen_app.command("mmoe-synthetic")
 def datagen_mmoe(
     out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet.")],

@@ -51,10 +51,19 @@ class Encoder(nn.Module):
     last; ``length`` is the longest ``max_length`` in ``FeatureInfo.options``), positions past a row's items
     holding the padding id ``cardinality``.
     Embedding tables built with ``sparse=True`` are updated with a sparse optimiser, so a step costs
-    time proportional to the ids in the batch, not the vocabulary.
+    time proportional to the ids in the batch, not the vocabulary. Text input is a LongTensor
+    ``[batch, n_features, max_tokens]`` of hashed n-gram ids in ``[1, cardinality)``, padding ``cardinality``.
+
+    An encoder that sets ``uses_inputs = True`` is called as ``forward(x, inputs)`` with every kind's
+    preprocessed tensor (e.g. a sequence encoder reading the candidate item's ids in ``inputs["categorical"]``:
+    a sequence feature's ``options["target"]`` is that categorical feature's position, ``options["shared"]``
+    True when it shares the sequence's vocabulary). ``diagnostics()`` returns what it learned since the last
+    call (JSON-serialisable; kept in metrics.json per epoch under ``diagnostics.encoders.KIND``).
     """
 
     kind: ClassVar[str] = ""
+    #: True: called as ``forward(x, inputs)`` with every kind's preprocessed tensor
+    uses_inputs: ClassVar[bool] = False
 
     def __init__(self, features: list[FeatureInfo]) -> None:
         super().__init__()
@@ -66,6 +75,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Statistics since the last call (e.g. attention weights by history position); default none."""
+        return {}
 
 
 class Tower(nn.Module):
