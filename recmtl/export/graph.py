@@ -242,15 +242,16 @@ def text_ids(g: _Graph, columns: list[TextColumn], width: int) -> None:
         k = col.max_tokens
         g.inputs.append(helper.make_tensor_value_info(raw, TensorProto.STRING, ["batch"]))
         g.node("StringNormalizer", [raw], [f"{p}_lower"], case_change_action="LOWER", locale="C.UTF-8")
-        # a column of padding first: the Tokenizer's output has at least one column even for all-empty batches
         g.node("Tokenizer", [f"{p}_lower"], [f"{p}_words0"], domain="com.microsoft", mark=0, mincharnum=1,
                pad_value=PAD_STRING, separators=[TEXT_SEPARATOR])
         g.node("Shape", [raw], [f"{p}_batch"])
-        g.node("Concat", [f"{p}_batch", g.const("pre_one_1d", np.array([1], dtype=np.int64))],
+        # two columns of padding after the words: index W (a padding word) and bigram W - 1 exist even when no row
+        # of the batch has a word (the Tokenizer's output then has no column)
+        g.node("Concat", [f"{p}_batch", g.const("pre_two_1d", np.array([2], dtype=np.int64))],
                [f"{p}_padshape"], axis=0)
         g.node("Expand", [g.const("pre_pad_string", np.array([PAD_STRING], dtype=object)), f"{p}_padshape"],
                [f"{p}_padcol"])
-        g.node("Concat", [f"{p}_words0", f"{p}_padcol"], [f"{p}_words"], axis=1)  # [B, W + 1]
+        g.node("Concat", [f"{p}_words0", f"{p}_padcol"], [f"{p}_words"], axis=1)  # [B, W + 2]
         g.node("MurmurHash3", [f"{p}_words"], [f"{p}_h32"], domain="com.microsoft", seed=0, positive=1)
         g.node("Cast", [f"{p}_h32"], [f"{p}_h"], to=i64)
         g.node("LabelEncoder", [f"{p}_words"], [f"{p}_ispad"], domain="ai.onnx.ml", keys_strings=[PAD_STRING],
@@ -260,11 +261,11 @@ def text_ids(g: _Graph, columns: list[TextColumn], width: int) -> None:
                keepdims=1)  # c [B, 1]
         buckets = g.const(f"{p}_buckets", np.array(col.hash_buckets, dtype=np.int64))
         g.node("Mod", [f"{p}_h", buckets], [f"{p}_hmod"], fmod=0)
-        g.node("Add", [f"{p}_hmod", one], [f"{p}_uni"])  # [B, W + 1]
+        g.node("Add", [f"{p}_hmod", one], [f"{p}_uni"])  # [B, W + 2]
         pad_id = g.const(f"{p}_pad_id", np.array(col.padding_id, dtype=np.int64))
         g.node("Shape", [f"{p}_words"], [f"{p}_wshape"])
-        g.node("Gather", [f"{p}_wshape", one], [f"{p}_w1"], axis=0)  # W + 1 (scalar)
-        g.node("Sub", [f"{p}_w1", one], [f"{p}_w"])
+        g.node("Gather", [f"{p}_wshape", one], [f"{p}_w2"], axis=0)  # W + 2 (scalar)
+        g.node("Sub", [f"{p}_w2", g.const("pre_two", np.array(2, dtype=np.int64))], [f"{p}_w"])
         cols = g.const(f"{p}_cols", np.arange(k, dtype=np.int64).reshape(1, k))
         g.node("Expand", [cols, g.const(f"{p}_bk", np.array([1, k], dtype=np.int64))], [f"{p}_k1"])
         g.node("Shape", [f"{p}_count"], [f"{p}_b1"])  # [B, 1]
@@ -284,7 +285,7 @@ def text_ids(g: _Graph, columns: list[TextColumn], width: int) -> None:
                    [f"{p}_h_scaled"])
             g.node("Add", [f"{p}_h_scaled", f"{p}_h_second"], [f"{p}_h2"])
             g.node("Mod", [f"{p}_h2", buckets], [f"{p}_h2mod"], fmod=0)
-            g.node("Add", [f"{p}_h2mod", one], [f"{p}_bi"])  # [B, W]: bigram b at column b (b < c - 1)
+            g.node("Add", [f"{p}_h2mod", one], [f"{p}_bi"])  # [B, W + 1]: bigram b at column b (b < c - 1)
             g.node("Sub", [f"{p}_k", f"{p}_count"], [f"{p}_bk_raw"])
             g.node("Max", [f"{p}_bk_raw", g.const("pre_zero", np.array(0, dtype=np.int64))], [f"{p}_bk_low"])
             g.node("Sub", [f"{p}_w", one], [f"{p}_wm1"])
