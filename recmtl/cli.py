@@ -101,7 +101,7 @@ def init(
     typer.echo(summary_table(result))
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
-    counts = {k: sum(f["kind"] == k for f in cfg["features"]) for k in ("categorical", "dense", "image", "sequence")}
+    counts = {k: sum(f["kind"] == k for f in cfg["features"]) for k in ("categorical", "dense", "image", "sequence", "text")}
     typer.echo(f"wrote {output}: " + " + ".join(f"{n} {k}" for k, n in counts.items() if n or k in ("categorical", "dense"))
                + " features, tasks " + ", ".join(f"{t['name']} ({t['head']})" for t in cfg["tasks"])
                + f", tower {cfg['tower']['name']}, batch {cfg['train']['batch_size']}")

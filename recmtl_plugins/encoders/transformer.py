@@ -2,7 +2,7 @@
 
 A sequence feature with ``target: ITEM`` becomes the tokens ``[history items..., candidate]``, each embedding
 plus a learned position (recency) embedding (0: the candidate, 1: the most recent item, 2: the one before,
-...); ``num_layers`` self-attention blocks (``num_heads`` heads, post-layer-norm, feed-forward of
+...); ``num_layers`` self-attention blocks (``num_heads`` heads, layer norm first unless ``norm_first: false``, feed-forward of
 ``ffn_dim`` = 4 x dim by default, LeakyReLU as in the paper) with a key padding mask; the output is the
 candidate's position (``output: target``) or the mean over the row's items and the candidate (``mean``).
 A feature without a target attends over its items only and is mean-pooled. As in ``din``, history and
@@ -27,11 +27,14 @@ OUTPUTS = ("target", "mean")
 
 
 class _Block(nn.Module):
-    """Multi-head self-attention with a key padding mask, then a feed-forward layer; residuals, post-LN."""
+    """Multi-head self-attention with a key padding mask, then a feed-forward layer, each with a residual;
+    layer norm before each (``norm_first``, stable without a learning-rate warm-up: Xiong et al., ICML 2020) or
+    after (the original Transformer's and BST's)."""
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, norm_first: bool = True) -> None:
         super().__init__()
         self.heads = heads
+        self.norm_first = norm_first
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.LeakyReLU(), nn.Linear(ffn_dim, dim))
@@ -41,11 +44,15 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, T, d]``, ``keep [B, T]`` (False: padding) -> new ``x`` and the attention ``[B, heads, T, T]``."""
         b, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = self.norm1(x) if self.norm_first else x
+        q, k, v = self.qkv(y).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
         scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
         att = scores.softmax(dim=-1)
         mixed = (self.drop(att) @ v).transpose(1, 2).reshape(b, t, d)
+        if self.norm_first:
+            x = x + self.drop(self.out(mixed))
+            return x + self.drop(self.ffn(self.norm2(x))), att
         x = self.norm1(x + self.drop(self.out(mixed)))
         return self.norm2(x + self.drop(self.ffn(x))), att
 
@@ -55,8 +62,8 @@ class TransformerEncoder(Encoder):
     uses_inputs = True
 
     def __init__(self, features: list[FeatureInfo], dim: int = 16, num_layers: int = 1, num_heads: int = 2,
-                 ffn_dim: int | None = None, dropout: float = 0.1, output: str = "target", sparse: bool = True,
-                 init_std: float = 0.05) -> None:
+                 ffn_dim: int | None = None, dropout: float = 0.1, output: str = "target", norm_first: bool = True,
+                 sparse: bool = True, init_std: float = 0.05) -> None:
         super().__init__(features)
         if dim < 1 or num_layers < 1 or num_heads < 1:
             raise ValueError(f"dim, num_layers and num_heads must be positive, got {dim}, {num_layers}, {num_heads}")
@@ -83,7 +90,7 @@ class TransformerEncoder(Encoder):
             pos = nn.Embedding(length + 1, w)
             nn.init.normal_(pos.weight, std=init_std)
             self.positions.append(pos)
-            self.blocks.append(nn.ModuleList(_Block(w, num_heads, int(ffn_dim or 4 * w), dropout)
+            self.blocks.append(nn.ModuleList(_Block(w, num_heads, int(ffn_dim or 4 * w), dropout, norm_first)
                                              for _ in range(num_layers)))
         self._dim = sum(self.widths)
         self.stats = AttentionStats([f.name for f in features if "target" in f.options], max(self.lengths))
