@@ -170,6 +170,9 @@ def test_din_with_text_trains_exports_scores_and_serves(cli, interests_dir, tmp_
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     att = history[-1]["diagnostics"]["encoders"]["sequence"]["attention"]["hist"]
     assert len(att["mean_by_position"]) == 8 and att["rows_by_position"][0] > 0
+    r = cli("report", tmp_path / "run", "-o", tmp_path / "report")
+    assert r.code == 0 and (tmp_path / "report" / "attention.png").is_file(), r
+    assert "Sequence attention" in (tmp_path / "report" / "index.html").read_text()
 
     model = tmp_path / "m.onnx"
     r = cli("export", tmp_path / "run", "-o", model)  # the parity check runs inside
