@@ -233,3 +233,12 @@ def test_bad_columns_are_data_errors(cli, interests_dir, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     r = cli("train", tmp_path / "c.yaml", "--out", tmp_path / "run2")
     assert r.code == 2 and "feature 'click_as_text' is text but its column has type int64; expected strings" in r.err, r
+
+
+def test_shared_vocabulary_is_one_lookup_in_the_graph(interests_dir, tmp_path, cli):
+    cfg = _config(tmp_path / "c.yaml", interests_dir, {"name": "din", "dim": 4}, text=False)
+    assert cli("train", cfg, "--out", tmp_path / "run").code == 0
+    r = cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert r.code == 0 and "parity" in r.out, r
+    lookups = [n for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "LabelEncoder"]
+    assert len(lookups) == 1  # item_id and hist: one vocabulary table

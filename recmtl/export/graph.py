@@ -139,14 +139,53 @@ class _Graph:
         self.uses_ms |= uses_ms
 
 
-def categorical_ids(g: _Graph, columns: list[CategoricalColumn]) -> None:
-    """Twin of ``CategoricalColumn.ids`` for every categorical column: raw ``[batch]`` inputs -> ids ``[batch, F]``."""
+def shared_ids(g: _Graph, schema: FittedSchema) -> set[str]:
+    """Sequence features sharing a categorical feature's vocabulary (``vocabulary: ITEM``): ONE lookup for the
+    categorical input and the lists (their values flattened and concatenated), split back into ``pre_cat_{j}``
+    (the padding sentinel, never a categorical value, maps to 0 there) and ``pre_seq_{k}_ids``. Returns the
+    categorical columns done here."""
+    done = set()
+    for j, cat in enumerate(schema.categorical):
+        seqs = [(k, s) for k, s in enumerate(schema.sequence) if s.vocabulary == cat.name]
+        if not seqs:
+            continue
+        p = f"pre_shared_{j}"
+        flat = g.const("pre_flat", np.array([-1], dtype=np.int64))
+        parts = [cat.name]
+        for k, s in seqs:
+            g.node("Reshape", [s.name, flat], [f"{p}_seq_{k}_flat"])
+            parts.append(f"{p}_seq_{k}_flat")
+        g.node("Concat", parts, [f"{p}_raw"], axis=0)
+        g.lookup(seqs[0][1], f"{p}_raw", f"{p}_ids", padding=True)
+        g.node("Shape", [cat.name], [f"{p}_batch"])
+        start = f"{p}_batch"
+        g.node("Slice", [f"{p}_ids", g.const("pre_s0", np.array([0], dtype=np.int64)), start], [f"{p}_cat_ids"])
+        pad = g.const(f"{p}_pad_id", np.array(cat.cardinality, dtype=np.int64))
+        g.node("Equal", [f"{p}_cat_ids", pad], [f"{p}_cat_is_pad"])
+        g.node("Where", [f"{p}_cat_is_pad", g.const("pre_zero", np.array(0, dtype=np.int64)), f"{p}_cat_ids"],
+               [f"pre_cat_{j}"])
+        for k, s in seqs:
+            g.node("Mul", [f"{p}_batch", g.const(f"pre_seq_{k}_len", np.array([s.max_length], dtype=np.int64))],
+                   [f"{p}_seq_{k}_n"])
+            g.node("Add", [start, f"{p}_seq_{k}_n"], [f"{p}_seq_{k}_end"])
+            g.node("Slice", [f"{p}_ids", start, f"{p}_seq_{k}_end"], [f"{p}_seq_{k}_slice"])
+            shape = g.const(f"pre_seq_{k}_shape", np.array([-1, s.max_length], dtype=np.int64))
+            g.node("Reshape", [f"{p}_seq_{k}_slice", shape], [f"pre_seq_{k}_ids"])
+            start = f"{p}_seq_{k}_end"
+        done.add(cat.name)
+    return done
+
+
+def categorical_ids(g: _Graph, columns: list[CategoricalColumn], shared: set[str] = frozenset()) -> None:
+    """Twin of ``CategoricalColumn.ids`` for every categorical column: raw ``[batch]`` inputs -> ids ``[batch, F]``
+    (the columns in ``shared`` were looked up by ``shared_ids``)."""
     outs = []
     for j, col in enumerate(columns):
         raw, out = col.name, f"pre_cat_{j}"
         elem = TensorProto.INT64 if col.value_type == "int" else TensorProto.STRING
         g.inputs.append(helper.make_tensor_value_info(raw, elem, ["batch"]))
-        g.lookup(col, raw, out, padding=False)
+        if col.name not in shared:
+            g.lookup(col, raw, out, padding=False)
         outs.append(out)
     g.stack(outs, "pre_cat_by_column")
     g.node("Transpose", ["pre_cat_by_column"], [core_input("categorical")], perm=[1, 0])
@@ -216,7 +255,8 @@ def sequence_ids(g: _Graph, columns: list[SequenceColumn], width: int) -> None:
         elem = TensorProto.INT64 if col.value_type == "int" else TensorProto.STRING
         g.inputs.append(helper.make_tensor_value_info(raw, elem, ["batch", col.max_length]))
         ids = f"{out}_ids"
-        g.lookup(col, raw, ids, padding=True)
+        if not col.vocabulary:  # else shared_ids looked it up with its categorical feature
+            g.lookup(col, raw, ids, padding=True)
         if col.max_length < width:
             pads = g.const(f"{out}_pads", np.array([0, 0, 0, width - col.max_length], dtype=np.int64))
             pad_id = g.const(f"{out}_pad_value", np.array(col.cardinality, dtype=np.int64))
@@ -311,8 +351,9 @@ def text_ids(g: _Graph, columns: list[TextColumn], width: int) -> None:
 def preprocessing(schema: FittedSchema) -> _Graph:
     """The nodes that turn raw columns into the model's inputs, one function per column kind."""
     g = _Graph()
+    shared = shared_ids(g, schema)
     if schema.categorical:
-        categorical_ids(g, schema.categorical)
+        categorical_ids(g, schema.categorical, shared)
     if schema.dense:
         dense_values(g, schema.dense)
     if schema.image:
