@@ -8,6 +8,10 @@ process's peak RSS; then the exported ONNX model's scoring rows/s (``Scorer.scor
 onnxruntime's default threads) — the export itself runs the parity check.
 
     nice -n 10 .venv/bin/python benchmarks/speed/bench_sequence_cost.py --work-dir /tmp/seqcost
+
+``--text-runs WITH WITHOUT DATA``: tokenisation throughput instead: the two run directories (e.g. the quality
+benchmark's ``mean_text`` and ``mean``) exported, then ``Scorer.score`` (what ``recmtl score`` runs per batch) on
+DATA's rows, median of 3, and what the text input costs per row.
 """
 from __future__ import annotations
 
@@ -78,15 +82,46 @@ def measure(run_dir: str, model_path: str, data: str, batch: int, steps: int) ->
     return {"step_ms": 1000 * float(np.median(times)), "peak_rss_mb": peak, "score_rows_s": float(np.median(rates))}
 
 
+def text_throughput(with_text: str, without: str, data: str, work: Path) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from recmtl.serving.score import Scorer
+    work.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(data)
+    rates = {}
+    for name, run_dir in (("with text", with_text), ("without", without)):
+        model = work / f"{Path(run_dir).name}.onnx"
+        if not model.exists():
+            run("export", run_dir, "-o", str(model))
+        scorer = Scorer(model)
+        scorer.score(table.slice(0, 1000))
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            scorer.score(table)
+            times.append(time.perf_counter() - start)
+        rates[name] = len(table) / float(np.median(times))
+        print(f"{name:<10} {rates[name]:>12,.0f} rows/s  ({len(table):,} rows of {data})")
+    extra = 1e6 / rates["with text"] - 1e6 / rates["without"]
+    print(f"the text input: {extra:.1f} us per row (tokenise, hash, embed) -> about {1e6 / max(extra, 1e-9):,.0f} rows/s "
+          "of tokenisation alone")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work-dir", type=Path, required=True)
     ap.add_argument("--lengths", default="50,200")
+    ap.add_argument("--encoders", default="mean,din,transformer")
     ap.add_argument("--rows", type=int, default=12_000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--text-runs", nargs=3, metavar=("WITH", "WITHOUT", "DATA"))
     args = ap.parse_args()
+    if args.text_runs:
+        text_throughput(*args.text_runs, args.work_dir)
+        return
     if args.measure:
         print(json.dumps(measure(*args.measure, args.batch, args.steps)))
         return
@@ -97,7 +132,8 @@ def main() -> None:
         if not (data / "valid.parquet").exists():
             run("datagen", "interests", str(data), "--rows", str(args.rows), "--history", str(length),
                 "--test-fraction", "0")
-        for name, enc in ENCODERS.items():
+        for name in args.encoders.split(","):
+            enc = ENCODERS[name]
             run_dir, model = work / name, work / f"{name}.onnx"
             if not model.exists():
                 cfg = {"seed": 0, "data": {"train": str(data / "train.parquet"), "validation": str(data / "valid.parquet")},
@@ -120,7 +156,7 @@ def main() -> None:
           "validation rows, onnxruntime default threads")
     print(f"{'length':>6} {'encoder':<12} {'step ms':>8} {'x mean':>7} {'peak RSS MB':>12} {'score rows/s':>13} {'x mean':>7}")
     for (length, name), r in results.items():
-        base = results[(length, "mean")]
+        base = results.get((length, "mean"), r)
         print(f"{length:>6} {name:<12} {r['step_ms']:>8.1f} {r['step_ms'] / base['step_ms']:>7.2f} {r['peak_rss_mb']:>12.0f} "
               f"{r['score_rows_s']:>13,.0f} {r['score_rows_s'] / base['score_rows_s']:>7.2f}")
 

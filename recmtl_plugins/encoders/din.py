@@ -10,7 +10,8 @@ own. A sequence feature without a target is mean-pooled. A row with no items has
 
 Input ``[batch, n_features, length]`` ids (padding: the feature's cardinality) and, through ``inputs``, the
 categorical ids. Output ``[batch, sum over features of dim (x2 with a target and include_target)]``.
-Diagnostics: the mean attention weight by history position (1 = the most recent item) per feature.
+Diagnostics: the mean attention weight by history position (1 = the most recent item) per feature, over the
+rows of the evaluation passes (the validation data).
 """
 from __future__ import annotations
 
@@ -23,6 +24,25 @@ from recmtl import Encoder, FeatureInfo, hookimpl
 from recmtl.layers import AttentionStats, check_units, mlp
 
 NORMALIZATIONS = ("none", "softmax")
+
+
+class _AttentionMLP(nn.Module):
+    """The activation unit: an MLP over ``[h, t, h - t, h * t]`` -> one score per history item. Its first layer is
+    computed as ``A h + B t + C (h * t)`` (the same linear map of the concatenation, since ``W [h, t, h - t, h * t] =
+    (W1 + W3) h + (W2 - W3) t + W4 (h * t)``), the candidate's term once per row rather than once per item."""
+
+    def __init__(self, dim: int, units: list[int]) -> None:
+        super().__init__()
+        first = units[0] if units else 1
+        self.item, self.target = nn.Linear(dim, first), nn.Linear(dim, first, bias=False)
+        self.product = nn.Linear(dim, first, bias=False)
+        rest = [nn.PReLU()] + ([mlp(first, units[1:], activation=nn.PReLU)] if len(units) > 1 else [])
+        self.rest = nn.Sequential(*rest, nn.Linear(units[-1], 1)) if units else nn.Identity()
+
+    def forward(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``h [B, L, d]``, ``t [B, d]`` -> scores ``[B, L]``."""
+        pre = self.item(h) + self.target(t).unsqueeze(1) + self.product(h * t.unsqueeze(1))
+        return self.rest(pre).squeeze(-1)
 
 
 class DINEncoder(Encoder):
@@ -54,8 +74,7 @@ class DINEncoder(Encoder):
                     t = nn.Embedding(int(f.options["target_cardinality"]), w, sparse=sparse)
                     nn.init.normal_(t.weight, std=init_std)
                     self.target_tables[str(j)] = t
-                self.attention[str(j)] = nn.Sequential(mlp(4 * w, units, activation=nn.PReLU),
-                                                       nn.Linear(units[-1] if units else 4 * w, 1))
+                self.attention[str(j)] = _AttentionMLP(w, units)
         self._dim = sum(w * (2 if "target" in f.options and self.include_target else 1)
                         for f, w in zip(features, self.widths))
         self.stats = AttentionStats([f.name for f in features if "target" in f.options], max(self.lengths))
@@ -81,12 +100,12 @@ class DINEncoder(Encoder):
                 parts.append((h * maskf).sum(1) / maskf.sum(1).clamp_min(1))
                 continue
             t = self.target_embedding(j, inputs)  # [B, w]
-            te = t.unsqueeze(1).expand_as(h)
-            scores = self.attention[str(j)](torch.cat([h, te, h - te, h * te], dim=-1)).squeeze(-1)  # [B, L]
+            scores = self.attention[str(j)](h, t)  # [B, L]
             if self.normalization == "softmax":
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=1)
             weights = scores * mask.to(scores.dtype)
-            self.stats.add(f.name, weights, mask)
+            if not self.training:  # statistics of the evaluation passes (validation rows), not of every step
+                self.stats.add(f.name, weights, mask)
             parts.append((weights.unsqueeze(-1) * h).sum(1))
             if self.include_target:
                 parts.append(t)

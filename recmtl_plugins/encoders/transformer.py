@@ -10,7 +10,7 @@ candidate share one table when the sequence shares the target's vocabulary.
 
 Input ``[batch, n_features, length]`` ids (padding: the feature's cardinality) and, through ``inputs``, the
 categorical ids. Output ``[batch, sum over features of dim]``. Diagnostics: the candidate's attention (last
-block, mean over heads) by history position (1 = the most recent item).
+block, mean over heads) by history position (1 = the most recent item), over the evaluation passes' rows.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class TransformerEncoder(Encoder):
             att = None
             for block in self.blocks[j]:
                 h, att = block(h, keep)
-            if has_target:
+            if has_target and not self.training:  # statistics of the evaluation passes (validation rows)
                 self.stats.add(f.name, att[:, :, -1, :length].mean(1), keep[:, :length].to(att.dtype))
             if has_target and self.output == "target":
                 parts.append(h[:, -1])
