@@ -39,10 +39,14 @@ class _AttentionMLP(nn.Module):
         rest = [nn.PReLU()] + ([mlp(first, units[1:], activation=nn.PReLU)] if len(units) > 1 else [])
         self.rest = nn.Sequential(*rest, nn.Linear(units[-1], 1)) if units else nn.Identity()
 
-    def forward(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``h [B, L, d]``, ``t [B, d]`` -> scores ``[B, L]``."""
-        pre = self.item(h) + self.target(t).unsqueeze(1) + self.product(h * t.unsqueeze(1))
-        return self.rest(pre).squeeze(-1)
+    def forward(self, h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``h [B, L, d]``, ``t [B, d]``, ``mask [B, L]`` (False: padding) -> scores ``[B, L]``, 0 at padding. Only
+        the items are scored (gathered, then scattered back): padding costs nothing."""
+        rows, cols = mask.nonzero(as_tuple=True)
+        items, targets = h[rows, cols], t[rows]
+        pre = self.item(items) + self.target(t)[rows] + self.product(items * targets)
+        scores = self.rest(pre).squeeze(-1)
+        return torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).index_put((rows, cols), scores)
 
 
 class DINEncoder(Encoder):
@@ -100,7 +104,7 @@ class DINEncoder(Encoder):
                 parts.append((h * maskf).sum(1) / maskf.sum(1).clamp_min(1))
                 continue
             t = self.target_embedding(j, inputs)  # [B, w]
-            scores = self.attention[str(j)](h, t)  # [B, L]
+            scores = self.attention[str(j)](h, t, mask)  # [B, L]
             if self.normalization == "softmax":
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=1)
             weights = scores * mask.to(scores.dtype)
