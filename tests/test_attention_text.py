@@ -242,3 +242,14 @@ def test_shared_vocabulary_is_one_lookup_in_the_graph(interests_dir, tmp_path, c
     assert r.code == 0 and "parity" in r.out, r
     lookups = [n for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "LabelEncoder"]
     assert len(lookups) == 1  # item_id and hist: one vocabulary table
+
+
+def test_transformer_computes_only_the_candidates_last_position_exactly(monkeypatch):
+    import recmtl_plugins.encoders.transformer as tr
+    torch.manual_seed(1)
+    enc = TransformerEncoder(_seq_features(), dim=4, num_layers=2, dropout=0.0).eval()
+    x, cand = torch.tensor([[[3, 5, 2, 10]], [[10, 10, 10, 10]]]), {"categorical": torch.tensor([[3], [7]])}
+    fast = enc(x, cand)
+    full_forward = tr._Block.forward
+    monkeypatch.setattr(tr._Block, "forward", lambda self, h, keep, last_only=False: full_forward(self, h, keep, False))
+    torch.testing.assert_close(fast, enc(x, cand))

@@ -41,15 +41,18 @@ class _Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [B, T, d]``, ``keep [B, T]`` (False: padding) -> new ``x`` and the attention ``[B, heads, T, T]``."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, T, d]``, ``keep [B, T]`` (False: padding) -> new ``x`` and the attention ``[B, heads, T', T]``;
+        with ``last_only`` only the last position is computed (T' = 1: the candidate's output, linear in T)."""
         b, t, d = x.shape
         y = self.norm1(x) if self.norm_first else x
         q, k, v = self.qkv(y).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, x = q[:, :, -1:], x[:, -1:]
         scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
         scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
         att = scores.softmax(dim=-1)
-        mixed = (self.drop(att) @ v).transpose(1, 2).reshape(b, t, d)
+        mixed = (self.drop(att) @ v).transpose(1, 2).reshape(b, q.shape[2], d)
         if self.norm_first:
             x = x + self.drop(self.out(mixed))
             return x + self.drop(self.ffn(self.norm2(x))), att
@@ -115,8 +118,9 @@ class TransformerEncoder(Encoder):
                 h = torch.cat([h, t.unsqueeze(1)], dim=1)
                 keep = torch.cat([keep, torch.ones_like(keep[:, :1])], dim=1)
             att = None
-            for block in self.blocks[j]:
-                h, att = block(h, keep)
+            last_only = has_target and self.output == "target"  # the last block: the candidate's position only
+            for i, block in enumerate(self.blocks[j]):
+                h, att = block(h, keep, last_only and i == len(self.blocks[j]) - 1)
             if has_target and not self.training:  # statistics of the evaluation passes (validation rows)
                 self.stats.add(f.name, att[:, :, -1, :length].mean(1), keep[:, :length].to(att.dtype))
             if has_target and self.output == "target":
