@@ -34,6 +34,7 @@ class _Block(nn.Module):
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, norm_first: bool = True) -> None:
         super().__init__()
         self.heads = heads
+        self.scale = 1.0 / math.sqrt(dim // heads)
         self.norm_first = norm_first
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -49,7 +50,7 @@ class _Block(nn.Module):
         q, k, v = self.qkv(y).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if last_only:
             q, x = q[:, :, -1:], x[:, -1:]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
         scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
         att = scores.softmax(dim=-1)
         mixed = (self.drop(att) @ v).transpose(1, 2).reshape(b, q.shape[2], d)
