@@ -253,3 +253,17 @@ def test_transformer_computes_only_the_candidates_last_position_exactly(monkeypa
     full_forward = tr._Block.forward
     monkeypatch.setattr(tr._Block, "forward", lambda self, h, keep, last_only=False: full_forward(self, h, keep, False))
     torch.testing.assert_close(fast, enc(x, cand))
+
+
+def test_interests_generator_has_its_truth_and_history_signal(cli, tmp_path):
+    r = cli("datagen", "interests", tmp_path, "--rows", "4000", "--items", "50", "--topics", "5", "--history", "6",
+            "--text", "--seed", "2")
+    assert r.code == 0, r
+    data, truth = pq.read_table(tmp_path / "train.parquet"), pq.read_table(tmp_path / "train.truth.parquet")
+    assert data.column_names == ["item_id", "hist", "title", "click", "conversion"] and len(truth) == len(data)
+    assert max(len(h or []) for h in data["hist"].to_pylist()) <= 6
+    click, conv = data["click"].to_numpy(), data["conversion"].to_numpy()
+    assert (conv <= click).all() and 0 < click.mean() < 1
+    seen = np.array([c in (h or []) for c, h in zip(data["item_id"].to_pylist(), data["hist"].to_pylist())])
+    p = truth["click"].to_numpy()
+    assert p[seen].mean() > p[~seen].mean() + 0.2  # the candidate in the history: much likelier clicked
