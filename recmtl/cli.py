@@ -101,7 +101,7 @@ def init(
     typer.echo(summary_table(result))
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
-    counts = {k: sum(f["kind"] == k for f in cfg["features"]) for k in ("categorical", "dense", "image", "sequence")}
+    counts = {k: sum(f["kind"] == k for f in cfg["features"]) for k in ("categorical", "dense", "image", "sequence", "text")}
     typer.echo(f"wrote {output}: " + " + ".join(f"{n} {k}" for k, n in counts.items() if n or k in ("categorical", "dense"))
                + " features, tasks " + ", ".join(f"{t['name']} ({t['head']})" for t in cfg["tasks"])
                + f", tower {cfg['tower']['name']}, batch {cfg['train']['batch_size']}")
@@ -457,6 +457,25 @@ def datagen_funnel(
     from recmtl.data.synthetic import funnel
     paths = funnel(out, rows, seed, categorical, dense, cardinality, correlation, valid_fraction=valid_fraction,
                    test_fraction=test_fraction, tail=tail, interactions=interactions, task_fields=task_fields)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths) + " (+ .truth.parquet with the true probabilities)")
+
+
+@datagen_app.command("interests")
+def datagen_interests(
+    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet and their .truth.parquet.")],
+    rows: Annotated[int, typer.Option(help="Total rows over all splits.")] = 100_000,
+    seed: int = 0,
+    items: Annotated[int, typer.Option(help="Distinct item ids.")] = 1000,
+    topics: Annotated[int, typer.Option(help="Latent topics of the items.")] = 20,
+    history: Annotated[int, typer.Option(help="The most items in a row's history (hist).")] = 20,
+    text: Annotated[bool, typer.Option(help="Add a title string whose words move the click.")] = False,
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> None:
+    """Candidate items and user histories (latent interests and topics): click from the history's relation to the
+    candidate, conversion from its brand; their true probabilities."""
+    from recmtl.data.synthetic import interests
+    paths = interests(out, rows, seed, items, topics, history, text, valid_fraction, test_fraction)
     typer.echo("wrote " + ", ".join(str(p) for p in paths) + " (+ .truth.parquet with the true probabilities)")
 
 

@@ -28,10 +28,14 @@ class FeatureConfig(_Strict):
     statistics are those of the transformed values.
     Sequence: a list column of ints or strings (e.g. recently clicked item ids); each row keeps its last
     ``max_length`` items, mapped to ids with a vocabulary fitted over all list values (the categorical
-    options apply); a null list is empty, a null item is missing (id 0)."""
+    options apply); a null list is empty, a null item is missing (id 0). ``vocabulary: OTHER`` shares the
+    categorical feature OTHER's vocabulary (fitted over both columns, OTHER's options) and embedding ids;
+    ``target: OTHER`` names the candidate categorical feature the ``din``/``transformer`` encoders attend with.
+    Text: a string column tokenised as lowercase words (split on non-word characters), its unigrams and, with
+    ``ngrams: 2``, bigrams hashed (MurmurHash3) into ``hash_buckets``; at most ``max_tokens`` per row."""
 
     name: str
-    kind: Literal["categorical", "dense", "image", "sequence"]
+    kind: Literal["categorical", "dense", "image", "sequence", "text"]
     min_count: int = Field(1, ge=1)
     max_size: int | None = Field(None, ge=1)
     hash_buckets: int | None = Field(None, ge=1)
@@ -44,13 +48,31 @@ class FeatureConfig(_Strict):
     width: int | None = Field(None, ge=1)
     channels: Literal[1, 3, 4] | None = None  # image: 1 (grey, the default), 3 (RGB) or 4 (RGBA)
     max_length: int | None = Field(None, ge=1)  # sequence: the most recent items kept per row (default 50)
+    vocabulary: str | None = None  # sequence: share this categorical feature's vocabulary and ids
+    target: str | None = None  # sequence: the candidate categorical feature din/transformer attend with
+    ngrams: Literal[1, 2] | None = None  # text: 1 (words) or 2 (words and bigrams, the default)
+    max_tokens: int | None = Field(None, ge=1)  # text: the first n-grams kept per row (default 64)
 
     @model_validator(mode="after")
     def _kind_options(self) -> FeatureConfig:
-        if self.kind not in ("categorical", "sequence") and (
+        if self.kind == "text" and (self.max_size or self.min_count != 1):
+            raise ValueError(f"feature '{self.name}': a text feature is hashed (hash_buckets), it fits no vocabulary "
+                             "(max_size/min_count)")
+        if self.kind not in ("categorical", "sequence", "text") and (
                 self.hash_buckets or self.max_size or self.embedding_dim or self.min_count != 1):
             raise ValueError(f"feature '{self.name}': hash_buckets/max_size/min_count/embedding_dim apply to "
                              "categorical and sequence features only")
+        if self.kind != "sequence" and (self.vocabulary is not None or self.target is not None):
+            raise ValueError(f"feature '{self.name}': vocabulary/target apply to sequence features only")
+        if self.vocabulary is not None and (self.hash_buckets or self.max_size or self.min_count != 1):
+            raise ValueError(f"feature '{self.name}': it shares the vocabulary of '{self.vocabulary}'; set "
+                             f"hash_buckets/max_size/min_count on '{self.vocabulary}'")
+        if self.kind != "text" and (self.ngrams is not None or self.max_tokens is not None):
+            raise ValueError(f"feature '{self.name}': ngrams/max_tokens apply to text features only")
+        if self.kind == "text":
+            self.ngrams = self.ngrams or 2
+            self.max_tokens = self.max_tokens or 64
+            self.hash_buckets = self.hash_buckets or 100_000
         if self.kind != "dense" and (self.transform != "none" or self.clip is not None):
             raise ValueError(f"feature '{self.name}': transform/clip apply to dense features only")
         if self.clip is not None and not (self.clip[0] <= self.clip[1]):
@@ -258,6 +280,15 @@ class Config(_Strict):
     def _consistent(self) -> Config:
         _no_duplicates([t.name for t in self.tasks], "task")
         feature_names = {f.name for f in self.features}
+        kinds = {f.name: f.kind for f in self.features}
+        for f in self.features:
+            for key in ("vocabulary", "target"):
+                other = getattr(f, key)
+                if other is not None and kinds.get(other) != "categorical":
+                    found = f"is a {kinds[other]} feature" if other in kinds else "is not a feature"
+                    cats = ", ".join(n for n, k in kinds.items() if k == "categorical") or "none"
+                    raise ValueError(f"feature '{f.name}': {key} '{other}' {found}; expected a categorical "
+                                     f"feature (categorical features: {cats})")
         for task in self.tasks:
             for label in task.label_columns:
                 if label in feature_names:

@@ -51,7 +51,14 @@ class Encoder(nn.Module):
     last; ``length`` is the longest ``max_length`` in ``FeatureInfo.options``), positions past a row's items
     holding the padding id ``cardinality``.
     Embedding tables built with ``sparse=True`` are updated with a sparse optimiser, so a step costs
-    time proportional to the ids in the batch, not the vocabulary.
+    time proportional to the ids in the batch, not the vocabulary. Text input is a LongTensor
+    ``[batch, n_features, max_tokens]`` of hashed n-gram ids in ``[1, cardinality)``, padding ``cardinality``.
+
+    An encoder that sets ``uses_inputs = True`` is called as ``forward(x, inputs)`` with every kind's
+    preprocessed tensor (e.g. a sequence encoder reading the candidate item's ids in ``inputs["categorical"]``:
+    a sequence feature's ``options["target"]`` is that categorical feature's position, ``options["shared"]``
+    True when it shares the sequence's vocabulary). ``diagnostics()`` returns what it learned since the last
+    call (JSON-serialisable; kept in metrics.json per epoch under ``diagnostics.encoders.KIND``).
     """
 
     kind: ClassVar[str] = ""
@@ -59,6 +66,8 @@ class Encoder(nn.Module):
     #: one embedding per field, for interaction blocks and per-task feature gates. An encoder without it counts
     #: as one field (its whole output, named by its kind).
     has_fields: ClassVar[bool] = False
+    #: True: called as ``forward(x, inputs)`` with every kind's preprocessed tensor
+    uses_inputs: ClassVar[bool] = False
 
     def __init__(self, features: list[FeatureInfo]) -> None:
         super().__init__()
@@ -96,6 +105,10 @@ class Encoder(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(forward(x), fields(x))`` (fields None without the field view); override to compute both at once."""
         return self(x), (self.fields(x) if self.has_fields else None)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Statistics since the last call (e.g. attention weights by history position); default none."""
+        return {}
 
 
 class Tower(nn.Module):

@@ -6,7 +6,8 @@ never import each other:
   identical), ``mix`` (gate-weighted sum), ``entropy``, ``GateStats`` (the ``Tower.diagnostics`` conventions:
   ``gate_weights``, ``gate_entropy``, ``max_entropy``, ``expert_utilisation``);
 * embeddings: ``embedding_width_groups`` and ``fused_embedding`` (one table per width, ids offset per feature);
-* heads: ``masked_mean`` (a loss averaged over the labelled entries).
+* heads: ``masked_mean`` (a loss averaged over the labelled entries);
+* sequence attention: ``AttentionStats`` (mean attention weight by history position, an encoder's diagnostics).
 """
 from __future__ import annotations
 
@@ -43,6 +44,44 @@ def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The mean of ``per_entry`` over the entries where ``mask`` is 1 (0 when none is): a head's loss over its
     labelled rows."""
     return (per_entry * mask).sum() / mask.sum().clamp_min(1)
+
+
+# ---- sequence attention ------------------------------------------------------------------------
+class AttentionStats:
+    """Running mean of attention weights by history position (1 = most recent), per feature."""
+
+    def __init__(self, names: list[str], length: int) -> None:
+        self.names = names
+        self.length = length
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {n: torch.zeros(self.length, dtype=torch.float64) for n in self.names}
+        self.counts = {n: torch.zeros(self.length, dtype=torch.float64) for n in self.names}
+
+    @torch.no_grad()
+    def add(self, name: str, weights: torch.Tensor, mask: torch.Tensor) -> None:
+        """``weights``/``mask`` ``[batch, L]``, items left-aligned: position by recency, 1 the last item."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return
+        mask = mask.bool()
+        n_items = mask.sum(1, keepdim=True)
+        recency = (n_items - torch.arange(mask.shape[1], device=mask.device)[None, :]).clamp(1, self.length) - 1
+        w = (weights.detach().float() * mask).double().cpu().reshape(-1)
+        idx, m = recency.cpu().reshape(-1), mask.double().cpu().reshape(-1)
+        self.sums[name].index_add_(0, idx, w)
+        self.counts[name].index_add_(0, idx, m)
+
+    def result(self) -> dict[str, Any]:
+        out = {}
+        for n in self.names:
+            if self.counts[n].sum() > 0:
+                mean = self.sums[n] / self.counts[n].clamp_min(1)
+                last = int(torch.nonzero(self.counts[n]).max()) + 1
+                out[n] = {"mean_by_position": [round(float(v), 6) for v in mean[:last]],
+                          "rows_by_position": [int(v) for v in self.counts[n][:last]]}
+        self.reset()
+        return {"attention": out} if out else {}
 
 
 # ---- embeddings ---------------------------------------------------------------------------------

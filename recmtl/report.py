@@ -27,7 +27,7 @@ from recmtl.rundir import CONFIG, METRICS, RUN_INFO, RunDir
 
 DPI = 100
 #: diagnostics keys with a figure of their own; any other key is listed as JSON
-DRAWN_DIAGNOSTICS = ("gate_weights", "gate_entropy", "max_entropy", "expert_utilisation", "matrices")
+DRAWN_DIAGNOSTICS = ("gate_weights", "gate_entropy", "max_entropy", "expert_utilisation", "matrices", "encoders")
 #: per-task validation entries that are not metrics
 NOT_METRICS = ("rows",)
 #: balance logs longer than this are drawn as a rolling mean over the faint raw values
@@ -319,6 +319,29 @@ def utilisation_figure(diag: dict[str, Any], epoch: int | None) -> Image:
                    "Share of rows whose largest gate weight goes to each expert; an expert no row picks is idle.")
 
 
+def attention_figure(diag: dict[str, Any], epoch: int | None) -> Image | None:
+    """The encoders' ``attention: {feature: {mean_by_position: [...]}}`` (din, transformer): mean attention weight
+    by history position, 1 the most recent item."""
+    series = {f"{kind}: {feat}": stats["mean_by_position"] for kind, d in diag["encoders"].items()
+              for feat, stats in (d.get("attention") or {}).items()}
+    if not series:
+        raise ValueError("no attention statistics")
+    fig = _new_figure(7.0, 4.0)
+    ax = fig.subplots()
+    for i, (name, values) in enumerate(series.items()):
+        ax.plot(range(1, len(values) + 1), [_num(v) for v in values], marker="o", markersize=3,
+                color=f"C{i % 10}", label=name)
+    _integer_x(ax)
+    ax.set_xlabel("history position (1 = most recent item)")
+    ax.set_ylabel("mean attention weight")
+    ax.set_title("attention by history position")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _render(fig, "attention", "attention.png", "Attention by history position",
+                   f"Mean weight the sequence encoder gives the item at each history position (epoch {epoch}); "
+                   "weight on recent items only says recency matters, a flat line that position does not.")
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "matrix"
 
@@ -588,6 +611,7 @@ def render_html(data: RunData, images: list[Image], extra_diagnostics: dict[str,
         parts.append("<h3>Test (best checkpoint)</h3>" + _metrics_table(m["test"]))
     sections = [("curves", "Training curves", ""),
                 ("tower", "Tower diagnostics", "What the tower learned about how the tasks relate."),
+                ("attention", "Sequence attention", "What the target-attention encoders (din, transformer) attend to."),
                 ("balance", "Task balance", "Logged every <code>train.log_every</code> training steps (balance.jsonl)."),
                 ("affinity", "Task affinity", "Lookahead inter-task affinity (TAG), measured every "
                  "<code>train.affinity_every</code> steps (affinity.jsonl).")]
@@ -633,7 +657,8 @@ def build_images(data: RunData) -> tuple[list[Image], dict[str, Any]]:
     builders = [("gate_weights", lambda: gate_weights_figure(diag, epoch)),
                 ("gate_entropy", lambda: gate_entropy_figure(data)),
                 ("expert_utilisation", lambda: utilisation_figure(diag, epoch)),
-                ("matrices", lambda: matrix_figures(diag, epoch))]
+                ("matrices", lambda: matrix_figures(diag, epoch)),
+                ("encoders", lambda: attention_figure(diag, epoch))]
     for key, build in builders:
         if key not in diag:
             continue

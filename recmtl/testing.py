@@ -238,15 +238,24 @@ def check_encoder(cls: type[Encoder], **params: Any) -> Encoder:
         x = torch.rand(n, 2, 3, 8, 8)
     elif kind == "sequence":  # two list features (max_length 5 and 3): ids, padding id = cardinality
         feats = [FeatureInfo("s1", kind, 10, {"max_length": 5}), FeatureInfo("s2", kind, 4, {"max_length": 3})]
+        if getattr(cls, "uses_inputs", False):  # s1's candidate shares its vocabulary, s2's has its own (7 ids)
+            feats = [FeatureInfo("s1", kind, 10, {"max_length": 5, "target": 0, "target_cardinality": 10, "shared": True}),
+                     FeatureInfo("s2", kind, 4, {"max_length": 3, "target": 1, "target_cardinality": 7, "shared": False})]
         lengths = torch.randint(0, 6, (n, 2)).clamp_max(torch.tensor([5, 3]))
         lengths[0] = torch.tensor([5, 3])  # one row of full lists
         ids = torch.stack([torch.randint(0, 10, (n, 5)), torch.randint(0, 4, (n, 5))], 1)
         pad = torch.tensor([10, 4])[None, :, None]
         x = torch.where(torch.arange(5)[None, None, :] < lengths[:, :, None], ids, pad)
+    elif kind == "text":  # one text feature: 6 hashed n-gram ids in [1, 50), padding id = 50
+        feats = [FeatureInfo("t1", kind, 50, {"max_length": 6, "ngrams": 2})]
+        lengths = torch.randint(0, 7, (n, 1))
+        lengths[0] = 6
+        x = torch.where(torch.arange(6)[None, None, :] < lengths[:, :, None], torch.randint(1, 50, (n, 1, 6)), 50)
     else:
         raise AssertionError(f"{name}: check_encoder knows no sample input for kind '{kind}'")
     enc = cls(feats, **params)
-    out = enc(x)
+    inputs = {kind: x, "categorical": torch.stack([torch.randint(0, 10, (n,)), torch.randint(0, 7, (n,))], 1)}
+    out = enc(x, inputs) if getattr(cls, "uses_inputs", False) else enc(x)
     assert tuple(out.shape) == (n, enc.output_dim), f"{name}: output {tuple(out.shape)}, expected ({n}, {enc.output_dim})"
     if out.requires_grad:
         out.float().sum().backward()

@@ -65,7 +65,7 @@ def test_init_reads_the_data_and_says_why(cli, data, tmp_path):
     assert r.code == 0, r
     table = {line.split()[0]: line for line in r.out.splitlines()[2:] if line and not line.startswith("wrote")}
     expect = {
-        "__index_level_0__": "skipped", "review_id": "excluded", "review": "excluded", "ts": "excluded",
+        "__index_level_0__": "skipped", "review_id": "excluded", "review": "text", "ts": "excluded",
         "event_time": "excluded", "day": "excluded", "const": "skipped", "user_id": "categorical",
         "small": "categorical", "code": "categorical", "views": "dense log1p", "price": "dense log1p",
         "score": "dense", "follow_user_num": "dense", "is_like": "excluded", "rating": "excluded",
@@ -73,7 +73,7 @@ def test_init_reads_the_data_and_says_why(cli, data, tmp_path):
     }
     for col, decision in expect.items():
         assert f"  {decision}  " in table[col], (col, table[col])
-    assert "free text" in table["review"] and "no text feature kind yet" in table["review"]
+    assert "free text" in table["review"] and "hashed words and bigrams" in table["review"]
     assert "pandas index" in table["__index_level_0__"] and "id-like" in table["review_id"]
     assert "nested with task 'click'" in table["stage2"] and "6,000/6,000" in table["review_id"]
     assert " 9.7%  " in table["price"]  # the null share (10% drawn)
@@ -82,12 +82,14 @@ def test_init_reads_the_data_and_says_why(cli, data, tmp_path):
     assert "warning: column 'stage2' is 0/1 and its positives nest with task 'click'" in r.err
     cfg = yaml.safe_load(cfg_path.read_text())
     features = {f["name"]: f for f in cfg["features"]}
-    assert set(features) == {"user_id", "small", "code", "views", "price", "score", "follow_user_num"}
+    assert set(features) == {"user_id", "small", "code", "views", "price", "score", "follow_user_num", "review"}
+    assert features["review"] == {"name": "review", "kind": "text", "hash_buckets": 100_000}
+    assert cfg["encoders"]["text"] == {"name": "text_bag", "dim": 16}
     assert features["views"] == {"name": "views", "kind": "dense", "transform": "log1p"}
     assert features["code"]["kind"] == "categorical"
     text = cfg_path.read_text()
     assert "- {name: views, kind: dense, transform: log1p}  # a number" in text  # the reason as a comment
-    assert "#   review: excluded: free text" in text
+    assert "- {name: review, kind: text, hash_buckets: 100000}  # free text" in text
     # one task: no mixture of experts; 6,000 rows: narrow layers, dropout
     assert cfg["tower"] == {"name": "shared_bottom", "bottom_units": [128], "task_units": [32], "dropout": 0.1}
     assert "early_stopping" in cfg["train"] and cfg["train"]["batch_size"] == 64

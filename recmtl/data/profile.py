@@ -11,7 +11,7 @@ The rules, in the order they are tried (documented in docs/training.md, "What in
 * Arrow timestamps, dates and times, strings shaped like dates, and integers named like a time holding Unix
   epoch values are excluded (derived features such as hour or weekday are not built);
 * strings: free text (median length >= :data:`TEXT_MIN_LENGTH`, most values with a space, many distinct) is
-  excluded until a text feature kind exists; near-unique strings (>= :data:`NEAR_UNIQUE` of the sampled rows
+  ``kind: text`` (hashed words and bigrams, :data:`TEXT_HASH_BUCKETS`); near-unique strings (>= :data:`NEAR_UNIQUE` of the sampled rows
   distinct) are excluded as ids that never repeat; others are categorical;
 * integers named like an id or a code (:data:`ID_WORDS`) follow the string id rules; other integers are
   categorical up to :data:`SMALL_INT` distinct values, excluded when near-unique and filling their range
@@ -51,6 +51,8 @@ SMALL_INT = 32
 HEAVY_SKEW = 2.0
 #: free text: median length in characters
 TEXT_MIN_LENGTH = 20
+#: free text: the n-gram hash buckets proposed (``kind: text``)
+TEXT_HASH_BUCKETS = 100_000
 #: a categorical column with more estimated distinct values than this gets hash_buckets instead of a vocabulary
 HASH_ABOVE = 1_000_000
 HASH_BUCKETS = 1 << 20
@@ -326,8 +328,11 @@ def _string(p: Proposal, arr: pa.Array, total_rows: int) -> Proposal:
     median = float(np.median(lengths))
     share = p.distinct / p.rows if p.rows else 0.0
     if median >= TEXT_MIN_LENGTH and spaced >= 0.5 and p.distinct >= max(NEAR_UNIQUE_MIN, 0.1 * p.rows):
-        return _excluded(p, "excluded", f"free text (median {median:.0f} characters, {share:.0%} of rows distinct): "
-                                        "no text feature kind yet, and as categories it would memorise the rows")
+        p.decision = "text"
+        p.reason = (f"free text (median {median:.0f} characters, {share:.0%} of rows distinct): hashed words and "
+                    "bigrams (as categories it would memorise the rows)")
+        p.feature = {"name": p.name, "kind": "text", "hash_buckets": TEXT_HASH_BUCKETS}
+        return p
     if share >= NEAR_UNIQUE and p.distinct >= NEAR_UNIQUE_MIN:
         return _excluded(p, "excluded", f"id-like: {share:.0%} of the sampled rows distinct, so an id would rarely "
                                         "repeat (pass --categorical to keep it, then consider hash_buckets)")

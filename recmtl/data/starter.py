@@ -28,7 +28,8 @@ HEADER = """\
 # features: categorical (ints/strings -> vocabulary with min_count, or hash_buckets), dense
 #           (numbers: clip, transform log1p for heavy tails, nulls filled, standardised) and image (PNG/JPEG
 #           bytes or number lists: height, width, channels), sequence (lists of ints/strings, e.g. recent item
-#           ids: the last max_length items, embedded and mean-pooled). Each line says why init chose it; the
+#           ids: the last max_length items, embedded and mean-pooled), text (free text: hashed words and
+#           bigrams, mean-pooled). Each line says why init chose it; the
 #           columns that are not features are listed below them. Move a column between kinds as you see fit.
 # tasks:    label column, head (binary | esmm | regression | multiclass | multilabel | any registered head), weight.
 # train:    batch size, epochs, patience, log_every and regularisation are sized by the training rows
@@ -352,7 +353,8 @@ def starter_config(data: str, tasks: list[str], config_path: str | Path, positiv
         "encoders": {"categorical": {"name": "embedding", "dim": 16}}
         | ({"image": {"name": "cnn"}} if any(f["kind"] == "image" for f in feature_cfg) else {})
         | ({"sequence": {"name": "sequence_pool", "dim": 16, "pooling": "mean"}}
-           if any(f["kind"] == "sequence" for f in feature_cfg) else {}),
+           if any(f["kind"] == "sequence" for f in feature_cfg) else {})
+        | ({"text": {"name": "text_bag", "dim": 16}} if any(f["kind"] == "text" for f in feature_cfg) else {}),
         "tower": tower_cfg,
         "balancer": {"name": "fixed"},
         "optimizer": optimizer,

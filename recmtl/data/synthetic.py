@@ -12,6 +12,12 @@
   standard deviation in the click (and conversion) logit is ``interactions``. With ``task_fields`` = N: the last
   N categorical fields move only the click logit and the N before them only the conversion logit (their other
   effect is zero; their effects as strong as ``c03``'s), a known split of which task uses which field.
+* ``interests``: users with latent interests (a few topics), items with a latent topic and brand; each row a
+  candidate ``item_id`` and the user's recent history ``hist`` (a list of item ids, most recent last). The click
+  depends on how the candidate relates to the history (the share of history items of its topic, and whether the
+  user saw this very item), the conversion after a click on another aspect (the candidate's brand among the
+  history's brands); with ``text``, a ``title`` string whose words (``great``/``awful``) move the click.
+  ``.truth.parquet`` holds the true probabilities, as for ``funnel``.
 * ``mmoe-synthetic``: the two regression tasks of the MMoE paper (Ma et al. KDD 2018, section 4) whose
   correlation is set by ``correlation``.
 """
@@ -186,6 +192,81 @@ def _pairwise(seed: int, cards: list[int], strength: float, rho: float) -> Calla
         logit_cvr += fm(cvr, ids)
 
     return add
+
+
+#: words a title is built from (besides its topic's word): filler, and the two that move the click
+TITLE_FILLER = ("the", "new", "best", "for", "with", "mini", "pro", "set", "pack", "home", "kids", "öko", "café")
+TITLE_SENTIMENT = {"great": 1.2, "awful": -1.2}
+
+
+def interests(out: str | Path, rows: int, seed: int = 0, items: int = 1000, topics: int = 20, history: int = 20,
+              text: bool = False, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> list[Path]:
+    """Write ``train/valid/test.parquet`` (+ ``.truth.parquet``) into ``out``: ``item_id`` (int), ``hist``
+    (list of ints, up to ``history`` items, most recent last; some empty), ``title`` (with ``text``), ``click``,
+    ``conversion`` (only after a click).
+
+    Click logit: ``-2.2 + 4 * share`` (share of history items of the candidate's topic) ``+ 1.5 * seen`` (the
+    candidate itself is in the history) ``+`` the title's sentiment word (``TITLE_SENTIMENT``); conversion logit
+    given a click: ``-1.2 + 2.5 * [candidate's brand among the history's brands]``."""
+    if items < topics or topics < 2 or history < 1:
+        raise ConfigError("interests needs --topics >= 2, --items >= --topics and --history >= 1")
+    sizes = split_sizes(rows, valid_fraction, test_fraction)
+    g = np.random.default_rng([seed, 7])
+    topic_of = g.integers(0, topics, items)
+    topic_of[:topics] = np.arange(topics)  # every topic has an item
+    brand_of = g.integers(0, max(items // 20, 2), items)
+    by_topic = [np.flatnonzero(topic_of == t) for t in range(topics)]
+
+    def make_chunk(start: int, n: int) -> tuple[pa.Table, pa.Table]:
+        r = np.random.default_rng([seed, 8, start])
+        taste = r.dirichlet(np.full(topics, 0.3), n)  # a user's interests: a few topics
+        lengths = r.integers(0, history + 1, n)
+        lengths[r.random(n) < 0.05] = 0
+        total = int(lengths.sum())
+        rows_of = np.repeat(np.arange(n), lengths)
+        cum = taste.cumsum(1)
+        cum[:, -1] = 1.0
+        item_topic = (r.random(total)[:, None] > cum[rows_of]).sum(1)
+        pick = r.random(total)
+        hist_items = np.array([by_topic[t][int(u * len(by_topic[t]))] for t, u in zip(item_topic, pick)], dtype=np.int64)
+        # the candidate: from the user's interests (half the time, and then sometimes a history item) or any item
+        own = r.random(n) < 0.5
+        cand_topic = np.where(own, (r.random(n)[:, None] > cum).sum(1), topic_of[r.integers(0, items, n)])
+        cand = np.array([by_topic[t][int(u * len(by_topic[t]))] for t, u in zip(cand_topic, r.random(n))], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        repeat = (r.random(n) < 0.15) & (lengths > 0)
+        cand = np.where(repeat, hist_items[np.minimum(offsets[:-1] + (r.random(n) * lengths).astype(np.int64), total - 1)]
+                        if total else cand, cand)
+        same_topic = topic_of[hist_items] == topic_of[cand][rows_of]
+        share = np.bincount(rows_of, same_topic, minlength=n) / np.maximum(lengths, 1)
+        seen = np.bincount(rows_of, hist_items == cand[rows_of], minlength=n) > 0
+        brand_seen = np.bincount(rows_of, brand_of[hist_items] == brand_of[cand][rows_of], minlength=n) > 0
+        logit_click = -2.2 + 4.0 * share + 1.5 * seen
+        logit_cvr = -1.2 + 2.5 * brand_seen
+        cols: dict[str, pa.Array] = {
+            "item_id": pa.array(cand),
+            "hist": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(hist_items)),
+        }
+        if text:
+            words = np.array(list(TITLE_FILLER) + list(TITLE_SENTIMENT), dtype=object)
+            sentiment = r.integers(0, 3, n)  # 0: none, 1: great, 2: awful
+            titles = []
+            for i in range(n):
+                parts = [f"Topic{cand_topic[i]}"] + list(r.choice(words[:len(TITLE_FILLER)], r.integers(1, 5)))
+                if sentiment[i]:
+                    parts.insert(int(r.integers(0, len(parts) + 1)), ("GREAT!", "awful,")[sentiment[i] - 1])
+                titles.append(None if r.random() < 0.03 else " ".join(parts))
+            logit_click += np.select([sentiment == 1, sentiment == 2], list(TITLE_SENTIMENT.values()), 0.0)
+            cols["title"] = pa.array(titles, pa.string())
+        p_click, p_cvr = _sigmoid(logit_click), _sigmoid(logit_cvr)
+        click = (r.random(n) < p_click).astype(np.int8)
+        conversion = (click.astype(bool) & (r.random(n) < p_cvr)).astype(np.int8)
+        data = pa.table({**cols, "click": click, "conversion": conversion})
+        truth = pa.table({"click": p_click.astype(np.float32), "conversion": (p_click * p_cvr).astype(np.float32),
+                          "cvr": p_cvr.astype(np.float32)})
+        return data, truth
+
+    return _write_splits(Path(out), sizes, make_chunk)
 
 
 #: Zipf exponent of the long-tail ids' popularity: P(k-th most popular) ~ k ** -TAIL_EXPONENT

@@ -1,7 +1,7 @@
 """The exported ONNX graph: the torch model on preprocessed tensors (``torch.onnx.export``), with the preprocessing
 in front of it, one function per column kind, each the in-graph twin of its numpy transform in
 ``recmtl.schema.columns`` (``categorical_ids``, ``dense_values`` with a dense column's fill, clip, ``log1p`` and
-standardisation, ``image_values``, ``sequence_ids``; ``ids_nodes`` for the vocabulary lookup or hashing they
+standardisation, ``image_values``, ``sequence_ids``, ``text_ids``; ``ids_nodes`` for the vocabulary lookup or hashing they
 share). The raw inputs are in the wire format of ``recmtl.serving.wire``.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import recmtl
-from recmtl.schema import CategoricalColumn, DenseColumn, FittedSchema, ImageColumn, SequenceColumn
+from recmtl.schema import CategoricalColumn, DenseColumn, FittedSchema, ImageColumn, SequenceColumn, TextColumn
+from recmtl.schema.columns import BIGRAM_MULTIPLIER, TEXT_SEPARATOR
 from recmtl.serving.wire import INT_NULL, PAD_INT, PAD_STRING
 from recmtl.training.evaluate import LoadedRun
 from recmtl.training.model import MultiTaskModel, example_input
@@ -138,14 +139,53 @@ class _Graph:
         self.uses_ms |= uses_ms
 
 
-def categorical_ids(g: _Graph, columns: list[CategoricalColumn]) -> None:
-    """Twin of ``CategoricalColumn.ids`` for every categorical column: raw ``[batch]`` inputs -> ids ``[batch, F]``."""
+def shared_ids(g: _Graph, schema: FittedSchema) -> set[str]:
+    """Sequence features sharing a categorical feature's vocabulary (``vocabulary: ITEM``): ONE lookup for the
+    categorical input and the lists (their values flattened and concatenated), split back into ``pre_cat_{j}``
+    (the padding sentinel, never a categorical value, maps to 0 there) and ``pre_seq_{k}_ids``. Returns the
+    categorical columns done here."""
+    done = set()
+    for j, cat in enumerate(schema.categorical):
+        seqs = [(k, s) for k, s in enumerate(schema.sequence) if s.vocabulary == cat.name]
+        if not seqs:
+            continue
+        p = f"pre_shared_{j}"
+        flat = g.const("pre_flat", np.array([-1], dtype=np.int64))
+        parts = [cat.name]
+        for k, s in seqs:
+            g.node("Reshape", [s.name, flat], [f"{p}_seq_{k}_flat"])
+            parts.append(f"{p}_seq_{k}_flat")
+        g.node("Concat", parts, [f"{p}_raw"], axis=0)
+        g.lookup(seqs[0][1], f"{p}_raw", f"{p}_ids", padding=True)
+        g.node("Shape", [cat.name], [f"{p}_batch"])
+        start = f"{p}_batch"
+        g.node("Slice", [f"{p}_ids", g.const("pre_s0", np.array([0], dtype=np.int64)), start], [f"{p}_cat_ids"])
+        pad = g.const(f"{p}_pad_id", np.array(cat.cardinality, dtype=np.int64))
+        g.node("Equal", [f"{p}_cat_ids", pad], [f"{p}_cat_is_pad"])
+        g.node("Where", [f"{p}_cat_is_pad", g.const("pre_zero", np.array(0, dtype=np.int64)), f"{p}_cat_ids"],
+               [f"pre_cat_{j}"])
+        for k, s in seqs:
+            g.node("Mul", [f"{p}_batch", g.const(f"pre_seq_{k}_len", np.array([s.max_length], dtype=np.int64))],
+                   [f"{p}_seq_{k}_n"])
+            g.node("Add", [start, f"{p}_seq_{k}_n"], [f"{p}_seq_{k}_end"])
+            g.node("Slice", [f"{p}_ids", start, f"{p}_seq_{k}_end"], [f"{p}_seq_{k}_slice"])
+            shape = g.const(f"pre_seq_{k}_shape", np.array([-1, s.max_length], dtype=np.int64))
+            g.node("Reshape", [f"{p}_seq_{k}_slice", shape], [f"pre_seq_{k}_ids"])
+            start = f"{p}_seq_{k}_end"
+        done.add(cat.name)
+    return done
+
+
+def categorical_ids(g: _Graph, columns: list[CategoricalColumn], shared: set[str] = frozenset()) -> None:
+    """Twin of ``CategoricalColumn.ids`` for every categorical column: raw ``[batch]`` inputs -> ids ``[batch, F]``
+    (the columns in ``shared`` were looked up by ``shared_ids``)."""
     outs = []
     for j, col in enumerate(columns):
         raw, out = col.name, f"pre_cat_{j}"
         elem = TensorProto.INT64 if col.value_type == "int" else TensorProto.STRING
         g.inputs.append(helper.make_tensor_value_info(raw, elem, ["batch"]))
-        g.lookup(col, raw, out, padding=False)
+        if col.name not in shared:
+            g.lookup(col, raw, out, padding=False)
         outs.append(out)
     g.stack(outs, "pre_cat_by_column")
     g.node("Transpose", ["pre_cat_by_column"], [core_input("categorical")], perm=[1, 0])
@@ -215,7 +255,8 @@ def sequence_ids(g: _Graph, columns: list[SequenceColumn], width: int) -> None:
         elem = TensorProto.INT64 if col.value_type == "int" else TensorProto.STRING
         g.inputs.append(helper.make_tensor_value_info(raw, elem, ["batch", col.max_length]))
         ids = f"{out}_ids"
-        g.lookup(col, raw, ids, padding=True)
+        if not col.vocabulary:  # else shared_ids looked it up with its categorical feature
+            g.lookup(col, raw, ids, padding=True)
         if col.max_length < width:
             pads = g.const(f"{out}_pads", np.array([0, 0, 0, width - col.max_length], dtype=np.int64))
             pad_id = g.const(f"{out}_pad_value", np.array(col.cardinality, dtype=np.int64))
@@ -226,17 +267,101 @@ def sequence_ids(g: _Graph, columns: list[SequenceColumn], width: int) -> None:
     g.concat_features(outs, core_input("sequence"))
 
 
+def text_ids(g: _Graph, columns: list[TextColumn], width: int) -> None:
+    """Twin of ``TextColumn.token_ids``: raw strings ``[batch]`` -> hashed n-gram ids ``[batch, F, width]``.
+    ``StringNormalizer`` lowercases (locale C.UTF-8), the ``com.microsoft`` ``Tokenizer`` splits on the same RE2
+    separator as training (pyarrow's ``split_pattern_regex``), ``MurmurHash3`` hashes each word; bigrams combine
+    two words' hashes arithmetically; output column ``k`` of a row with ``c`` words is unigram ``k`` (k < c),
+    else bigram ``k - c`` (k - c < c - 1), else padding."""
+    g.uses_ms = True
+    i64 = TensorProto.INT64
+    one = g.const("pre_one", np.array(1, dtype=np.int64))
+    outs = []
+    for j, col in enumerate(columns):
+        raw, p = col.name, f"pre_text_{j}"
+        k = col.max_tokens
+        g.inputs.append(helper.make_tensor_value_info(raw, TensorProto.STRING, ["batch"]))
+        g.node("StringNormalizer", [raw], [f"{p}_lower"], case_change_action="LOWER", locale="C.UTF-8")
+        g.node("Tokenizer", [f"{p}_lower"], [f"{p}_words0"], domain="com.microsoft", mark=0, mincharnum=1,
+               pad_value=PAD_STRING, separators=[TEXT_SEPARATOR])
+        g.node("Shape", [raw], [f"{p}_batch"])
+        # two columns of padding after the words: index W (a padding word) and bigram W - 1 exist even when no row
+        # of the batch has a word (the Tokenizer's output then has no column)
+        g.node("Concat", [f"{p}_batch", g.const("pre_two_1d", np.array([2], dtype=np.int64))],
+               [f"{p}_padshape"], axis=0)
+        g.node("Expand", [g.const("pre_pad_string", np.array([PAD_STRING], dtype=object)), f"{p}_padshape"],
+               [f"{p}_padcol"])
+        g.node("Concat", [f"{p}_words0", f"{p}_padcol"], [f"{p}_words"], axis=1)  # [B, W + 2]
+        g.node("MurmurHash3", [f"{p}_words"], [f"{p}_h32"], domain="com.microsoft", seed=0, positive=1)
+        g.node("Cast", [f"{p}_h32"], [f"{p}_h"], to=i64)
+        g.node("LabelEncoder", [f"{p}_words"], [f"{p}_ispad"], domain="ai.onnx.ml", keys_strings=[PAD_STRING],
+               values_int64s=[1], default_int64=0)
+        g.node("Sub", [one, f"{p}_ispad"], [f"{p}_valid"])  # 1: a word
+        g.node("ReduceSum", [f"{p}_valid", g.const("pre_ax1", np.array([1], dtype=np.int64))], [f"{p}_count"],
+               keepdims=1)  # c [B, 1]
+        buckets = g.const(f"{p}_buckets", np.array(col.hash_buckets, dtype=np.int64))
+        g.node("Mod", [f"{p}_h", buckets], [f"{p}_hmod"], fmod=0)
+        g.node("Add", [f"{p}_hmod", one], [f"{p}_uni"])  # [B, W + 2]
+        pad_id = g.const(f"{p}_pad_id", np.array(col.padding_id, dtype=np.int64))
+        g.node("Shape", [f"{p}_words"], [f"{p}_wshape"])
+        g.node("Gather", [f"{p}_wshape", one], [f"{p}_w2"], axis=0)  # W + 2 (scalar)
+        g.node("Sub", [f"{p}_w2", g.const("pre_two", np.array(2, dtype=np.int64))], [f"{p}_w"])
+        cols = g.const(f"{p}_cols", np.arange(k, dtype=np.int64).reshape(1, k))
+        g.node("Expand", [cols, g.const(f"{p}_bk", np.array([1, k], dtype=np.int64))], [f"{p}_k1"])
+        g.node("Shape", [f"{p}_count"], [f"{p}_b1"])  # [B, 1]
+        g.node("Mul", [f"{p}_b1", g.const(f"{p}_b_k", np.array([1, k], dtype=np.int64))], [f"{p}_bkshape"])
+        g.node("Expand", [cols, f"{p}_bkshape"], [f"{p}_k"])  # [B, K]
+        g.node("Min", [f"{p}_k", f"{p}_w"], [f"{p}_uni_at"])  # column W is padding
+        g.node("GatherElements", [f"{p}_uni", f"{p}_uni_at"], [f"{p}_uni_k"], axis=1)
+        g.node("Less", [f"{p}_k", f"{p}_count"], [f"{p}_is_uni"])
+        if col.ngrams >= 2:
+            g.node("Slice", [f"{p}_h", g.const("pre_s0", np.array([0], dtype=np.int64)),
+                             g.const("pre_sm1", np.array([-1], dtype=np.int64)), g.const("pre_ax1", np.array([1], dtype=np.int64))],
+                   [f"{p}_h_first"])
+            g.node("Slice", [f"{p}_h", g.const("pre_s1", np.array([1], dtype=np.int64)),
+                             g.const("pre_smax", np.array([np.iinfo(np.int64).max], dtype=np.int64)),
+                             g.const("pre_ax1", np.array([1], dtype=np.int64))], [f"{p}_h_second"])
+            g.node("Mul", [f"{p}_h_first", g.const("pre_bigram_mul", np.array(BIGRAM_MULTIPLIER, dtype=np.int64))],
+                   [f"{p}_h_scaled"])
+            g.node("Add", [f"{p}_h_scaled", f"{p}_h_second"], [f"{p}_h2"])
+            g.node("Mod", [f"{p}_h2", buckets], [f"{p}_h2mod"], fmod=0)
+            g.node("Add", [f"{p}_h2mod", one], [f"{p}_bi"])  # [B, W + 1]: bigram b at column b (b < c - 1)
+            g.node("Sub", [f"{p}_k", f"{p}_count"], [f"{p}_bk_raw"])
+            g.node("Max", [f"{p}_bk_raw", g.const("pre_zero", np.array(0, dtype=np.int64))], [f"{p}_bk_low"])
+            g.node("Sub", [f"{p}_w", one], [f"{p}_wm1"])
+            g.node("Max", [f"{p}_wm1", g.const("pre_zero", np.array(0, dtype=np.int64))], [f"{p}_wm1c"])
+            g.node("Min", [f"{p}_bk_low", f"{p}_wm1c"], [f"{p}_bi_at"])
+            g.node("GatherElements", [f"{p}_bi", f"{p}_bi_at"], [f"{p}_bi_k"], axis=1)
+            g.node("Sub", [f"{p}_count", one], [f"{p}_nbi"])
+            g.node("Less", [f"{p}_bk_raw", f"{p}_nbi"], [f"{p}_is_bi"])
+            g.node("Where", [f"{p}_is_bi", f"{p}_bi_k", pad_id], [f"{p}_rest"])
+        else:
+            g.node("Expand", [pad_id, f"{p}_bkshape"], [f"{p}_rest"])
+        g.node("Where", [f"{p}_is_uni", f"{p}_uni_k", f"{p}_rest"], [f"{p}_ids"])
+        ids = f"{p}_ids"
+        if k < width:
+            pads = g.const(f"{p}_pads", np.array([0, 0, 0, width - k], dtype=np.int64))
+            g.node("Pad", [ids, pads, pad_id], [f"{p}_wide"], mode="constant")
+            ids = f"{p}_wide"
+        g.node("Unsqueeze", [ids, g.const("pre_axes_1", np.array([1], dtype=np.int64))], [p])
+        outs.append(p)
+    g.concat_features(outs, core_input("text"))
+
+
 def preprocessing(schema: FittedSchema) -> _Graph:
     """The nodes that turn raw columns into the model's inputs, one function per column kind."""
     g = _Graph()
+    shared = shared_ids(g, schema)
     if schema.categorical:
-        categorical_ids(g, schema.categorical)
+        categorical_ids(g, schema.categorical, shared)
     if schema.dense:
         dense_values(g, schema.dense)
     if schema.image:
         image_values(g, schema.image)
     if schema.sequence:
         sequence_ids(g, schema.sequence, schema.sequence_width)
+    if schema.text:
+        text_ids(g, schema.text, schema.text_width)
     return g
 
 

@@ -19,8 +19,9 @@ def model_inputs(run: LoadedRun) -> list[ModelInput]:
     inputs = [ModelInput(c.name, "int64" if c.value_type == "int" else "string") for c in run.schema.categorical]
     inputs += [ModelInput(d.name, "float32") for d in run.schema.dense]
     inputs += [ModelInput(i.name, "float32", (i.channels, i.height, i.width), "image") for i in run.schema.image]
-    return inputs + [ModelInput(s.name, "int64" if s.value_type == "int" else "string", (s.max_length,), "sequence")
-                     for s in run.schema.sequence]
+    inputs += [ModelInput(s.name, "int64" if s.value_type == "int" else "string", (s.max_length,), "sequence")
+               for s in run.schema.sequence]
+    return inputs + [ModelInput(t.name, "string", (), "text") for t in run.schema.text]
 
 
 def metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""Column transforms, Arrow -> numpy: categorical ids (vocabulary or hashing), sequences of ids, dense
-values (filled, standardised), images. Each has an in-graph twin in ``recmtl.export.graph``."""
+"""Column transforms, Arrow -> numpy: categorical ids (vocabulary or hashing), sequences of ids, hashed text
+n-grams, dense values (filled, standardised), images. Each has an in-graph twin in ``recmtl.export.graph``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,6 +26,10 @@ def _value_type(name: str, typ: pa.DataType, kind: str) -> str:
             raise DataError(f"feature '{name}' is sequence but its column has type {typ}; expected a list of "
                             "integers or strings")
         return found
+    if kind == "text":
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+            raise DataError(f"feature '{name}' is text but its column has type {typ}; expected strings")
+        return "string"
     if kind == "image":
         found = is_image_type(typ)
         if found is None:
@@ -132,6 +136,8 @@ class SequenceColumn(CategoricalColumn):
     ``[n, max_length]``; the positions past a row's items hold the padding id ``cardinality``."""
 
     max_length: int = 50
+    vocabulary: str | None = None  # the categorical feature whose vocabulary (and ids) this one shares
+    target: str | None = None  # the candidate categorical feature of din/transformer
 
     @property
     def padding_id(self) -> int:
@@ -143,6 +149,66 @@ class SequenceColumn(CategoricalColumn):
         out = np.full((len(arr), width or self.max_length), self.padding_id, dtype=np.int64)
         if len(values):
             out[rows, cols] = self.ids(values)
+        return out
+
+
+#: a text's words: maximal runs of letters, digits and "_" (RE2, as in the exported graph's Tokenizer)
+TEXT_SEPARATOR = r"[^\pL\pN_]+"
+#: a bigram's hash: (h(first word) * BIGRAM_MULTIPLIER + h(second word)), h = MurmurHash3_32 (seed 0, unsigned)
+BIGRAM_MULTIPLIER = 1_000_003
+
+
+@dataclass
+class TextColumn:
+    """A free-text column: lowercased (Unicode), split into words on runs of non-word characters (anything but
+    letters, digits and ``_``), each word hashed with MurmurHash3_32 (seed 0, unsigned) to ``h``; a unigram's id
+    is ``h mod hash_buckets + 1``, a bigram's ``(h1 * BIGRAM_MULTIPLIER + h2) mod hash_buckets + 1``. A row keeps
+    the first ``max_tokens`` of its unigrams (in order) followed by its bigrams (``ngrams: 2``), left-aligned in
+    ``[n, max_tokens]``; the rest is the padding id ``cardinality``. A null or empty text has no tokens."""
+
+    name: str
+    hash_buckets: int = 100_000
+    ngrams: int = 2
+    max_tokens: int = 64
+    embedding_dim: int | None = None
+    value_type: str = "string"
+
+    @property
+    def cardinality(self) -> int:
+        return self.hash_buckets + 1
+
+    @property
+    def padding_id(self) -> int:
+        return self.cardinality
+
+    def token_ids(self, arr: pa.Array) -> np.ndarray:
+        """``[n, max_tokens]`` int64 n-gram ids."""
+        arr = plain_array(arr)
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            raise DataError(f"text feature '{self.name}': expected string values, got {arr.type}")
+        n = len(arr)
+        words = pc.split_pattern_regex(pc.utf8_lower(arr.fill_null("")), TEXT_SEPARATOR)
+        flat = pc.list_flatten(words)
+        rows = np.repeat(np.arange(n, dtype=np.int64), pc.list_value_length(words).to_numpy(zero_copy_only=False))
+        keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+        tokens, rows = flat.filter(pa.array(keep)), rows[keep]
+        encoded = pc.dictionary_encode(tokens)
+        uniques = encoded.dictionary.to_pylist()
+        hashed = np.fromiter((murmurhash3_32(u, seed=0, positive=True) for u in uniques), dtype=np.int64,
+                             count=len(uniques))
+        h = hashed[encoded.indices.to_numpy()] if len(tokens) else np.zeros(0, dtype=np.int64)
+        counts = np.bincount(rows, minlength=n)
+        pos = np.arange(len(h), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        ids, id_rows, id_cols = [h % self.hash_buckets + 1], [rows], [pos]
+        if self.ngrams >= 2 and len(h) > 1:
+            same = rows[1:] == rows[:-1]
+            ids.append((h[:-1][same] * BIGRAM_MULTIPLIER + h[1:][same]) % self.hash_buckets + 1)
+            id_rows.append(rows[:-1][same])
+            id_cols.append(counts[rows[:-1][same]] + pos[:-1][same])
+        ids_all, r, c = np.concatenate(ids), np.concatenate(id_rows), np.concatenate(id_cols)
+        kept = c < self.max_tokens
+        out = np.full((n, self.max_tokens), self.padding_id, dtype=np.int64)
+        out[r[kept], c[kept]] = ids_all[kept]
         return out
 
 

@@ -13,7 +13,7 @@ from recmtl.config import Config, FeatureConfig, TaskConfig
 from recmtl.data.arrow import plain_array
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
-from recmtl.schema.columns import CategoricalColumn, DenseColumn, ImageColumn, SequenceColumn, _value_type
+from recmtl.schema.columns import CategoricalColumn, DenseColumn, ImageColumn, SequenceColumn, TextColumn, _value_type
 from recmtl.schema.fitted import FittedSchema
 from recmtl.schema.labels import LabelColumn
 from recmtl.schema.leaks import LEAK_SAMPLE_ROWS, check_leaks
@@ -102,7 +102,14 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
                         + ", ".join(f"{f.name}: {f.channels or 1}x{f.height}x{f.width}" for f in image_cfg))
     kinds = {t.name: getattr(head_classes[t.name], "label_type", "value") for t in config.tasks}
     labels = [_label_column(t, kinds[t.name], source) for t in config.tasks]
-    counters = {f.name: _VocabCounter() for f in cat_cfg + seq_cfg if not f.hash_buckets}
+    text_cfg = [f for f in config.features if f.kind == "text"]
+    by_name = {f.name: f for f in config.features}
+    for f in seq_cfg:  # a shared vocabulary: the categorical feature's options and value type
+        if f.vocabulary and types[f.vocabulary] != types[f.name]:
+            raise DataError(f"sequence feature '{f.name}' shares the vocabulary of '{f.vocabulary}', but its items are "
+                            f"{types[f.name]}s and '{f.vocabulary}' holds {types[f.vocabulary]}s; expected the same type")
+    counters = {f.name: _VocabCounter() for f in cat_cfg + seq_cfg if not f.hash_buckets and not f.vocabulary}
+    counters |= {f.name: counters[f.vocabulary] for f in seq_cfg if f.vocabulary and f.vocabulary in counters}
     stats = {f.name: _DenseStats(_dense_column(f)) for f in dense_cfg}
     label_stats = {lab.task: LabelStats(lab) for lab in labels}
     targets = {lab.task: Moments() for lab in labels if lab.kind == "value"}
@@ -153,16 +160,24 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
         if lab.kind == "value":
             lab.target = targets[task.name].as_dict()
 
+    fitted: dict[str, np.ndarray | None] = {}
+
     def vocabulary(f: FeatureConfig) -> np.ndarray | None:
+        if f.vocabulary:  # the shared one: the same array (ids), fitted over both columns
+            return fitted[f.vocabulary]
         if f.hash_buckets:
+            fitted[f.name] = None
             return None
         vocab = counters[f.name].vocabulary(f.min_count, f.max_size)
-        return vocab.astype(object) if types[f.name] == "string" else vocab
+        fitted[f.name] = vocab.astype(object) if types[f.name] == "string" else vocab
+        return fitted[f.name]
 
     categorical = [CategoricalColumn(f.name, types[f.name], vocabulary(f), f.hash_buckets, f.embedding_dim)
                    for f in cat_cfg]
-    sequence = [SequenceColumn(f.name, types[f.name], vocabulary(f), f.hash_buckets, f.embedding_dim,
-                               max_length=f.max_length) for f in seq_cfg]
+    sequence = [SequenceColumn(f.name, types[f.name], vocabulary(f),
+                               by_name[f.vocabulary].hash_buckets if f.vocabulary else f.hash_buckets, f.embedding_dim,
+                               max_length=f.max_length, vocabulary=f.vocabulary, target=f.target) for f in seq_cfg]
+    text = [TextColumn(f.name, f.hash_buckets, f.ngrams, f.max_tokens, f.embedding_dim) for f in text_cfg]
     dense = []
     for f in dense_cfg:
         col = stats[f.name].column
@@ -180,8 +195,8 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
 
     for col in sequence:  # fail before training on lists of the wrong item type
         col.sequence_ids(sample_table.column(col.name).slice(0, 64))
-    check_leaks([f for f in config.features if f.kind not in ("image", "sequence")], sample_table, labels)
-    return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image, sequence,
+    check_leaks([f for f in config.features if f.kind not in ("image", "sequence", "text")], sample_table, labels)
+    return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image, sequence, text,
                         label_summary=label_summary)
 
 

@@ -15,7 +15,7 @@ from recmtl.contracts import FeatureInfo
 from recmtl.data.arrow import plain_array
 from recmtl.files import atomic_path, write_json
 from recmtl.rundir import SCHEMA, VOCAB, RunDir
-from recmtl.schema.columns import CategoricalColumn, DenseColumn, ImageColumn, SequenceColumn
+from recmtl.schema.columns import CategoricalColumn, DenseColumn, ImageColumn, SequenceColumn, TextColumn
 from recmtl.schema.labels import LabelColumn
 
 SCHEMA_VERSION = 1
@@ -59,6 +59,7 @@ class FittedSchema:
     num_rows: int = 0
     image: list[ImageColumn] = field(default_factory=list)
     sequence: list[SequenceColumn] = field(default_factory=list)
+    text: list[TextColumn] = field(default_factory=list)
     #: the fit pass's label summary of the training data per task (``recmtl.schema.summary``; not saved here:
     #: ``recmtl train`` keeps it in ``run.json``)
     label_summary: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
@@ -66,12 +67,17 @@ class FittedSchema:
     @property
     def feature_columns(self) -> list[str]:
         return ([c.name for c in self.categorical] + [d.name for d in self.dense] + [i.name for i in self.image]
-                + [s.name for s in self.sequence])
+                + [s.name for s in self.sequence] + [t.name for t in self.text])
 
     @property
     def sequence_width(self) -> int:
         """The last axis of the ``sequence`` input: the longest ``max_length`` of the sequence features."""
         return max((s.max_length for s in self.sequence), default=0)
+
+    @property
+    def text_width(self) -> int:
+        """The last axis of the ``text`` input: the largest ``max_tokens`` of the text features."""
+        return max((t.max_tokens for t in self.text), default=0)
 
     def label_slices(self) -> dict[str, tuple[int, int, bool]]:
         """Per task: (first column in ``Arrays.labels``, width, True when the label is one scalar)."""
@@ -94,10 +100,25 @@ class FittedSchema:
             infos["image"] = [FeatureInfo(i.name, "image", 0, {"channels": i.channels, "height": i.height, "width": i.width})
                               for i in self.image]
         if self.sequence:
+            cat_pos = {c.name: j for j, c in enumerate(self.categorical)}
+            def target(s: SequenceColumn) -> dict[str, Any]:
+                if s.target is None:
+                    return {}
+                t = self.categorical[cat_pos[s.target]]
+                return {"target": cat_pos[s.target], "target_name": t.name, "target_cardinality": t.cardinality,
+                        "shared": s.vocabulary == s.target}
             infos["sequence"] = [
                 FeatureInfo(s.name, "sequence", s.cardinality,
-                            {"max_length": s.max_length, **({"embedding_dim": s.embedding_dim} if s.embedding_dim else {})})
+                            {"max_length": s.max_length, **({"embedding_dim": s.embedding_dim} if s.embedding_dim else {}),
+                             **target(s)})
                 for s in self.sequence
+            ]
+        if self.text:
+            infos["text"] = [
+                FeatureInfo(t.name, "text", t.cardinality,
+                            {"max_length": t.max_tokens, "ngrams": t.ngrams,
+                             **({"embedding_dim": t.embedding_dim} if t.embedding_dim else {})})
+                for t in self.text
             ]
         return infos
 
@@ -127,6 +148,14 @@ class FittedSchema:
             for j, col in enumerate(self.sequence):
                 seq[:, j] = col.sequence_ids(batch.column(col.name), width)
             inputs["sequence"] = seq
+        if self.text:
+            width = self.text_width
+            text = np.empty((n, len(self.text), width), dtype=np.int64)
+            for j, col in enumerate(self.text):
+                ids = col.token_ids(batch.column(col.name))
+                text[:, j, :col.max_tokens] = ids
+                text[:, j, col.max_tokens:] = col.padding_id
+            inputs["text"] = text
         y = mask = None
         if labels:
             width = sum(lab.width for lab in self.labels)
@@ -157,7 +186,12 @@ class FittedSchema:
             return out
 
         cats = [entry(c, f"{VOCAB}/{j:04d}.parquet") for j, c in enumerate(self.categorical)]
-        seqs = [entry(c, f"{VOCAB}/sequence_{j:04d}.parquet") | {"max_length": c.max_length}
+        cat_entries = {c.name: e for c, e in zip(self.categorical, cats)}
+        seqs = [({k: v for k, v in cat_entries[c.vocabulary].items() if k != "embedding_dim"}
+                 | {"name": c.name, "vocabulary": c.vocabulary} if c.vocabulary else
+                 entry(c, f"{VOCAB}/sequence_{j:04d}.parquet"))
+                | {"max_length": c.max_length} | ({"embedding_dim": c.embedding_dim} if c.embedding_dim else {})
+                | ({"target": c.target} if c.target else {})
                 for j, c in enumerate(self.sequence)]
         write_json(run_dir / SCHEMA, {
             "schema_version": SCHEMA_VERSION,
@@ -170,6 +204,8 @@ class FittedSchema:
                        for lab in self.labels],
             "image": [{"name": i.name, "channels": i.channels, "height": i.height, "width": i.width} for i in self.image],
             "sequence": seqs,
+            "text": [{"name": t.name, "hash_buckets": t.hash_buckets, "ngrams": t.ngrams, "max_tokens": t.max_tokens,
+                      "embedding_dim": t.embedding_dim} for t in self.text],
             "group_column": self.group_column,
         })
 
@@ -183,8 +219,12 @@ class FittedSchema:
             return pq.read_table(run_dir / c["vocab_file"]).column("value").to_numpy(zero_copy_only=False)
         cats = [CategoricalColumn(c["name"], c["value_type"], vocab_of(c), c.get("hash_buckets"), c.get("embedding_dim"))
                 for c in meta["categorical"]]
-        seqs = [SequenceColumn(c["name"], c["value_type"], vocab_of(c), c.get("hash_buckets"), c.get("embedding_dim"),
-                               max_length=c["max_length"]) for c in meta.get("sequence", [])]
+        by_name = {c.name: c for c in cats}
+        seqs = [SequenceColumn(c["name"], c["value_type"],
+                               by_name[c["vocabulary"]].vocab if c.get("vocabulary") else vocab_of(c),
+                               c.get("hash_buckets"), c.get("embedding_dim"), max_length=c["max_length"],
+                               vocabulary=c.get("vocabulary"), target=c.get("target"))
+                for c in meta.get("sequence", [])]
         return cls(
             categorical=cats,
             dense=[DenseColumn(**d) for d in meta["dense"]],
@@ -194,4 +234,5 @@ class FittedSchema:
             num_rows=meta.get("num_rows", 0),
             image=[ImageColumn(**i) for i in meta.get("image", [])],
             sequence=seqs,
+            text=[TextColumn(**t) for t in meta.get("text", [])],
         )

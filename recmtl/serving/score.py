@@ -150,7 +150,8 @@ class Scorer:
         self.inputs = [ModelInput.from_metadata(i) for i in self.meta["inputs"]]
         self.tasks = [t["name"] for t in self.meta["tasks"]]
         #: string inputs (one value per row), read dictionary-encoded from Parquet
-        self.string_columns = [i.name for i in self.inputs if i.dtype == "string" and not i.is_sequence and not i.is_image]
+        self.string_columns = [i.name for i in self.inputs if i.dtype == "string" and not i.is_sequence and not i.is_image
+                               and i.kind != "text"]  # free text: few repeated values, read as plain strings
         #: K for tasks scored as K probabilities (multiclass, multilabel), None for one score per row
         self.widths: dict[str, int | None] = {t["name"]: t.get("width") for t in self.meta["tasks"]}
 

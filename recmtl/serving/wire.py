@@ -5,7 +5,8 @@ An exported model takes one input per raw column:
 
 * ``int64``: a categorical int column (``[batch]``) or a sequence of ints (``[batch, max_length]``); a null
   is ``INT_NULL`` (outside every vocabulary, so the OOV id), padding after a sequence's items is ``PAD_INT``;
-* ``string``: a categorical string column or a sequence of strings; a null is ``""``, padding ``PAD_STRING``;
+* ``string``: a categorical string column, a sequence of strings or a text column (``[batch]``, tokenised in the
+  graph); a null is ``""`` (for a text: no tokens), padding ``PAD_STRING``;
 * ``float32``: a dense column (``[batch]``, null = NaN) or an image ``[batch, C, H, W]`` in [0, 1].
 
 The recmtl schema (inputs, tasks, classes) is JSON under ``METADATA_KEY`` in the model's ``metadata_props``.
@@ -59,7 +60,8 @@ V2_NUMERIC = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP64": 
 #: what a null means, per input kind (stored in the metadata for clients in other languages)
 MISSING_VALUES = {"int64": "any value outside the vocabulary (recmtl score passes int64 min)",
                   "string": "empty string", "float32": "NaN", "image": "all zeros",
-                  "sequence": "a null list: all padding; a null item: as int64/string"}
+                  "sequence": "a null list: all padding; a null item: as int64/string",
+                  "text": "empty string (no tokens)"}
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class ModelInput:
     name: str
     dtype: str  # a key of WIRE_TYPES
     shape: tuple[int, ...] = ()  # per-row shape: () for a column value, (C, H, W) for an image, (L,) for a sequence
-    kind: str = ""  # "categorical" | "dense" | "image" | "sequence" ("": from dtype and shape)
+    kind: str = ""  # "categorical" | "dense" | "image" | "sequence" | "text" ("": from dtype and shape)
 
     @property
     def wire(self) -> WireType:
@@ -95,6 +97,9 @@ class ModelInput:
             return {"name": self.name, "dtype": self.dtype, "kind": "sequence", "shape": list(self.shape),
                     "max_length": self.shape[0], "padding": self.wire.padding,
                     "order": "a row's last max_length items, left-aligned; the rest padding"}
+        if self.kind == "text":
+            return {"name": self.name, "dtype": self.dtype, "kind": "text",
+                    "tokens": "lowercased words and bigrams, hashed in the graph; a raw string per row"}
         return {"name": self.name, "dtype": self.dtype, "kind": "dense" if self.dtype == "float32" else "categorical"}
 
     @classmethod

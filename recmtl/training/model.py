@@ -12,7 +12,8 @@ from recmtl.errors import ConfigError, PluginError, close_matches
 from recmtl.registry import Registry
 from recmtl.schema import FittedSchema
 
-DEFAULT_ENCODERS = {"categorical": "embedding", "dense": "dense", "image": "cnn", "sequence": "sequence_pool"}
+DEFAULT_ENCODERS = {"categorical": "embedding", "dense": "dense", "image": "cnn", "sequence": "sequence_pool",
+                    "text": "text_bag"}
 
 
 def encoder_config(config: Config, kind: str) -> ComponentConfig:
@@ -24,7 +25,7 @@ def validate_plugins(config: Config, registry: Registry) -> dict[str, type[Head]
     kinds_used = {f.kind for f in config.features}
     for kind in config.encoders:
         if kind not in DEFAULT_ENCODERS:
-            raise ConfigError(f"encoders.{kind}: no feature kind '{kind}' (expected categorical, dense, image or sequence)")
+            raise ConfigError(f"encoders.{kind}: no feature kind '{kind}' (expected categorical, dense, image, sequence or text)")
     for kind in kinds_used:
         enc = encoder_config(config, kind)
         cls = registry.get("encoder", enc.name)
@@ -227,7 +228,7 @@ class MultiTaskModel(nn.Module):
 
         for kind, enc in self.encoders.items():
             name = encoder_config(config, kind).name
-            out = call(f"encoder '{name}'", enc, inputs[kind])
+            out = call(f"encoder '{name}'", self.call_encoder, kind, inputs)
             if tuple(out.shape) != (2, enc.output_dim):
                 raise PluginError(f"encoder '{name}' returned shape {tuple(out.shape)}, expected (batch, output_dim={enc.output_dim})")
             if enc.has_fields and self.field_view is not None:
@@ -262,7 +263,7 @@ class MultiTaskModel(nn.Module):
                 raise PluginError(f"{name}: predict returned shape {tuple(scores[t].shape)}, expected "
                                   + ("(batch,)" if head.label_type == "value" else f"(batch, {width}) for its {width} "
                                      + ("classes" if head.label_type == "class" else "attributes")))
-        self.tower.diagnostics()  # forget the dry run's statistics
+        self.diagnostics()  # forget the dry run's statistics
         self.train(was_training)
 
     def _default_field_dim(self) -> int:
@@ -294,8 +295,12 @@ class MultiTaskModel(nn.Module):
             visit(t)
         return order
 
+    def call_encoder(self, kind: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        enc = self.encoders[kind]
+        return enc(inputs[kind], inputs) if getattr(enc, "uses_inputs", False) else enc(inputs[kind])
+
     def encode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [enc(inputs[kind]) for kind, enc in self.encoders.items()]
+        parts = [self.call_encoder(kind, inputs) for kind in self.encoders]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def encode_all(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -305,7 +310,8 @@ class MultiTaskModel(nn.Module):
             return self.encode(inputs), None
         flats, fields = {}, {}
         for kind, enc in self.encoders.items():
-            flats[kind], fields[kind] = enc.encode(inputs[kind]) if enc.has_fields else (enc(inputs[kind]), None)
+            flats[kind], fields[kind] = (enc.encode(inputs[kind]) if enc.has_fields
+                                         else (self.call_encoder(kind, inputs), None))
         parts = list(flats.values())
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return x, self.field_view(self.encoders, flats, fields)
@@ -378,11 +384,14 @@ class MultiTaskModel(nn.Module):
         return enc + between + list(self.tower.shared_parameters())
 
     def diagnostics(self) -> dict[str, Any]:
-        """The tower's diagnostics, with the ``[task x field]`` matrix of the feature gates (``matrices.feature_gates``)."""
-        diag = self.tower.diagnostics()
+        """The tower's diagnostics, with the ``[task x field]`` matrix of the feature gates (``matrices.feature_gates``)
+        and the encoders' (``encoders: {kind: ...}``) where they have any."""
+        diag = dict(self.tower.diagnostics())
         if self.gates is not None:
-            diag = dict(diag)
             diag["matrices"] = {**diag.get("matrices", {}), "feature_gates": self.gates.matrix()}
+        enc = {kind: d for kind, e in self.encoders.items() if (d := getattr(e, "diagnostics", dict)())}
+        if enc:
+            diag["encoders"] = enc
         return diag
 
 
@@ -423,7 +432,7 @@ def example_input(kind: str, features: list, n: int) -> torch.Tensor:
     """Zeros shaped like ``n`` preprocessed rows of the features of ``kind`` (dry runs, ONNX export)."""
     if kind == "categorical":
         return torch.zeros(n, len(features), dtype=torch.long)
-    if kind == "sequence":  # every position padding but the first (id 0, the OOV bucket)
+    if kind in ("sequence", "text"):  # every position padding but the first (id 0 / 1: an item, a token)
         width = max(int(f.options["max_length"]) for f in features)
         x = torch.tensor([f.cardinality for f in features], dtype=torch.long)[None, :, None].repeat(n, 1, width)
         x[:, :, 0] = 0

@@ -1,0 +1,269 @@
+"""Issue 17: shared vocabularies, the din and transformer encoders, kind: text (tokenising and hashing in
+training and in the exported graph), attention diagnostics, and the CLI end to end (train, export with parity,
+score, serve, Triton)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from onnx import TensorProto, helper
+
+from recmtl import FeatureInfo
+from recmtl.config import parse_config
+from recmtl.errors import ConfigError
+from recmtl.schema import TextColumn
+from recmtl.testing import check_encoder
+from recmtl_plugins.encoders.din import DINEncoder
+from recmtl_plugins.encoders.text import TextBagEncoder
+from recmtl_plugins.encoders.transformer import TransformerEncoder
+
+TRICKY = ["Hello, World! hello", "", None, "   ", "ÉCOLE straße Ünïcode naïve", "a_b-c  d.e", "İstanbul ΣΟΦΙΑ",
+          "x" * 40 + " y", "one two three four five six seven eight nine ten", "emoji 🙂 ok", "tab\tnew\nline",
+          "123 4.5 -6", "日本語 テキスト", "MiXeD CaSe", "!!!"]
+
+
+# ---- tokenising and hashing -------------------------------------------------------------------------
+def test_text_ids_words_then_bigrams_truncated_and_empty_rows():
+    from sklearn.utils import murmurhash3_32
+    col = TextColumn("t", hash_buckets=1000, ngrams=2, max_tokens=5)
+    ids = col.token_ids(pa.array(["Hello, WORLD! a", None, "", "...", "a b c d e f"]))
+    h = {w: murmurhash3_32(w, seed=0, positive=True) for w in ("hello", "world", "a")}
+    uni = [h[w] % 1000 + 1 for w in ("hello", "world", "a")]
+    bi = [(h["hello"] * 1_000_003 + h["world"]) % 1000 + 1, (h["world"] * 1_000_003 + h["a"]) % 1000 + 1]
+    assert ids[0].tolist() == uni + bi  # lowercased, split on punctuation: 3 words then 2 bigrams
+    assert (ids[1:4] == col.padding_id).all()  # null, empty and punctuation-only: no tokens
+    assert (ids[4] != col.padding_id).all() and len(set(ids[4].tolist())) == 5  # truncated: the 5 first words
+    words = TextColumn("t", 1000, ngrams=1, max_tokens=8).token_ids(pa.array(["a b a"]))
+    assert words[0, :3].tolist() == [uni[2], ids[4, 1], uni[2]] and (words[0, 3:] == 1001).all()
+
+
+def _text_graph(col: TextColumn) -> ort.InferenceSession:
+    from recmtl.export.graph import _Graph, core_input, text_ids
+    g = _Graph()
+    text_ids(g, [col], col.max_tokens)
+    out = helper.make_tensor_value_info(core_input("text"), TensorProto.INT64, ["batch", 1, col.max_tokens])
+    graph = helper.make_graph(g.nodes, "t", g.inputs, [out], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 2),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    onnx.checker.check_model(model)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("ngrams,max_tokens", [(2, 6), (2, 40), (1, 4)])
+def test_graph_tokenises_and_hashes_bit_for_bit(ngrams, max_tokens):
+    """Punctuation, Unicode (accents, sharp s, Greek, CJK, emoji), whitespace, empty strings and nulls."""
+    col = TextColumn("t", hash_buckets=997, ngrams=ngrams, max_tokens=max_tokens)
+    sess = _text_graph(col)
+    want = col.token_ids(pa.array(TRICKY, pa.string()))
+    got = sess.run(None, {"t": np.array(["" if t is None else t for t in TRICKY], dtype=object)})[0]
+    np.testing.assert_array_equal(got[:, 0], want)
+    # a batch where no row has a word, and a single row
+    empty = sess.run(None, {"t": np.array(["", " ;; "], dtype=object)})[0]
+    assert (empty == col.padding_id).all() and empty.shape == (2, 1, max_tokens)
+    np.testing.assert_array_equal(sess.run(None, {"t": np.array([TRICKY[4]], dtype=object)})[0][:, 0], want[4:5])
+
+
+# ---- encoders ---------------------------------------------------------------------------------------
+def test_encoder_contracts():
+    for params in ({}, {"normalization": "softmax"}, {"include_target": False, "attention_units": [8, 4]}):
+        check_encoder(DINEncoder, **params)
+    for params in ({}, {"output": "mean", "num_layers": 2, "num_heads": 4}):
+        check_encoder(TransformerEncoder, **params)
+    check_encoder(TextBagEncoder)
+    with pytest.raises(ValueError, match="normalization"):
+        DINEncoder([FeatureInfo("s", "sequence", 5, {"max_length": 3})], normalization="max")
+    with pytest.raises(ValueError, match="num_heads"):
+        TransformerEncoder([FeatureInfo("s", "sequence", 5, {"max_length": 3})], dim=6, num_heads=4)
+
+
+def _seq_features():
+    return [FeatureInfo("hist", "sequence", 10, {"max_length": 4, "target": 0, "target_cardinality": 10, "shared": True})]
+
+
+@pytest.mark.parametrize("cls", [DINEncoder, TransformerEncoder])
+def test_attention_ignores_padding_and_depends_on_the_candidate(cls):
+    torch.manual_seed(0)
+    enc = cls(_seq_features(), dim=4, **({"dropout": 0.0} if cls is TransformerEncoder else {})).eval()
+    x = torch.tensor([[[3, 5, 10, 10]], [[3, 5, 10, 10]]])
+    cand = {"categorical": torch.tensor([[3], [7]])}
+    out = enc(x, cand)
+    assert not torch.allclose(out[0], out[1])  # the same history, another candidate: another interest
+    if cls is DINEncoder:  # the shared table: the candidate's embedding is the history's row
+        torch.testing.assert_close(out[0, 4:], enc.tables[0].weight[3])
+    empty = enc(torch.full((1, 1, 4), 10), {"categorical": torch.tensor([[3]])})
+    assert torch.isfinite(empty).all()
+    if cls is DINEncoder:
+        assert (empty[0, :4] == 0).all()  # no items: interest zero
+    stats = enc.diagnostics()["attention"]["hist"]
+    assert stats["rows_by_position"] == [2, 2] and len(stats["mean_by_position"]) == 2
+    assert enc.diagnostics() == {}  # reset after each call
+
+
+# ---- config and data errors -------------------------------------------------------------------------
+def _raw(features):
+    return {"data": {"train": "x.parquet"}, "features": features, "tasks": [{"name": "click"}]}
+
+
+@pytest.mark.parametrize("features,message", [
+    ([{"name": "h", "kind": "sequence", "target": "nope"}], "target 'nope' is not a feature"),
+    ([{"name": "d", "kind": "dense"}, {"name": "h", "kind": "sequence", "vocabulary": "d"}],
+     "vocabulary 'd' is a dense feature; expected a categorical feature"),
+    ([{"name": "i", "kind": "categorical", "target": "i"}], "vocabulary/target apply to sequence features only"),
+    ([{"name": "i", "kind": "categorical"}, {"name": "h", "kind": "sequence", "vocabulary": "i", "min_count": 2}],
+     "shares the vocabulary of 'i'"),
+    ([{"name": "i", "kind": "categorical", "max_tokens": 3}], "ngrams/max_tokens apply to text features only"),
+    ([{"name": "t", "kind": "text", "min_count": 3}], "fits no vocabulary"),
+])
+def test_config_errors_name_the_feature(features, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_raw(features))
+
+
+def test_text_defaults():
+    cfg = parse_config(_raw([{"name": "t", "kind": "text"}]))
+    f = cfg.features[0]
+    assert (f.ngrams, f.max_tokens, f.hash_buckets) == (2, 64, 100_000)
+
+
+# ---- end to end -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def interests_dir(tmp_path_factory):
+    from recmtl.data.synthetic import interests
+    out = tmp_path_factory.mktemp("interests")
+    interests(out, rows=5000, seed=1, items=200, topics=10, history=12, text=True, test_fraction=0.0, valid_fraction=0.2)
+    return out
+
+
+def _config(path, data, encoder: dict, text: bool = True):
+    features = [{"name": "item_id", "kind": "categorical"},
+                {"name": "hist", "kind": "sequence", "max_length": 8, "vocabulary": "item_id", "target": "item_id"}]
+    features += [{"name": "title", "kind": "text", "hash_buckets": 512, "max_tokens": 10}] if text else []
+    cfg = {"seed": 0, "data": {"train": str(data / "train.parquet"), "validation": str(data / "valid.parquet"),
+                               "shuffle_buffer": 4096, "read_rows": 2048},
+           "features": features,
+           "tasks": [{"name": "click"}, {"name": "conversion", "head": "esmm", "params": {"ctr_task": "click"}}],
+           "encoders": {"categorical": {"name": "embedding", "dim": 4}, "sequence": encoder,
+                        "text": {"name": "text_bag", "dim": 4}},
+           "tower": {"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+           "optimizer": {"lr": 0.01},
+           "train": {"batch_size": 256, "epochs": 1, "progress": False, "threads": 1}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_din_with_text_trains_exports_scores_and_serves(cli, interests_dir, tmp_path):
+    cfg = _config(tmp_path / "c.yaml", interests_dir, {"name": "din", "dim": 4})
+    r = cli("train", cfg, "--out", tmp_path / "run")
+    assert r.code == 0, r
+    schema = json.loads((tmp_path / "run" / "schema.json").read_text())
+    hist = schema["sequence"][0]
+    assert hist["vocabulary"] == "item_id" and hist["vocab_file"] == schema["categorical"][0]["vocab_file"]
+    assert schema["text"][0]["max_tokens"] == 10
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    att = history[-1]["diagnostics"]["encoders"]["sequence"]["attention"]["hist"]
+    assert len(att["mean_by_position"]) == 8 and att["rows_by_position"][0] > 0
+    r = cli("report", tmp_path / "run", "-o", tmp_path / "report")
+    assert r.code == 0 and (tmp_path / "report" / "attention.png").is_file(), r
+    assert "Sequence attention" in (tmp_path / "report" / "index.html").read_text()
+
+    model = tmp_path / "m.onnx"
+    r = cli("export", tmp_path / "run", "-o", model)  # the parity check runs inside
+    assert r.code == 0 and "parity" in r.out, r
+    meta = json.loads({p.key: p.value for p in onnx.load(str(model)).metadata_props}["recmtl.schema"])
+    inputs = {i["name"]: i for i in meta["inputs"]}
+    assert inputs["title"]["kind"] == "text" and inputs["title"]["dtype"] == "string"
+
+    r = cli("score", model, interests_dir / "valid.parquet", "-o", tmp_path / "s.parquet", "--no-progress")
+    assert r.code == 0, r
+    r = cli("evaluate", tmp_path / "run", interests_dir / "valid.parquet", "--save-predictions", tmp_path / "p.parquet")
+    assert r.code == 0, r
+    scored = pq.read_table(tmp_path / "s.parquet")
+    torch_scores = pq.read_table(tmp_path / "p.parquet")
+    for task in ("click", "conversion"):
+        np.testing.assert_allclose(scored[task].to_numpy(), torch_scores[task].to_numpy(), atol=1e-5)
+
+    from starlette.testclient import TestClient
+
+    from recmtl.serving.app import create_app
+    rows = pq.read_table(interests_dir / "valid.parquet").slice(0, 16).to_pylist()
+    rows[0]["title"], rows[1]["title"], rows[2]["hist"] = None, "", None  # null/empty text and history are valid
+    instances = [{k: r[k] for k in ("item_id", "hist", "title")} for r in rows]
+    with TestClient(create_app(model)) as client:
+        r = client.post("/v1/models/m/predict", json={"instances": instances})
+        assert r.status_code == 200, r.text
+        got = [p["click"] for p in r.json()["predictions"]]
+        np.testing.assert_allclose(got[3:], scored["click"].to_numpy()[3:16], atol=1e-6)
+        bad = client.post("/v1/models/m/predict", json={"instances": [{**instances[3], "title": 5}]})
+        assert bad.status_code == 400 and "title" in bad.json()["error"]
+    from recmtl.serving.triton import write_triton_repo
+    config = (write_triton_repo(model, tmp_path / "triton", "m") / "config.pbtxt").read_text()
+    assert '{ name: "title" data_type: TYPE_STRING dims: [ 1 ] reshape: { shape: [ ] } }' in config
+    assert '{ name: "hist" data_type: TYPE_INT64 dims: [ 8 ] }' in config
+
+
+def test_transformer_exports_with_parity(cli, interests_dir, tmp_path):
+    cfg = _config(tmp_path / "c.yaml", interests_dir, {"name": "transformer", "dim": 4, "num_heads": 2}, text=False)
+    assert cli("train", cfg, "--out", tmp_path / "run").code == 0
+    r = cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert r.code == 0 and "parity" in r.out, r
+
+
+def test_bad_columns_are_data_errors(cli, interests_dir, tmp_path):
+    t = pq.read_table(interests_dir / "valid.parquet").slice(0, 500)
+    t = t.set_column(t.schema.get_field_index("hist"), "hist",
+                     pa.array([[str(v) for v in h] for h in t["hist"].to_pylist()], pa.list_(pa.string())))
+    pq.write_table(t, tmp_path / "strings.parquet")
+    cfg = yaml.safe_load(_config(tmp_path / "c.yaml", interests_dir, {"name": "din"}).read_text())
+    cfg["data"] = {"train": str(tmp_path / "strings.parquet")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("train", tmp_path / "c.yaml", "--out", tmp_path / "run")
+    assert r.code == 2 and "shares the vocabulary of 'item_id'" in r.err and "Traceback" not in r.err, r
+    cfg["features"] = cfg["features"][:1] + [{"name": "click_as_text", "kind": "text"}]
+    t2 = t.append_column("click_as_text", t["item_id"])
+    pq.write_table(t2, tmp_path / "ints.parquet")
+    cfg["data"] = {"train": str(tmp_path / "ints.parquet")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("train", tmp_path / "c.yaml", "--out", tmp_path / "run2")
+    assert r.code == 2 and "feature 'click_as_text' is text but its column has type int64; expected strings" in r.err, r
+
+
+def test_shared_vocabulary_is_one_lookup_in_the_graph(interests_dir, tmp_path, cli):
+    cfg = _config(tmp_path / "c.yaml", interests_dir, {"name": "din", "dim": 4}, text=False)
+    assert cli("train", cfg, "--out", tmp_path / "run").code == 0
+    r = cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert r.code == 0 and "parity" in r.out, r
+    lookups = [n for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "LabelEncoder"]
+    assert len(lookups) == 1  # item_id and hist: one vocabulary table
+
+
+def test_transformer_computes_only_the_candidates_last_position_exactly(monkeypatch):
+    import recmtl_plugins.encoders.transformer as tr
+    torch.manual_seed(1)
+    enc = TransformerEncoder(_seq_features(), dim=4, num_layers=2, dropout=0.0).eval()
+    x, cand = torch.tensor([[[3, 5, 2, 10]], [[10, 10, 10, 10]]]), {"categorical": torch.tensor([[3], [7]])}
+    fast = enc(x, cand)
+    full_forward = tr._Block.forward
+    monkeypatch.setattr(tr._Block, "forward", lambda self, h, keep, last_only=False: full_forward(self, h, keep, False))
+    torch.testing.assert_close(fast, enc(x, cand))
+
+
+def test_interests_generator_has_its_truth_and_history_signal(cli, tmp_path):
+    r = cli("datagen", "interests", tmp_path, "--rows", "4000", "--items", "50", "--topics", "5", "--history", "6",
+            "--text", "--seed", "2")
+    assert r.code == 0, r
+    data, truth = pq.read_table(tmp_path / "train.parquet"), pq.read_table(tmp_path / "train.truth.parquet")
+    assert data.column_names == ["item_id", "hist", "title", "click", "conversion"] and len(truth) == len(data)
+    assert max(len(h or []) for h in data["hist"].to_pylist()) <= 6
+    click, conv = data["click"].to_numpy(), data["conversion"].to_numpy()
+    assert (conv <= click).all() and 0 < click.mean() < 1
+    seen = np.array([c in (h or []) for c, h in zip(data["item_id"].to_pylist(), data["hist"].to_pylist())])
+    p = truth["click"].to_numpy()
+    assert p[seen].mean() > p[~seen].mean() + 0.2  # the candidate in the history: much likelier clicked
