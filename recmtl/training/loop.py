@@ -40,7 +40,7 @@ from recmtl.training.distributed import (
     setup,
 )
 from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors
-from recmtl.training.evaluate import merge_predictions, per_task_model, predict, task_metrics
+from recmtl.training.evaluate import map_scores, merge_predictions, per_task_model, predict, score_map, task_metrics
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
 
@@ -369,7 +369,8 @@ def _metrics(ctx: Context, model: MultiTaskModel, schema: FittedSchema, source: 
     ctx.broadcast_state([model, *others], buffers_only=True)  # e.g. batch-norm statistics: rank 0's
     part = predict(model, schema, source, config.train.eval_batch_size, config.data.read_rows, shard=ctx.shard)
     parts = ctx.gather_object(part)
-    metrics = task_metrics(model, merge_predictions(parts, source.spec)) if ctx.is_main else None
+    metrics = (task_metrics(model, map_scores(merge_predictions(parts, source.spec), score_map(config)))  # downsampling
+               if ctx.is_main else None)
     return ctx.broadcast_object(metrics)
 
 
