@@ -139,6 +139,18 @@ def test_calibrate_evaluate_export_score(cli, calib_run, funnel_dir, tmp_path):
                                scored["click"].to_numpy() * scored["conversion"].to_numpy() ** 0.5, rtol=1e-5)
 
 
+def test_report_draws_reliability_diagrams(cli, calib_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    metrics = json.loads((calib_run / "metrics.json").read_text())
+    bins = metrics["reliability"]["validation"]["click"]
+    assert sum(bins["count"]) == metrics["validation"]["click"]["rows"] and "dwell" not in metrics["reliability"]["validation"]
+    assert {"ne", "calibration_ratio", "ece", "brier"} <= set(metrics["validation"]["conversion"])
+    r = cli("report", calib_run, "-o", tmp_path / "rep")
+    assert r.code == 0, r
+    assert (tmp_path / "rep" / "reliability.png").is_file()
+    assert "Reliability diagrams" in (tmp_path / "rep" / "index.html").read_text()
+
+
 def test_negative_sampling_rate_in_evaluate_and_graph(cli, calib_run, funnel_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(calib_run, run)

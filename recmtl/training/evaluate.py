@@ -127,6 +127,19 @@ def map_scores(pred: Predictions, smap: ScoreMap) -> Predictions:
     return pred
 
 
+def reliability_bins(config: Config, pred: Predictions) -> dict[str, dict[str, list[float]]]:
+    """Each binary and ESMM task's reliability bins (``recmtl.metrics.reliability``) over its labelled rows."""
+    from recmtl import metrics as M
+    from recmtl.calibration import CALIBRATED_HEADS
+    out = {}
+    for t in config.tasks:
+        if t.head in CALIBRATED_HEADS and t.name in pred.scores:
+            label, m = pred.task_label(t.name)
+            if m.any():
+                out[t.name] = M.reliability(label[m], pred.scores[t.name][m])
+    return out
+
+
 def task_metrics(model: MultiTaskModel, pred: Predictions) -> dict[str, dict[str, float]]:
     """Each head's metrics over its task's labelled rows, plus the loss and the labelled-row count."""
     out: dict[str, dict[str, float]] = {}
