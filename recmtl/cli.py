@@ -242,7 +242,8 @@ def evaluate(
         with atomic_path(save_predictions) as tmp:
             pq.write_table(pa.table(table), tmp)
     if as_json:
-        out = {"data": data, "metrics": metrics, "epochs": run.epochs}
+        out = {"data": data, "metrics": metrics, "epochs": run.epochs,
+               "calibrators": {t: c.method for t, c in run.scores.calibrators.items()}}
         if ref_metrics:
             out["reference"] = ref_metrics
         typer.echo(json.dumps(out, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))

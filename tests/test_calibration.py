@@ -120,6 +120,7 @@ def test_calibrate_evaluate_export_score(cli, calib_run, funnel_dir, tmp_path):
     assert saved["metrics"]["click"]["test"]["after"]["calibration_ratio"] > 0
     r = cli("evaluate", calib_run, test, "--save-predictions", tmp_path / "p.parquet", "--json")
     assert r.code == 0 and "calibrated scores (platt" in r.err, r
+    assert json.loads(r.out)["calibrators"] == {"click": "platt", "conversion": "platt"}
     r = cli("evaluate", calib_run, test, "--save-predictions", tmp_path / "raw.parquet", "--no-calibration")
     assert r.code == 0 and "calibrated" not in r.err, r
     r = cli("export", calib_run, "-o", tmp_path / "m.onnx", "--fuse", "click^1.0 * conversion^0.5")
