@@ -40,8 +40,8 @@ def recmtl(*args: object, capture: bool = False) -> str:
     return done.stdout if capture else ""
 
 
-#: the training settings (``--epochs``, ``--lr``, ``--patience`` override them)
-TRAIN = {"epochs": 3, "lr": 0.003, "patience": 1}
+#: the training settings (``--epochs``, ``--lr``, ``--patience`` override them) and the weights scored (``--checkpoint``)
+TRAIN = {"epochs": 3, "lr": 0.003, "patience": 1, "checkpoint": "tasks"}
 
 
 def write_config(path: Path, data: Path, train: Path, rate: float = 1.0) -> None:
@@ -64,7 +64,8 @@ def write_config(path: Path, data: Path, train: Path, rate: float = 1.0) -> None
 
 
 def evaluate_scores(run: Path, test: Path, out: Path, calibrated: bool) -> pa.Table:
-    recmtl("evaluate", run, test, "--save-predictions", out, *([] if calibrated else ["--no-calibration"]))
+    recmtl("evaluate", run, test, "--save-predictions", out, "--checkpoint", TRAIN["checkpoint"],
+           *([] if calibrated else ["--no-calibration"]))
     return pq.read_table(out)
 
 
@@ -144,15 +145,16 @@ def calibration_part(seed: int, data: Path, work: Path, tag: str, labels: pa.Tab
     for t in TASKS:
         out["raw"][t] = figures(labels[t].to_numpy().astype(float), raw[t].to_numpy().astype(float))
     models = {}
-    recmtl("export", run, "-o", work / f"raw{seed}.onnx", "--sample", valid)
+    recmtl("export", run, "-o", work / f"raw{seed}.onnx", "--sample", valid, "--checkpoint", TRAIN["checkpoint"])
     models["none"] = work / f"raw{seed}.onnx"
     for method in METHODS:
-        recmtl("calibrate", run, "--data", valid, "--method", method)
+        recmtl("calibrate", run, "--data", valid, "--method", method, "--checkpoint", TRAIN["checkpoint"])
         cal = evaluate_scores(run, test, work / f"{method}.parquet", calibrated=True)
         out["calibrated"][method] = {t: figures(labels[t].to_numpy().astype(float), cal[t].to_numpy().astype(float))
                                      for t in TASKS}
         model = work / f"{method}{seed}.onnx"
-        recmtl("export", run, "-o", model, "--sample", valid, "--fuse", "click^1.0 * conversion^0.5")
+        recmtl("export", run, "-o", model, "--sample", valid, "--fuse", "click^1.0 * conversion^0.5",
+               "--checkpoint", TRAIN["checkpoint"])
         models[method] = model
         recmtl("score", model, test, "-o", work / "scored.parquet", "--no-progress")
         scored = pq.read_table(work / "scored.parquet")
@@ -201,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=TRAIN["epochs"])
     ap.add_argument("--lr", type=float, default=TRAIN["lr"])
     ap.add_argument("--patience", type=int, default=TRAIN["patience"], help="early-stopping patience (0: never stop)")
+    ap.add_argument("--checkpoint", default=TRAIN["checkpoint"], help="the weights scored: tasks, best or last")
     ap.add_argument("--no-calibration", dest="main_part", action="store_false", help="skip the calibrators")
     ap.add_argument("--no-downsampling", dest="downsampling", action="store_false", help="skip the downsampled run")
     ap.add_argument("--no-speed", dest="speed", action="store_false", help="skip rows/s and serve")
     args = ap.parse_args(argv)
-    TRAIN.update(epochs=args.epochs, lr=args.lr, patience=args.patience)
+    TRAIN.update(epochs=args.epochs, lr=args.lr, patience=args.patience, checkpoint=args.checkpoint)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="recmtl-calib-"))
     work.mkdir(parents=True, exist_ok=True)
     results = [one_seed(int(s), args.rows, args.rate, work, args.tag, args.main_part, args.downsampling, args.speed)
