@@ -224,6 +224,25 @@ def group(
 
 CHECKPOINT_HELP = ("Which trained weights: tasks (each task from its own best epoch, the default), best (best.pt: one "
                    "network, the best epoch by early_stopping.monitor), last, or a checkpoint file in the run directory.")
+CALIBRATION_HELP = "Apply the calibrators `recmtl calibrate` stored in the run directory (when there are any)."
+
+
+@app.command()
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `recmtl train`.")],
+    data: Annotated[str, typer.Option(help="Held-out Parquet with the labels, to fit the calibrators on.")],
+    method: Annotated[str, typer.Option(help="isotonic, platt or temperature.")] = "isotonic",
+    tasks: Annotated[list[str], typer.Option(
+        "--tasks", help="Task to calibrate; repeatable (default: every binary and esmm task).")] = [],
+    test: Annotated[Optional[str], typer.Option(help="A second held-out Parquet: metrics before/after on it too.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16_384,
+    checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "tasks",
+) -> None:
+    """Fit a post-hoc calibrator per probability task on held-out data; store it in RUN_DIR/calibrator.json."""
+    from recmtl.training.calibrate import calibrate_run, format_results
+    results = calibrate_run(run_dir, data, method, tasks, test, State.plugins, State.disabled, checkpoint, batch_size)
+    typer.echo(format_results(results))
+    typer.echo(f"wrote {results['path']} ({method}); evaluate uses it, and `recmtl export` puts it in the model")
 
 
 @app.command()
@@ -239,6 +258,7 @@ def evaluate(
              "their AUC is shown alongside.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16_384,
     checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "tasks",
+    calibration: Annotated[bool, typer.Option(help=CALIBRATION_HELP)] = True,
 ) -> None:
     """Per-task metrics of a trained model on DATA, over each task's labelled rows."""
     import numpy as np
@@ -249,9 +269,12 @@ def evaluate(
     from recmtl.files import atomic_path
     from recmtl.metrics import auc
     from recmtl.schema import check_types
-    from recmtl.training.evaluate import format_table, load_run, predict, task_metrics
+    from recmtl.training.evaluate import format_table, load_run, task_metrics
 
-    run = load_run(run_dir, State.plugins, State.disabled, checkpoint)
+    run = load_run(run_dir, State.plugins, State.disabled, checkpoint, calibration)
+    if run.scores.calibrators:
+        typer.echo(f"calibrated scores ({run.scores.info.get('method')}: {', '.join(run.scores.calibrators)}; "
+                   "--no-calibration for the raw ones)", err=True)
     cols = [c for t in run.config.tasks for c in t.label_columns] + run.schema.feature_columns
     if run.schema.group_column:
         cols.append(run.schema.group_column)
@@ -261,7 +284,7 @@ def evaluate(
     if keep and save_predictions is None:
         raise ConfigError("--keep copies columns into the --save-predictions file; pass --save-predictions too")
     kept_source = ParquetSource(data, keep) if keep else None
-    pred = predict(run.model, run.schema, source, batch_size, run.config.data.read_rows)
+    pred = run.predict(source, batch_size)
     metrics = task_metrics(run.model, pred)
     ref_metrics = None
     if reference is not None:
@@ -297,7 +320,8 @@ def evaluate(
         with atomic_path(save_predictions) as tmp:
             pq.write_table(pa.table(table), tmp)
     if as_json:
-        out = {"data": data, "metrics": metrics, "epochs": run.epochs}
+        out = {"data": data, "metrics": metrics, "epochs": run.epochs,
+               "calibrators": {t: c.method for t, c in run.scores.calibrators.items()}}
         if ref_metrics:
             out["reference"] = ref_metrics
         typer.echo(json.dumps(out, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
@@ -367,11 +391,16 @@ def export(
         help="Also write a Triton model repository here (NAME/1/model.onnx + config.pbtxt).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository (default: the output file's stem).")] = None,
     checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "tasks",
+    calibration: Annotated[bool, typer.Option(help=CALIBRATION_HELP)] = True,
+    fuse: Annotated[Optional[str], typer.Option(
+        help="A ranking score over the (calibrated) task scores, e.g. 'click^1.0 * conversion^0.5': an extra output "
+             "ranking_score (task names, numbers, + - * / ^, parentheses).")] = None,
 ) -> None:
     """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
     from recmtl.export import PARITY_ATOL, PARITY_RTOL, export_run
     from recmtl.serving.triton import write_triton_repo
-    diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled, checkpoint, typer.echo)
+    diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled, checkpoint, typer.echo,
+                       calibration=calibration, fuse=fuse)
     typer.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{t}={d['max_abs']:.2e}" for t, d in diffs.items())
                + f" (limit {PARITY_ATOL:g} + {PARITY_RTOL:g} x |score|)")
     typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")

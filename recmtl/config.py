@@ -113,6 +113,8 @@ class TaskConfig(_Strict):
     weight: float = Field(1.0, ge=0)
     positive: list[str | int | float] | str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    #: the fraction of negatives kept in the training data; scores are corrected to the full base rate
+    negative_sampling_rate: float = 1.0
 
     @field_validator("positive", mode="before")
     @classmethod
@@ -142,6 +144,13 @@ class TaskConfig(_Strict):
             _no_duplicates(self.label, f"label column of task '{self.name}'")
             if self.positive is not None:
                 raise ValueError(f"task '{self.name}': positive applies to a single label column")
+        rate = self.negative_sampling_rate
+        if not 0 < rate <= 1:
+            raise ValueError(f"task '{self.name}': negative_sampling_rate must be in (0, 1] (the fraction of negatives "
+                             f"kept in the training data), got {rate:g}")
+        if rate != 1 and self.head not in ("binary", "esmm"):
+            raise ValueError(f"task '{self.name}': negative_sampling_rate applies to binary and esmm heads (one "
+                             f"probability per row), not {self.head}")
         return self
 
     @property

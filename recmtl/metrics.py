@@ -1,10 +1,11 @@
 """Metrics over labelled rows: AUC, logloss and GAUC for binary tasks (``binary_metrics``, with the label check
-``binary_label_problem``), RMSE/MAE for regression."""
+``binary_label_problem``), their calibration (normalized entropy, calibration ratio, ECE over equal-mass bins,
+Brier score, ``reliability`` bins for diagrams), RMSE/MAE for regression."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
+from sklearn.metrics import brier_score_loss, log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
 
 
 def auc(label: np.ndarray, score: np.ndarray) -> float:
@@ -43,15 +44,78 @@ def mae(label: np.ndarray, score: np.ndarray) -> float:
     return float(mean_absolute_error(label, score)) if len(label) else float("nan")
 
 
+#: equal-mass bins of ``ece`` and ``reliability``
+CALIBRATION_BINS = 15
+
+
+def normalized_entropy(label: np.ndarray, score: np.ndarray) -> float:
+    """Normalized entropy (He et al., ADKDD 2014): logloss divided by the entropy of the base rate, i.e. the logloss
+    of always predicting the observed positive rate (< 1: better than that constant). NaN for a single class."""
+    if len(label) == 0:
+        return float("nan")
+    rate = float(np.mean(label))
+    if rate <= 0.0 or rate >= 1.0:
+        return float("nan")
+    entropy = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+    return logloss(label, score) / float(entropy)
+
+
+def calibration_ratio(label: np.ndarray, score: np.ndarray) -> float:
+    """Sum of predicted probabilities over the number of positives (1.0: calibrated on average; 1.3: 30 % too high).
+    NaN without positives."""
+    positives = float(np.sum(label))
+    return float(np.sum(score, dtype=np.float64) / positives) if positives > 0 else float("nan")
+
+
+def brier(label: np.ndarray, score: np.ndarray) -> float:
+    """Brier score: the mean squared difference between probability and 0/1 label (scikit-learn)."""
+    if len(label) == 0:
+        return float("nan")
+    return float(brier_score_loss(label, np.clip(score, 0.0, 1.0), pos_label=1))
+
+
+def reliability(label: np.ndarray, score: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, list[float]]:
+    """Equal-mass bins of the rows sorted by score (at most ``bins``, about the same number of rows each; tied scores
+    may straddle a boundary): per bin the mean predicted probability, the observed positive rate and the row count,
+    the points of a reliability diagram."""
+    n = len(label)
+    if n == 0:
+        return {"predicted": [], "observed": [], "count": []}
+    order = np.argsort(score, kind="stable")
+    parts = [p for p in np.array_split(order, min(bins, n)) if len(p)]
+    s, y = np.asarray(score, np.float64), np.asarray(label, np.float64)
+    return {"predicted": [float(s[p].mean()) for p in parts], "observed": [float(y[p].mean()) for p in parts],
+            "count": [int(len(p)) for p in parts]}
+
+
+def ece(label: np.ndarray, score: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """Expected calibration error over equal-mass bins: the row-weighted mean of |mean predicted - observed rate|."""
+    if len(label) == 0:
+        return float("nan")
+    r = reliability(label, score, bins)
+    gap = np.abs(np.array(r["predicted"]) - np.array(r["observed"]))
+    return float(np.average(gap, weights=r["count"]))
+
+
+def calibration_metrics(label: np.ndarray, score: np.ndarray) -> dict[str, float]:
+    """``ne``, ``calibration_ratio``, ``ece`` and ``brier`` of probabilities ``score`` for 0/1 ``label``."""
+    return {"ne": normalized_entropy(label, score), "calibration_ratio": calibration_ratio(label, score),
+            "ece": ece(label, score), "brier": brier(label, score)}
+
+
+#: the names ``calibration_metrics`` returns
+CALIBRATION_METRICS = ("ne", "calibration_ratio", "ece", "brier")
 #: what ``binary_metrics`` returns (``gauc`` only when the rows have groups)
-BINARY_METRICS = ("auc", "logloss", "gauc")
+BINARY_METRICS = ("auc", "logloss", "gauc", *CALIBRATION_METRICS)
 
 
 def binary_metrics(label: np.ndarray, score: np.ndarray, group: np.ndarray | None = None) -> dict[str, float]:
-    """AUC and logloss of probabilities ``score`` for 0/1 ``label``, and GAUC when ``group`` is given."""
+    """AUC and logloss of probabilities ``score`` for 0/1 ``label``, GAUC when ``group`` is given, and the calibration
+    metrics (``calibration_metrics``)."""
     out = {"auc": auc(label, score), "logloss": logloss(label, score)}
     if group is not None:
         out["gauc"] = gauc(label, score, group)
+    out.update(calibration_metrics(label, score))
     return out
 
 

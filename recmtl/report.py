@@ -23,7 +23,7 @@ import yaml
 
 from recmtl.errors import ConfigError, DataError
 from recmtl.files import atomic_path
-from recmtl.rundir import CONFIG, METRICS, RUN_INFO, RunDir
+from recmtl.rundir import CALIBRATOR, CONFIG, METRICS, RUN_INFO, RunDir
 
 DPI = 100
 #: diagnostics keys with a figure of their own; any other key is listed as JSON
@@ -594,6 +594,74 @@ def _figure_html(img: Image) -> str:
             f'height="{img.height}" src="data:image/png;base64,{b64}">{cap}</figure>')
 
 
+def _calibrator_file(data: RunData) -> dict[str, Any]:
+    """``calibrator.json``'s content when ``recmtl calibrate`` wrote one (empty when absent or unreadable)."""
+    path = data.run_dir / CALIBRATOR
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        data.notes.append(f"{CALIBRATOR} is not valid JSON; its reliability diagrams are not shown")
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _bins(entry: Any) -> tuple[list[float], list[float], list[int]] | None:
+    if not isinstance(entry, dict):
+        return None
+    p, o, n = entry.get("predicted"), entry.get("observed"), entry.get("count")
+    if not (isinstance(p, list) and isinstance(o, list) and isinstance(n, list) and len(p) == len(o) == len(n) and p):
+        return None
+    return [_num(v) for v in p], [_num(v) for v in o], [int(_num(v)) for v in n]
+
+
+def reliability_figure(data: RunData) -> Image | None:
+    """One panel per binary/ESMM task: observed positive rate against mean predicted probability per equal-mass bin
+    (the diagonal: perfect calibration), for the validation and test splits of ``metrics.json`` and, when the run was
+    calibrated, the calibration file's held-out split before and after; each curve's label gives its bin counts."""
+    saved = data.metrics.get("reliability") if isinstance(data.metrics.get("reliability"), dict) else {}
+    cal = _calibrator_file(data)
+    curves: dict[str, list[tuple[str, tuple[list[float], list[float], list[int]]]]] = {}
+    for split in ("validation", "test"):
+        for task, entry in (saved.get(split) or {}).items():
+            b = _bins(entry)
+            if b:
+                epoch = entry.get("epoch")
+                curves.setdefault(task, []).append((f"{split}" + (f" (epoch {epoch})" if epoch else ""), b))
+    for task, entry in (cal.get("reliability") or {}).items():
+        if isinstance(entry, dict):
+            for when in ("before", "after"):
+                b = _bins(entry.get(when))
+                if b:
+                    what = "uncalibrated" if when == "before" else f"{cal.get('method', '')} calibrated"
+                    curves.setdefault(task, []).append((f"{entry.get('split', '')} split, {what}", b))
+    if not curves:
+        return None
+    ncols = min(3, len(curves))
+    nrows = math.ceil(len(curves) / ncols)
+    fig = _new_figure(4.2 * ncols, 4.0 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (task, items) in zip(axes, curves.items()):
+        top = max(max(max(p), max(o)) for _, (p, o, _n) in items)
+        top = min(1.0, top * 1.05) or 1.0
+        ax.plot([0, top], [0, top], color="0.6", linestyle=":", linewidth=1, label="perfectly calibrated")
+        for i, (label, (p, o, n)) in enumerate(items):
+            counts = f"{min(n)}" if min(n) == max(n) else f"{min(n)}-{max(n)}"
+            ax.plot(p, o, marker="o", markersize=3, color=f"C{i % 10}", label=f"{label}: {len(n)} bins of {counts} rows")
+        ax.set_title(task)
+        ax.set_xlabel("mean predicted probability")
+        ax.set_ylabel("observed positive rate")
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    for ax in axes[len(curves):]:
+        ax.set_visible(False)
+    return _render(fig, "calibration", "reliability.png", "Reliability diagrams",
+                   "equal-mass bins of the scores sorted; points above the diagonal: scores too low, below: too high")
+
+
 def render_html(data: RunData, images: list[Image], extra_diagnostics: dict[str, Any]) -> str:
     by_section: dict[str, list[Image]] = {}
     for img in images:
@@ -610,6 +678,8 @@ def render_html(data: RunData, images: list[Image], extra_diagnostics: dict[str,
     if isinstance(m.get("test"), dict) and m["test"]:
         parts.append("<h3>Test (best checkpoint)</h3>" + _metrics_table(m["test"]))
     sections = [("curves", "Training curves", ""),
+                ("calibration", "Calibration", "Predicted against observed per bin of equal row count (binary and "
+                 "ESMM tasks; <code>recmtl calibrate</code> adds its before/after curves)."),
                 ("tower", "Tower diagnostics", "What the tower learned about how the tasks relate."),
                 ("attention", "Sequence attention", "What the target-attention encoders (din, transformer) attend to."),
                 ("balance", "Task balance", "Logged every <code>train.log_every</code> training steps (balance.jsonl)."),
@@ -650,6 +720,9 @@ def build_images(data: RunData) -> tuple[list[Image], dict[str, Any]]:
     """Every figure the run's data allows, and the diagnostics left undrawn (unknown keys, or a known key
     whose value does not follow the convention, with the reason)."""
     images = [training_curves(data)]
+    reliability = reliability_figure(data)
+    if reliability is not None:
+        images.append(reliability)
     epoch, diag = _best_diagnostics(data)
     data.diagnostics_epoch = epoch
     extra = {k: v for k, v in diag.items()

@@ -14,6 +14,7 @@ write is atomic (``recmtl.files``), so an interrupted run never leaves a file th
 ``best.pt``        the model state of the best epoch by ``early_stopping.monitor``
 ``best_epochs/``   ``epoch_NNNN.pt``: the model state of each task's best epoch (one file per distinct epoch)
 ``last.pt``        everything ``--resume`` needs: model, balancer, optimisers, RNGs, history
+``calibrator.json`` the post-hoc calibrators ``recmtl calibrate`` fitted (JSON, ``recmtl.calibration``)
 ``.lock``          held by the ``recmtl train`` writing the folder (its process id)
 =================  =====================================================================================
 """
@@ -39,6 +40,7 @@ BEST = "best.pt"
 LAST = "last.pt"
 BEST_EPOCHS = "best_epochs"
 LOCK = ".lock"
+CALIBRATOR = "calibrator.json"
 
 
 def epoch_checkpoint(epoch: int) -> str:

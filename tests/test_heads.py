@@ -12,6 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
+from recmtl import metrics as M
 from recmtl.config import parse_config
 from recmtl.contracts import TaskInfo
 from recmtl.data.parquet import ParquetSource
@@ -112,6 +113,11 @@ def test_multilabel_metrics_equal_sklearn_and_skip_missing_attributes():
     assert m["auc_big"] == pytest.approx(roc_auc_score(y[:, 1], score[:, 1]))
     known = ~np.isnan(holey)
     assert m["micro_f1"] == pytest.approx(f1_score(holey[known], (score >= 0.5)[known]))
+    # calibration: pooled over the labelled values, and per attribute (issue 19)
+    assert m["calibration_ratio"] == pytest.approx(score[known].sum() / holey[known].sum())
+    assert m["ece_big"] == pytest.approx(M.ece(y[:, 1], score[:, 1]))
+    assert m["calibration_ratio_even"] == pytest.approx(score[100:, 0].sum() / y[100:, 0].sum())
+    assert set(m) <= set(head.metric_names())
 
 
 def test_regression_log1p_trains_on_log_target_and_predicts_in_original_units():

@@ -62,8 +62,10 @@ def test_report_of_a_real_mmoe_run(tmp_path, funnel_dir, cli):
         assert {"balance_weights.png", "balance_grad_norms.png", "balance_cosine.png"} <= set(images)
         assert png_size(images["balance_cosine.png"]) == (800, 400)
         assert "<td>click/conversion</td>" in page and "<td>16</td>" in page
-    # curves: one row of 3 panels (loss, auc, logloss) of 4 x 3.5 inches at 100 dpi
-    assert png_size(images["curves.png"]) == (1200, 350)
+    # curves: 7 panels (loss, auc, logloss, ne, calibration_ratio, ece, brier) in rows of 3, 4 x 3.5 inches at 100 dpi
+    assert png_size(images["curves.png"]) == (1200, 1050)
+    # reliability diagrams: validation and test of both tasks, one row of 2 panels of 4.2 x 4 inches
+    assert png_size(images["reliability.png"]) == (840, 400)
     # gate heatmap: 2 gates x 2 experts
     assert png_size(images["gate_weights.png"]) == (460, 250)
 

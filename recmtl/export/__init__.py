@@ -9,7 +9,9 @@ positions holding the padding sentinel (``recmtl.serving.wire.PAD_INT`` = INT64_
 the in-graph lookup maps to the padding id; nulls inside a list are missing values as for categorical.
 One output per task: ``[batch]`` (a probability for binary heads, pCTCVR for ESMM, a value for regression)
 or ``[batch, K]`` (class probabilities of a multiclass head, attribute probabilities of a multilabel head,
-their names in the metadata's ``classes``). The recmtl
+their names in the metadata's ``classes``). A binary or ESMM task trained with ``negative_sampling_rate`` < 1 is
+corrected to the full base rate inside the graph, and a calibrator ``recmtl calibrate`` stored is applied after that
+(metadata ``recmtl.calibration``); ``fuse`` adds the output ``ranking_score`` computed from the final task scores. The recmtl
 schema, task names and versions are in ``metadata_props``. Export checks parity against PyTorch on
 sample rows and writes nothing when it fails.
 """
@@ -21,8 +23,9 @@ from pathlib import Path
 import onnx
 import pyarrow as pa
 
+from recmtl.calibration import FUSED_OUTPUT, fuse_expression
 from recmtl.data.parquet import ParquetSource
-from recmtl.errors import RecmtlError
+from recmtl.errors import ConfigError, RecmtlError
 from recmtl.export.graph import build_onnx
 from recmtl.export.metadata import metadata, model_inputs
 from recmtl.export.parity import PARITY_ATOL, PARITY_RTOL, parity, parity_failures
@@ -36,11 +39,20 @@ class ExportError(RecmtlError):
 
 def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None = None, sample_rows: int = 4096,
                plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = PER_TASK,
-               say: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+               say: Callable[[str], None] | None = None, calibration: bool = True,
+               fuse: str | None = None) -> dict[str, dict[str, float]]:
     """Write ``output`` atomically after the parity check; returns its per-task differences (``parity``).
     ``checkpoint`` as in ``load_run``: by default each task is scored by the model of its own best epoch; when
     those epochs differ the graph holds one copy of the network per distinct epoch (``say`` is told the cost)."""
-    run = load_run(run_dir, list(plugins), list(disabled), checkpoint)
+    run = load_run(run_dir, list(plugins), list(disabled), checkpoint, calibration)
+    scalar = [t for t in run.model.task_names if run.model.heads[t].label_type not in ("class", "multi")]
+    if fuse is not None and FUSED_OUTPUT in run.model.task_names:
+        raise ConfigError(f"--fuse adds the output '{FUSED_OUTPUT}', which is also a task's name; rename the task")
+    fusion = fuse_expression(fuse, scalar) if fuse is not None else None
+    if say is not None and run.scores:
+        parts = [f"{t}: negatives kept at {r:g}" for t, r in run.scores.rates.items() if r != 1.0]
+        parts += [f"{t}: {c.method} calibrator" for t, c in run.scores.calibrators.items()]
+        say("score map in the graph: " + "; ".join(parts))
     if say is not None and run.epochs:
         distinct = sorted(set(run.epochs.values()))
         epochs = ", ".join(f"{t}: {e}" for t, e in run.epochs.items())
@@ -51,8 +63,8 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
         else:
             say(f"epoch {distinct[0]} for every task ({epochs})")
     inputs = model_inputs(run)
-    model = build_onnx(run)
-    for key, value in metadata(run, inputs).items():
+    model = build_onnx(run, fusion)
+    for key, value in metadata(run, inputs, fusion).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     spec = sample_data or run.config.resolve(run.config.data.validation or run.config.data.train)
@@ -66,7 +78,7 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
     sample = pa.Table.from_batches(batches).slice(0, sample_rows)
     with atomic_path(output) as tmp:
         onnx.save_model(model, str(tmp))
-        diffs = parity(run, tmp, sample)
+        diffs = parity(run, tmp, sample, fusion)
         bad = parity_failures(diffs)
         if bad:
             worst = ", ".join(f"{t}: max abs {d['max_abs']:.3g}, max rel {d['max_rel']:.3g}" for t, d in bad.items())

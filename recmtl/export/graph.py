@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import recmtl
+from recmtl.calibration import EPS, FUSED_OUTPUT, Fusion, ScoreMap, TaskCalibrator
 from recmtl.schema import CategoricalColumn, DenseColumn, FittedSchema, ImageColumn, SequenceColumn, TextColumn
 from recmtl.schema.columns import BIGRAM_MULTIPLIER, TEXT_SEPARATOR
 from recmtl.serving.wire import INT_NULL, PAD_INT, PAD_STRING
@@ -365,8 +366,99 @@ def preprocessing(schema: FittedSchema) -> _Graph:
     return g
 
 
-def build_onnx(run: LoadedRun) -> onnx.ModelProto:
-    """Export the torch model on preprocessed tensors, then put the preprocessing graph in front."""
+def _logit(g: _Graph, p: str, out: str) -> str:
+    g.node("Clip", [p, g.const("post_eps", np.array(EPS, np.float32)), g.const("post_1_eps", np.array(1 - EPS, np.float32))],
+           [f"{out}_clipped"])
+    g.node("Log", [f"{out}_clipped"], [f"{out}_log_p"])
+    g.node("Sub", [g.const("post_one", np.array(1, np.float32)), f"{out}_clipped"], [f"{out}_q"])
+    g.node("Log", [f"{out}_q"], [f"{out}_log_q"])
+    g.node("Sub", [f"{out}_log_p", f"{out}_log_q"], [out])
+    return out
+
+
+def calibrator_nodes(g: _Graph, cal: TaskCalibrator, p: str, out: str) -> None:
+    """Twin of ``TaskCalibrator.apply``: ``platt`` and ``temperature`` as arithmetic on the logit; ``isotonic`` as the
+    piecewise-linear map through its breakpoints (the segment found by counting the inner breakpoints at or below the
+    score, then ``y_i + slope_i * (clip(p) - x_i)``)."""
+    f32 = np.float32
+    if cal.method in ("platt", "temperature"):
+        z = _logit(g, p, f"{out}_logit")
+        a, b = (cal.params["a"], cal.params["b"]) if cal.method == "platt" else (1.0 / cal.params["temperature"], 0.0)
+        g.node("Mul", [z, g.const(f"{out}_a", np.array(a, f32))], [f"{out}_az"])
+        g.node("Add", [f"{out}_az", g.const(f"{out}_b", np.array(b, f32))], [f"{out}_azb"])
+        g.node("Sigmoid", [f"{out}_azb"], [out])
+        return
+    x, y = np.asarray(cal.params["x"], np.float64), np.asarray(cal.params["y"], np.float64)
+    slope = np.diff(y) / np.diff(x)
+    g.node("Clip", [p, g.const(f"{out}_x_first", np.array(x[0], f32)), g.const(f"{out}_x_last", np.array(x[-1], f32))],
+           [f"{out}_clipped"])
+    if len(x) > 2:
+        g.node("Unsqueeze", [f"{out}_clipped", g.const("post_axes_1", np.array([1], np.int64))], [f"{out}_col"])
+        g.node("GreaterOrEqual", [f"{out}_col", g.const(f"{out}_x_inner", x[1:-1].astype(f32))], [f"{out}_above"])
+        g.node("Cast", [f"{out}_above"], [f"{out}_above_int"], to=TensorProto.INT64)
+        g.node("ReduceSum", [f"{out}_above_int", g.const("post_axes_1", np.array([1], np.int64))], [f"{out}_segment"],
+               keepdims=0)
+        def at(name: str, values: np.ndarray) -> str:
+            g.node("Gather", [g.const(f"{out}_{name}_table", values.astype(f32)), f"{out}_segment"], [f"{out}_{name}"], axis=0)
+            return f"{out}_{name}"
+        x_lo, y_lo, k = at("x_lo", x[:-1]), at("y_lo", y[:-1]), at("slope", slope)
+    else:
+        x_lo, y_lo, k = (g.const(f"{out}_{n}", np.array(v, f32)) for n, v in (("x_lo", x[0]), ("y_lo", y[0]), ("slope", slope[0])))
+    g.node("Sub", [f"{out}_clipped", x_lo], [f"{out}_dx"])
+    g.node("Mul", [f"{out}_dx", k], [f"{out}_dy"])
+    g.node("Add", [y_lo, f"{out}_dy"], [out])
+
+
+def postprocessing(smap: ScoreMap, raw: dict[str, str], final: dict[str, str]) -> _Graph:
+    """Twin of ``ScoreMap.task`` for each task in ``raw`` (its core output): the downsampling correction
+    ``p w / (p w + 1 - p)``, then its calibrator, into ``final[task]``."""
+    g = _Graph()
+    for j, (t, p) in enumerate(raw.items()):
+        rate = smap.rates.get(t, 1.0)
+        cal = smap.calibrators.get(t)
+        if rate != 1.0:
+            w = g.const(f"post_{j}_rate", np.array(rate, np.float32))
+            corrected = final[t] if cal is None else f"post_{j}_corrected"
+            g.node("Mul", [p, w], [f"post_{j}_pw"])
+            g.node("Sub", [g.const("post_one", np.array(1, np.float32)), p], [f"post_{j}_q"])
+            g.node("Add", [f"post_{j}_pw", f"post_{j}_q"], [f"post_{j}_den"])
+            g.node("Div", [f"post_{j}_pw", f"post_{j}_den"], [corrected])
+            p = corrected
+        if cal is not None:
+            calibrator_nodes(g, cal, p, final[t])
+    return g
+
+
+def fusion_nodes(g: _Graph, fusion: Fusion, out: str) -> None:
+    """Twin of ``Fusion.evaluate``: one node per operator of the parsed expression, into ``out`` ``[batch]``."""
+    import ast
+    ops = {ast.Add: "Add", ast.Sub: "Sub", ast.Mult: "Mul", ast.Div: "Div", ast.Pow: "Pow"}
+    count = [0]
+
+    def emit(node: ast.expr, name: str | None = None) -> str:
+        count[0] += 1
+        name = name or f"fuse_{count[0]}"
+        if isinstance(node, ast.Constant):
+            return g.const(f"fuse_c{count[0]}", np.array(float(node.value), np.float32))
+        if isinstance(node, ast.Name):
+            if name == out:
+                g.node("Identity", [node.id], [out])
+                return out
+            return node.id
+        if isinstance(node, ast.UnaryOp):
+            g.node("Neg", [emit(node.operand)], [name])
+            return name
+        left, right = emit(node.left), emit(node.right)
+        g.node(ops[type(node.op)], [left, right], [name])
+        return name
+    result = emit(fusion.tree, out)
+    if result != out:  # a constant expression never gets here (it names no task)
+        g.node("Identity", [result], [out])
+
+
+def build_onnx(run: LoadedRun, fusion: Fusion | None = None) -> onnx.ModelProto:
+    """Export the torch model on preprocessed tensors, then put the preprocessing graph in front and the score map
+    (``run.scores``: downsampling corrections, calibrators) and the optional ``fusion`` output behind."""
     model = run.model.eval()
     kinds = list(model.encoders.keys())
     example = [example_input(kind, model.encoders[kind].features, 4) for kind in kinds]
@@ -390,6 +482,23 @@ def build_onnx(run: LoadedRun) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes + old_nodes)
     graph.initializer.extend(inits)
+    mapped = [t for t in tasks if t in run.scores.calibrators or run.scores.rates.get(t, 1.0) != 1.0]
+    if mapped:  # the core's output t becomes recmtl_t_raw; the score map's nodes compute t from it
+        raw = {t: f"recmtl_{t}_raw" for t in mapped}
+        for node in graph.node:
+            for io in (node.input, node.output):
+                for i, name in enumerate(io):
+                    if name in raw:
+                        io[i] = raw[name]
+        post = postprocessing(run.scores, raw, {t: t for t in mapped})
+        graph.node.extend(post.nodes)
+        graph.initializer.extend(post.inits)
+    if fusion is not None:
+        fused = _Graph()
+        fusion_nodes(fused, fusion, FUSED_OUTPUT)
+        graph.node.extend(fused.nodes)
+        graph.initializer.extend(fused.inits)
+        graph.output.append(helper.make_tensor_value_info(FUSED_OUTPUT, TensorProto.FLOAT, ["batch"]))
     graph.name = "recmtl"
     core.opset_import.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
     if uses_ms:

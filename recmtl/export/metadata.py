@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 import recmtl
+from recmtl.calibration import FUSED_OUTPUT, Fusion
 from recmtl.export.graph import OPSET
 from recmtl.rundir import RunDir
 from recmtl.serving.wire import FORMAT, METADATA_KEY, MISSING_VALUES, ModelInput
@@ -24,7 +25,7 @@ def model_inputs(run: LoadedRun) -> list[ModelInput]:
     return inputs + [ModelInput(t.name, "string", (), "text") for t in run.schema.text]
 
 
-def metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
+def metadata(run: LoadedRun, inputs: list[ModelInput], fusion: Fusion | None = None) -> dict[str, str]:
     metrics = RunDir(run.run_dir).read_metrics(required=False)
     def task_entry(t: Any) -> dict[str, Any]:
         head = run.model.heads[t.name]
@@ -34,6 +35,10 @@ def metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
             entry["score"] = "class probabilities" if head.label_type == "class" else "attribute probabilities"
             entry["width"] = len(head.task.classes)  # the model's dry run checked predict's width against it
             entry["classes"] = [c if isinstance(c, (int, str)) else str(c) for c in head.task.classes]
+        if t.negative_sampling_rate != 1.0:
+            entry["negative_sampling_rate"] = t.negative_sampling_rate
+        if t.name in run.scores.calibrators:
+            entry["calibrator"] = run.scores.calibrators[t.name].method
         return entry
 
     schema = {
@@ -42,6 +47,10 @@ def metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
         "missing_values": MISSING_VALUES,
         "tasks": [task_entry(t) for t in run.config.tasks],
     }
+    if fusion is not None:  # an output like a task's, so score and serve return it with the others
+        schema["tasks"].append({"name": FUSED_OUTPUT, "label": fusion.text, "head": "fusion",
+                                "score": "ranking score", "expression": fusion.text, "tasks": fusion.tasks})
+    calibration = {k: v for k, v in run.scores.describe().items() if k not in ("reliability", "metrics")}
     return {
         METADATA_KEY: json.dumps(schema),
         "recmtl.version": recmtl.__version__,
@@ -51,6 +60,8 @@ def metadata(run: LoadedRun, inputs: list[ModelInput]) -> dict[str, str]:
                                       if k in metrics}),
         "recmtl.epochs": json.dumps(run.epochs or {}),  # the epoch (1-based) each task's scores come from
         "recmtl.created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # downsampling corrections and calibrators inside the graph, where they were fitted; the fusion expression
+        "recmtl.calibration": json.dumps({**calibration, "fusion": fusion.text if fusion is not None else None}),
     }
 
 

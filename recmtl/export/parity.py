@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from recmtl.calibration import FUSED_OUTPUT, Fusion
 from recmtl.serving.score import Scorer
 from recmtl.training.evaluate import LoadedRun
 
@@ -24,19 +25,43 @@ def parity_failures(diffs: dict[str, dict[str, float]]) -> dict[str, dict[str, f
     return {t: d for t, d in diffs.items() if not d["excess"] <= 0}
 
 
-def parity(run: LoadedRun, model_path: Path, sample: pa.Table) -> dict[str, dict[str, float]]:
+def parity(run: LoadedRun, model_path: Path, sample: pa.Table, fusion: Fusion | None = None) -> dict[str, dict[str, float]]:
     """Per task, between onnxruntime and PyTorch on ``sample`` rows: the largest absolute difference (``max_abs``),
     the largest relative one (``max_rel``, per unit of ``max(|torch score|, 1)``) and how far the worst row exceeds its
-    tolerance (``excess`` <= 0: within it everywhere)."""
+    tolerance (``excess`` <= 0: within it everywhere). A task whose score the graph maps (``run.scores``: downsampling
+    correction, calibrator) is checked twice, the worse counting: the model's raw output against PyTorch's, and the
+    mapped output against ``run.scores`` (numpy) applied to that raw output (an isotonic map's steep segments would
+    magnify the model's float32 differences, so its arithmetic is checked on the same inputs). With ``fusion`` the
+    ``ranking_score`` output is checked against ``Fusion.evaluate`` of the graph's task scores."""
+    import onnx
+    import onnxruntime as ort
+
+    from recmtl.serving.score import to_feeds
+    mapped = [t for t in run.model.task_names if t in run.scores.calibrators or run.scores.rates.get(t, 1.0) != 1.0]
     scorer = Scorer(model_path)
-    onnx_scores = scorer.score(sample)
+    proto = onnx.load(str(model_path))
+    raw_names = {t: f"recmtl_{t}_raw" for t in mapped}
+    for name in raw_names.values():
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    names = [*scorer.tasks, *raw_names.values()]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip(names, session.run(names, to_feeds(sample, scorer.inputs))))
     arrays = run.schema.transform(sample, labels=False)
     with torch.no_grad():
         torch_scores = run.model.predict({k: torch.from_numpy(v) for k, v in arrays.inputs.items()})
-    def flat(col: pa.Array) -> np.ndarray:
-        return (col.flatten() if pa.types.is_fixed_size_list(col.type) else col).to_numpy()
-    return {t: score_differences(flat(onnx_scores.column(t)), torch_scores[t].numpy().reshape(-1))
-            for t in run.model.task_names}
+    out = {}
+    for t in run.model.task_names:
+        want = torch_scores[t].numpy().reshape(-1)
+        if t not in raw_names:
+            out[t] = score_differences(got[t], want)
+            continue
+        model_diff = score_differences(got[raw_names[t]], want)
+        map_diff = score_differences(got[t], run.scores.task(t, got[raw_names[t]].reshape(-1)))
+        out[t] = {k: max(model_diff[k], map_diff[k]) for k in model_diff}
+    if fusion is not None:
+        out[FUSED_OUTPUT] = score_differences(got[FUSED_OUTPUT], fusion.evaluate(
+            {t: got[t].reshape(-1) for t in fusion.tasks}))
+    return out
 
 
 def score_differences(got: np.ndarray, want: np.ndarray) -> dict[str, float]:

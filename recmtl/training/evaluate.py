@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from recmtl.calibration import ScoreMap, read_calibrators
 from recmtl.config import Config, parse_config, read_raw
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
 from recmtl.registry import Registry, load_registry
-from recmtl.rundir import BEST, CONFIG, LAST, RunDir, epoch_checkpoint, require_trusted_plugins
+from recmtl.rundir import BEST, CALIBRATOR, CONFIG, LAST, RunDir, epoch_checkpoint, require_trusted_plugins
 from recmtl.schema import FittedSchema
 from recmtl.training.batches import blocks, minibatches
 from recmtl.training.model import MultiTaskModel, PerTaskModel
@@ -109,6 +110,36 @@ def merge_predictions(parts: list[Predictions], spec: str = "") -> Predictions:
                        np.concatenate(groups) if all(g is not None for g in groups) else None, losses, parts[0].slices)
 
 
+def score_map(config: Config, run_dir: Path | None = None) -> ScoreMap:
+    """The config's negative-downsampling corrections and, with ``run_dir``, the calibrators of its
+    ``calibrator.json`` when ``recmtl calibrate`` wrote one."""
+    smap = ScoreMap({t.name: t.negative_sampling_rate for t in config.tasks if t.negative_sampling_rate != 1.0})
+    path = None if run_dir is None else Path(run_dir) / CALIBRATOR
+    if path is not None and path.is_file():
+        smap.calibrators, smap.info = read_calibrators(path)
+    return smap
+
+
+def map_scores(pred: Predictions, smap: ScoreMap) -> Predictions:
+    """``pred`` with its scores mapped by ``smap`` (in place; returned for chaining)."""
+    if smap:
+        pred.scores = smap.apply(pred.scores)
+    return pred
+
+
+def reliability_bins(config: Config, pred: Predictions) -> dict[str, dict[str, list[float]]]:
+    """Each binary and ESMM task's reliability bins (``recmtl.metrics.reliability``) over its labelled rows."""
+    from recmtl import metrics as M
+    from recmtl.calibration import CALIBRATED_HEADS
+    out = {}
+    for t in config.tasks:
+        if t.head in CALIBRATED_HEADS and t.name in pred.scores:
+            label, m = pred.task_label(t.name)
+            if m.any():
+                out[t.name] = M.reliability(label[m], pred.scores[t.name][m])
+    return out
+
+
 def task_metrics(model: MultiTaskModel, pred: Predictions) -> dict[str, dict[str, float]]:
     """Each head's metrics over its task's labelled rows, plus the loss and the labelled-row count."""
     out: dict[str, dict[str, float]] = {}
@@ -129,6 +160,12 @@ class LoadedRun:
     run_dir: Path
     #: the epoch (1-based) each task's scores come from, when known
     epochs: dict[str, int] | None = None
+    #: downsampling corrections and calibrators applied to the model's scores (``score_map``)
+    scores: ScoreMap = field(default_factory=ScoreMap)
+
+    def predict(self, source: ParquetSource, batch_size: int) -> Predictions:
+        """The final scores of every row of ``source`` (corrected and calibrated as ``scores`` says)."""
+        return map_scores(predict(self.model, self.schema, source, batch_size, self.config.data.read_rows), self.scores)
 
 
 #: ``checkpoint`` of :func:`load_run`: each task from its own best epoch (the default)
@@ -150,10 +187,12 @@ def per_task_model(config: Config, schema: FittedSchema, registry: Registry, sta
     return PerTaskModel(models, {t: distinct.index(e) for t, e in epochs.items()}).eval()
 
 
-def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = PER_TASK) -> LoadedRun:
+def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = PER_TASK,
+             calibration: bool = True) -> LoadedRun:
     """Rebuild a trained model from its run directory (config, schema, checkpoint). ``checkpoint``: ``tasks`` (each
     task scored by the model of its own best epoch, ``best.pt`` for runs from before per-task selection), ``best``
-    (``best.pt``: one network, the best epoch by ``early_stopping.monitor``), ``last`` or a checkpoint file name."""
+    (``best.pt``: one network, the best epoch by ``early_stopping.monitor``), ``last`` or a checkpoint file name.
+    ``scores`` holds the config's downsampling corrections and, with ``calibration``, the run's calibrators."""
     files = RunDir(run_dir)
     run_dir = files.path
     config_path = files.require(CONFIG)
@@ -164,7 +203,8 @@ def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] =
     epochs = files.task_best_epochs() if checkpoint == PER_TASK else None
     if epochs is not None:
         states = {e: files.load_checkpoint(epoch_checkpoint(e))["model"] for e in set(epochs.values())}
-        return LoadedRun(config, schema, per_task_model(config, schema, registry, states, epochs), registry, run_dir, epochs)
+        return LoadedRun(config, schema, per_task_model(config, schema, registry, states, epochs), registry, run_dir, epochs,
+                         score_map(config, run_dir if calibration else None))
     name = {PER_TASK: BEST, "best": BEST, "last": LAST}.get(checkpoint, checkpoint)
     model = MultiTaskModel(config, schema, registry)
     state = files.load_checkpoint(name)
@@ -172,7 +212,8 @@ def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] =
     model.eval()
     epoch = state.get("epoch")
     return LoadedRun(config, schema, model, registry, run_dir,
-                     {t: int(epoch) + 1 for t in model.task_names} if isinstance(epoch, int) else None)
+                     {t: int(epoch) + 1 for t in model.task_names} if isinstance(epoch, int) else None,
+                     score_map(config, run_dir if calibration else None))
 
 
 def format_table(metrics: dict[str, dict[str, Any]], reference: dict[str, dict[str, float]] | None = None) -> str:

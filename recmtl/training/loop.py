@@ -42,7 +42,8 @@ from recmtl.training.distributed import (
     setup,
 )
 from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors, reference_metrics
-from recmtl.training.evaluate import merge_predictions, per_task_model, predict, task_metrics
+from recmtl.training.evaluate import (map_scores, merge_predictions, per_task_model, predict, reliability_bins, score_map,
+                                     task_metrics)
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
 
@@ -235,6 +236,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         path = files.save_checkpoint(LAST, state)
         hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=False)
 
+    val_bins: dict[int, dict[str, Any]] = {}  # epoch (1-based) -> reliability bins per task, for metrics.json
     for epoch in range(start_epoch, tc.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         model.train()
@@ -314,7 +316,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                                   "rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1),
                                   "threads": torch.get_num_threads()}
         if valid_src is not None:
-            val = _metrics(ctx, model, schema, valid_src, config, [balancer])
+            val_bins[epoch + 1] = {}
+            val = _metrics(ctx, model, schema, valid_src, config, [balancer], val_bins[epoch + 1])
             record["validation"] = val
             score = monitor.value(val)
             diag = model.diagnostics()
@@ -381,9 +384,15 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     states = {e: ctx.broadcast_object(state_of(e)) for e in sorted(set(epochs.values()))}
     final = per_task_model(config, schema, registry, states, epochs).to(ctx.device)
     test_metrics = None
+    test_bins: dict[str, Any] = {}
     if test_src is not None:
-        test_metrics = _metrics(ctx, final, schema, test_src, config)
+        test_metrics = _metrics(ctx, final, schema, test_src, config, bins=test_bins)
     summary = _summary(run.history, best_epoch, monitor.spec, test_metrics, task_monitors)
+    # reliability diagrams (recmtl report): validation at each task's epoch (this session's epochs), the test split
+    reliability = {"validation": {t: {"epoch": e, **val_bins[e][t]} for t, e in epochs.items() if t in val_bins.get(e, {})},
+                   "test": test_bins}
+    if any(reliability.values()):
+        summary["reliability"] = {k: v for k, v in reliability.items() if v}
     if main:
         files.write_metrics(summary)
         hook.recmtl_train_end(run=run, metrics=summary)
@@ -393,13 +402,19 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
 
 
 def _metrics(ctx: Context, model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, config: Config,
-             others: list[torch.nn.Module] = ()) -> dict[str, dict[str, float]]:
+             others: list[torch.nn.Module] = (), bins: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """Per-task metrics over all of ``source``: each rank predicts its share, rank 0 gathers the predictions
-    (AUC and GAUC do not average over shards) and computes the metrics, every rank receives them."""
+    (AUC and GAUC do not average over shards) and computes the metrics, every rank receives them. Scores are
+    corrected for ``negative_sampling_rate``; ``bins`` (rank 0) receives each probability task's reliability bins."""
     ctx.broadcast_state([model, *others], buffers_only=True)  # e.g. batch-norm statistics: rank 0's
     part = predict(model, schema, source, config.train.eval_batch_size, config.data.read_rows, shard=ctx.shard)
     parts = ctx.gather_object(part)
-    metrics = task_metrics(model, merge_predictions(parts, source.spec)) if ctx.is_main else None
+    metrics = None
+    if ctx.is_main:
+        pred = map_scores(merge_predictions(parts, source.spec), score_map(config))
+        metrics = task_metrics(model, pred)
+        if bins is not None:
+            bins.update(reliability_bins(config, pred))
     return ctx.broadcast_object(metrics)
 
 

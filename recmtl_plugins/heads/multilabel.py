@@ -1,5 +1,7 @@
 """Multilabel head: K independent attributes (binary relevance), one sigmoid each, binary cross-entropy
-over the labelled attribute values; mean AUC over attributes (and per attribute), micro/macro F1 at 0.5.
+over the labelled attribute values; mean AUC over attributes (and per attribute), micro/macro F1 at 0.5, and the
+calibration metrics (``recmtl.metrics.calibration_metrics``) over all labelled attribute values pooled, with each
+attribute's ECE and calibration ratio.
 
 Binary relevance as in Tsoumakas & Katakis, "Multi-Label Classification: An Overview" (IJDWM 2007).
 The label is either a list of 0/1 columns in the task config (``label: [even, closed_loop, ...]``; the
@@ -65,14 +67,18 @@ class MultilabelHead(Head):
             out[f"auc_{name}"] = M.auc(y, s)
             aucs.append(out[f"auc_{name}"])
             f1s.append(float(f1_score(y, p, zero_division=0)) if len(y) else float("nan"))
+            out[f"ece_{name}"] = M.ece(y, s)
+            out[f"calibration_ratio_{name}"] = M.calibration_ratio(y, s)
         finite = [a for a in aucs if not np.isnan(a)]
         out["auc"] = float(np.mean(finite)) if finite else float("nan")
         out["micro_f1"] = float(f1_score(label[known], pred[known], zero_division=0)) if known.any() else float("nan")
         out["macro_f1"] = float(np.nanmean(f1s)) if not np.all(np.isnan(f1s)) else float("nan")
+        out.update(M.calibration_metrics(label[known], score[known]))
         return out
 
     def metric_names(self) -> tuple[str, ...]:
-        return (*(f"auc_{a}" for a in self.attributes), "auc", "micro_f1", "macro_f1")
+        return (*(f"auc_{a}" for a in self.attributes), "auc", "micro_f1", "macro_f1", *M.CALIBRATION_METRICS,
+                *(f"ece_{a}" for a in self.attributes), *(f"calibration_ratio_{a}" for a in self.attributes))
 
 
 @hookimpl
