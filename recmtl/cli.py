@@ -114,11 +114,16 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     set_: Annotated[list[str], typer.Option("--set", help="Override a config value: key.path=value; repeatable.")] = [],
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (default: train.device of the config, auto).")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="auto, fp32, bf16 or fp16 (default: train.precision of the config, auto: bf16 on CPUs with AMX or "
+             "AVX-512 BF16, else fp32); --precision fp32 forces the fp32 path.")] = None,
 ) -> None:
     """Train a multi-task model; writes best.pt, last.pt, config.yaml, schema.json, metrics.json to --out.
     Under `torchrun --nproc-per-node N` the same command trains data-parallel on N processes."""
     if device is not None:
         set_ = [*set_, f"train.device={device}"]
+    if precision is not None:
+        set_ = [*set_, f"train.precision={precision}"]
     from recmtl.config import load_config, parse_config, read_raw, set_dotted
     from recmtl.rundir import CONFIG, require_trusted_plugins
     from recmtl.training.evaluate import format_table

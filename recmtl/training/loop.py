@@ -30,7 +30,7 @@ from recmtl.schema import FittedSchema, check_types, fit_schema
 from recmtl.schema.summary import format_summary, run_summary
 from recmtl.training.balance_log import BalanceLog
 from recmtl.training.batches import blocks, minibatches
-from recmtl.training.device import Precision, batches_to, resolve_precision
+from recmtl.training.device import Precision, batches_to, precision_reason, resolve_precision
 from recmtl.training.distributed import (
     Context,
     env_world,
@@ -112,6 +112,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
     heads = validate_plugins(config, registry)
+    mode = resolve_precision(config.train.precision, ctx.device, say)  # bf16 on CPUs with AMX / AVX-512 BF16
+    say(precision_reason(mode, config.train.precision, ctx.device))
 
     columns = config.columns()
     train_src = ParquetSource(config.resolve(config.data.train), columns)
@@ -142,7 +144,9 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         files.write_config(dump_config(config))
         files.write_run_info({"versions": versions(), "argv": sys.argv,
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world,
-                              "labels": labels})
+                              "labels": labels, "precision": {"mode": mode, "train.precision": config.train.precision,
+                                                              "reason": precision_reason(mode, config.train.precision,
+                                                                                         ctx.device)}})
     schema = ctx.broadcast_object(schema)
 
     model = MultiTaskModel(config, schema, registry)
@@ -153,7 +157,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     balancer.to(ctx.device)
     ctx.broadcast_state([model, balancer])  # every rank starts from rank 0's parameters
     mark_sparse(sparse_parameters(model))
-    precision = Precision(resolve_precision(config.train.precision, ctx.device), ctx.device)
+    precision = Precision(mode, ctx.device)
     optimizers = make_optimizers(config, model, balancer)
     if label_text:
         say(label_text)
