@@ -256,13 +256,23 @@ def export(
         help="Also write a Triton model repository here (NAME/1/model.onnx + config.pbtxt).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository (default: the output file's stem).")] = None,
     checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "tasks",
+    precision: Annotated[str, typer.Option(help="fp32 (default), int8 (dynamic int8 dense layers, int8 embedding "
+                                                "tables) or fp16; int8/fp16 are checked against fp32 on labelled "
+                                                "--sample rows.")] = "fp32",
 ) -> None:
     """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
-    from recmtl.export import PARITY_ATOL, PARITY_RTOL, export_run
+    from recmtl.export import PARITY_ATOL, PARITY_RTOL, QUALITY_BOUND, export_run
     from recmtl.serving.triton import write_triton_repo
-    diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled, checkpoint, typer.echo)
+    diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled, checkpoint, typer.echo,
+                       precision)
+    checked = diffs.pop("quality", None)
     typer.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{t}={d['max_abs']:.2e}" for t, d in diffs.items())
                + f" (limit {PARITY_ATOL:g} + {PARITY_RTOL:g} x |score|)")
+    if checked:
+        typer.echo(f"{precision} vs fp32 on {next(iter(checked.values()))['rows']:,} labelled rows: " + ", ".join(
+            f"{t} max abs diff {q['max_abs']:.2e}" + (f", {q['metric']} {q['fp32']:.4f} -> {q['value']:.4f} "
+                                                     f"({q['delta']:+.5f})" if q.get("metric") else "")
+            for t, q in checked.items()) + f" (bound |difference| <= {QUALITY_BOUND:g})")
     typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
     if triton_repo is not None:
         folder = write_triton_repo(output, triton_repo, name or output.stem)
