@@ -21,12 +21,14 @@ from recmtl.serving.score import Scorer
 
 @pytest.fixture(scope="module")
 def trained(funnel_dir, tmp_path_factory):
-    """A one-epoch funnel MMoE run and its fp32 export."""
+    """A one-epoch funnel MMoE run (two expert layers: a Gemm and a batched [E, in, out] MatMul) and its fp32
+    export."""
     from recmtl.cli import main
     tmp = tmp_path_factory.mktemp("lowp")
     pq.write_table(pq.read_table(funnel_dir / "train.parquet").slice(0, 6000), tmp / "train.parquet")
     pq.write_table(pq.read_table(funnel_dir / "valid.parquet"), tmp / "valid.parquet")
-    cfg = write_config(tmp / "c.yaml", tmp, train={"batch_size": 1024, "epochs": 1, "progress": False, "threads": 1})
+    cfg = write_config(tmp / "c.yaml", tmp, train={"batch_size": 1024, "epochs": 1, "progress": False, "threads": 1},
+                       tower={"name": "mmoe", "num_experts": 2, "expert_units": [32, 16], "task_units": [16]})
     for args in (["train", cfg, "--out", tmp / "run"], ["export", tmp / "run", "-o", tmp / "fp32.onnx"]):
         try:
             main([str(a) for a in args])
@@ -123,3 +125,22 @@ def test_int8_embedding_tables_have_one_scale_per_row():
     assert np.all(np.abs(got - w) <= row_max / 254 * 1.01 + 1e-7)  # half a step of each row's own scale
     assert np.all(got[3] == 0)
     assert json.dumps(lowp.PRECISIONS) == '["fp32", "fp16", "int8"]'
+
+
+@pytest.mark.parametrize("trans_b, beta", [(1, 1.0), (0, 0.5)])
+def test_gemm_becomes_matmul_plus_bias_with_the_same_output(trans_b, beta):
+    import onnxruntime as ort
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(3, 5) if trans_b else (5, 3)).astype(np.float32)
+    b = rng.normal(size=3).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="g", transB=trans_b, beta=beta)],
+                              "t", [x], [y], [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"x": rng.normal(size=(4, 5)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    assert lowp.gemm_to_matmul(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add"]
+    got = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

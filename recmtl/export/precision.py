@@ -1,8 +1,9 @@
 """Low-precision exports (``recmtl export --precision int8|fp16``) and their quality check.
 
-``int8``: the dense layers (``MatMul``/``Gemm``) are quantised dynamically with onnxruntime's quantisation tools
-(``onnxruntime.quantization.quantize_dynamic``: int8 weights per output channel, activations quantised per
-call, so no calibration set is needed and every row gets its own activation range); the embedding tables
+``int8``: the dense layers (``MatMul``, and ``Gemm`` rewritten as ``MatMul`` + ``Add``) are quantised dynamically
+with onnxruntime's quantisation tools (``onnxruntime.quantization.quantize_dynamic``: int8 weights, per output
+channel for matrices and per tensor for batched weights such as the MMoE experts'; activations quantised per
+call, so no calibration set is needed and each batch gets its own activation range); the embedding tables
 (``Gather`` on a 2-D float initializer) become int8 with one fp16 scale per row (symmetric,
 ``scale = max |row| / 127``), dequantised in the graph right after the lookup (``Gather`` -> ``Cast`` -> ``Mul`` by
 the gathered row scales). ``fp16``: the network's weights and arithmetic in float16
@@ -85,19 +86,69 @@ def quantize_embeddings(model: onnx.ModelProto) -> int:
     return len(done)
 
 
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite, in place, each ``Gemm`` with an initializer weight (``alpha`` 1, no ``transA``) as ``MatMul`` (+ ``Add``
+    of ``beta * C``): onnxruntime's dynamic quantisation handles ``MatMul`` only. Returns the number rewritten."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = inits.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        beta = attrs.get("beta", 1.0)
+        if (weight is None or attrs.get("alpha", 1.0) != 1.0 or attrs.get("transA", 0)
+                or (bias is not None and beta != 1.0 and bias not in inits)):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(weight)
+        name = f"{node.input[1]}_for_matmul"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB", 0) else w), name))
+        product = f"{node.output[0]}_matmul" if bias is not None else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}_matmul"))
+        if bias is not None:
+            if beta != 1.0:
+                scaled = (numpy_helper.to_array(inits[bias]) * beta).astype(np.float32)
+                bias = f"{bias}_beta"
+                graph.initializer.append(numpy_helper.from_array(scaled, bias))
+            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}_bias"))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return count
+
+
 def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """int8 dense layers (dynamic quantisation, per-channel weights) and int8 embedding tables (per-row scales)."""
+    """int8 dense layers (dynamic quantisation; weights per output channel where the weight is a matrix, per tensor
+    for batched weights such as the MMoE experts' ``[E, in, out]``, whose per-channel zero points onnxruntime's
+    kernel rejects) and int8 embedding tables (per-row scales)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    gemm_to_matmul(model)
+    dims = {i.name: len(i.dims) for i in model.graph.initializer}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"recmtl_node_{i}"
+    dense = [n for n in model.graph.node if n.op_type == "MatMul"]
+    matrix = [n.name for n in dense if dims.get(n.input[1]) == 2]
+    batched = [n.name for n in dense if dims.get(n.input[1], 0) > 2]
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save_model(model, str(src))
+        path = Path(tmp) / "fp32.onnx"
+        onnx.save_model(model, str(path))
         logging.disable(logging.WARNING)  # its advice to run its pre-processing first (shape inference)
         try:
-            quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                             weight_type=QuantType.QInt8)
+            for k, (names, per_channel) in enumerate(((matrix, True), (batched, False))):
+                if names:
+                    out = Path(tmp) / f"int8_{k}.onnx"
+                    quantize_dynamic(path, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=names,
+                                     per_channel=per_channel, weight_type=QuantType.QInt8)
+                    path = out
         finally:
             logging.disable(logging.NOTSET)
-        quantized = onnx.load(str(dst))
+        quantized = onnx.load(str(path))
     quantize_embeddings(quantized)
     _restore_opsets(quantized, model)
     onnx.checker.check_model(quantized)
