@@ -76,6 +76,7 @@ def test_bf16_trains_with_every_balancer(tiny, name):
         with precision.autocast():
             outputs = model(batch.inputs)
             losses = model.losses(outputs, batch.labels, batch.mask)
+        assert all(v.dtype == torch.float32 for v in losses.values())  # autocast's fp32 policy for the losses
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         scaled = precision.scale_losses(losses)
