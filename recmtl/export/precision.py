@@ -155,6 +155,13 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     return quantized
 
 
+def core_tensors(model: onnx.ModelProto) -> list[str]:
+    """The tensors between preprocessing and the network (``core_input`` of each feature kind the graph has)."""
+    pattern = core_input("KIND").split("KIND")
+    return sorted({o for node in model.graph.node for o in node.output
+                   if o.startswith(pattern[0]) and o.endswith(pattern[1])})
+
+
 def preprocessing_nodes(model: onnx.ModelProto) -> set[str]:
     """Names of the nodes computing the model's preprocessed inputs (``core_input``), naming unnamed nodes."""
     graph = model.graph
@@ -162,7 +169,7 @@ def preprocessing_nodes(model: onnx.ModelProto) -> set[str]:
         if not node.name:
             node.name = f"recmtl_node_{i}"
     producer = {out: node for node in graph.node for out in node.output}
-    wanted = [core_input(k) for k in ("categorical", "dense", "image", "sequence")]
+    wanted = core_tensors(model)
     seen: set[str] = set()
     while wanted:
         node = producer.get(wanted.pop())
@@ -180,13 +187,11 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     model = onnx.ModelProto.FromString(model.SerializeToString())
     pre = preprocessing_nodes(model)
-    produced = {o for node in model.graph.node for o in node.output}
-    kinds = {"categorical": TensorProto.INT64, "dense": TensorProto.FLOAT, "image": TensorProto.FLOAT,
-             "sequence": TensorProto.INT64}
-    cut = [core_input(k) for k in kinds if core_input(k) in produced]
+    cut = core_tensors(model)
+    producer = {o: node for node in model.graph.node for o in node.output}
     known = {v.name for v in model.graph.value_info}
-    model.graph.value_info.extend(helper.make_tensor_value_info(core_input(k), t, None) for k, t in kinds.items()
-                                  if core_input(k) in produced and core_input(k) not in known)
+    model.graph.value_info.extend(helper.make_tensor_value_info(name, _elem_type(model, producer, name), None)
+                                  for name in cut if name not in known)
     core = onnx.utils.Extractor(model).extract_model(cut, [o.name for o in model.graph.output])
     half = convert_float_to_float16(core, keep_io_types=True, disable_shape_infer=False)
     pre_nodes = [n for n in model.graph.node if n.name in pre]
@@ -205,6 +210,32 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     _restore_opsets(model, half)
     onnx.checker.check_model(model)
     return model
+
+
+def _elem_type(model: onnx.ModelProto, producer: dict[str, onnx.NodeProto], name: str) -> int:
+    """The element type of tensor ``name``, followed back through shape-preserving nodes (Transpose, Concat,
+    Identity, Reshape, Unsqueeze) to a graph input, a typed node (Cast, LabelEncoder) or an initializer."""
+    inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    seen: set[str] = set()
+    while name not in seen:
+        seen.add(name)
+        if name in inputs:
+            return inputs[name]
+        if name in inits:
+            return inits[name]
+        node = producer.get(name)
+        if node is None:
+            break
+        if node.op_type == "Cast":
+            return next(a.i for a in node.attribute if a.name == "to")
+        if node.op_type == "LabelEncoder":
+            return TensorProto.INT64 if any(a.name == "values_int64s" for a in node.attribute) else TensorProto.FLOAT
+        if node.op_type in ("Where", "Pad"):
+            name = node.input[1] if node.op_type == "Where" else node.input[0]
+        else:
+            name = node.input[0]
+    return TensorProto.FLOAT
 
 
 def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
