@@ -114,11 +114,16 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     set_: Annotated[list[str], typer.Option("--set", help="Override a config value: key.path=value; repeatable.")] = [],
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (default: train.device of the config, auto).")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="auto, fp32, bf16 or fp16 (default: train.precision of the config, auto: bf16 on CPUs with AMX or "
+             "AVX-512 BF16, else fp32); --precision fp32 forces the fp32 path.")] = None,
 ) -> None:
     """Train a multi-task model; writes best.pt, last.pt, config.yaml, schema.json, metrics.json to --out.
     Under `torchrun --nproc-per-node N` the same command trains data-parallel on N processes."""
     if device is not None:
         set_ = [*set_, f"train.device={device}"]
+    if precision is not None:
+        set_ = [*set_, f"train.precision={precision}"]
     from recmtl.config import load_config, parse_config, read_raw, set_dotted
     from recmtl.rundir import CONFIG, require_trusted_plugins
     from recmtl.training.evaluate import format_table
@@ -395,14 +400,23 @@ def export(
     fuse: Annotated[Optional[str], typer.Option(
         help="A ranking score over the (calibrated) task scores, e.g. 'click^1.0 * conversion^0.5': an extra output "
              "ranking_score (task names, numbers, + - * / ^, parentheses).")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 (default), int8 (dynamic int8 dense layers, int8 embedding "
+                                                "tables) or fp16; int8/fp16 are checked against fp32 on labelled "
+                                                "--sample rows.")] = "fp32",
 ) -> None:
     """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
-    from recmtl.export import PARITY_ATOL, PARITY_RTOL, export_run
+    from recmtl.export import PARITY_ATOL, PARITY_RTOL, QUALITY_BOUND, export_run
     from recmtl.serving.triton import write_triton_repo
     diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled, checkpoint, typer.echo,
-                       calibration=calibration, fuse=fuse)
+                       calibration=calibration, fuse=fuse, precision=precision)
+    checked = diffs.pop("quality", None)
     typer.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{t}={d['max_abs']:.2e}" for t, d in diffs.items())
                + f" (limit {PARITY_ATOL:g} + {PARITY_RTOL:g} x |score|)")
+    if checked:
+        typer.echo(f"{precision} vs fp32 on {next(iter(checked.values()))['rows']:,} labelled rows: " + ", ".join(
+            f"{t} max abs diff {q['max_abs']:.2e}" + (f", {q['metric']} {q['fp32']:.4f} -> {q['value']:.4f} "
+                                                     f"({q['delta']:+.5f})" if q.get("metric") else "")
+            for t, q in checked.items()) + f" (bound |difference| <= {QUALITY_BOUND:g})")
     typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
     if triton_repo is not None:
         folder = write_triton_repo(output, triton_repo, name or output.stem)

@@ -22,6 +22,7 @@ from conftest import RECMTL, write_config
 from torch import nn
 
 from recmtl.data.parquet import ParquetSource, shard_units
+from recmtl.training.device import resolve_precision
 from recmtl.training.distributed import memory_estimate
 
 TORCHRUN_TIMEOUT = 120
@@ -95,7 +96,8 @@ def test_train_prints_memory_and_auto_picks_cpu(cli, funnel_dir, tmp_path):
     cfg = config(tmp_path, funnel_dir, epochs=1)
     r = cli("train", cfg, "--out", tmp_path / "run", "--device", "auto")
     assert r.code == 0, r
-    assert "memory per rank (estimate, 1 process(es) on cpu, fp32): parameters" in r.err
+    auto = resolve_precision("auto", torch.device("cpu"))  # bf16 on CPUs with AMX / AVX-512 BF16 (issue 21)
+    assert f"memory per rank (estimate, 1 process(es) on cpu, {auto}): parameters" in r.err
     if not torch.cuda.is_available():
         r = cli("train", cfg, "--out", tmp_path / "run2", "--device", "cuda")
         assert r.code == 2 and "CUDA is not available" in r.err and "--device cpu" in r.err, r

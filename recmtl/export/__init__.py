@@ -12,11 +12,14 @@ or ``[batch, K]`` (class probabilities of a multiclass head, attribute probabili
 their names in the metadata's ``classes``). A binary or ESMM task trained with ``negative_sampling_rate`` < 1 is
 corrected to the full base rate inside the graph, and a calibrator ``recmtl calibrate`` stored is applied after that
 (metadata ``recmtl.calibration``); ``fuse`` adds the output ``ranking_score`` computed from the final task scores. The recmtl
-schema, task names and versions are in ``metadata_props``. Export checks parity against PyTorch on
-sample rows and writes nothing when it fails.
+schema, task names, versions and the precision (``recmtl.precision``) are in ``metadata_props``. Export checks
+parity against PyTorch on sample rows and writes nothing when it fails; ``precision`` int8 or fp16 converts the
+checked fp32 graph (``recmtl.export.precision``) and checks its quality on labelled sample rows instead.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from recmtl.errors import ConfigError, RecmtlError
 from recmtl.export.graph import build_onnx
 from recmtl.export.metadata import metadata, model_inputs
 from recmtl.export.parity import PARITY_ATOL, PARITY_RTOL, parity, parity_failures
+from recmtl.export.precision import PRECISIONS, QUALITY_BOUND, convert, quality
 from recmtl.files import atomic_path
 from recmtl.training.evaluate import PER_TASK, load_run
 
@@ -40,11 +44,20 @@ class ExportError(RecmtlError):
 def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None = None, sample_rows: int = 4096,
                plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = PER_TASK,
                say: Callable[[str], None] | None = None, calibration: bool = True,
-               fuse: str | None = None) -> dict[str, dict[str, float]]:
-    """Write ``output`` atomically after the parity check; returns its per-task differences (``parity``).
+               fuse: str | None = None, precision: str = "fp32") -> dict[str, dict[str, float]]:
+    """Write ``output`` atomically after the parity check; returns its per-task differences (``parity``), and for
+    ``precision`` int8 / fp16 under ``"quality"`` the per-task quality check (``recmtl.export.precision.quality``).
     ``checkpoint`` as in ``load_run``: by default each task is scored by the model of its own best epoch; when
     those epochs differ the graph holds one copy of the network per distinct epoch (``say`` is told the cost)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision '{precision}': use one of {', '.join(PRECISIONS)}")
     run = load_run(run_dir, list(plugins), list(disabled), checkpoint, calibration)
+    low = precision != "fp32"
+    if low and sample_data is None and not run.config.data.validation:
+        raise ConfigError(f"--precision {precision} checks the converted model's quality on labelled validation rows, "
+                          f"and the run in {run_dir} has no data.validation: pass --sample PARQUET with the feature and "
+                          f"label columns ({', '.join(c for t in run.config.tasks for c in t.label_columns)}) of rows "
+                          "the model was not trained on")
     scalar = [t for t in run.model.task_names if run.model.heads[t].label_type not in ("class", "multi")]
     if fuse is not None and FUSED_OUTPUT in run.model.task_names:
         raise ConfigError(f"--fuse adds the output '{FUSED_OUTPUT}', which is also a task's name; rename the task")
@@ -64,11 +77,22 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
             say(f"epoch {distinct[0]} for every task ({epochs})")
     inputs = model_inputs(run)
     model = build_onnx(run, fusion)
-    for key, value in metadata(run, inputs, fusion).items():
+    props = {**metadata(run, inputs, fusion), "recmtl.precision": precision}
+    for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     spec = sample_data or run.config.resolve(run.config.data.validation or run.config.data.train)
-    source = ParquetSource(spec, run.schema.feature_columns)
+    labels = [c for t in run.config.tasks for c in t.label_columns]
+    columns = run.schema.feature_columns
+    if low:
+        probe = ParquetSource(spec)
+        missing = [c for c in labels if c not in probe.schema.names]
+        if missing:
+            raise ConfigError(f"--precision {precision} checks quality on labelled rows, but {spec} has no label "
+                              f"column(s) {', '.join(missing)}: pass --sample PARQUET with the label columns")
+        columns = list(dict.fromkeys(columns + labels + ([run.schema.group_column] if run.schema.group_column
+                                                         and run.schema.group_column in probe.schema.names else [])))
+    source = ParquetSource(spec, columns)
     batches, rows = [], 0
     for batch in source.batches(read_rows=min(sample_rows, 65_536)):
         batches.append(batch)
@@ -84,7 +108,27 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
             worst = ", ".join(f"{t}: max abs {d['max_abs']:.3g}, max rel {d['max_rel']:.3g}" for t, d in bad.items())
             raise ExportError(f"ONNX scores differ from PyTorch by more than {PARITY_ATOL:g} + {PARITY_RTOL:g} x |score| "
                               f"on {len(sample)} rows of {spec} ({worst}); no file written")
+        if low:
+            converted = convert(model, precision)
+            del converted.metadata_props[:]
+            for key, value in props.items():
+                entry = converted.metadata_props.add()
+                entry.key, entry.value = key, value
+            with tempfile.TemporaryDirectory() as work:  # the fp32 graph (checked above) is the reference
+                reference = Path(work) / "fp32.onnx"
+                shutil.move(tmp, reference)
+                onnx.save_model(converted, str(tmp))
+                checked = quality(run, reference, tmp, sample)
+            failed = {t: q for t, q in checked.items() if not q["ok"]}
+            if failed:
+                worst = ", ".join(f"task '{t}': {q['metric']} {q['fp32']:.5f} -> {q['value']:.5f} "
+                                  f"(difference {q['delta']:+.5f}, bound {q['bound']:.3g})" for t, q in failed.items())
+                raise ExportError(f"the {precision} model's quality on {len(sample)} rows of {spec} is outside the "
+                                  f"bound |difference| <= {QUALITY_BOUND:g} against fp32 ({worst}); no file written; "
+                                  "export --precision fp32 (or the other low precision) instead")
+            diffs = {**diffs, "quality": checked}
     return diffs
 
 
-__all__ = ["PARITY_ATOL", "PARITY_RTOL", "ExportError", "build_onnx", "export_run", "metadata", "model_inputs", "parity"]
+__all__ = ["PARITY_ATOL", "PARITY_RTOL", "PRECISIONS", "QUALITY_BOUND", "ExportError",
+           "build_onnx", "export_run", "metadata", "model_inputs", "parity"]

@@ -129,8 +129,8 @@ def read_model_schema(model_path: str | Path) -> dict[str, Any]:
 
 
 def describe(model_path: str | Path) -> list[str]:
-    """What ``recmtl inspect`` prints: size and opsets, each input and output with its shape and role, the
-    metadata other than the schema."""
+    """What ``recmtl inspect`` prints: size, precision (the ``recmtl.precision`` metadata) and opsets, each input
+    and output with its shape and role, the metadata other than the schema."""
     import onnx
     path = Path(model_path)
     meta = read_model_schema(path)
@@ -141,7 +141,8 @@ def describe(model_path: str | Path) -> list[str]:
         dims = [d.dim_param or str(d.dim_value) for d in t.shape.dim]
         return f"{onnx.TensorProto.DataType.Name(t.elem_type).lower()}[{', '.join(dims)}]"
 
-    lines = [f"{path}  {path.stat().st_size / 1e6:.2f} MB  opset "
+    precision = next((p.value for p in m.metadata_props if p.key == "recmtl.precision"), "fp32")  # older: fp32
+    lines = [f"{path}  {path.stat().st_size / 1e6:.2f} MB  precision {precision}  opset "
              + ", ".join(f"{o.domain or 'ai.onnx'}={o.version}" for o in m.opset_import), "inputs:"]
     kinds = {i["name"]: i["kind"] for i in meta["inputs"]}
     lines += [f"  {v.name:<24} {shape(v):<18} {kinds.get(v.name, '')}" for v in m.graph.input]

@@ -12,7 +12,7 @@ norms see them multiplied by one common factor; prefer bf16 for them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -38,15 +38,56 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """``auto``: fp32 on CPU, bf16 on GPUs that support it, else fp16."""
+def cpu_bf16_units() -> str | None:
+    """The CPU's bf16 matrix units as this torch build reports them: ``"AMX"`` (AMX tiles), ``"AVX-512 BF16"``,
+    or None (e.g. AVX2-only CPUs, where bf16 autocast works but is emulated and slower than fp32)."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        if cpu is not None and getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+            return "AMX"
+        if cpu is not None and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+            return "AVX-512 BF16"
+    except RuntimeError:  # a build without cpuinfo
+        return None
+    return None
+
+
+_warned_slow_bf16 = False
+
+
+def resolve_precision(spec: str, device: torch.device, warn: Callable[[str], None] | None = None) -> str:
+    """``auto``: on CPU bf16 autocast when the CPU has bf16 matrix units (``cpu_bf16_units``: AMX tiles or
+    AVX-512 BF16), else fp32; on GPUs bf16 where supported, else fp16. ``bf16`` asked for on a CPU without those
+    units works (emulated, slower than fp32): ``warn`` is told once per process."""
+    global _warned_slow_bf16
     if spec not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision '{spec}': use auto, fp32, bf16 or fp16")
+    if device.type != "cuda":
+        units = cpu_bf16_units()
+        if spec == "bf16" and units is None and warn is not None and not _warned_slow_bf16:
+            _warned_slow_bf16 = True
+            warn("warning: train.precision bf16: this CPU has no bf16 matrix units (AMX or AVX-512 BF16), so bf16 "
+                 "autocast is emulated and slower than fp32; train.precision auto (or --precision auto) picks fp32 here")
+        if spec == "auto":
+            return "bf16" if units is not None else "fp32"
+        return spec
     if spec != "auto":
         return spec
-    if device.type != "cuda":
-        return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def precision_reason(mode: str, spec: str, device: torch.device) -> str:
+    """One line saying which precision training uses and why (printed at start, stored in run.json)."""
+    if device.type == "cuda":
+        why = "GPU" if spec == "auto" else f"train.precision {spec}"
+    elif spec != "auto":
+        why = f"train.precision {spec}"
+    else:
+        units = cpu_bf16_units()
+        why = (f"auto: this CPU has {units}" if units else
+               "auto: this CPU has no bf16 matrix units (AMX or AVX-512 BF16)")
+    amp = {"bf16": "bf16 autocast, fp32 weights and optimizer state", "fp16": "fp16 autocast with loss scaling"}
+    return f"precision {mode} ({amp[mode] + '; ' if mode in amp else ''}{why})"
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -32,7 +32,7 @@ from recmtl.threads import ThreadTuner, auto_threads, available_cpus
 from recmtl.training.affinity import AffinityLog
 from recmtl.training.balance_log import BalanceLog
 from recmtl.training.batches import blocks, minibatches
-from recmtl.training.device import Precision, batches_to, resolve_precision
+from recmtl.training.device import Precision, batches_to, precision_reason, resolve_precision
 from recmtl.training.distributed import (
     Context,
     env_world,
@@ -127,6 +127,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     heads = validate_plugins(config, registry)
     ref = config.train.early_stopping.reference  # delta_m's single-task metrics: a compare directory or a mapping
     reference = reference_metrics(config.resolve(ref) if isinstance(ref, str) else ref, [t.name for t in config.tasks])
+    mode = resolve_precision(config.train.precision, ctx.device, say)  # bf16 on CPUs with AMX / AVX-512 BF16
+    say(precision_reason(mode, config.train.precision, ctx.device))
 
     columns = config.columns()
     train_src = ParquetSource(config.resolve(config.data.train), columns)
@@ -160,7 +162,9 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                               "threads": {"count": threads, "source": "auto" if cpus else "train.threads",
                                           "cpu_affinity": cpus.affinity if cpus else None,
                                           "cpu_quota": cpus.quota if cpus else None,
-                                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}})
+                                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+                              "precision": {"mode": mode, "train.precision": config.train.precision,
+                                            "reason": precision_reason(mode, config.train.precision, ctx.device)}})
     schema = ctx.broadcast_object(schema)
 
     model = MultiTaskModel(config, schema, registry)
@@ -171,7 +175,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     balancer.to(ctx.device)
     ctx.broadcast_state([model, balancer])  # every rank starts from rank 0's parameters
     mark_sparse(sparse_parameters(model))
-    precision = Precision(resolve_precision(config.train.precision, ctx.device), ctx.device)
+    precision = Precision(mode, ctx.device)
     optimizers = make_optimizers(config, model, balancer)
     if label_text:
         say(label_text)

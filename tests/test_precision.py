@@ -1,0 +1,107 @@
+"""Training precision (issue 21): ``train.precision: auto`` picks bf16 autocast on CPUs with bf16 matrix units and
+fp32 elsewhere; bf16 keeps fp32 weights, optimizer state, losses and metrics, and trains with the sparse embedding
+path and every balancer."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_config
+
+from recmtl.config import load_config
+from recmtl.data.parquet import ParquetSource
+from recmtl.registry import load_registry
+from recmtl.schema import fit_schema
+from recmtl.training import device
+from recmtl.training.batches import blocks, minibatches
+from recmtl.training.device import Precision, resolve_precision
+from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
+from recmtl.training.optimizers import make_optimizers
+
+REGISTRY = load_registry()
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("units, want", [("AMX", "bf16"), ("AVX-512 BF16", "bf16"), (None, "fp32")])
+def test_auto_picks_bf16_only_with_bf16_matrix_units(monkeypatch, units, want):
+    monkeypatch.setattr(device, "cpu_bf16_units", lambda: units)
+    assert resolve_precision("auto", CPU) == want
+    assert resolve_precision("fp32", CPU) == "fp32"  # --precision fp32 forces the old path
+    assert want in device.precision_reason(want, "auto", CPU)
+
+
+def test_bf16_without_units_warns_once(monkeypatch):
+    monkeypatch.setattr(device, "cpu_bf16_units", lambda: None)
+    monkeypatch.setattr(device, "_warned_slow_bf16", False)
+    told: list[str] = []
+    assert resolve_precision("bf16", CPU, told.append) == "bf16"
+    assert resolve_precision("bf16", CPU, told.append) == "bf16"
+    assert len(told) == 1 and "no bf16 matrix units" in told[0] and "slower than fp32" in told[0]
+
+
+def test_this_machine_auto_matches_its_units():
+    """On the AVX2-only CI machines auto stays fp32; on AMX / AVX-512 BF16 ones it is bf16."""
+    assert resolve_precision("auto", CPU) == ("fp32" if device.cpu_bf16_units() is None else "bf16")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, funnel_dir):
+    """A config over the shared funnel data and its schema fitted on the training file."""
+    path = write_config(tmp_path_factory.mktemp("prec") / "c.yaml", funnel_dir)
+    cfg = load_config(path)  # the embedding encoder's tables are sparse by default (SparseAdam)
+    heads = validate_plugins(cfg, REGISTRY)
+    src = ParquetSource(cfg.resolve(cfg.data.train), cfg.columns())
+    schema = fit_schema(cfg, src, {t.name: heads[t.name] for t in cfg.tasks})
+    batches = list(minibatches(blocks(src, schema, 2048), 128))[:2]
+    return cfg, schema, batches
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY.names("balancer")))
+def test_bf16_trains_with_every_balancer(tiny, name):
+    """Two steps as the trainer takes them (autocast, fp32 losses, the balancer's backward, optimizers) under
+    bf16: finite fp32 losses, parameters and optimizer state stay fp32, the sparse embedding tables move."""
+    cfg, schema, batches = tiny
+    torch.manual_seed(0)
+    model = MultiTaskModel(cfg, schema, REGISTRY)
+    balancer = REGISTRY.create("balancer", name, model.task_names, {t.name: t.weight for t in cfg.tasks})
+    optimizers = make_optimizers(cfg, model, balancer)
+    precision = Precision("bf16", CPU)
+    sparse = sparse_parameters(model)
+    assert sparse, "the funnel config's embedding tables are sparse"
+    before = [p.detach().clone() for p in sparse]
+    for batch in batches:
+        with precision.autocast():
+            outputs = model(batch.inputs)
+            losses = model.losses(outputs, batch.labels, batch.mask)
+        assert all(v.dtype == torch.float32 for v in losses.values())  # autocast's fp32 policy for the losses
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        scaled = precision.scale_losses(losses)
+        assert all(v.dtype == torch.float32 for v in scaled.values())
+        balancer.grad_scale = precision.grad_scale()
+        balancer.backward(scaled, model.shared_parameters())
+        precision.step(optimizers, unscaled=balancer.parameters())
+        assert all(math.isfinite(v.item()) for v in scaled.values())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(b, p) for b, p in zip(before, sparse))
+    for opt in optimizers:
+        for state in opt.state.values():
+            for v in state.values():
+                if torch.is_tensor(v) and v.is_floating_point():
+                    assert v.dtype == torch.float32
+
+
+def test_cli_precision_is_printed_and_recorded(cli, funnel_dir, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
+    r = cli("train", cfg, "--out", tmp_path / "run", "--precision", "fp32")
+    assert r.code == 0, r
+    assert "precision fp32 (train.precision fp32)" in r.err
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["precision"]["mode"] == "fp32" and info["precision"]["train.precision"] == "fp32"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert np.isfinite(metrics["validation"]["click"]["auc"])
+    r = cli("train", cfg, "--out", tmp_path / "bad", "--precision", "int4")
+    assert r.code == 2 and "precision" in r.err and "Traceback" not in r.err, r
