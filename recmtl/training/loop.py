@@ -42,8 +42,7 @@ from recmtl.training.distributed import (
     setup,
 )
 from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors, reference_metrics
-from recmtl.training.evaluate import (map_scores, merge_predictions, per_task_model, predict, reliability_bins, score_map,
-                                     task_metrics)
+from recmtl.training.evaluate import map_scores, merge_predictions, per_task_model, predict, reliability_bins, score_map, task_metrics
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
 
