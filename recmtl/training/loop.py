@@ -127,7 +127,6 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     ref = config.train.early_stopping.reference  # delta_m's single-task metrics: a compare directory or a mapping
     reference = reference_metrics(config.resolve(ref) if isinstance(ref, str) else ref, [t.name for t in config.tasks])
     mode = resolve_precision(config.train.precision, ctx.device, say)  # bf16 on CPUs with AMX / AVX-512 BF16
-    say(precision_reason(mode, config.train.precision, ctx.device))
 
     columns = config.columns()
     train_src = ParquetSource(config.resolve(config.data.train), columns)
@@ -178,6 +177,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     optimizers = make_optimizers(config, model, balancer)
     if label_text:
         say(label_text)
+    say(precision_reason(mode, config.train.precision, ctx.device))  # after the checks: errors come first
     _report_memory(config, schema, model, balancer, optimizers, ctx, precision)
     spec = config.train.early_stopping.monitor
     monitor = Monitor(spec if isinstance(spec, str) else "auto", model,  # best.pt (a mapping: as auto)
