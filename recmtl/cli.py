@@ -37,7 +37,7 @@ def _registry(extra: list[str] = ()):
 
 @app.command()
 def plugins() -> None:
-    """List every registered tower, head, balancer and encoder with the plugin that registered it."""
+    """List every registered tower, head, balancer, encoder and logger with the plugin that registered it."""
     rows = [("kind", "name", "plugin", "origin")]
     rows += [(e.kind, e.name, e.plugin, e.origin) for e in _registry().rows()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -114,6 +114,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     set_: Annotated[list[str], typer.Option("--set", help="Override a config value: key.path=value; repeatable.")] = [],
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (default: train.device of the config, auto).")] = None,
+    logger: Annotated[list[str], typer.Option("--logger", help="Experiment logger plugin (tensorboard, mlflow), added to "
+                                                               "the config's loggers; repeatable.")] = [],
 ) -> None:
     """Train a multi-task model; writes best.pt, last.pt, config.yaml, schema.json, metrics.json to --out.
     Under `torchrun --nproc-per-node N` the same command trains data-parallel on N processes."""
@@ -132,6 +134,8 @@ def train(
         require_trusted_plugins(out, cfg.plugin_modules(), State.plugins)
     else:
         cfg = load_config(config, set_)
+    named = {c.name for c in cfg.logger_components()}
+    cfg.loggers = [*cfg.loggers, *dict.fromkeys(n for n in logger if n not in named)]
     summary = run_training(cfg, out, _registry(cfg.plugin_modules()), resume=resume)
     if __import__("os").environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 prints the results

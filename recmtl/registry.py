@@ -1,4 +1,4 @@
-"""Plugin manager and registries: towers, heads, balancers and encoders, filled by hooks."""
+"""Plugin manager and registries: towers, heads, balancers, encoders and loggers, filled by hooks."""
 from __future__ import annotations
 
 import importlib
@@ -21,6 +21,7 @@ KINDS = {
     "head": "recmtl_register_heads",
     "balancer": "recmtl_register_balancers",
     "encoder": "recmtl_register_encoders",
+    "logger": "recmtl_register_loggers",
 }
 ENTRY_POINT_GROUP = "recmtl"
 
