@@ -148,6 +148,31 @@ def train(
     typer.echo(f"run saved in {out}")
 
 
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="Base config file (YAML or TOML); the space's keys override it.")],
+    space: Annotated[Path, typer.Option(help="Search space YAML: config key -> {int: [LO, HI]}, {float: [LO, HI], "
+                                             "log: true} or {choice: [...]}.")],
+    trials: Annotated[int, typer.Option(min=1, help="Finished (complete or pruned) trials the study should hold.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the trials' run directories, "
+                                                                    "best.yaml, trials.csv and plots (default: CONFIG_STEM-tune).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage: an RDB URL (default sqlite:///OUT/study.db) "
+                                                        "or journal:PATH.")] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name (default: the config file's stem).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Processes working on the study on this machine.")] = 1,
+    metric: Annotated[str, typer.Option(help="Validation metric to optimise: mean/METRIC or TASK/METRIC.")] = "mean/auc",
+    pruner: Annotated[str, typer.Option(help="median (stop trials below the median at the same epoch) or none.")] = "median",
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the TPE sampler.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a base config value: key.path=value; repeatable.")] = [],
+) -> None:
+    """Search hyperparameters with Optuna (TPE, median pruning); resumable, several processes on one study."""
+    from recmtl.training.tune import TuneOptions
+    from recmtl.training.tune import tune as run_tune
+    opts = TuneOptions(config, space, trials, out or Path(f"{config.stem}-tune"), storage, study, workers, metric,
+                       pruner, seed, list(set_), list(State.plugins), list(State.disabled))
+    run_tune(opts, typer.echo)
+
+
 CHECKPOINT_HELP = ("Which trained weights: tasks (each task from its own best epoch, the default), best (best.pt: one "
                    "network, the best epoch by early_stopping.monitor), last, or a checkpoint file in the run directory.")
 
