@@ -278,8 +278,11 @@ def export(
     sample_rows: Annotated[int, typer.Option(min=1)] = 4096,
     triton_repo: Annotated[Optional[Path], typer.Option(
         help="Also write a Triton model repository here (NAME/1/model.onnx + config.pbtxt).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository (default: the output file's stem).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository and the MLflow model registry "
+                                                     "(default: the output file's stem).")] = None,
     checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "tasks",
+    mlflow: Annotated[bool, typer.Option("--mlflow", help="Also log the model with MLflow's ONNX flavour into the run's "
+                                                          "MLflow run and register it as --name.")] = False,
 ) -> None:
     """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
     from recmtl.export import PARITY_ATOL, PARITY_RTOL, export_run
@@ -291,6 +294,11 @@ def export(
     if triton_repo is not None:
         folder = write_triton_repo(output, triton_repo, name or output.stem)
         typer.echo(f"wrote Triton model {folder} (config.pbtxt, 1/model.onnx)")
+    if mlflow:
+        from recmtl.export.tracking import log_onnx_model
+        logged = log_onnx_model(run_dir, output, name or output.stem)
+        typer.echo(f"logged to MLflow at {logged['tracking_uri']}: run {logged['run_id']}, {logged['model_uri']}, "
+                   f"registered as {name or output.stem} version {logged['version']}")
 
 
 @app.command()

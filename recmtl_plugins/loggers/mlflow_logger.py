@@ -91,7 +91,8 @@ class MLflowLogger(Logger):
                     self.warned = True
                     print(f"warning: MLflow at {self.client.tracking_uri} failed ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training continues, every number stays "
-                          "in the run directory, and the MLflow calls are sent again at the next epoch's end",
+                          "in the run directory (metrics.json, balance.jsonl), and the MLflow calls are sent again at each "
+                          "epoch's end and at the end of training",
                           file=sys.stderr, flush=True)
                 return False
             self.pending.pop(0)
@@ -178,9 +179,8 @@ class MLflowLogger(Logger):
     def close(self) -> None:
         if not self.finished and self.run_dir is not None:  # training failed or was interrupted
             self._queue("end", status="KILLED")
-        if self.pending and not self._flush():
-            print(f"warning: MLflow at {self.client.tracking_uri}: {len(self.pending)} call(s) not sent; the run "
-                  "directory has every number (metrics.json, balance.jsonl)", file=sys.stderr, flush=True)
+        if self.pending:
+            self._flush()  # a last try; what stays unsent was announced by the one warning
 
 
 @hookimpl
