@@ -287,7 +287,7 @@ def open_storage(url: str, optuna: Any) -> Any:
 def open_study(storage: Any, name: str, direction: str, pruner: str, seed: int | None, mark: str, url: str,
                optuna: Any) -> Any:
     """Create or load the study; one created with another space or metric is refused."""
-    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
                "none": optuna.pruners.NopPruner}
     if pruner not in pruners:
         raise ConfigError(f"--pruner '{pruner}': expected median or none")

@@ -1,13 +1,15 @@
 """The ``mlflow`` logger: one MLflow run per training run (params, metrics with steps, artifacts); the run's id is
 kept in ``RUN_DIR/mlflow.json`` for ``--resume`` and ``recmtl export --mlflow``. Needs the ``mlflow`` extra.
 
-A tracking server that is down never stops training: one warning, the calls are queued and sent again at the
-next epoch's end and at the end of training; the run directory keeps every number either way."""
+Calls go through a queue drained by a background thread, so the training loop never waits for the server. A
+tracking server that is down never stops training: one warning, the calls stay queued and are sent again every
+few seconds (at the end of training for at most ``timeout`` seconds more); the run directory keeps every number either way."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,7 @@ class MLflowLogger(Logger):
     with their steps, the run directory's small files and the report as artifacts."""
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "recmtl", run_name: str | None = None,
-                 report: bool = True) -> None:
+                 report: bool = True, timeout: float = 15.0) -> None:
         try:
             from mlflow import MlflowClient
         except ImportError:
@@ -75,15 +77,38 @@ class MLflowLogger(Logger):
         self.pending: list[tuple[str, dict[str, Any]]] = []
         self.warned = False
         self.finished = False
+        self.retry_seconds, self.close_timeout = 5.0, float(timeout)
+        self._cond = threading.Condition()
+        self._closing, self._deadline = False, 0.0
+        self._thread: threading.Thread | None = None
 
-    # -- sending, with a queue while the server is unreachable ------------------------------------------------
+    # -- sending: a background thread drains a queue, so a hook costs the training loop no network round trip --
     def _queue(self, op: str, **kwargs: Any) -> None:
-        self.pending.append((op, kwargs))
+        with self._cond:
+            self.pending.append((op, kwargs))
+            self._cond.notify()
+
+    def _take(self) -> tuple[str, dict[str, Any], int]:
+        """The first queued call; consecutive metric calls are merged into one (at most 1000 metrics a batch)."""
+        op, kwargs = self.pending[0]
+        if op != "metrics":
+            return op, kwargs, 1
+        rows, n = [], 0
+        for other, kw in self.pending:
+            if other != "metrics" or (rows and len(rows) + len(kw["rows"]) > 1000):
+                break
+            rows += kw["rows"]
+            n += 1
+        return op, {"rows": rows}, n
 
     def _flush(self) -> bool:
-        """Send the queued calls in order; on the first failure keep the rest and warn once. True when all sent."""
-        while self.pending:
-            op, kwargs = self.pending[0]
+        """Send the queued calls in order; on the first failure keep it and the rest and warn once. True when all
+        were sent."""
+        while True:
+            with self._cond:
+                if not self.pending:
+                    return True
+                op, kwargs, n = self._take()
             try:
                 getattr(self, f"_op_{op}")(**kwargs)
             except Exception as exc:
@@ -91,12 +116,29 @@ class MLflowLogger(Logger):
                     self.warned = True
                     print(f"warning: MLflow at {self.client.tracking_uri} failed ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training continues, every number stays "
-                          "in the run directory (metrics.json, balance.jsonl), and the MLflow calls are sent again at each "
-                          "epoch's end and at the end of training",
-                          file=sys.stderr, flush=True)
+                          "in the run directory (metrics.json, balance.jsonl), and the MLflow calls are sent again "
+                          "every few seconds until training ends", file=sys.stderr, flush=True)
                 return False
-            self.pending.pop(0)
-        return True
+            with self._cond:
+                del self.pending[:n]
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self.pending and not self._closing:
+                    self._cond.wait()
+                if not self.pending:
+                    return
+            if not self._flush():  # the server is unreachable: try again in retry_seconds, give up after close
+                until = time.monotonic() + self.retry_seconds
+                with self._cond:
+                    while True:
+                        if self._closing and time.monotonic() > self._deadline:
+                            return
+                        remaining = until - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(timeout=remaining)
 
     def _op_start(self, config: dict[str, Any]) -> None:
         if self.run_id is None:
@@ -111,11 +153,15 @@ class MLflowLogger(Logger):
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
 
-    def _op_metrics(self, values: dict[str, float], step: int, timestamp: int) -> None:
+    def _op_metrics(self, rows: list[tuple[str, float, int, int]]) -> None:
         from mlflow.entities import Metric
-        metrics = [Metric(k, v, timestamp, step) for k, v in values.items()]
+        metrics = [Metric(k, v, timestamp, step) for k, v, step, timestamp in rows]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def _metrics(self, values: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._queue("metrics", rows=[(k, v, step, now) for k, v in values.items()])
 
     def _op_artifacts(self, files: list[str], folders: dict[str, str]) -> None:
         for f in files:
@@ -141,28 +187,25 @@ class MLflowLogger(Logger):
         if saved.is_file():  # --resume: the same MLflow run
             self.run_id = json.loads(saved.read_text()).get("run_id")
         self._queue("start", config=run.config.model_dump(mode="json", exclude_none=True))
-        self._flush()
+        self._thread = threading.Thread(target=self._work, name="recmtl-mlflow-logger", daemon=True)
+        self._thread.start()
 
     @hookimpl
     def recmtl_step_logged(self, step: int, record: dict[str, Any]) -> None:
         values = {f"step/{group}/{name}": float(v) for group in ("losses", "weights", "grad_norms", "cosine")
                   for name, v in (record.get(group) or {}).items() if isinstance(v, (int, float))}
-        self._queue("metrics", values=values, step=step, timestamp=int(time.time() * 1000))
-        if not self.warned:
-            self._flush()
+        self._metrics(values, step)
 
     @hookimpl
     def recmtl_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
-        self._queue("metrics", values=epoch_metrics(metrics), step=epoch, timestamp=int(time.time() * 1000))
-        self._flush()
+        self._metrics(epoch_metrics(metrics), epoch)
 
     @hookimpl
     def recmtl_train_end(self, run: Any, metrics: dict[str, Any]) -> None:
         test = {f"test/{t}/{k}": float(v) for t, vals in (metrics.get("test") or {}).items()
                 for k, v in vals.items() if isinstance(v, (int, float))}
         if test:
-            self._queue("metrics", values=test, step=int(metrics.get("best_epoch") or 0),
-                        timestamp=int(time.time() * 1000))
+            self._metrics(test, int(metrics.get("best_epoch") or 0))
         files = [str(p) for p in sorted(self.run_dir.iterdir())
                  if p.is_file() and not p.name.startswith(".") and p.suffix != ".pt" and p.stat().st_size < SMALL_FILE_BYTES]
         folders = {}
@@ -174,13 +217,18 @@ class MLflowLogger(Logger):
         self._queue("artifacts", files=files, folders=folders)
         self._queue("end", status="FINISHED")
         self.finished = True
-        self._flush()
 
     def close(self) -> None:
+        """Wait for the queue to drain (at most ``close_timeout`` seconds while the server is unreachable)."""
         if not self.finished and self.run_dir is not None:  # training failed or was interrupted
             self._queue("end", status="KILLED")
-        if self.pending:
-            self._flush()  # a last try; what stays unsent was announced by the one warning
+        if self._thread is None:
+            return
+        with self._cond:
+            self._closing = True
+            self._deadline = time.monotonic() + self.close_timeout
+            self._cond.notify()
+        self._thread.join()
 
 
 @hookimpl
