@@ -91,8 +91,8 @@ def test_mlflow_logger_and_export_land_in_tracking_and_registry(cli, tmp_path, f
 
 def test_server_down_training_goes_on_with_one_warning(cli, tmp_path, funnel_dir):
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    cfg = write_config(tmp_path / "c.yaml", funnel_dir, train={"batch_size": 2048, "epochs": 2, "progress": False,
-                                                              "log_every": 4},
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, train={"batch_size": 4096, "epochs": 1, "progress": False,
+                                                              "log_every": 2},
                        loggers=[{"name": "mlflow", "tracking_uri": down, "timeout": 1}])
     r = cli("train", cfg, "--out", tmp_path / "run")
     assert r.code == 0, r
@@ -100,7 +100,7 @@ def test_server_down_training_goes_on_with_one_warning(cli, tmp_path, funnel_dir
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"warning: MLflow at {down} failed") and "training continues" in warnings[0]
     metrics = __import__("json").loads((tmp_path / "run" / "metrics.json").read_text())
-    assert len(metrics["history"]) == 2  # nothing lost: every epoch in the run directory
+    assert len(metrics["history"]) == 1 and metrics["validation"]  # nothing lost: the run directory is complete
 
 
 def test_queued_calls_are_sent_when_the_server_is_back(tmp_path):

@@ -3,7 +3,9 @@
 Each round trains the same funnel config once per logger, in interleaved order; an epoch's time is the gap
 between two consecutive ``recmtl_epoch_end`` calls (training steps, ``log_every`` step hooks, validation,
 checkpoints and the loggers' epoch-end work), epochs 2..E of each run. Prints the median per logger and its
-overhead against no logger. The mlflow logger needs a running server (``--mlflow-uri``).
+overhead against no logger, and the share of each run the training thread spent inside the life-cycle hook calls
+(pluggy's hook-call monitoring: the loggers' direct cost, which load on a shared machine does not drown; the
+mlflow logger's background sending thread is not in it). The mlflow logger needs a running server (``--mlflow-uri``).
 
 Usage: python benchmarks/speed/bench_loggers.py [--rows 40000] [--epochs 4] [--rounds 3] [--log-every 20]
        [--mlflow-uri http://127.0.0.1:5000]
@@ -57,23 +59,33 @@ def main() -> None:
            "train": {"batch_size": 512, "epochs": args.epochs, "progress": False, "threads": 1,
                      "log_every": args.log_every, "early_stopping": {"patience": 0}}}
     registry = load_registry()
+    in_hooks = [0.0]  # seconds the training thread spends inside life-cycle hook calls (the loggers' direct cost)
+    started: list[float] = []
+    registry.pm.add_hookcall_monitoring(lambda name, impls, kw: started.append(time.perf_counter()),
+                                        lambda outcome, name, impls, kw: in_hooks.__setitem__(
+                                            0, in_hooks[0] + time.perf_counter() - started.pop()))
     times: dict[str, list[float]] = {name: [] for name in loggers}
+    hook_share: dict[str, list[float]] = {name: [] for name in loggers}
     for r in range(args.rounds):
         order = list(loggers) if r % 2 == 0 else list(reversed(loggers))
         for name in order:
             path = work / f"{name}-{r}.yaml"
             path.write_text(yaml.safe_dump({**cfg, "loggers": loggers[name]}))
             clock = EpochClock()
+            in_hooks[0] = 0.0
+            t0 = time.perf_counter()
             train(load_config(path), work / "runs" / f"{name}-{r}", registry, observers=[clock])
+            hook_share[name].append(in_hooks[0] / (time.perf_counter() - t0))
             gaps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
             times[name] += gaps
             print(f"round {r + 1} {name}: epochs " + ", ".join(f"{g:.2f}" for g in gaps) + " s", file=sys.stderr)
     base = statistics.median(times["none"])
-    print("| logger | epochs measured | median epoch (s) | overhead vs none |")
-    print("|---|---|---|---|")
+    print("| logger | epochs measured | median epoch (s) | vs none | time inside hook calls, share of the run (median) |")
+    print("|---|---|---|---|---|")
     for name, values in times.items():
         med = statistics.median(values)
-        print(f"| {name} | {len(values)} | {med:.3f} | {100 * (med - base) / base:+.1f}% |")
+        print(f"| {name} | {len(values)} | {med:.3f} | {100 * (med - base) / base:+.1f}% | "
+              f"{100 * statistics.median(hook_share[name]):.2f}% |")
 
 
 if __name__ == "__main__":

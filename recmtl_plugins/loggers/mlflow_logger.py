@@ -1,7 +1,8 @@
 """The ``mlflow`` logger: one MLflow run per training run (params, metrics with steps, artifacts); the run's id is
 kept in ``RUN_DIR/mlflow.json`` for ``--resume`` and ``recmtl export --mlflow``. Needs the ``mlflow`` extra.
 
-Calls go through a queue drained by a background thread, so the training loop never waits for the server. A
+Calls go through a queue drained by a background thread, so the training loop never waits for the server, and
+metrics go out merged, one request every ``send_every`` (5) seconds at most. A
 tracking server that is down never stops training: one warning, the calls stay queued and are sent again every
 few seconds (at the end of training for at most ``timeout`` seconds more); the run directory keeps every number either way."""
 from __future__ import annotations
@@ -77,7 +78,7 @@ class MLflowLogger(Logger):
         self.pending: list[tuple[str, dict[str, Any]]] = []
         self.warned = False
         self.finished = False
-        self.retry_seconds, self.close_timeout = 5.0, float(timeout)
+        self.retry_seconds, self.close_timeout, self.send_every, self._sent = 5.0, float(timeout), 5.0, 0.0
         self._cond = threading.Condition()
         self._closing, self._deadline = False, 0.0
         self._thread: threading.Thread | None = None
@@ -129,6 +130,11 @@ class MLflowLogger(Logger):
                     self._cond.wait()
                 if not self.pending:
                     return
+                # metrics wait up to send_every seconds so that they go out merged: one request, not one a step
+                while (not self._closing and all(op == "metrics" for op, _ in self.pending)
+                       and time.monotonic() < self._sent + self.send_every):
+                    self._cond.wait(timeout=self._sent + self.send_every - time.monotonic())
+                self._sent = time.monotonic()
             if not self._flush():  # the server is unreachable: try again in retry_seconds, give up after close
                 until = time.monotonic() + self.retry_seconds
                 with self._cond:
