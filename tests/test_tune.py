@@ -108,10 +108,14 @@ def test_choice_with_per_choice_spaces():
     ple = apply_params(raw, space, {"tower": "ple", "tower=ple:num_levels": 2, "tower=mmoe:num_experts": 5})
     assert ple["tower"] == {"name": "ple", "num_levels": 2}  # another plugin: a fresh section with its own space
     assert raw["tower"]["num_experts"] == 2  # the base is untouched
+    dim = parse_space({"encoders.categorical.dim": {"choice": [8, 16]}})  # a plugin parameter, not a plugin
+    assert apply_params({"encoders": {"categorical": {"name": "embedding"}}}, dim, {"encoders.categorical.dim": 8}) == \
+        {"encoders": {"categorical": {"name": "embedding", "dim": 8}}}
 
 
 @pytest.mark.parametrize("space,message", [
     ({"optimizer.lrr": {"float": [1e-4, 1e-2]}}, "unknown key 'optimizer.lrr'"),
+    ({"encoders.categorical.dimm": {"choice": [8, 16]}}, "encoder 'embedding' does not take parameter 'dimm'"),
     ({"tower.num_expert": {"int": [2, 4]}}, "tower 'mmoe' does not take parameter 'num_expert'"),
     ({"optimizer.lr": {"float": [1e-2, 1e-4]}}, "range [0.01, 0.0001] is empty or reversed"),
     ({"optimizer.lr": {"float": [0.0, 1e-2], "log": True}}, "log: true needs LOW > 0"),
@@ -127,6 +131,18 @@ def test_bad_space_is_refused_before_any_trial(cli, tiny, tmp_path, space, messa
     assert r.code == 2 and message in r.err, r
     assert len(r.err.strip().splitlines()) == 1
     assert not (tmp_path / "t").exists(), "nothing written, no study created"
+
+
+def test_trials_that_keep_failing_stop_the_study(cli, tiny, tmp_path):
+    root, cfg = tiny
+    # the space is fine, but every trial fails: the training data is gone (checked per trial, not up front)
+    broken = yaml.safe_load(cfg.read_text())
+    broken["data"]["train"] = str(tmp_path / "gone.parquet")
+    base = tmp_path / "broken.yaml"
+    base.write_text(yaml.safe_dump(broken))
+    r = cli("tune", base, "--space", write_space(tmp_path / "s.yaml"), "--trials", "10", "--out", tmp_path / "t")
+    assert r.code == 2 and "3 trials in a row failed" in r.err and "gone.parquet" in r.err, r
+    assert r.out.count(" fail ") == 3
 
 
 def test_bad_storage_metric_and_another_space(cli, tiny, tmp_path):

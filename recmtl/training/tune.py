@@ -45,6 +45,9 @@ SPEC_KINDS = ("int", "float", "choice")
 SPEC_OPTIONS = {"int": {"log", "step"}, "float": {"log", "step"}, "choice": set()}
 WORKER_ENV = "RECMTL_TUNE_WORKER"  # set in the processes `--workers` starts: they run trials, the parent reports
 TOP = 10
+MAX_FAILURES = 3  # trials in a row that fail stop the study
+#: what fails one trial (recorded in the study, the search goes on): user-input errors and torch's runtime errors
+TRIAL_ERRORS = (RecmtlError, RuntimeError, ValueError, FloatingPointError)
 
 
 def _optuna() -> Any:
@@ -75,7 +78,7 @@ class Param:
 
     @property
     def is_component(self) -> bool:
-        return self.kind == "choice" and (self.key in COMPONENT_KEYS or self.key.startswith("encoders."))
+        return self.kind == "choice" and is_component_key(self.key)
 
     def distribution_args(self) -> dict[str, Any]:
         if self.kind == "choice":
@@ -84,6 +87,12 @@ class Param:
         if self.step is not None:
             args["step"] = self.step
         return args
+
+
+def is_component_key(key: str) -> bool:
+    """``tower``, ``balancer`` or ``encoders.KIND``: a section naming a plugin."""
+    parts = key.split(".")
+    return key in COMPONENT_KEYS or (len(parts) == 2 and parts[0] == "encoders")
 
 
 def _number(value: Any, integer: bool) -> bool:
@@ -120,7 +129,7 @@ def _parse_param(key: str, spec: Any, source: str, name: str) -> Param:
                 sub = sub or {}
                 if not isinstance(sub, dict):
                     raise ConfigError(f"{where}: the space of choice '{value}' must be a mapping of keys to ranges")
-                prefix = f"{key}." if key in COMPONENT_KEYS or key.startswith("encoders.") else ""
+                prefix = f"{key}." if is_component_key(key) else ""
                 branches[value] = [_parse_param(f"{prefix}{k}", s, source, f"{name}={value}:{k}") for k, s in sub.items()]
             return Param(key, name, kind, choices=list(choices), branches=branches)
         if not isinstance(choices, list) or not choices:
@@ -371,14 +380,18 @@ def tune(opts: TuneOptions, echo: Any = print) -> dict[str, Any] | None:
     objective = _objective(raw, space, registry, base_dir, opts, threads, optuna)
     stop = optuna.study.MaxTrialsCallback(opts.trials, states=(optuna.trial.TrialState.COMPLETE,
                                                                optuna.trial.TrialState.PRUNED))
+    failures: list[str] = []
     try:
         if _done(study, optuna) < opts.trials:
-            study.optimize(objective, callbacks=[stop, _progress(opts, echo, optuna)], catch=(RecmtlError,),
+            study.optimize(objective, callbacks=[stop, _progress(opts, echo, optuna, failures)], catch=TRIAL_ERRORS,
                            gc_after_trial=True)
     finally:
         for child in children:
             if child.wait() != 0:
                 echo(f"warning: tune worker process {child.pid} exited with status {child.returncode}")
+    if len(failures) >= MAX_FAILURES:
+        raise ConfigError(f"{len(failures)} trials in a row failed, the study stopped; the last: {failures[-1]} "
+                          f"(logs: {opts.out / 'trials'}/trial-NNNN.log)")
     if worker:
         return None
     return write_results(study, raw, space, opts, echo, optuna)
@@ -422,8 +435,8 @@ def _objective(raw: dict[str, Any], space: list[Param], registry: Registry, base
         with open(run_dir.parent / f"trial-{trial.number:04d}.log", "w") as log, contextlib.redirect_stderr(log):
             try:
                 summary = train(config, run_dir, registry, observers=[pruning])
-            except RecmtlError as exc:
-                trial.set_user_attr("error", str(exc))
+            except TRIAL_ERRORS as exc:  # e.g. a learning rate that makes the loss diverge: this trial fails
+                trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 raise
         scores = [metric_value(r.get("validation"), opts.metric) for r in summary["history"]]
         scores = [s for s in scores if s is not None]
@@ -433,8 +446,14 @@ def _objective(raw: dict[str, Any], space: list[Param], registry: Registry, base
     return objective
 
 
-def _progress(opts: TuneOptions, echo: Any, optuna: Any) -> Any:
+def _progress(opts: TuneOptions, echo: Any, optuna: Any, failures: list[str]) -> Any:
     def report(study: Any, trial: Any) -> None:
+        if trial.state == optuna.trial.TrialState.FAIL:
+            failures.append(trial.user_attrs.get("error", "failed"))
+            if len(failures) >= MAX_FAILURES:  # e.g. a value every trial gets wrong: stop, do not loop forever
+                study.stop()
+        else:
+            failures.clear()
         state = trial.state.name.lower()
         what = f"{opts.metric} {trial.value:.4f}" if trial.value is not None else (
             trial.user_attrs.get("error", "") or (f"after epoch {trial.last_step}" if trial.last_step else ""))
