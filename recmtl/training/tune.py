@@ -455,8 +455,13 @@ def _progress(opts: TuneOptions, echo: Any, optuna: Any, failures: list[str]) ->
         else:
             failures.clear()
         state = trial.state.name.lower()
-        what = f"{opts.metric} {trial.value:.4f}" if trial.value is not None else (
-            trial.user_attrs.get("error", "") or (f"after epoch {trial.last_step}" if trial.last_step else ""))
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            last = trial.intermediate_values.get(trial.last_step) if trial.last_step is not None else None
+            what = f"after epoch {trial.last_step}" + (f" ({opts.metric} {last:.4f})" if last is not None else "")
+        elif trial.value is not None:
+            what = f"{opts.metric} {trial.value:.4f}"
+        else:
+            what = trial.user_attrs.get("error", "")
         try:
             best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
         except ValueError:
