@@ -17,7 +17,7 @@ hookimpl = pluggy.HookimplMarker("recmtl")
 from recmtl.errors import ConfigError, DataError, PluginError, RecmtlError  # noqa: E402
 from recmtl.hookspecs import hookspec  # noqa: E402  (the one HookspecMarker)
 
-_CONTRACTS = {"Balancer", "Encoder", "FeatureInfo", "Head", "Interaction", "TaskInfo", "Tower", "TrainingRun"}
+_CONTRACTS = {"Balancer", "Encoder", "FeatureInfo", "Head", "Interaction", "Logger", "TaskInfo", "Tower", "TrainingRun"}
 
 
 def __getattr__(name: str) -> Any:
@@ -29,6 +29,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "Balancer", "ConfigError", "DataError", "Encoder", "FeatureInfo", "Head", "Interaction", "PluginError",
+    "Balancer", "ConfigError", "DataError", "Encoder", "FeatureInfo", "Head", "Interaction", "Logger", "PluginError",
     "RecmtlError", "TaskInfo", "Tower", "TrainingRun", "hookimpl", "hookspec", "__version__",
 ]

@@ -37,7 +37,7 @@ def _registry(extra: list[str] = ()):
 
 @app.command()
 def plugins() -> None:
-    """List every registered tower, head, balancer and encoder with the plugin that registered it."""
+    """List every registered tower, head, balancer, encoder and logger with the plugin that registered it."""
     rows = [("kind", "name", "plugin", "origin")]
     rows += [(e.kind, e.name, e.plugin, e.origin) for e in _registry().rows()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -117,6 +117,8 @@ def train(
     precision: Annotated[Optional[str], typer.Option(
         help="auto, fp32, bf16 or fp16 (default: train.precision of the config, auto: bf16 on CPUs with AMX or "
              "AVX-512 BF16, else fp32); --precision fp32 forces the fp32 path.")] = None,
+    logger: Annotated[list[str], typer.Option("--logger", help="Experiment logger plugin (tensorboard, mlflow), added to "
+                                                               "the config's loggers; repeatable.")] = [],
 ) -> None:
     """Train a multi-task model; writes best.pt, last.pt, config.yaml, schema.json, metrics.json to --out.
     Under `torchrun --nproc-per-node N` the same command trains data-parallel on N processes."""
@@ -137,6 +139,8 @@ def train(
         require_trusted_plugins(out, cfg.plugin_modules(), State.plugins)
     else:
         cfg = load_config(config, set_)
+    named = {c.name for c in cfg.logger_components()}
+    cfg.loggers = [*cfg.loggers, *dict.fromkeys(n for n in logger if n not in named)]
     summary = run_training(cfg, out, _registry(cfg.plugin_modules()), resume=resume)
     if __import__("os").environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 prints the results
@@ -225,6 +229,31 @@ def group(
             typer.echo(f"  {t} {d['metric']}: {d['mean']:+.4f}" + (f"  95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
                        + ("  worse" if d["grouped_worse"] else ""))
     typer.echo(f"wrote {out / RESULT} and {write_compare_report(out)}")
+
+
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="Base config file (YAML or TOML); the space's keys override it.")],
+    space: Annotated[Path, typer.Option(help="Search space YAML: config key -> {int: [LO, HI]}, {float: [LO, HI], "
+                                             "log: true} or {choice: [...]}.")],
+    trials: Annotated[int, typer.Option(min=1, help="Finished (complete or pruned) trials the study should hold.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the trials' run directories, "
+                                                                    "best.yaml, trials.csv and plots (default: CONFIG_STEM-tune).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage: an RDB URL (default sqlite:///OUT/study.db) "
+                                                        "or journal:PATH.")] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name (default: the config file's stem).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Processes working on the study on this machine.")] = 1,
+    metric: Annotated[str, typer.Option(help="Validation metric to optimise: mean/METRIC or TASK/METRIC.")] = "mean/auc",
+    pruner: Annotated[str, typer.Option(help="median (stop trials below the median at the same epoch) or none.")] = "median",
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the TPE sampler.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a base config value: key.path=value; repeatable.")] = [],
+) -> None:
+    """Search hyperparameters with Optuna (TPE, median pruning); resumable, several processes on one study."""
+    from recmtl.training.tune import TuneOptions
+    from recmtl.training.tune import tune as run_tune
+    opts = TuneOptions(config, space, trials, out or Path(f"{config.stem}-tune"), storage, study, workers, metric,
+                       pruner, seed, list(set_), list(State.plugins), list(State.disabled))
+    run_tune(opts, typer.echo)
 
 
 CHECKPOINT_HELP = ("Which trained weights: tasks (each task from its own best epoch, the default), best (best.pt: one "
@@ -394,7 +423,8 @@ def export(
     sample_rows: Annotated[int, typer.Option(min=1)] = 4096,
     triton_repo: Annotated[Optional[Path], typer.Option(
         help="Also write a Triton model repository here (NAME/1/model.onnx + config.pbtxt).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository (default: the output file's stem).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the Triton repository and the MLflow model registry "
+                                                     "(default: the output file's stem).")] = None,
     checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "tasks",
     calibration: Annotated[bool, typer.Option(help=CALIBRATION_HELP)] = True,
     fuse: Annotated[Optional[str], typer.Option(
@@ -403,6 +433,8 @@ def export(
     precision: Annotated[str, typer.Option(help="fp32 (default), int8 (dynamic int8 dense layers, int8 embedding "
                                                 "tables) or fp16; int8/fp16 are checked against fp32 on labelled "
                                                 "--sample rows.")] = "fp32",
+    mlflow: Annotated[bool, typer.Option("--mlflow", help="Also log the model with MLflow's ONNX flavour into the run's "
+                                                          "MLflow run and register it as --name.")] = False,
 ) -> None:
     """Export a self-contained ONNX model (raw columns in, one score per task out), checked against PyTorch."""
     from recmtl.export import PARITY_ATOL, PARITY_RTOL, QUALITY_BOUND, export_run
@@ -421,6 +453,11 @@ def export(
     if triton_repo is not None:
         folder = write_triton_repo(output, triton_repo, name or output.stem)
         typer.echo(f"wrote Triton model {folder} (config.pbtxt, 1/model.onnx)")
+    if mlflow:
+        from recmtl.export.tracking import log_onnx_model
+        logged = log_onnx_model(run_dir, output, name or output.stem)
+        typer.echo(f"logged to MLflow at {logged['tracking_uri']}: run {logged['run_id']}, {logged['model_uri']}, "
+                   f"registered as {name or output.stem} version {logged['version']}")
 
 
 @app.command()

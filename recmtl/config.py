@@ -278,6 +278,8 @@ class Config(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    # experiment loggers (plugins of kind logger): names, or {name: mlflow, tracking_uri: ...} with parameters
+    loggers: list[str | ComponentConfig] = Field(default_factory=list)
 
     @field_validator("features")
     @classmethod
@@ -319,6 +321,10 @@ class Config(_Strict):
     def plugin_modules(self) -> list[str]:
         """``plugins`` with ``.py`` paths resolved against the config file's folder."""
         return [self.resolve(p) if p.endswith(".py") else p for p in self.plugins]
+
+    def logger_components(self) -> list[ComponentConfig]:
+        """``loggers`` as components (a bare name has no parameters)."""
+        return [ComponentConfig(name=item) if isinstance(item, str) else item for item in self.loggers]
 
     def columns(self) -> list[str]:
         """Every column a training run reads."""

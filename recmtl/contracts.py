@@ -278,6 +278,21 @@ class Balancer(nn.Module):
         """Called after each epoch with the mean training loss per task (for e.g. DWA)."""
 
 
+class Logger:
+    """An experiment logger (TensorBoard, MLflow, ...), built as ``cls(**params)`` from the config's ``loggers``.
+
+    The trainer registers the instance as a plugin for one training run (rank 0 only), so its methods marked
+    ``@hookimpl`` receive the life-cycle hooks (``recmtl_train_start``, ``recmtl_epoch_end``,
+    ``recmtl_step_logged``, ``recmtl_checkpoint_saved``, ``recmtl_train_end``); it observes and must not change the
+    model. ``close()`` is called once when training ends, also when it fails or is interrupted. A missing
+    optional package is a ``ConfigError`` raised by the constructor naming the ``pip install``, so it shows before
+    any data is read. A logger that cannot reach its backend warns and lets training go on.
+    """
+
+    def close(self) -> None:
+        """Flush and release what the logger holds (files, connections); called once."""
+
+
 @runtime_checkable
 class TrainingRun(Protocol):
     """What the training life-cycle hooks receive as ``run`` (``recmtl.hookspecs``): read it, do not replace
@@ -289,3 +304,8 @@ class TrainingRun(Protocol):
     balancer: Balancer
     run_dir: Path
     history: list[dict[str, Any]]
+
+    def write_report(self, out_dir: Path | None = None) -> Path:
+        """Write ``recmtl report``'s HTML and PNGs for the run so far (default ``RUN_DIR/report``); returns
+        ``index.html``. Needs the ``report`` extra (matplotlib)."""
+        ...

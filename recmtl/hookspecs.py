@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from recmtl.contracts import Balancer, Encoder, Head, Interaction, Tower, TrainingRun
+    from recmtl.contracts import Balancer, Encoder, Head, Interaction, Logger, Tower, TrainingRun
 
 hookspec = pluggy.HookspecMarker("recmtl")
 
@@ -59,6 +59,22 @@ def recmtl_register_interactions() -> dict[str, type[Interaction]]:
     A block sits between the encoders and the tower (config ``interaction: {name: ...}``) and turns the flat
     vector and the field view into the tower's input (see :class:`recmtl.Interaction`).
     """
+
+
+@hookspec
+def recmtl_register_loggers() -> dict[str, type[Logger]]:
+    """Return experiment loggers by name: classes built as ``cls(**params)`` once per training run.
+
+    A logger's instance is registered as a plugin for the run, so its ``@hookimpl`` methods receive the
+    life-cycle hooks below; ``close()`` is called when training ends or fails (see :class:`recmtl.Logger`).
+    """
+
+
+@hookspec
+def recmtl_step_logged(run: TrainingRun, step: int, record: dict[str, Any]) -> None:
+    """Called every ``train.log_every`` steps with the step's record: ``epoch``, ``losses`` per task (raw,
+    unweighted), the balancer's ``weights``, ``grad_norms`` per task and the pairwise ``cosine`` of the task
+    gradients on the shared parameters (the ``balance.jsonl`` line)."""
 
 
 @hookspec

@@ -1,4 +1,4 @@
-"""Plugin manager and registries: towers, heads, balancers, encoders and interaction blocks, filled by hooks."""
+"""Plugin manager and registries: towers, heads, balancers, encoders, interaction blocks and loggers, filled by hooks."""
 from __future__ import annotations
 
 import importlib
@@ -22,6 +22,7 @@ KINDS = {
     "balancer": "recmtl_register_balancers",
     "encoder": "recmtl_register_encoders",
     "interaction": "recmtl_register_interactions",
+    "logger": "recmtl_register_loggers",
 }
 ENTRY_POINT_GROUP = "recmtl"
 

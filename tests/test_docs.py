@@ -210,7 +210,8 @@ def test_command_has_a_synopsis_with_every_option(command):
 # ---- (d) built-in plugins ----------------------------------------------------------------------------------
 REGISTRY = load_registry()
 BASES = {"tower": contracts.Tower, "head": contracts.Head, "balancer": contracts.Balancer, "encoder": contracts.Encoder,
-         "interaction": contracts.Interaction}
+         "interaction": contracts.Interaction,
+         "logger": contracts.Logger}
 BUILTINS = [(kind, name) for kind in BASES for name, entry in sorted(REGISTRY.tables[kind].items())
             if entry.factory.__module__.startswith("recmtl_plugins.")]
 

@@ -44,14 +44,16 @@ class BalanceLog:
         grads = task_gradients([losses[t] for t in self.task_names], shared, retain_graph=True)
         self._pending = conflict_stats(grads, self.task_names)
 
-    def after_backward(self, epoch: int, applied: dict[str, float]) -> None:
-        """Call after the balancer's ``backward`` with the weights it returned; writes the line when due."""
+    def after_backward(self, epoch: int, applied: dict[str, float]) -> dict[str, Any] | None:
+        """Call after the balancer's ``backward`` with the weights it returned; writes the line when due and
+        returns it (None on other steps)."""
         if self._pending is None:
-            return
+            return None
         line = {"epoch": epoch, "step": self.step,
                 "weights": {t: round(float(w), 6) for t, w in applied.items()}, **self._pending}
         self._pending = None
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
             f.flush()
+        return line
 

@@ -45,6 +45,7 @@ from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors, ref
 from recmtl.training.evaluate import map_scores, merge_predictions, per_task_model, predict, reliability_bins, score_map, task_metrics
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
+from recmtl.training.tracking import attached, build_loggers
 
 
 def env_local_world() -> int:
@@ -71,6 +72,11 @@ class TrainRun:
     run_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def write_report(self, out_dir: Path | None = None) -> Path:
+        """``recmtl report`` for the run so far (see ``recmtl.TrainingRun``)."""
+        from recmtl.report import write_report
+        return write_report(self.run_dir, out_dir)
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -83,10 +89,12 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool = False) -> dict[str, Any]:
+def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool = False,
+          observers: list[Any] = ()) -> dict[str, Any]:
     """Train ``config`` into ``run_dir``; returns the content of ``metrics.json``. Rank 0 holds the run directory's
     lock while it trains (a second ``recmtl train`` into it is refused) and first sweeps the temporary files that
-    interrupted writes left there."""
+    interrupted writes left there. On rank 0 the config's ``loggers`` and ``observers`` (objects with ``@hookimpl``
+    life-cycle methods, e.g. ``recmtl tune``'s pruning callback) receive the life-cycle hooks of this run."""
     rank, world, _ = env_world()
     if config.train.batch_size % world:
         raise ConfigError(f"train.batch_size {config.train.batch_size} is the global batch and must be divisible by "
@@ -110,7 +118,8 @@ def train(config: Config, run_dir: str | Path, registry: Registry, resume: bool 
             hint = (f"; it has no {LAST} (interrupted during its first checkpoint): pass --resume to train it again "
                     "from the start" if not files.file(LAST).is_file() else "; pass --resume to continue it")
             raise ConfigError(f"{files.path} already holds a run{hint}, or choose another --out")
-        return _train(config, files.path, registry, resume)
+        with attached(registry, [*build_loggers(config, registry), *observers]):
+            return _train(config, files.path, registry, resume)
 
 
 def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> dict[str, Any]:
@@ -273,7 +282,10 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                 scaled = precision.scale_losses(losses)
                 balancer.grad_scale = precision.grad_scale()  # fp16's loss scale (1.0 otherwise), see Balancer
                 applied = balancer.backward(scaled, shared)
-                balance_log.after_backward(epoch + 1, applied)
+                logged = balance_log.after_backward(epoch + 1, applied)
+                if logged is not None and main:
+                    hook.recmtl_step_logged(run=run, step=logged["step"],
+                                            record={**logged, "losses": {t: v.item() for t, v in losses.items()}})
                 # gradients, and the state a balancer updates itself, averaged over ranks (no-op in one process)
                 ctx.average_gradients(sync_params, balancer_state)
                 precision.step(optimizers, unscaled=balancer.parameters())

@@ -1,0 +1,1 @@
+"""Built-in experiment loggers: TensorBoard and MLflow (each an optional extra)."""
