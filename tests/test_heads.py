@@ -249,3 +249,18 @@ def test_regression_log1p_and_multiclass_export_and_score(cli, tmp_path):
     np.testing.assert_allclose(np.stack(onnx_scores["genre"].to_pylist()), np.stack(torch_scores["genre"].to_pylist()), atol=1e-5)
     meta = json.loads(__import__("onnx").load(str(tmp_path / "m.onnx")).metadata_props[0].value)
     assert [t.get("classes") for t in meta["tasks"]] == [None, ["drama", "news", "sport"]]
+
+
+def test_esmm_loss_matches_bce_and_lets_a_diverged_output_through():
+    """ESMM's loss is binary cross-entropy on pCTCVR; a NaN output (a diverged run) gives a NaN loss, which the loop
+    turns into its 'training loss became nan' error, instead of torch's 'between 0 and 1' RuntimeError."""
+    import torch.nn.functional as F
+
+    from recmtl_plugins.heads.esmm import ESMMHead
+    head = ESMMHead(4, TaskInfo("conversion", "conversion", "esmm"), ctr_task="click")
+    output = torch.tensor([0.1, 0.9, 0.5, 1e-9])
+    label = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    mask = torch.ones(4, dtype=torch.bool)
+    torch.testing.assert_close(head.loss(output, label, mask),
+                               F.binary_cross_entropy(output.clamp(1e-7, 1 - 1e-7), label))
+    assert torch.isnan(head.loss(torch.tensor([float("nan"), 0.5, 0.5, 0.5]), label, mask))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from recmtl import Head, TaskInfo, hookimpl
@@ -33,7 +32,10 @@ class ESMMHead(Head):
         return upstream[self.ctr_task] * p_cvr  # pCTCVR
 
     def loss(self, output: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        per_row = F.binary_cross_entropy(output.clamp(EPS, 1 - EPS), label, reduction="none")
+        # binary cross-entropy written out: F.binary_cross_entropy raises on NaN inputs, and a diverged run must
+        # reach the loop's "training loss became nan" error instead
+        p = output.clamp(EPS, 1 - EPS)
+        per_row = -(label * torch.log(p) + (1 - label) * torch.log1p(-p))
         return masked_mean(per_row, mask)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
