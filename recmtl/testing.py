@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recmtl.contracts import Balancer, Encoder, FeatureInfo, Head, Interaction, TaskInfo, Tower
+from recmtl.contracts import Balancer, Encoder, FeatureInfo, Head, Interaction, Logger, TaskInfo, Tower
 
 TASKS = ["task_a", "task_b"]
 
@@ -293,12 +293,32 @@ def check_interaction(cls: type[Interaction], **params: Any) -> Interaction:
     return block
 
 
+def check_logger(cls: type[Logger], **params: Any) -> Logger:
+    """Built with ``params`` it is a :class:`recmtl.Logger` whose ``@hookimpl`` methods are life-cycle hooks of
+    ``recmtl.hookspecs`` with the hooks' argument names (pluggy validates them on registration), and ``close()``
+    works on a logger that saw no run."""
+    import pluggy
+
+    from recmtl import hookspecs
+    name = _name(cls)
+    logger = cls(**params)
+    assert isinstance(logger, Logger), f"{name}: not a recmtl.Logger"
+    pm = pluggy.PluginManager("recmtl")
+    pm.add_hookspecs(hookspecs)
+    pm.register(logger)  # raises PluginValidationError for an unknown hook or argument
+    hooks = [h.name for h in pm.get_hookcallers(logger) or []]
+    assert hooks, f"{name}: implements no life-cycle hook"
+    assert not [h for h in hooks if h.startswith("recmtl_register_")], f"{name}: a logger receives run hooks only"
+    pm.unregister(logger)
+    logger.close()
+    return logger
+
+
 def check_registered(kind: str, name: str, factory: Any) -> None:
     """Run the contract check matching ``kind`` on a registered plugin with its default parameters."""
     {"tower": check_tower, "head": check_head, "balancer": check_balancer, "encoder": check_encoder,
-     "interaction": check_interaction}[kind](factory)
+     "interaction": check_interaction, "logger": check_logger}[kind](factory)
 
 
-__all__ = ["check_balancer", "check_encoder", "check_head", "check_interaction", "check_registered", "check_tower",
-           "sample_features",
-           "sample_inputs"]
+__all__ = ["check_balancer", "check_encoder", "check_head", "check_interaction", "check_logger", "check_registered",
+           "check_tower", "sample_features", "sample_inputs"]

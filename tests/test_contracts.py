@@ -15,7 +15,7 @@ def test_contract(kind, name):
 
 def test_every_kind_has_builtins():
     kinds = {k for k, _ in CASES}
-    assert kinds == {"tower", "head", "balancer", "encoder", "interaction"}
+    assert kinds == {"tower", "head", "balancer", "encoder", "interaction", "logger"}
     assert {"shared_bottom", "mmoe"} <= set(REGISTRY.names("tower"))
     assert {"binary", "esmm"} <= set(REGISTRY.names("head"))
     assert {"fixed", "uncertainty"} <= set(REGISTRY.names("balancer"))
