@@ -48,7 +48,7 @@ def plugins() -> None:
 @app.command("new-plugin")
 def new_plugin(
     name: Annotated[str, typer.Argument(help="Package name, e.g. my-tower (registered as my_tower).")],
-    kind: Annotated[str, typer.Option(help="tower, head, balancer or encoder.")] = "tower",
+    kind: Annotated[str, typer.Option(help="tower, head, balancer, encoder, interaction or logger.")] = "tower",
     directory: Annotated[Path, typer.Option("--dir", help="Where to create the package folder.")] = Path("."),
 ) -> None:
     """Scaffold a pip-installable plugin package (entry point, example, contract test)."""

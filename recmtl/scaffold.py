@@ -204,6 +204,78 @@ class {cls}(Encoder):
 def recmtl_register_encoders():
     return {{"{name}": {cls}}}
 ''', "encoders: {dense: {name: NAME}}"),
+    "interaction": ('''"""{cls}: a bilinear interaction of every pair of fields, beside the flat vector.
+
+A block sits between the encoders and the tower (``interaction: {{name: {name}}}``): ``x`` is the flat vector
+``[batch, input_dim]``, ``fields`` one embedding per field ``[batch, n_fields, field_dim]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recmtl import Interaction, hookimpl
+
+
+class {cls}(Interaction):
+    min_fields = 2  # pairs need two fields
+
+    def __init__(self, input_dim: int, field_names: list[str], field_dim: int, rank: int = 4) -> None:
+        super().__init__(input_dim, field_names, field_dim)
+        self.project = nn.Linear(field_dim, rank, bias=False)
+
+    @property
+    def output_dim(self) -> int:
+        return self.input_dim + 1
+
+    def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:
+        v = self.project(fields)  # [batch, n_fields, rank]
+        pairs = 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1, keepdim=True)  # sum over i < j of <v_i, v_j>
+        return torch.cat([x, pairs], dim=1)
+
+
+@hookimpl
+def recmtl_register_interactions():
+    return {{"{name}": {cls}}}
+''', "interaction: {name: NAME}"),
+    "logger": ('''"""{cls}: writes each epoch's validation metrics as one JSON line to ``RUN_DIR/{name}.jsonl``.
+
+A logger's methods marked ``@hookimpl`` receive the training life-cycle hooks (``recmtl.hookspecs``); it
+observes the run and must not change the model. ``close()`` is called once when training ends or fails.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from recmtl import Logger, hookimpl
+
+
+class {cls}(Logger):
+    def __init__(self, file_name: str = "{name}.jsonl") -> None:
+        self.file_name = file_name
+        self.out: Any = None
+
+    @hookimpl
+    def recmtl_train_start(self, run: Any) -> None:
+        self.out = open(run.run_dir / self.file_name, "a", encoding="utf-8")
+
+    @hookimpl
+    def recmtl_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        if self.out is not None:
+            self.out.write(json.dumps({{"epoch": epoch, "validation": metrics.get("validation")}}) + "\\n")
+            self.out.flush()
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.out.close()
+            self.out = None
+
+
+@hookimpl
+def recmtl_register_loggers():
+    return {{"{name}": {cls}}}
+''', "loggers: [NAME]"),
 }
 
 

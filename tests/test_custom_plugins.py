@@ -65,7 +65,7 @@ def test_scaffolded_plugin_works_immediately(cli, funnel_dir, tmp_path):
     train_export_score(env, tmp_path, funnel_dir, {"name": "acme_tower", "hidden": 16})
 
 
-@pytest.mark.parametrize("kind", ["head", "balancer", "encoder"])
+@pytest.mark.parametrize("kind", ["head", "balancer", "encoder", "interaction", "logger"])
 def test_scaffold_kinds_pass_their_contracts(cli, tmp_path, kind):
     assert cli("new-plugin", f"my-{kind}", "--kind", kind, "--dir", tmp_path).code == 0
     t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / f"my-{kind}" / "tests")],
