@@ -36,6 +36,7 @@ class _VocabCounter:
     def __init__(self, cap: int | None = None) -> None:
         self.parts: list[pa.StructArray] = []
         self.pending = 0
+        self.merged = 0  # values held by the last merge
         self.cap = cap
         self.total = 0  # values counted (N)
         self.decrement = 0  # the sum of the subtracted counts: the error bound of every kept count
@@ -50,10 +51,12 @@ class _VocabCounter:
         self.parts.append(counts)
         self.pending += len(counts)
         self.total += len(arr) - arr.null_count
-        limit = 2_000_000 if self.cap is None else 2 * self.cap  # merged (and pruned) at twice the cap
+        # merged (and pruned) at twice the cap; without one, once the merged counts doubled (not after every
+        # block once more than 2M values are held: that made the pass quadratic in the distinct values)
+        limit = 2 * self.cap if self.cap is not None else max(2_000_000, 2 * self.merged)
         if self.pending > limit and len(self.parts) > 1:
             self.parts = [self._merge()]
-            self.pending = len(self.parts[0])
+            self.pending = self.merged = len(self.parts[0])
 
     def _merge(self) -> pa.StructArray:
         values = pa.concat_arrays([p.field("values") for p in self.parts])
