@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_config
 
 from recmtl.config import parse_config
 from recmtl.data.parquet import ParquetSource
@@ -78,3 +79,16 @@ def test_fit_pass_with_the_cap_prints_a_note(tmp_path, capsys):
     exact = fit_schema(cfg, ParquetSource(cfg.resolve(cfg.data.train), cfg.columns()), heads)
     assert exact.categorical[0].vocab.tolist() == schema.categorical[0].vocab.tolist()
     assert "note:" not in capsys.readouterr().err
+
+
+def test_train_cli_with_the_cap(cli, funnel_dir, tmp_path):
+    features = ([{"name": "user_id", "kind": "categorical", "max_size": 5, "max_distinct": 10}]
+                + [{"name": n, "kind": "categorical"} for n in ["item_id", "c03"]] + [{"name": "d01", "kind": "dense"}])
+    bad_cfg = write_config(tmp_path / "bad.yaml", funnel_dir, features=[{**features[0], "max_distinct": 3}, *features[1:]])
+    bad = cli("train", bad_cfg, "--out", tmp_path / "bad")
+    assert bad.code == 2 and "max_distinct (3) must be at least max_size (5)" in bad.err
+    assert "Traceback" not in bad.err
+    cfg = write_config(tmp_path / "config.yaml", funnel_dir, features=features)
+    res = cli("train", cfg, "--out", tmp_path / "run", "--set", "train.epochs=1")
+    assert res.code == 0, res.err
+    assert "note: feature 'user_id' has more than max_distinct=10 distinct values" in res.err
