@@ -38,6 +38,7 @@ class FeatureConfig(_Strict):
     kind: Literal["categorical", "dense", "image", "sequence", "text"]
     min_count: int = Field(1, ge=1)
     max_size: int | None = Field(None, ge=1)
+    max_distinct: int | None = Field(None, ge=1)  # fit pass: distinct values counted exactly; a sketch above
     hash_buckets: int | None = Field(None, ge=1)
     embedding_dim: int | None = Field(None, ge=1)
     fill: Literal["mean", "zero"] | float = "mean"
@@ -67,6 +68,15 @@ class FeatureConfig(_Strict):
         if self.vocabulary is not None and (self.hash_buckets or self.max_size or self.min_count != 1):
             raise ValueError(f"feature '{self.name}': it shares the vocabulary of '{self.vocabulary}'; set "
                              f"hash_buckets/max_size/min_count on '{self.vocabulary}'")
+        if self.max_distinct is not None and (self.kind not in ("categorical", "sequence") or self.hash_buckets
+                                              or self.vocabulary is not None):
+            raise ValueError(f"feature '{self.name}': max_distinct bounds the fit pass's vocabulary counter; it applies "
+                             "to categorical and sequence features with a vocabulary of their own (no hash_buckets, "
+                             "no shared vocabulary)")
+        if self.max_distinct is not None and self.max_size is not None and self.max_distinct < self.max_size:
+            raise ValueError(f"feature '{self.name}': max_distinct ({self.max_distinct}) must be at least max_size "
+                             f"({self.max_size}): the counter cannot keep the top {self.max_size} values in "
+                             f"{self.max_distinct} counters")
         if self.kind != "text" and (self.ngrams is not None or self.max_tokens is not None):
             raise ValueError(f"feature '{self.name}': ngrams/max_tokens apply to text features only")
         if self.kind == "text":

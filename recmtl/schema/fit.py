@@ -3,6 +3,8 @@ checks, then the leak check."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -21,31 +23,63 @@ from recmtl.schema.summary import LabelStats, Moments, check_labels
 
 
 class _VocabCounter:
-    """Streaming value counts with memory bounded by the number of distinct values."""
+    """Streaming value counts. Without ``cap``, memory grows with the number of distinct values (exact).
 
-    def __init__(self) -> None:
+    With ``cap``, at most ``2 * cap`` distinct values are held between merges (plus one block's value counts):
+    exact while the column has at most ``cap`` distinct values; above, a mergeable Misra-Gries summary
+    (Agarwal et al., 2012) over each block's Arrow ``value_counts``: whenever more than ``cap`` values are
+    held, the (cap+1)-th largest count is subtracted from every count and values left at zero are dropped.
+    Every kept count then underestimates the true one by at most ``decrement`` <= N / (cap + 1) (N: values
+    counted), so the top ``k`` are exactly the true top ``k`` when the k-th true count exceeds the
+    (k+1)-th by more than that bound."""
+
+    def __init__(self, cap: int | None = None) -> None:
         self.parts: list[pa.StructArray] = []
         self.pending = 0
+        self.merged = 0  # values held by the last merge
+        self.cap = cap
+        self.total = 0  # values counted (N)
+        self.decrement = 0  # the sum of the subtracted counts: the error bound of every kept count
+
+    @property
+    def sketched(self) -> bool:
+        """True once the column had more than ``cap`` distinct values (the counts are estimates)."""
+        return self.decrement > 0
 
     def add(self, arr: pa.Array) -> None:
         counts = pc.value_counts(arr.drop_null())
         self.parts.append(counts)
         self.pending += len(counts)
-        if self.pending > 2_000_000 and len(self.parts) > 1:
+        self.total += len(arr) - arr.null_count
+        # merged (and pruned) at twice the cap; without one, once the merged counts doubled (not after every
+        # block once more than 2M values are held: that made the pass quadratic in the distinct values)
+        limit = 2 * self.cap if self.cap is not None else max(2_000_000, 2 * self.merged)
+        if self.pending > limit and len(self.parts) > 1:
             self.parts = [self._merge()]
-            self.pending = len(self.parts[0])
+            self.pending = self.merged = len(self.parts[0])
 
     def _merge(self) -> pa.StructArray:
         values = pa.concat_arrays([p.field("values") for p in self.parts])
         counts = pa.concat_arrays([p.field("counts") for p in self.parts])
         grouped = pa.table({"values": values, "counts": counts}).group_by("values").aggregate([("counts", "sum")])
-        return pa.StructArray.from_arrays([grouped.column("values").combine_chunks(),
-                                           grouped.column("counts_sum").combine_chunks()], ["values", "counts"])
+        merged = pa.StructArray.from_arrays([grouped.column("values").combine_chunks(),
+                                             grouped.column("counts_sum").combine_chunks()], ["values", "counts"])
+        if self.cap is not None and len(merged) > self.cap:
+            c = merged.field("counts").to_numpy()
+            t = int(-np.partition(-c, self.cap)[self.cap])  # the (cap+1)-th largest count
+            keep = c > t
+            merged = pa.StructArray.from_arrays([merged.field("values").filter(pa.array(keep)),
+                                                 pa.array(c[keep] - t, pa.int64())], ["values", "counts"])
+            self.decrement += t
+        return merged
 
     def vocabulary(self, min_count: int, max_size: int | None) -> np.ndarray:
+        """The values seen at least ``min_count`` times (estimated counts when sketched), most frequent first,
+        ties by value, at most ``max_size``."""
         if not self.parts:
             return np.array([], dtype=np.int64)
         merged = self._merge()
+        self.parts, self.pending = [merged], len(merged)
         table = pa.table({"v": merged.field("values"), "c": merged.field("counts")})
         table = table.filter(pc.greater_equal(table["c"], min_count))
         table = table.sort_by([("c", "descending"), ("v", "ascending")])
@@ -108,7 +142,7 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
         if f.vocabulary and types[f.vocabulary] != types[f.name]:
             raise DataError(f"sequence feature '{f.name}' shares the vocabulary of '{f.vocabulary}', but its items are "
                             f"{types[f.name]}s and '{f.vocabulary}' holds {types[f.vocabulary]}s; expected the same type")
-    counters = {f.name: _VocabCounter() for f in cat_cfg + seq_cfg if not f.hash_buckets and not f.vocabulary}
+    counters = {f.name: _VocabCounter(f.max_distinct) for f in cat_cfg + seq_cfg if not f.hash_buckets and not f.vocabulary}
     counters |= {f.name: counters[f.vocabulary] for f in seq_cfg if f.vocabulary and f.vocabulary in counters}
     stats = {f.name: _DenseStats(_dense_column(f)) for f in dense_cfg}
     label_stats = {lab.task: LabelStats(lab) for lab in labels}
@@ -168,7 +202,12 @@ def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, An
         if f.hash_buckets:
             fitted[f.name] = None
             return None
-        vocab = counters[f.name].vocabulary(f.min_count, f.max_size)
+        counter = counters[f.name]
+        vocab = counter.vocabulary(f.min_count, f.max_size)
+        if counter.sketched and os.environ.get("RANK", "0") == "0":
+            print(f"note: feature '{f.name}' has more than max_distinct={f.max_distinct} distinct values; its "
+                  f"vocabulary ({len(vocab)} values) comes from a heavy-hitters sketch: each count is at most "
+                  f"{counter.decrement} below the true one ({counter.total} values counted)", file=sys.stderr)
         fitted[f.name] = vocab.astype(object) if types[f.name] == "string" else vocab
         return fitted[f.name]
 
