@@ -3,6 +3,8 @@
 Brier score, ``reliability`` bins for diagrams), RMSE/MAE for regression."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import brier_score_loss, log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
@@ -127,3 +129,22 @@ def binary_label_problem(distinct: np.ndarray, what: str = "a binary head") -> s
         return (f"{what} needs 0/1 labels, found {shown}; map a column's values to 1 with "
                 "`positive: [values]` in the task")
     return None
+
+
+def epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """One epoch record (``recmtl_epoch_end``'s ``metrics``) as flat ``tag -> value`` scalars: train loss,
+    validation metrics per task, balancer weights, gate entropy per gate, seconds and rows/s."""
+    out: dict[str, float] = {}
+    for task, v in (metrics.get("train_loss") or {}).items():
+        out[f"train_loss/{task}"] = v
+    for task, values in (metrics.get("validation") or {}).items():
+        for name, v in values.items():
+            out[f"validation/{task}/{name}"] = v
+    for task, v in (metrics.get("weights") or {}).items():
+        out[f"weights/{task}"] = v
+    for gate, v in ((metrics.get("diagnostics") or {}).get("gate_entropy") or {}).items():
+        out[f"gate_entropy/{gate}"] = v
+    for key in ("seconds", "rows_per_s"):
+        if key in metrics:
+            out[f"time/{key}"] = metrics[key]
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}

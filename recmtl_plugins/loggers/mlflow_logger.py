@@ -17,6 +17,7 @@ from typing import Any
 
 from recmtl import Logger, hookimpl
 from recmtl.errors import ConfigError
+from recmtl.metrics import epoch_scalars
 
 #: the file in the run directory that names the MLflow run (read by ``recmtl export --mlflow``)
 RUN_FILE = "mlflow.json"
@@ -40,21 +41,8 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 def epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """An epoch record as flat metrics (the same names as the tensorboard logger's scalars)."""
-    out: dict[str, Any] = {}
-    for task, v in (metrics.get("train_loss") or {}).items():
-        out[f"train_loss/{task}"] = v
-    for task, values in (metrics.get("validation") or {}).items():
-        for name, v in values.items():
-            out[f"validation/{task}/{name}"] = v
-    for task, v in (metrics.get("weights") or {}).items():
-        out[f"weights/{task}"] = v
-    for gate, v in ((metrics.get("diagnostics") or {}).get("gate_entropy") or {}).items():
-        out[f"gate_entropy/{gate}"] = v
-    for key in ("seconds", "rows_per_s"):
-        if key in metrics:
-            out[f"time/{key}"] = metrics[key]
-    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and v == v}
+    """An epoch record as flat metrics (the tensorboard logger's scalars), NaN left out."""
+    return {k: v for k, v in epoch_scalars(metrics).items() if v == v}
 
 
 class MLflowLogger(Logger):

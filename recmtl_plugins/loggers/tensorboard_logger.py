@@ -8,25 +8,7 @@ from typing import Any
 
 from recmtl import Logger, hookimpl
 from recmtl.errors import ConfigError
-
-
-def epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """One epoch record as flat ``tag -> value`` scalars: train loss, validation metrics per task, balancer
-    weights, gate entropy per gate, seconds and rows/s."""
-    out: dict[str, float] = {}
-    for task, v in (metrics.get("train_loss") or {}).items():
-        out[f"train_loss/{task}"] = v
-    for task, values in (metrics.get("validation") or {}).items():
-        for name, v in values.items():
-            out[f"validation/{task}/{name}"] = v
-    for task, v in (metrics.get("weights") or {}).items():
-        out[f"weights/{task}"] = v
-    for gate, v in ((metrics.get("diagnostics") or {}).get("gate_entropy") or {}).items():
-        out[f"gate_entropy/{gate}"] = v
-    for key in ("seconds", "rows_per_s"):
-        if key in metrics:
-            out[f"time/{key}"] = metrics[key]
-    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
+from recmtl.metrics import epoch_scalars
 
 
 def step_scalars(record: dict[str, Any]) -> dict[str, float]:
