@@ -47,16 +47,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from census_income import COLUMNS as CENSUS_COLUMNS  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-CENSUS_COLUMNS = [
-    "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour", "hs_college",
-    "marital_stat", "major_ind_code", "major_occ_code", "race", "hisp_origin", "sex", "union_member",
-    "unemp_reason", "full_or_part_emp", "capital_gains", "capital_losses", "stock_dividends",
-    "tax_filer_stat", "region_prev_res", "state_prev_res", "det_hh_fam_stat", "det_hh_summ",
-    "instance_weight", "mig_chg_msa", "mig_chg_reg", "mig_move_reg", "mig_same", "mig_prev_sunbelt",
-    "num_emp", "fam_under_18", "country_father", "country_mother", "country_self", "citizenship",
-    "own_or_self", "vet_question", "vet_benefits", "weeks_worked", "year", "income_50k",
-]
 FUNNEL = ["--rows", "100000", "--categorical", "8", "--dense", "4"]
 TAIL_IDS = "20000"
 #: every train: seed, one thread (a small model on a shared 2-core machine), no progress bar; none changes the model
