@@ -126,6 +126,19 @@ def test_spark_recipe_names_a_missing_input_column(spark, model, input_dir, tmp_
 
 @pytest.mark.cluster
 @pytest.mark.timeout(600)
+def test_spark_ships_two_models_of_one_name(spark, model, tmp_path):
+    from pyspark import SparkFiles
+    ship = recipe("spark_score").ship
+    other = tmp_path / "model.onnx"
+    other.write_bytes(b"another model" + model.read_bytes())
+    first, again, second = ship(spark, model), ship(spark, model), ship(spark, other)
+    assert first == again != second and second.endswith("-model.onnx")
+    assert Path(SparkFiles.get(first)).read_bytes() == model.read_bytes()
+    assert Path(SparkFiles.get(second)).read_bytes() == other.read_bytes()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
 def test_ray_map_batches_scores_equal_recmtl_score(ray_cluster, model, input_dir, reference, tmp_path):
     out = tmp_path / "ray_scores"
     recipe("ray_score").score_ray(model, str(input_dir), str(out), keep=["row_id"])

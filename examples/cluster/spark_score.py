@@ -5,7 +5,8 @@
         [--batch-size N] [--threads N]
 
 Every executor needs the packages recmtl scores with (``pip install recmtl``: onnxruntime, pyarrow, numpy);
-the model file is sent to the executors with ``SparkContext.addFile``, so it only has to exist on the driver.
+the model file is sent to the executors with ``SparkContext.addFile`` (see ``ship``), so it only has to exist on
+the driver.
 The output has the ``--keep`` columns and one float score column per task (an array of K floats for a
 multiclass or multilabel task), as ``recmtl score`` writes, in no particular row order: keep an id to join on.
 Tested in tests/test_cluster_recipes.py (``pytest -m cluster``).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import shutil
 import sys
@@ -53,6 +55,21 @@ def staged(output: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def ship(spark, model: str | os.PathLike) -> str:
+    """Send ``model`` to the executors (``SparkContext.addFile``) under a name made from its content, so that two
+    models both called ``model.onnx`` can be scored in one session; returns the name for ``SparkFiles.get``."""
+    digest = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:16]
+    name = f"{digest}-{Path(model).name}"
+    copy = Path(tempfile.gettempdir()) / "recmtl-spark-models" / name  # one path per content: Spark adds it once
+    if not copy.is_file():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(f".{name}.{os.getpid()}.tmp")
+        shutil.copyfile(model, tmp)
+        os.replace(tmp, copy)
+    spark.sparkContext.addFile(str(copy))
+    return name
+
+
 def score_spark(spark, model: str | os.PathLike, input_path: str, output: str, keep: Sequence[str] = (),
                 batch_size: int = DEFAULT_BATCH_SIZE, threads: int = 1) -> None:
     """Score the Parquet ``input_path`` (file, folder or URL) with ``model`` on ``spark`` (a SparkSession) and
@@ -77,8 +94,7 @@ def score_spark(spark, model: str | os.PathLike, input_path: str, output: str, k
         [StructField(name, df.schema[k].dataType, df.schema[k].nullable) for k, name in zip(keep, kept_names(keep, scorer.tasks))]
         + [StructField(t, ArrayType(FloatType(), False) if scorer.widths[t] else FloatType(), False) for t in scorer.tasks])
     needed = list(dict.fromkeys([*[i.name for i in scorer.inputs], *keep]))
-    spark.sparkContext.addFile(str(Path(model).resolve()))
-    name = Path(model).name
+    name = ship(spark, model)
     lists = [t for t in scorer.tasks if scorer.widths[t]]
 
     # defined here, not at module level: cloudpickle then sends the function itself to the executors, which
