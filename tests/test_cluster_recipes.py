@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -135,6 +136,7 @@ def test_spark_ships_two_models_of_one_name(spark, model, tmp_path):
     assert first == again != second and second.endswith("-model.onnx")
     assert Path(SparkFiles.get(first)).read_bytes() == model.read_bytes()
     assert Path(SparkFiles.get(second)).read_bytes() == other.read_bytes()
+    (Path(tempfile.gettempdir()) / "recmtl-spark-models" / second).unlink()  # the test's made-up model
 
 
 @pytest.mark.cluster

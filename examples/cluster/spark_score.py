@@ -57,7 +57,8 @@ def staged(output: str) -> Iterator[str]:
 
 def ship(spark, model: str | os.PathLike) -> str:
     """Send ``model`` to the executors (``SparkContext.addFile``) under a name made from its content, so that two
-    models both called ``model.onnx`` can be scored in one session; returns the name for ``SparkFiles.get``."""
+    models both called ``model.onnx`` can be scored in one session; returns the name for ``SparkFiles.get``.
+    The copy stays in the temporary folder (``$TMPDIR/recmtl-spark-models/``) for the next job."""
     digest = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:16]
     name = f"{digest}-{Path(model).name}"
     copy = Path(tempfile.gettempdir()) / "recmtl-spark-models" / name  # one path per content: Spark adds it once
