@@ -11,7 +11,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first, pinned: an unpinned install pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,tensorboard,mlflow,tune]'
+	$(BIN)/pip install -q -e '.[dev,tensorboard,mlflow,tune,spark,ray]'
+	# Spark (tests/test_cluster_recipes.py) needs a JRE: on Debian/Ubuntu, the distribution's when java is missing
+	command -v java >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		{ S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -q && \
+		$$S apt-get install -y -q --no-install-recommends default-jre-headless; }
 	touch $(STAMP)
 
 install: $(STAMP)

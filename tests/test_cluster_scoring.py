@@ -10,6 +10,7 @@ from test_export_score import exported, holey_data  # noqa: F401  (module-scoped
 
 dd = pytest.importorskip("dask.dataframe")
 distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.cluster  # with tests/test_cluster_recipes.py: `pytest -m "not cluster"` leaves them out
 
 
 def test_score_batches_under_dask_local_cluster(exported, holey_data, tmp_path):  # noqa: F811
