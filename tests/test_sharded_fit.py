@@ -4,6 +4,7 @@ sequence vocabularies, hashed and text features, label statistics, dense mean/st
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from recmtl.schema.fit import _Plan, _VocabCounter, check_same_data, data_finger
 from recmtl.training.model import validate_plugins
 
 SCRIPT = """
+import json
 import sys
 from pathlib import Path
 from recmtl.config import load_config
@@ -33,15 +35,17 @@ from recmtl.registry import load_registry
 from recmtl.schema import fit_schema
 from recmtl.training.distributed import setup
 from recmtl.training.model import validate_plugins
-cfg, out = load_config(sys.argv[1]), Path(sys.argv[2])
+cfg, out, changed = load_config(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 ctx = setup("cpu")
-train = sys.argv[3] if len(sys.argv) > 3 and ctx.rank == 1 else cfg.resolve(cfg.data.train)  # rank 1: other data
-try:
-    schema = fit_schema(cfg, ParquetSource(train, cfg.columns()), validate_plugins(cfg, load_registry()), None, ctx)
+heads = validate_plugins(cfg, load_registry())
+schema = fit_schema(cfg, ParquetSource(cfg.resolve(cfg.data.train), cfg.columns()), heads, None, ctx)
+schema.save(out / f"rank{ctx.rank}")
+(out / f"rank{ctx.rank}" / "labels.json").write_text(json.dumps(schema.label_summary, sort_keys=True))
+try:  # then rank 1 sees other data: the same error on every rank, no hang
+    fit_schema(cfg, ParquetSource(changed if ctx.rank == 1 else cfg.resolve(cfg.data.train), cfg.columns()), heads,
+               None, ctx)
 except DataError as exc:
     (out / f"error{ctx.rank}.txt").write_text(str(exc))
-    sys.exit(2)
-schema.save(out / f"rank{ctx.rank}")
 ctx.close()
 """
 
@@ -104,6 +108,7 @@ def _fit(cfg_path: Path, out: Path) -> dict[str, str]:
     schema = fit_schema(cfg, ParquetSource(cfg.resolve(cfg.data.train), cfg.columns()),
                         validate_plugins(cfg, load_registry()))
     schema.save(out)
+    (out / "labels.json").write_text(json.dumps(schema.label_summary, sort_keys=True))  # not in schema.json
     return _files(out)
 
 
@@ -124,7 +129,9 @@ def test_merged_shares_fit_the_one_process_schema(tmp_path):
     for world in (2, 3):
         plan = _Plan(cfg, src, heads)
         parts = [plan.count(src, fit_units(src, r, world), cfg.data.read_rows, None) for r in range(world)]
-        plan.finish(parts[::-1]).save(tmp_path / f"merged{world}")  # rank order does not matter
+        schema = plan.finish(parts[::-1])  # rank order does not matter
+        schema.save(tmp_path / f"merged{world}")
+        (tmp_path / f"merged{world}" / "labels.json").write_text(json.dumps(schema.label_summary, sort_keys=True))
         assert _files(tmp_path / f"merged{world}") == one
     # the cut-off falls inside the tie of twelve values: the lowest five tied values make it, in value order
     vocab = pq.read_table(tmp_path / "one" / "vocab" / "0000.parquet").column("value").to_pylist()
@@ -180,16 +187,13 @@ def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_two_processes_fit_the_schema_of_one(tmp_path):
     cfg = _config(tmp_path, _data(tmp_path / "d"))
     one = _fit(cfg, tmp_path / "one")
-    r = _torchrun(tmp_path, cfg, tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert _files(tmp_path / "rank0") == one == _files(tmp_path / "rank1")  # schema.json and every vocab file
-    # and a rank that sees other data: the same error on both ranks, no hang
-    changed = tmp_path / "changed"
+    changed = tmp_path / "changed"  # the same rows in other row groups
     changed.mkdir()
     for name in ("a.parquet", "b.parquet"):
         pq.write_table(pq.read_table(tmp_path / "d" / name), changed / name, row_group_size=1000)
     r = _torchrun(tmp_path, cfg, tmp_path, changed)
-    assert r.returncode != 0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _files(tmp_path / "rank0") == one == _files(tmp_path / "rank1")  # schema.json, vocab files, labels
     errors = [(tmp_path / f"error{k}.txt").read_text() for k in (0, 1)]
     assert errors[0] == errors[1] and "the ranks see different training data" in errors[0], errors
     assert "changed/a.parquet is seen by rank 1 only" in errors[0]
