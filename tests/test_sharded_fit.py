@@ -46,6 +46,14 @@ try:  # then rank 1 sees other data: the same error on every rank, no hang
                None, ctx)
 except DataError as exc:
     (out / f"error{ctx.rank}.txt").write_text(str(exc))
+if ctx.rank == 1:  # and a row group rank 1 cannot read: its error on every rank
+    def unreadable(self, u, read_rows=65_536, columns=None):
+        raise DataError(f"failed reading row group {u} on rank 1")
+    ParquetSource.unit_batches = unreadable
+try:
+    fit_schema(cfg, ParquetSource(cfg.resolve(cfg.data.train), cfg.columns()), heads, None, ctx)
+except DataError as exc:
+    (out / f"failed{ctx.rank}.txt").write_text(str(exc))
 ctx.close()
 """
 
@@ -197,3 +205,5 @@ def test_two_processes_fit_the_schema_of_one(tmp_path):
     errors = [(tmp_path / f"error{k}.txt").read_text() for k in (0, 1)]
     assert errors[0] == errors[1] and "the ranks see different training data" in errors[0], errors
     assert "changed/a.parquet is seen by rank 1 only" in errors[0]
+    failed = [(tmp_path / f"failed{k}.txt").read_text() for k in (0, 1)]
+    assert failed[0] == failed[1] and failed[0].startswith("failed reading row group 1 on rank 1"), failed
