@@ -90,7 +90,8 @@ def _config(tmp_path: Path, data: Path) -> Path:
     cfg = {
         "data": {"train": str(data), "read_rows": 256},
         "features": [
-            {"name": "item", "kind": "categorical", "min_count": 3, "max_size": 8},  # cut-off inside the 25s
+            {"name": "item", "kind": "categorical", "min_count": 3, "max_size": 8,  # cut-off inside the 25s
+             "max_distinct": 5000},  # the sketch's cap above the ~2,700 distinct values: exact
             {"name": "word", "kind": "categorical", "min_count": 2},
             {"name": "user", "kind": "categorical", "hash_buckets": 64},
             {"name": "hist", "kind": "sequence", "vocabulary": "item", "max_length": 4},
