@@ -138,6 +138,8 @@ def test_two_processes_match_one_process_quality(cli, funnel_dir, tmp_path):
         assert two["validation"][task]["rows"] == one["validation"][task]["rows"]  # all ranks' shares gathered
     assert [h["rows"] for h in two["history"]] == [h["rows"] for h in one["history"]] == [16000] * 3
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    # the sharded fit pass: the schema one process fits (tests/test_sharded_fit.py for shares of many row groups)
+    assert (tmp_path / "two" / "schema.json").read_bytes() == (tmp_path / "one" / "schema.json").read_bytes()
 
 
 SURGERY = '''

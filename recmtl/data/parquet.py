@@ -96,28 +96,34 @@ class ParquetSource:
             rank, world = shard
             whole, shared = shard_units(order, [self.unit_rows[i] for i in order], world)
             mine = set(whole[rank])
-        cols = list(dict.fromkeys(columns if columns is not None else self.columns))  # pyarrow reads a name once
-        target = pa.schema([self.schema.field(c) for c in cols if c in self.schema.names])
-        strings = [i for i, f in enumerate(target) if _is_text(f.type)]
         for u in order:
             if mine is not None and u not in mine and u not in shared:
                 continue
-            file_index, row_group = self.units[u]
-            pf = self.files[file_index]
-            path = self.paths[file_index]
-            row = self.unit_start[u]
-            try:
-                for batch in pf.iter_batches(batch_size=read_rows, row_groups=[row_group], columns=cols):
-                    if strings:
-                        check_utf8(batch, strings, path, row)
-                    row += batch.num_rows
-                    if batch.schema.types != target.types:  # a file whose types are narrower than the others'
-                        batch = batch.cast(target)
-                    if u in shared:  # rank r keeps rows r, r + world, ...
-                        batch = batch.take(pa.array(np.arange(shard[0], batch.num_rows, shard[1])))
-                    yield batch
-            except (pa.ArrowException, OSError) as exc:
-                raise DataError(f"failed reading {path} (row group {row_group}): {exc}") from None
+            for batch in self.unit_batches(u, read_rows, columns):
+                if u in shared:  # rank r keeps rows r, r + world, ...
+                    batch = batch.take(pa.array(np.arange(shard[0], batch.num_rows, shard[1])))
+                yield batch
+
+    def unit_batches(self, u: int, read_rows: int = 65_536,
+                     columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The record batches of unit (row group) ``u``, in the unified types, UTF-8 checked."""
+        cols = list(dict.fromkeys(columns if columns is not None else self.columns))  # pyarrow reads a name once
+        target = pa.schema([self.schema.field(c) for c in cols if c in self.schema.names])
+        strings = [i for i, f in enumerate(target) if _is_text(f.type)]
+        file_index, row_group = self.units[u]
+        pf = self.files[file_index]
+        path = self.paths[file_index]
+        row = self.unit_start[u]
+        try:
+            for batch in pf.iter_batches(batch_size=read_rows, row_groups=[row_group], columns=cols):
+                if strings:
+                    check_utf8(batch, strings, path, row)
+                row += batch.num_rows
+                if batch.schema.types != target.types:  # a file whose types are narrower than the others'
+                    batch = batch.cast(target)
+                yield batch
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"failed reading {path} (row group {row_group}): {exc}") from None
 
 
 def _is_text(typ: pa.DataType) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -13,8 +14,8 @@ import pyarrow.compute as pc
 
 from recmtl.config import Config, FeatureConfig, TaskConfig
 from recmtl.data.arrow import plain_array
-from recmtl.data.parquet import ParquetSource
-from recmtl.errors import DataError
+from recmtl.data.parquet import ParquetSource, shard_units
+from recmtl.errors import DataError, RecmtlError
 from recmtl.schema.columns import CategoricalColumn, DenseColumn, ImageColumn, SequenceColumn, TextColumn, _value_type
 from recmtl.schema.fitted import FittedSchema
 from recmtl.schema.labels import LabelColumn
@@ -73,6 +74,21 @@ class _VocabCounter:
             self.decrement += t
         return merged
 
+    def summary(self) -> tuple[pa.StructArray | None, int, int]:
+        """The counts so far, merged (values, counts), the values counted and the decrement: what a rank sends."""
+        return (self._merge() if self.parts else None), self.total, self.decrement
+
+    def absorb(self, summary: tuple[pa.StructArray | None, int, int]) -> None:
+        """Add another counter's :meth:`summary` (another rank's rows). Exact counts add exactly; two sketches
+        merge as Misra-Gries summaries do: the decrements add up, and the next merge prunes to ``cap`` again,
+        so every count stays at most N / (cap + 1) below the true one, N the values counted by all."""
+        counts, total, decrement = summary
+        if counts is not None:
+            self.parts.append(counts)
+            self.pending += len(counts)
+        self.total += total
+        self.decrement += decrement
+
     def vocabulary(self, min_count: int, max_size: int | None) -> np.ndarray:
         """The values seen at least ``min_count`` times (estimated counts when sketched), most frequent first,
         ties by value, at most ``max_size``."""
@@ -89,7 +105,8 @@ class _VocabCounter:
 
 
 class _DenseStats:
-    """Count, sum and sum of squares of a dense column's finite values after its clip and transform."""
+    """Count, sum and sum of squares of a dense column's finite values after its clip and transform, for one
+    row group (the fit pass combines them in row-group order: :func:`_dense_mean_std`)."""
 
     def __init__(self, column: DenseColumn) -> None:
         self.column = column
@@ -104,13 +121,20 @@ class _DenseStats:
         self.s += float(x.sum())
         self.ss += float(np.square(x).sum())
 
-    def mean_std(self) -> tuple[float, float]:
-        if self.n == 0:
-            return 0.0, 1.0
-        mean = self.s / self.n
-        var = max(self.ss / self.n - mean * mean, 0.0)
-        std = math.sqrt(var)
-        return mean, (std if std > 1e-12 else 1.0)
+    def partial(self) -> tuple[int, float, float]:
+        return self.n, self.s, self.ss
+
+
+def _dense_mean_std(parts: list[tuple[int, float, float]]) -> tuple[float, float]:
+    """Mean and std from per-row-group ``(n, sum, sum of squares)`` in row-group order; the sums are correctly
+    rounded (``math.fsum``), so the result is the same whichever processes counted the row groups."""
+    n = sum(p[0] for p in parts)
+    if n == 0:
+        return 0.0, 1.0
+    mean = math.fsum(p[1] for p in parts) / n
+    var = max(math.fsum(p[2] for p in parts) / n - mean * mean, 0.0)
+    std = math.sqrt(var)
+    return mean, (std if std > 1e-12 else 1.0)
 
 
 def check_types(config: Config, source: ParquetSource) -> dict[str, str]:
@@ -121,122 +145,307 @@ def check_types(config: Config, source: ParquetSource) -> dict[str, str]:
     return types
 
 
+class Collective(Protocol):
+    """What the sharded fit pass needs of a process group: :class:`recmtl.training.distributed.Context`."""
+
+    rank: int
+    world: int
+
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+
+    def gather_object(self, obj: Any) -> list[Any] | None: ...
+
+    def broadcast_object(self, obj: Any) -> Any: ...
+
+
+class _Alone:
+    """One process: every collective is the identity."""
+
+    rank, world = 0, 1
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        return [obj]
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
+
+
+def fit_units(source: ParquetSource, rank: int, world: int) -> list[int]:
+    """The row groups (units of ``source``) rank ``rank`` of ``world`` counts in the fit pass: training's deal
+    (:func:`recmtl.data.parquet.shard_units`, in file order) for the row groups it deals whole, and the ones
+    training shares row-wise dealt whole round-robin too (a row group's statistics are one partial)."""
+    if world == 1:
+        return list(range(len(source.units)))
+    whole, shared = shard_units(range(len(source.units)), source.unit_rows, world)
+    return sorted(whole[rank] + sorted(shared)[rank::world])
+
+
+def data_fingerprint(source: ParquetSource) -> dict[str, Any]:
+    """What every rank must see alike: the files, their row groups' sizes and the columns' (unified) types."""
+    return {"spec": source.spec, "files": [str(p) for p in source.paths],
+            "row_groups": [[pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)] for pf in source.files],
+            "types": {c: str(source.schema.field(c).type) for c in source.columns if c in source.schema.names}}
+
+
+def check_same_data(fingerprints: list[dict[str, Any]]) -> None:
+    """A :class:`DataError` (the same on every rank) when a rank's :func:`data_fingerprint` differs from rank 0's."""
+    first = fingerprints[0]
+    for r, fp in enumerate(fingerprints[1:], 1):
+        if {**fp, "spec": first["spec"]} == first:
+            continue
+        if fp["files"] != first["files"]:
+            a, b = set(first["files"]), set(fp["files"])
+            only = sorted(a ^ b)
+            what = (f"{only[0]} is seen by rank {0 if only[0] in a else r} only" if only
+                    else "the files are in another order")
+            detail = f"rank 0 sees {len(a)} file(s), rank {r} {len(b)}: {what}"
+        elif fp["row_groups"] != first["row_groups"]:
+            i = next(i for i, (x, y) in enumerate(zip(first["row_groups"], fp["row_groups"])) if x != y)
+            x, y = first["row_groups"][i], fp["row_groups"][i]
+            detail = (f"{first['files'][i]} has {len(x)} row group(s) ({sum(x):,} rows) on rank 0 but {len(y)} "
+                      f"({sum(y):,} rows) on rank {r}")
+        else:
+            c = next(c for c in first["types"] if first["types"][c] != fp["types"].get(c))
+            detail = f"column '{c}' is {first['types'][c]} on rank 0 but {fp['types'].get(c)} on rank {r}"
+        raise DataError(f"the ranks see different training data in {first['spec']}: {detail}; did a file change during the "
+                        "fit pass? Every rank must read the same files, unchanged while the run lasts")
+
+
+@dataclass
+class _UnitPart:
+    """What one row group contributes: its rows, dense partials, label statistics, target moments and, for the
+    first rows of the data, the leak check's sample batches (with their first row's position in the data)."""
+
+    unit: int
+    rows: int = 0
+    dense: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    labels: dict[str, LabelStats] = field(default_factory=dict)
+    targets: dict[str, Moments] = field(default_factory=dict)
+    sample: list[tuple[int, pa.RecordBatch]] = field(default_factory=list)
+
+
+@dataclass
+class _Partial:
+    """One rank's counts: its row groups' parts and each vocabulary counter's summary (values, counts, N,
+    decrement); or ``failure`` (the exception's class when a RecmtlError, its message) if counting failed."""
+
+    parts: list[_UnitPart] = field(default_factory=list)
+    vocab: dict[str, tuple[pa.StructArray | None, int, int]] = field(default_factory=dict)
+    failure: tuple[type | None, str] | None = None
+    rank: int = 0
+
+
+def _failure(exc: BaseException, rank: int) -> _Partial:
+    kind = type(exc) if isinstance(exc, RecmtlError) else None
+    return _Partial(failure=(kind, str(exc) if kind else f"{type(exc).__name__}: {exc}"), rank=rank)
+
+
+def _raise(outcome: _Partial, mine: BaseException | None) -> None:
+    if mine is not None:  # the rank that failed raises its own exception (with its traceback)
+        raise mine
+    kind, message = outcome.failure  # type: ignore[misc]
+    if kind is not None:
+        raise kind(message)
+    raise RuntimeError(f"the fit pass failed on rank {outcome.rank}: {message}")
+
+
 def fit_schema(config: Config, source: ParquetSource, head_classes: dict[str, Any],
-               progress: Any = None) -> FittedSchema:
+               progress: Any = None, ctx: Collective | None = None) -> FittedSchema:
     """One pass over the training data: vocabularies, dense statistics, label checks and summary (the schema's
-    ``label_summary``), the heads' target statistics (``LabelColumn.target``), leak check."""
-    types = check_types(config, source)
-    cat_cfg = [f for f in config.features if f.kind == "categorical"]
-    seq_cfg = [f for f in config.features if f.kind == "sequence"]
-    dense_cfg = [f for f in config.features if f.kind == "dense"]
-    image_cfg = [f for f in config.features if f.kind == "image"]
-    shapes = {(f.channels or 1, f.height, f.width) for f in image_cfg}
-    if len(shapes) > 1:
-        raise DataError("all image features must share one shape (channels, height, width); found "
-                        + ", ".join(f"{f.name}: {f.channels or 1}x{f.height}x{f.width}" for f in image_cfg))
-    kinds = {t.name: getattr(head_classes[t.name], "label_type", "value") for t in config.tasks}
-    labels = [_label_column(t, kinds[t.name], source) for t in config.tasks]
-    text_cfg = [f for f in config.features if f.kind == "text"]
-    by_name = {f.name: f for f in config.features}
-    for f in seq_cfg:  # a shared vocabulary: the categorical feature's options and value type
-        if f.vocabulary and types[f.vocabulary] != types[f.name]:
-            raise DataError(f"sequence feature '{f.name}' shares the vocabulary of '{f.vocabulary}', but its items are "
-                            f"{types[f.name]}s and '{f.vocabulary}' holds {types[f.vocabulary]}s; expected the same type")
-    counters = {f.name: _VocabCounter(f.max_distinct) for f in cat_cfg + seq_cfg if not f.hash_buckets and not f.vocabulary}
-    counters |= {f.name: counters[f.vocabulary] for f in seq_cfg if f.vocabulary and f.vocabulary in counters}
-    stats = {f.name: _DenseStats(_dense_column(f)) for f in dense_cfg}
-    label_stats = {lab.task: LabelStats(lab) for lab in labels}
-    targets = {lab.task: Moments() for lab in labels if lab.kind == "value"}
-    target_params = {t.name: t.params for t in config.tasks}
-    sample: list[pa.RecordBatch] = []
-    sampled = 0
-    rows = 0
-    for batch in source.batches(read_rows=config.data.read_rows):
-        rows += batch.num_rows
-        for f in cat_cfg:
-            if f.name in counters:
-                arr = plain_array(batch.column(f.name))
-                # an empty string counts as missing (id 0), as null does
-                counters[f.name].add(_countable(arr, types[f.name]))
-        for f in seq_cfg:  # the vocabulary of a sequence feature: every item of every list
-            if f.name in counters:
-                flat = pc.list_flatten(plain_array(batch.column(f.name)))
-                counters[f.name].add(_countable(flat.dictionary_decode() if pa.types.is_dictionary(flat.type) else flat,
-                                                types[f.name]))
-        for f in dense_cfg:
-            stats[f.name].add(plain_array(batch.column(f.name)))
-        for lab in labels:
-            read = label_stats[lab.task].add(batch)
-            if lab.task in targets:
-                y, mask = read
-                targets[lab.task].add(head_classes[lab.task].target_values(y[mask[:, 0], 0], **target_params[lab.task]))
-        if sampled < LEAK_SAMPLE_ROWS:
-            sample.append(batch)
-            sampled += batch.num_rows
-        if progress is not None:
-            progress(batch.num_rows)
-    if rows == 0:
-        raise DataError(f"training data {source.spec} has no rows")
+    ``label_summary``), the heads' target statistics (``LabelColumn.target``), leak check.
 
-    label_summary = {}
-    for task, lab in zip(config.tasks, labels):
-        st = label_stats[task.name]
-        if st.labelled:
-            head_cls = head_classes[task.name]
-            numeric = [v for v in (st.counts if lab.kind == "class" else st.distinct) if not isinstance(v, str)]
-            problem = head_cls.label_problem(np.array(sorted(numeric)))
-            if problem:
-                raise DataError(f"label column '{task.label}' of task '{task.name}' (head '{task.head}'): {problem}")
-        if lab.kind == "class" and st.labelled:
-            lab.classes = st.classes(task.params.get("num_classes"))
-        label_summary[task.name] = st.summary()
-        check_labels(lab, label_summary[task.name], "training", st.binary, source.spec)
-        if lab.kind == "value":
-            lab.target = targets[task.name].as_dict()
+    ``ctx`` (a process group, e.g. under torchrun): every rank must call this; each counts its share of the
+    row groups (:func:`fit_units`), rank 0 merges the counts and fits, every rank returns the same schema, and
+    a failure on any rank is raised on every rank. Value counts merge exactly and the statistics are combined
+    per row group in row-group order, so any number of processes fits the schema one process does (except a
+    vocabulary over ``max_distinct`` distinct values: the merged sketch keeps its error bound, not its values)."""
+    ctx = ctx if ctx is not None else _Alone()
+    if ctx.world > 1:
+        check_same_data(ctx.all_gather_object(data_fingerprint(source)))
+    plan = _Plan(config, source, head_classes)
+    mine: BaseException | None = None
+    try:
+        partial = plan.count(source, fit_units(source, ctx.rank, ctx.world), config.data.read_rows, progress)
+        partial.rank = ctx.rank
+    except Exception as exc:
+        if ctx.world == 1:
+            raise
+        mine, partial = exc, _failure(exc, ctx.rank)
+    parts = ctx.gather_object(partial)
+    outcome: FittedSchema | _Partial | None = None
+    if parts is not None:  # rank 0
+        outcome = next((p for p in parts if p.failure is not None), None)
+        if outcome is None:
+            try:
+                outcome = plan.finish(parts)
+            except Exception as exc:
+                if ctx.world == 1:
+                    raise
+                mine, outcome = exc, _failure(exc, ctx.rank)
+    outcome = ctx.broadcast_object(outcome)
+    if isinstance(outcome, _Partial):
+        _raise(outcome, mine)
+    return outcome  # type: ignore[return-value]
 
-    fitted: dict[str, np.ndarray | None] = {}
 
-    def vocabulary(f: FeatureConfig) -> np.ndarray | None:
-        if f.vocabulary:  # the shared one: the same array (ids), fitted over both columns
-            return fitted[f.vocabulary]
-        if f.hash_buckets:
-            fitted[f.name] = None
-            return None
-        counter = counters[f.name]
-        vocab = counter.vocabulary(f.min_count, f.max_size)
-        if counter.sketched and os.environ.get("RANK", "0") == "0":
-            print(f"note: feature '{f.name}' has more than max_distinct={f.max_distinct} distinct values; its "
-                  f"vocabulary ({len(vocab)} values) comes from a heavy-hitters sketch: each count is at most "
-                  f"{counter.decrement} below the true one ({counter.total} values counted)", file=sys.stderr)
-        fitted[f.name] = vocab.astype(object) if types[f.name] == "string" else vocab
-        return fitted[f.name]
+class _Plan:
+    """The fit pass's columns, checked against the source's metadata (the same on every rank)."""
 
-    categorical = [CategoricalColumn(f.name, types[f.name], vocabulary(f), f.hash_buckets, f.embedding_dim)
-                   for f in cat_cfg]
-    sequence = [SequenceColumn(f.name, types[f.name], vocabulary(f),
-                               by_name[f.vocabulary].hash_buckets if f.vocabulary else f.hash_buckets, f.embedding_dim,
-                               max_length=f.max_length, vocabulary=f.vocabulary, target=f.target) for f in seq_cfg]
-    text = [TextColumn(f.name, f.hash_buckets, f.ngrams, f.max_tokens, f.embedding_dim) for f in text_cfg]
-    dense = []
-    for f in dense_cfg:
-        col = stats[f.name].column
-        fitted_mean, std = stats[f.name].mean_std()
-        mean = fitted_mean if f.standardize else 0.0
-        std = std if f.standardize else 1.0
-        # fill: the fitted mean of the transformed values, or a raw value (zero, a number) clipped and transformed
-        raw_fill = 0.0 if f.fill == "zero" else None if f.fill == "mean" else float(f.fill)
-        fill = fitted_mean if raw_fill is None else float(col.transformed(np.array([raw_fill]))[0])
-        dense.append(DenseColumn(f.name, mean, std, fill, col.transform, col.clip_low, col.clip_high))
-    image = [ImageColumn(f.name, f.channels or 1, f.height, f.width) for f in image_cfg]
-    sample_table = pa.Table.from_batches(sample)
-    for col in image:  # fail before training when the images are not what the config says
-        col.values(sample_table.column(col.name).slice(0, 64))
+    def __init__(self, config: Config, source: ParquetSource, head_classes: dict[str, Any]) -> None:
+        self.config, self.head_classes, self.spec = config, head_classes, source.spec
+        self.types = types = check_types(config, source)
+        self.cat_cfg = [f for f in config.features if f.kind == "categorical"]
+        self.seq_cfg = seq_cfg = [f for f in config.features if f.kind == "sequence"]
+        self.dense_cfg = [f for f in config.features if f.kind == "dense"]
+        self.image_cfg = image_cfg = [f for f in config.features if f.kind == "image"]
+        shapes = {(f.channels or 1, f.height, f.width) for f in image_cfg}
+        if len(shapes) > 1:
+            raise DataError("all image features must share one shape (channels, height, width); found "
+                            + ", ".join(f"{f.name}: {f.channels or 1}x{f.height}x{f.width}" for f in image_cfg))
+        kinds = {t.name: getattr(head_classes[t.name], "label_type", "value") for t in config.tasks}
+        self.labels = [_label_column(t, kinds[t.name], source) for t in config.tasks]
+        self.text_cfg = [f for f in config.features if f.kind == "text"]
+        self.by_name = {f.name: f for f in config.features}
+        for f in seq_cfg:  # a shared vocabulary: the categorical feature's options and value type
+            if f.vocabulary and types[f.vocabulary] != types[f.name]:
+                raise DataError(f"sequence feature '{f.name}' shares the vocabulary of '{f.vocabulary}', but its items "
+                                f"are {types[f.name]}s and '{f.vocabulary}' holds {types[f.vocabulary]}s; expected the "
+                                "same type")
+        #: the features with a counter of their own; a sequence sharing one counts into its owner's
+        self.owners = [f for f in self.cat_cfg + seq_cfg if not f.hash_buckets and not f.vocabulary]
+        self.unit_first_row = np.concatenate([[0], np.cumsum(source.unit_rows)]).tolist()
 
-    for col in sequence:  # fail before training on lists of the wrong item type
-        col.sequence_ids(sample_table.column(col.name).slice(0, 64))
-    check_leaks([f for f in config.features if f.kind not in ("image", "sequence", "text")], sample_table, labels)
-    return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image, sequence, text,
-                        label_summary=label_summary)
+    def counters(self, make: Any) -> dict[str, _VocabCounter]:
+        counters = {f.name: make(f) for f in self.owners}
+        return counters | {f.name: counters[f.vocabulary] for f in self.seq_cfg if f.vocabulary and f.vocabulary in counters}
+
+    def count(self, source: ParquetSource, units: list[int], read_rows: int, progress: Any) -> _Partial:
+        """Count the row groups ``units``: one :class:`_UnitPart` each, and one counter per vocabulary."""
+        types = self.types
+        counters = self.counters(lambda f: _VocabCounter(f.max_distinct))
+        target_params = {t.name: t.params for t in self.config.tasks}
+        out = _Partial()
+        for u in units:
+            part = _UnitPart(u)
+            dense = {f.name: _DenseStats(_dense_column(f)) for f in self.dense_cfg}
+            part.labels = {lab.task: LabelStats(lab) for lab in self.labels}
+            part.targets = {lab.task: Moments() for lab in self.labels if lab.kind == "value"}
+            for batch in source.unit_batches(u, read_rows):
+                first = self.unit_first_row[u] + part.rows
+                part.rows += batch.num_rows
+                for f in self.cat_cfg:
+                    if f.name in counters:
+                        arr = plain_array(batch.column(f.name))
+                        # an empty string counts as missing (id 0), as null does
+                        counters[f.name].add(_countable(arr, types[f.name]))
+                for f in self.seq_cfg:  # the vocabulary of a sequence feature: every item of every list
+                    if f.name in counters:
+                        flat = pc.list_flatten(plain_array(batch.column(f.name)))
+                        counters[f.name].add(_countable(flat.dictionary_decode() if pa.types.is_dictionary(flat.type)
+                                                        else flat, types[f.name]))
+                for f in self.dense_cfg:
+                    dense[f.name].add(plain_array(batch.column(f.name)))
+                for lab in self.labels:
+                    read = part.labels[lab.task].add(batch)
+                    if lab.task in part.targets:
+                        y, mask = read
+                        part.targets[lab.task].add(self.head_classes[lab.task].target_values(
+                            y[mask[:, 0], 0], **target_params[lab.task]))
+                if first < LEAK_SAMPLE_ROWS:  # the first rows of the data, whichever rank reads them
+                    part.sample.append((first, batch))
+                if progress is not None:
+                    progress(batch.num_rows)
+            part.dense = {name: st.partial() for name, st in dense.items()}
+            out.parts.append(part)
+        out.vocab = {f.name: counters[f.name].summary() for f in self.owners}
+        return out
+
+    def finish(self, partials: list[_Partial]) -> FittedSchema:
+        """Merge the ranks' counts (row groups in order) and fit the schema."""
+        config, types, by_name, source_spec = self.config, self.types, self.by_name, self.spec
+        parts = sorted((p for partial in partials for p in partial.parts), key=lambda p: p.unit)
+        assert [p.unit for p in parts] == list(range(len(self.unit_first_row) - 1)), "the ranks' row groups overlap"
+        rows = sum(p.rows for p in parts)
+        if rows == 0:
+            raise DataError(f"training data {source_spec} has no rows")
+        merged = {f.name: _VocabCounter(f.max_distinct) for f in self.owners}
+        for partial in partials:
+            for name, summary in partial.vocab.items():
+                merged[name].absorb(summary)
+        counters = self.counters(lambda f: merged[f.name])
+        labels = self.labels
+        label_stats = {lab.task: LabelStats(lab) for lab in labels}
+        targets = {lab.task: Moments() for lab in labels if lab.kind == "value"}
+        for p in parts:
+            for lab in labels:
+                label_stats[lab.task].merge(p.labels[lab.task])
+                if lab.task in targets:
+                    targets[lab.task].merge(p.targets[lab.task])
+
+        label_summary = {}
+        for task, lab in zip(config.tasks, labels):
+            st = label_stats[task.name]
+            if st.labelled:
+                head_cls = self.head_classes[task.name]
+                numeric = [v for v in (st.counts if lab.kind == "class" else st.distinct) if not isinstance(v, str)]
+                problem = head_cls.label_problem(np.array(sorted(numeric)))
+                if problem:
+                    raise DataError(f"label column '{task.label}' of task '{task.name}' (head '{task.head}'): {problem}")
+            if lab.kind == "class" and st.labelled:
+                lab.classes = st.classes(task.params.get("num_classes"))
+            label_summary[task.name] = st.summary()
+            check_labels(lab, label_summary[task.name], "training", st.binary, source_spec)
+            if lab.kind == "value":
+                lab.target = targets[task.name].as_dict()
+
+        fitted: dict[str, np.ndarray | None] = {}
+
+        def vocabulary(f: FeatureConfig) -> np.ndarray | None:
+            if f.vocabulary:  # the shared one: the same array (ids), fitted over both columns
+                return fitted[f.vocabulary]
+            if f.hash_buckets:
+                fitted[f.name] = None
+                return None
+            counter = counters[f.name]
+            vocab = counter.vocabulary(f.min_count, f.max_size)
+            if counter.sketched and os.environ.get("RANK", "0") == "0":
+                print(f"note: feature '{f.name}' has more than max_distinct={f.max_distinct} distinct values; its "
+                      f"vocabulary ({len(vocab)} values) comes from a heavy-hitters sketch: each count is at most "
+                      f"{counter.decrement} below the true one ({counter.total} values counted)", file=sys.stderr)
+            fitted[f.name] = vocab.astype(object) if types[f.name] == "string" else vocab
+            return fitted[f.name]
+
+        categorical = [CategoricalColumn(f.name, types[f.name], vocabulary(f), f.hash_buckets, f.embedding_dim)
+                       for f in self.cat_cfg]
+        sequence = [SequenceColumn(f.name, types[f.name], vocabulary(f),
+                                   by_name[f.vocabulary].hash_buckets if f.vocabulary else f.hash_buckets,
+                                   f.embedding_dim, max_length=f.max_length, vocabulary=f.vocabulary, target=f.target)
+                    for f in self.seq_cfg]
+        text = [TextColumn(f.name, f.hash_buckets, f.ngrams, f.max_tokens, f.embedding_dim) for f in self.text_cfg]
+        dense = []
+        for f in self.dense_cfg:
+            col = _dense_column(f)
+            fitted_mean, std = _dense_mean_std([p.dense[f.name] for p in parts])
+            mean = fitted_mean if f.standardize else 0.0
+            std = std if f.standardize else 1.0
+            # fill: the fitted mean of the transformed values, or a raw value (zero, a number) clipped and transformed
+            raw_fill = 0.0 if f.fill == "zero" else None if f.fill == "mean" else float(f.fill)
+            fill = fitted_mean if raw_fill is None else float(col.transformed(np.array([raw_fill]))[0])
+            dense.append(DenseColumn(f.name, mean, std, fill, col.transform, col.clip_low, col.clip_high))
+        image = [ImageColumn(f.name, f.channels or 1, f.height, f.width) for f in self.image_cfg]
+        sample_table = pa.Table.from_batches([b for _, b in sorted((s for p in parts for s in p.sample),
+                                                                   key=lambda s: s[0])])
+        for col in image:  # fail before training when the images are not what the config says
+            col.values(sample_table.column(col.name).slice(0, 64))
+
+        for col in sequence:  # fail before training on lists of the wrong item type
+            col.sequence_ids(sample_table.column(col.name).slice(0, 64))
+        check_leaks([f for f in config.features if f.kind not in ("image", "sequence", "text")], sample_table, labels)
+        return FittedSchema(categorical, dense, labels, config.evaluation.group_column, rows, image, sequence, text,
+                            label_summary=label_summary)
 
 
 def _dense_column(f: FeatureConfig) -> DenseColumn:

@@ -47,6 +47,17 @@ class Moments:
         self.count = total
         self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
 
+    def merge(self, other: Moments) -> None:
+        """Add ``other``'s numbers (Chan et al.'s parallel update): the same result for the same order of merges."""
+        if not other.count:
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / total
+        self.m2 += other.m2 + delta * delta * self.count * other.count / total
+        self.count = total
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+
     @property
     def std(self) -> float:
         return math.sqrt(max(self.m2, 0.0) / self.count) if self.count else 0.0
@@ -111,6 +122,26 @@ class LabelStats:
         if len(self.distinct) <= 16:
             self.distinct.update(np.unique(values).tolist())
         return y, mask
+
+    def merge(self, other: LabelStats) -> None:
+        """Add the counts of ``other`` (the same task, other rows); the sharded fit pass merges one per row group,
+        in row-group order, so the result does not depend on how many processes counted them."""
+        lab = self.label
+        self.rows += other.rows
+        self.labelled += other.labelled
+        self.moments.merge(other.moments)
+        self.positives += other.positives
+        self.zeros += other.zeros
+        if len(self.distinct) <= 16:
+            self.distinct.update(other.distinct)
+        for value, count in other.counts.items():
+            self.counts[value] = self.counts.get(value, 0) + count
+        if len(self.counts) > MAX_CLASSES:
+            raise DataError(f"label column '{lab.column}' of task '{lab.task}' has more than {MAX_CLASSES:,} "
+                            "distinct class labels")
+        self.attr_labelled += other.attr_labelled
+        self.attr_positives += other.attr_positives
+        self.attr_zeros += other.attr_zeros
 
     @property
     def binary(self) -> bool:

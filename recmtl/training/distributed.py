@@ -22,7 +22,8 @@
   computes the metrics (AUC and GAUC do not average over shards) and broadcasts them;
 - every rank runs the same number of steps per epoch: a rank that runs out of batches ends the epoch for
   all (the flag travels with the gradient collectives, so it costs no extra round trip);
-- only rank 0 fits the schema (then broadcasts it), writes the run directory, checkpoints, metrics.json,
+- every rank counts its share of the row groups for the schema (the fit pass, :func:`recmtl.schema.fit_schema`),
+  rank 0 merges the counts, fits it and broadcasts it; only rank 0 writes the run directory, checkpoints, metrics.json,
   progress bars and log lines, and calls the life-cycle hooks; on ``--resume`` rank 0 reads ``last.pt`` and
   broadcasts it, so no shared file system is needed.
 """
@@ -93,6 +94,14 @@ class Context:
             return [obj]
         out: list[Any] | None = [None] * self.world if self.is_main else None
         dist.gather_object(obj, out, dst=0)
+        return out
+
+    def all_gather_object(self, obj: T) -> list[T]:
+        """Every rank's ``obj`` on every rank."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
         return out
 
     def all_sum(self, values: list[float]) -> list[float]:

@@ -27,6 +27,7 @@ from recmtl.progress import progress
 from recmtl.registry import Registry
 from recmtl.rundir import BEST, LAST, RunDir, epoch_checkpoint
 from recmtl.schema import FittedSchema, check_types, fit_schema
+from recmtl.schema.fit import fit_units
 from recmtl.schema.summary import format_summary, run_summary
 from recmtl.threads import ThreadTuner, auto_threads, available_cpus
 from recmtl.training.affinity import AffinityLog
@@ -147,15 +148,17 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
 
     heads_by_task = {t.name: t.head for t in config.tasks}
     label_text = None  # the label summary, printed once the model is built
-    if not main:
-        schema = None  # rank 0 fits (or loads) it and broadcasts it below
+    if resume and not main:
+        schema = None  # rank 0 loads it and broadcasts it below
     elif resume:
         schema = FittedSchema.load(run_dir)
         saved = (files.read_run_info() or {}).get("labels")
         label_text = format_summary(saved, heads_by_task) if isinstance(saved, dict) else None  # the run's start
-    else:
-        with progress(train_src.num_rows, "fit schema", config.train.progress) as bar:
-            schema = fit_schema(config, train_src, {t.name: heads[t.name] for t in config.tasks}, bar.update)
+    else:  # the sharded fit pass: every rank counts its row groups, every rank gets the schema
+        share = sum(train_src.unit_rows[u] for u in fit_units(train_src, ctx.rank, ctx.world))
+        with progress(share, "fit schema", config.train.progress and main) as bar:
+            schema = fit_schema(config, train_src, {t.name: heads[t.name] for t in config.tasks}, bar.update, ctx)
+    if main and not resume:
         # the label summary per task and split; one class or none in the validation labels stops here
         labels = run_summary(schema.labels, schema.label_summary, {"validation": valid_src, "test": test_src},
                              config.data.read_rows)
@@ -172,7 +175,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
                               "precision": {"mode": mode, "train.precision": config.train.precision,
                                             "reason": precision_reason(mode, config.train.precision, ctx.device)}})
-    schema = ctx.broadcast_object(schema)
+    if resume:
+        schema = ctx.broadcast_object(schema)
 
     model = MultiTaskModel(config, schema, registry)
     weights = {t.name: t.weight for t in config.tasks}
