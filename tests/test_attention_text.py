@@ -267,3 +267,62 @@ def test_interests_generator_has_its_truth_and_history_signal(cli, tmp_path):
     seen = np.array([c in (h or []) for c, h in zip(data["item_id"].to_pylist(), data["hist"].to_pylist())])
     p = truth["click"].to_numpy()
     assert p[seen].mean() > p[~seen].mean() + 0.2  # the candidate in the history: much likelier clicked
+
+
+# ---- din: the paper's formula, computed directly ---------------------------------------------------------
+def _din_direct(enc: DINEncoder, x: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
+    """Zhou et al.'s activation unit as written: per row, per history item, an MLP over the concatenation
+    ``[h, t, h - t, h * t]`` (first layer ``W = [W1 W2 W3 W4]``, recovered from the encoder's ``A = W1 + W3``,
+    ``B = W2 - W3``, ``C = W4`` with a random ``W3``: any split gives the same function), padding left out."""
+    out_rows = []
+    for r in range(x.shape[0]):
+        parts = []
+        for j, f in enumerate(enc.features):
+            ids = [int(i) for i in x[r, j, :enc.lengths[j]] if int(i) != f.cardinality]
+            h = enc.tables[j].weight[ids] if ids else torch.zeros(0, enc.widths[j])
+            if str(j) not in enc.attention:
+                parts.append(h.mean(0) if ids else torch.zeros(enc.widths[j]))
+                continue
+            table = enc.tables[j] if f.options.get("shared") else enc.target_tables[str(j)]
+            t = table.weight[int(cats[r, f.options["target"]])]
+            att = enc.attention[str(j)]
+            w3 = torch.randn_like(att.item.weight)
+            w = torch.cat([att.item.weight - w3, att.target.weight + w3, w3, att.product.weight], dim=1)
+            z = torch.cat([h, t.expand_as(h), h - t, h * t], dim=1)
+            s = att.rest(z @ w.t() + att.item.bias).squeeze(-1)
+            if enc.normalization == "softmax":
+                s = s.softmax(0)
+            parts.append((s.unsqueeze(1) * h).sum(0))
+            if enc.include_target:
+                parts.append(t)
+        out_rows.append(torch.cat(parts))
+    return torch.stack(out_rows)
+
+
+@pytest.mark.parametrize("params", [{}, {"normalization": "softmax"},
+                                    {"include_target": False, "attention_units": [8, 4]}])
+def test_din_computes_the_papers_formula_and_its_gradients(params):
+    torch.manual_seed(3)
+    feats = [FeatureInfo("hist", "sequence", 30, {"max_length": 6, "target": 0, "target_cardinality": 30, "shared": True}),
+             FeatureInfo("cats", "sequence", 7, {"max_length": 5, "target": 1, "target_cardinality": 9}),
+             FeatureInfo("tags", "sequence", 5, {"max_length": 6})]
+    enc = DINEncoder(feats, dim=6, **params)
+    n = 40
+    x = torch.stack([torch.randint(0, f.cardinality, (n, 6)) for f in feats], dim=1)
+    lengths = torch.randint(0, 7, (n, len(feats)))
+    lengths[0] = 0  # a row without items
+    for j, f in enumerate(feats):
+        x[:, j][torch.arange(6)[None, :] >= lengths[:, j:j + 1]] = f.cardinality
+    x[:, 1, 5] = 7  # past cats' max_length: ignored
+    cats = torch.stack([torch.randint(0, 30, (n,)), torch.randint(0, 9, (n,))], dim=1)
+    weights = torch.randn(n, enc.output_dim)
+    got = enc(x, {"categorical": cats})
+    (got * weights).sum().backward()
+    fast = {k: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for k, p in enc.named_parameters()}
+    enc.zero_grad()
+    want = _din_direct(enc, x, cats)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (want * weights).sum().backward()
+    for k, p in enc.named_parameters():
+        torch.testing.assert_close(fast[k], p.grad.to_dense() if p.grad.is_sparse else p.grad, atol=1e-5, rtol=1e-5,
+                                   msg=k)

@@ -39,14 +39,16 @@ class _AttentionMLP(nn.Module):
         rest = [nn.PReLU()] + ([mlp(first, units[1:], activation=nn.PReLU)] if len(units) > 1 else [])
         self.rest = nn.Sequential(*rest, nn.Linear(units[-1], 1)) if units else nn.Identity()
 
-    def forward(self, h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``h [B, L, d]``, ``t [B, d]``, ``mask [B, L]`` (False: padding) -> scores ``[B, L]``, 0 at padding. Only
-        the items are scored (gathered, then scattered back): padding costs nothing."""
-        rows, cols = mask.nonzero(as_tuple=True)
-        items, targets = h[rows, cols], t[rows]
-        pre = self.item(items) + self.target(t)[rows] + self.product(items * targets)
-        scores = self.rest(pre).squeeze(-1)
-        return torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).index_put((rows, cols), scores)
+    def forward(self, items: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``items [N, d]``: every history item of the batch (padding left out), ``t [B, d]`` the candidates,
+        ``rows [N]`` each item's row -> scores ``[N]``. One gather of the per-row part (``t`` and ``B t`` plus the
+        bias), one matrix product ``[h, h * t] [A; C]``."""
+        d = t.shape[1]
+        per_row = torch.cat([t, self.target(t) + self.item.bias], dim=1)[rows]  # [N, d + first]
+        t_items, pre_t = per_row.split([d, per_row.shape[1] - d], dim=1)  # split: no zero-filled slice gradients
+        weight = torch.cat([self.item.weight, self.product.weight], dim=1)  # [first, 2d]
+        pre = torch.addmm(pre_t, torch.cat([items, items * t_items], dim=1), weight.t())
+        return self.rest(pre).squeeze(-1)
 
 
 class DINEncoder(Encoder):
@@ -98,22 +100,42 @@ class DINEncoder(Encoder):
         for j, f in enumerate(self.features):
             ids = x[:, j, :self.lengths[j]]
             mask = ids != f.cardinality
-            h = self.tables[j](ids)  # [B, L, w]
-            maskf = mask.unsqueeze(-1).to(h.dtype)
             if str(j) not in self.attention:
+                h = self.tables[j](ids)  # [B, L, w]
+                maskf = mask.unsqueeze(-1).to(h.dtype)
                 parts.append((h * maskf).sum(1) / maskf.sum(1).clamp_min(1))
                 continue
-            t = self.target_embedding(j, inputs)  # [B, w]
-            scores = self.attention[str(j)](h, t, mask)  # [B, L]
-            if self.normalization == "softmax":
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=1)
-            weights = scores * mask.to(scores.dtype)
-            if not self.training:  # statistics of the evaluation passes (validation rows), not of every step
-                self.stats.add(f.name, weights, mask)
-            parts.append((weights.unsqueeze(-1) * h).sum(1))
+            interest, t = self._attend(j, ids, mask, inputs)
+            parts.append(interest)
             if self.include_target:
                 parts.append(t)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _attend(self, j: int, ids: torch.Tensor, mask: torch.Tensor,
+                inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature ``j``'s interest ``sum_i w_i h_i`` ``[B, w]`` and its candidate's embedding ``t`` ``[B, w]``.
+        Only the history's items are embedded and scored (gathered by ``mask``; padding costs nothing), and with
+        a shared table history and candidate are ONE lookup."""
+        f = self.features[j]
+        b = ids.shape[0]
+        rows, cols = mask.nonzero(as_tuple=True)
+        item_ids, t_ids = ids[rows, cols], inputs["categorical"][:, int(f.options["target"])]
+        if f.options.get("shared") and not torch.onnx.is_in_onnx_export():  # (the graph: sizes traced as constants)
+            emb = self.tables[j](torch.cat([item_ids, t_ids]))
+            items, t = emb.split([item_ids.shape[0], b])
+        elif f.options.get("shared"):
+            items, t = self.tables[j](item_ids), self.tables[j](t_ids)
+        else:
+            items, t = self.tables[j](item_ids), self.target_tables[str(j)](t_ids)
+        scores = self.attention[str(j)](items, t, rows)  # [N]
+        if self.normalization == "softmax":  # over each row's items
+            dense = torch.full(mask.shape, torch.finfo(scores.dtype).min, dtype=scores.dtype, device=scores.device)
+            scores = dense.index_put((rows, cols), scores).softmax(dim=1)[rows, cols]
+        if not self.training:  # statistics of the evaluation passes (validation rows), not of every step
+            weights = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).index_put((rows, cols), scores)
+            self.stats.add(f.name, weights, mask)
+        interest = torch.zeros(b, items.shape[1], dtype=items.dtype, device=items.device)
+        return interest.scatter_add(0, rows.unsqueeze(1).expand_as(items), scores.unsqueeze(1) * items), t
 
     def diagnostics(self) -> dict[str, Any]:
         return self.stats.result()
