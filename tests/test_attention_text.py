@@ -326,3 +326,77 @@ def test_din_computes_the_papers_formula_and_its_gradients(params):
     for k, p in enc.named_parameters():
         torch.testing.assert_close(fast[k], p.grad.to_dense() if p.grad.is_sparse else p.grad, atol=1e-5, rtol=1e-5,
                                    msg=k)
+
+
+# ---- one table per vocabulary ----------------------------------------------------------------------------
+@pytest.mark.parametrize("encoder", [{"name": "din", "dim": 4}, {"name": "sequence_pool", "dim": 4},
+                                     {"name": "transformer", "dim": 4, "num_heads": 2, "dropout": 0.0}])
+def test_a_shared_categorical_is_one_table_in_training_and_in_the_graph(cli, interests_dir, tmp_path, monkeypatch,
+                                                                         encoder):
+    import recmtl.training.model as model_module
+    from recmtl.training.evaluate import load_run
+    cfg = _config(tmp_path / "c.yaml", interests_dir, encoder, text=False)
+    assert cli("train", cfg, "--out", tmp_path / "run").code == 0
+    run = load_run(tmp_path / "run", checkpoint="best")
+    model, card = run.model, run.schema.categorical[0].cardinality
+    cat_table = model.encoders["categorical"].tables[0]
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= card]
+    assert tables == [cat_table]  # the sequence encoder keeps no item table of its own
+    seq = model.encoders["sequence"]
+    if encoder["name"] != "sequence_pool":
+        assert seq.history_table(0).table is cat_table and seq.target_table(0).table is cat_table
+    with monkeypatch.context() as m:  # the same model without sharing: one (card + 1) x 4 table more
+        m.setattr(model_module, "share_tables", lambda encoders: None)
+        unshared = model_module.MultiTaskModel(run.config, run.schema, run.registry)
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    assert count(unshared) - count(model) == (card + 1) * 4
+
+    # the gradient of both paths reaches the one table: the candidate's embedding and the history's items
+    batch = run.schema.transform(pq.read_table(interests_dir / "valid.parquet").slice(0, 64))
+    inputs = {k: torch.from_numpy(v) for k, v in batch.inputs.items()}
+    model.train()
+    for kind in ("categorical", "sequence"):
+        model.zero_grad()
+        model.call_encoder(kind, inputs)[:, :4].sum().backward()  # sequence: the interest/target output, not t
+        grad = cat_table.weight.grad.to_dense()
+        ids = inputs["categorical"][:, 0] if kind == "categorical" else inputs["sequence"][inputs["sequence"] != card]
+        assert (grad[ids.unique()].abs().sum(1) > 0).all(), kind  # every candidate / every history item
+
+    r = cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")  # the parity check runs inside
+    assert r.code == 0 and "parity" in r.out, r
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    item_tables = [i.name for i in graph.initializer if len(i.dims) == 2 and i.dims[0] >= card and i.dims[1] == 4]
+    assert len(item_tables) == 1, item_tables
+
+
+def test_a_third_party_encoder_shares_tables_through_the_contract():
+    """An encoder outside recmtl_plugins, on the SDK only: the model hands it the embedding encoder's rows."""
+    from recmtl import Encoder, TableRows
+    from recmtl.training.model import share_tables
+    from recmtl_plugins.encoders.embedding import EmbeddingEncoder
+
+    class LastItem(Encoder):
+        kind = "sequence"
+
+        def __init__(self, features):
+            super().__init__(features)
+            self.own = torch.nn.Embedding(features[0].cardinality + 1, 3)
+            self.rows: TableRows | None = None
+
+        def share_tables(self, tables):
+            self.rows = tables.get(self.features[0].options["vocabulary"])
+            del self.own
+
+        @property
+        def output_dim(self):
+            return 3
+
+        def forward(self, x):
+            return self.rows(x[:, 0, 0])
+
+    cat = EmbeddingEncoder([FeatureInfo("u", "categorical", 4), FeatureInfo("item", "categorical", 6)], dim=3)
+    seq = LastItem([FeatureInfo("h", "sequence", 6, {"max_length": 2, "vocabulary": "item"})])
+    share_tables(torch.nn.ModuleDict({"categorical": cat, "sequence": seq}))
+    assert seq.rows.table is cat.tables[0] and seq.rows.offset == 4 and seq.rows.size == 6
+    torch.testing.assert_close(seq(torch.tensor([[[2, 6]]])), cat.tables[0].weight[[6]])
+    assert sum(p.numel() for p in seq.parameters()) == 0

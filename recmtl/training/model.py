@@ -94,6 +94,16 @@ def check_interaction(config: Config, registry: Registry) -> None:
                           f"features), the config has {len(fields)}: {', '.join(fields) or 'none'}")
 
 
+def share_tables(encoders: nn.ModuleDict) -> None:
+    """One table per vocabulary: each encoder gets the embedding rows the other encoders offer
+    (``Encoder.vocabulary_tables`` -> ``Encoder.share_tables``)."""
+    offered = {kind: dict(enc.vocabulary_tables()) for kind, enc in encoders.items()}
+    for kind, enc in encoders.items():
+        others = {name: rows for k, tables in offered.items() if k != kind for name, rows in tables.items()}
+        if others:
+            enc.share_tables(others)
+
+
 #: initial scale of a projected field (the built-in embeddings' ``init_std``)
 PROJECTION_STD = 0.05
 
@@ -165,6 +175,7 @@ class MultiTaskModel(nn.Module):
         for kind, infos in schema.feature_infos().items():
             enc = encoder_config(config, kind)
             self.encoders[kind] = registry.create("encoder", enc.name, infos, **enc.params)
+        share_tables(self.encoders)
         input_dim = sum(e.output_dim for e in self.encoders.values())
         field_names = [n for kind, e in self.encoders.items() for n in (e.field_names if e.has_fields else [kind])]
         columns, first = [], 0  # the field of each column of the flat vector
