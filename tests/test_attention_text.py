@@ -163,6 +163,7 @@ def test_din_with_text_trains_exports_scores_and_serves(cli, interests_dir, tmp_
     cfg = _config(tmp_path / "c.yaml", interests_dir, {"name": "din", "dim": 4})
     r = cli("train", cfg, "--out", tmp_path / "run")
     assert r.code == 0, r
+    _check_memory_estimate(r.err, tmp_path / "run")
     schema = json.loads((tmp_path / "run" / "schema.json").read_text())
     hist = schema["sequence"][0]
     assert hist["vocabulary"] == "item_id" and hist["vocab_file"] == schema["categorical"][0]["vocab_file"]
@@ -207,6 +208,26 @@ def test_din_with_text_trains_exports_scores_and_serves(cli, interests_dir, tmp_
     config = (write_triton_repo(model, tmp_path / "triton", "m") / "config.pbtxt").read_text()
     assert '{ name: "title" data_type: TYPE_STRING dims: [ 1 ] reshape: { shape: [ ] } }' in config
     assert '{ name: "hist" data_type: TYPE_INT64 dims: [ 8 ] }' in config
+
+
+def _check_memory_estimate(err: str, run_dir) -> None:
+    """The estimate printed before training counts the text feature: its hash table among the embedding tables,
+    its max_tokens int64 ids a row in the data buffers."""
+    from recmtl.schema import FittedSchema
+    from recmtl.training.distributed import format_bytes
+    from recmtl.training.evaluate import load_run
+    from recmtl.training.loop import row_bytes
+    schema = FittedSchema.load(run_dir)
+    assert schema.text[0].cardinality == 513  # hash_buckets 512: ids 1..512, padding 513 (a row of its own)
+    text_table = (513 + 1) * 4 * 4  # dim 4, float32
+    tables = sum(m.weight.numel() * 4 for m in load_run(run_dir, checkpoint="best").model.modules()
+                 if isinstance(m, torch.nn.Embedding))
+    line = next(x for x in err.splitlines() if x.startswith("memory per rank"))
+    assert f"(embedding tables {format_bytes(tables)})" in line, line
+    assert tables == text_table + 4 * schema.categorical[0].cardinality * 4  # item_id's table (shared) + the text's
+    without_text = row_bytes(schema) - 8 * 10  # title: max_tokens 10
+    assert f"data buffers {format_bytes((4096 + 2048) * row_bytes(schema))};" in line, line
+    assert without_text == 8 * 1 + 8 * 2 + 8 + 8 * 8  # item_id, click + conversion, the row's index, hist (8 ids)
 
 
 def test_transformer_exports_with_parity(cli, interests_dir, tmp_path):
