@@ -421,3 +421,21 @@ def test_a_third_party_encoder_shares_tables_through_the_contract():
     assert seq.rows.table is cat.tables[0] and seq.rows.offset == 4 and seq.rows.size == 6
     torch.testing.assert_close(seq(torch.tensor([[[2, 6]]])), cat.tables[0].weight[[6]])
     assert sum(p.numel() for p in seq.parameters()) == 0
+
+
+def test_a_missing_lowercasing_locale_is_one_clear_error(cli, tmp_path):
+    """The text graph's StringNormalizer needs its locale installed where it is scored (C.UTF-8: built into glibc
+    >= 2.35, so LC_ALL=POSIX does not reproduce it here): a locale this machine lacks stands in for it."""
+    node = helper.make_node("StringNormalizer", ["title"], ["y"], case_change_action="LOWER", locale="xx_YY.UTF-8")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("title", TensorProto.STRING, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.STRING, [None])])
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    pq.write_table(pa.table({"title": ["Hello"]}), tmp_path / "d.parquet")
+    r = cli("score", model, tmp_path / "d.parquet", "-o", tmp_path / "s.parquet")
+    assert r.code == 2 and "Traceback" not in r.err, r
+    assert "lowercased in the graph with the locale 'xx_YY.UTF-8', which this machine's C library does not have" in r.err
+    assert "LOCPATH" in r.err and "not an ONNX model" not in r.err, r
+    from recmtl.serving.app import create_app
+    with pytest.raises(Exception, match="locale 'xx_YY.UTF-8'"):
+        create_app(model)
