@@ -352,8 +352,7 @@ def test_din_computes_the_papers_formula_and_its_gradients(params):
 # ---- one table per vocabulary ----------------------------------------------------------------------------
 @pytest.mark.parametrize("encoder", [{"name": "din", "dim": 4}, {"name": "sequence_pool", "dim": 4},
                                      {"name": "transformer", "dim": 4, "num_heads": 2, "dropout": 0.0}])
-def test_a_shared_categorical_is_one_table_in_training_and_in_the_graph(cli, interests_dir, tmp_path, monkeypatch,
-                                                                         encoder):
+def test_a_shared_categorical_is_one_table_in_training_and_in_the_graph(cli, interests_dir, tmp_path, encoder):
     import recmtl.training.model as model_module
     from recmtl.training.evaluate import load_run
     cfg = _config(tmp_path / "c.yaml", interests_dir, encoder, text=False)
@@ -366,11 +365,12 @@ def test_a_shared_categorical_is_one_table_in_training_and_in_the_graph(cli, int
     seq = model.encoders["sequence"]
     if encoder["name"] != "sequence_pool":
         assert seq.history_table(0).table is cat_table and seq.target_table(0).table is cat_table
-    with monkeypatch.context() as m:  # the same model without sharing: one (card + 1) x 4 table more
-        m.setattr(model_module, "share_tables", lambda encoders: None)
-        unshared = model_module.MultiTaskModel(run.config, run.schema, run.registry)
+    unshared = model_module.MultiTaskModel(run.config, run.schema, run.registry, share=False)
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    assert count(unshared) - count(model) == (card + 1) * 4
+    assert count(unshared) - count(model) == (card + 1) * 4  # without sharing: one (card + 1) x 4 table more
+    # a checkpoint saved before tables were shared still loads, into the layout it was saved from
+    legacy = model_module.model_for_state(run.config, run.schema, run.registry, unshared.state_dict())
+    assert count(legacy) == count(unshared)
 
     # the gradient of both paths reaches the one table: the candidate's embedding and the history's items
     batch = run.schema.transform(pq.read_table(interests_dir / "valid.parquet").slice(0, 64))
