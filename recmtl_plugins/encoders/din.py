@@ -146,8 +146,9 @@ class DINEncoder(Encoder):
         rows, cols = mask.nonzero(as_tuple=True)
         item_ids, t_ids = ids[rows, cols], inputs["categorical"][:, int(f.options["target"])]
         if f.options.get("shared") and not torch.onnx.is_in_onnx_export():  # (the graph: sizes traced as constants)
-            emb = self.history_table(j)(torch.cat([item_ids, t_ids]))
-            items, t = emb.split([item_ids.shape[0], b])
+            # each distinct id looked up once: the sparse gradient has a row per distinct id, not per occurrence
+            distinct, where = torch.unique(torch.cat([item_ids, t_ids]), return_inverse=True)
+            items, t = self.history_table(j)(distinct)[where].split([item_ids.shape[0], b])
         else:
             items, t = self.history_table(j)(item_ids), self.target_table(j)(t_ids)
         scores = self.attention[str(j)](items, t, rows)  # [N]
