@@ -439,3 +439,23 @@ def test_a_missing_lowercasing_locale_is_one_clear_error(cli, tmp_path):
     from recmtl.serving.app import create_app
     with pytest.raises(Exception, match="locale 'xx_YY.UTF-8'"):
         create_app(model)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum", "max"])
+def test_sequence_pool_pools_the_shared_rows(pooling):
+    from recmtl.training.model import share_tables
+    from recmtl_plugins.encoders.embedding import EmbeddingEncoder
+    from recmtl_plugins.encoders.sequence import SequencePoolEncoder
+    torch.manual_seed(0)
+    cat = EmbeddingEncoder([FeatureInfo("a", "categorical", 5), FeatureInfo("item", "categorical", 10)], dim=4)
+    seq = SequencePoolEncoder([FeatureInfo("h", "sequence", 10, {"max_length": 4, "vocabulary": "item"}),
+                               FeatureInfo("g", "sequence", 3, {"max_length": 4})], dim=4, pooling=pooling)
+    share_tables(torch.nn.ModuleDict({"categorical": cat, "sequence": seq}))
+    assert seq.tables[0].weight.shape == (4, 4)  # only g's 3 ids and its padding row are its own
+    x = torch.tensor([[[1, 2, 10, 10], [0, 3, 3, 3]], [[10, 10, 10, 10], [2, 3, 3, 3]]])
+    out = seq(x)
+    h = cat.tables[0].weight[[5 + 1, 5 + 2]]  # item's ids 1 and 2: rows 6 and 7 of the fused table
+    want = {"mean": h.mean(0), "sum": h.sum(0), "max": h.amax(0)}[pooling]
+    torch.testing.assert_close(out[0, :4], want)
+    assert (out[1, :4] == 0).all()  # no items: zeros
+    torch.testing.assert_close(out[0, 4:], seq.tables[0].weight[0])  # g: its own table, id 0 then padding

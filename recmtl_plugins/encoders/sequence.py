@@ -83,30 +83,36 @@ class SequencePoolEncoder(Encoder):
     def field_columns(self) -> list[int]:
         return [i for _, pos in self.groups for i in pos for _ in range(self._widths[i])]
 
-    def _embed(self, ids: torch.Tensor, g: int, mask: torch.Tensor) -> torch.Tensor:
-        """``ids [batch, F, L]`` of group ``g`` -> ``[batch, F, L, width]``; a borrowed feature's items from the other
-        encoder's rows (only its items looked up, padding positions zeros)."""
+    def _pool(self, ids: torch.Tensor, g: int) -> torch.Tensor:
+        """``ids [batch, F, L]`` of group ``g`` -> ``[batch, F, width]``; a borrowed feature pools only its items,
+        looked up in the other encoder's rows."""
+        mask = ids != getattr(self, f"padding_{g}")  # [B, F, L]
         pos = self.groups[g][1]
         borrowed = [k for k, i in enumerate(pos) if i in self._borrowed]
         if not borrowed:
-            return self.tables[g](ids + getattr(self, f"offsets_{g}"))
-        own = [k for k in range(len(pos)) if k not in borrowed]
+            return self._pooled(self.tables[g](ids + getattr(self, f"offsets_{g}")), mask)
         parts: dict[int, torch.Tensor] = {}
+        own = [k for k in range(len(pos)) if k not in borrowed]
         if own:
             sel = torch.tensor(own, dtype=torch.long, device=ids.device)
-            own_emb = self.tables[g](ids[:, sel] + getattr(self, f"offsets_{g}")[:, sel])
-            parts.update({k: own_emb[:, n] for n, k in enumerate(own)})
+            pooled = self._pooled(self.tables[g](ids[:, sel] + getattr(self, f"offsets_{g}")[:, sel]), mask[:, sel])
+            parts.update({k: pooled[:, n] for n, k in enumerate(own)})
         for k in borrowed:
             rows, cols = mask[:, k].nonzero(as_tuple=True)
-            items = self._borrowed[pos[k]](ids[:, k][rows, cols])
-            parts[k] = torch.zeros(*ids[:, k].shape, items.shape[1], dtype=items.dtype,
-                                   device=items.device).index_put((rows, cols), items)
+            items = self._borrowed[pos[k]](ids[:, k][rows, cols])  # [N, w]
+            if self.pooling == "max":  # the items in their places (padding zeros, masked), then as the others
+                emb = torch.zeros(*ids[:, k].shape, items.shape[1], dtype=items.dtype,
+                                  device=items.device).index_put((rows, cols), items)
+                parts[k] = self._pooled(emb.unsqueeze(1), mask[:, k:k + 1])[:, 0]
+                continue
+            sums = torch.zeros(ids.shape[0], items.shape[1], dtype=items.dtype, device=items.device)
+            parts[k] = sums.scatter_add(0, rows.unsqueeze(1).expand_as(items), items)
+            if self.pooling == "mean":
+                parts[k] = parts[k] / mask[:, k].sum(1, keepdim=True).clamp_min(1).to(items.dtype)
         return torch.stack([parts[k] for k in range(len(pos))], dim=1)
 
-    def _pool(self, ids: torch.Tensor, g: int) -> torch.Tensor:
-        """``ids [batch, F, L]`` -> ``[batch, F, width]``."""
-        mask = ids != getattr(self, f"padding_{g}")  # [B, F, L]
-        emb = self._embed(ids, g, mask)  # [B, F, L, w]
+    def _pooled(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``emb [batch, F, L, width]``, ``mask [batch, F, L]`` -> ``[batch, F, width]``."""
         mask = mask.unsqueeze(-1)  # [B, F, L, 1]
         if self.pooling == "max":
             pooled = emb.masked_fill(~mask, float("-inf")).amax(dim=2)
