@@ -17,7 +17,8 @@ hookimpl = pluggy.HookimplMarker("recmtl")
 from recmtl.errors import ConfigError, DataError, PluginError, RecmtlError  # noqa: E402
 from recmtl.hookspecs import hookspec  # noqa: E402  (the one HookspecMarker)
 
-_CONTRACTS = {"Balancer", "Encoder", "FeatureInfo", "Head", "Interaction", "Logger", "TaskInfo", "Tower", "TrainingRun"}
+_CONTRACTS = {"Balancer", "Encoder", "FeatureInfo", "Head", "Interaction", "Logger", "TableRows", "TaskInfo", "Tower",
+              "TrainingRun"}
 
 
 def __getattr__(name: str) -> Any:
@@ -30,5 +31,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Balancer", "ConfigError", "DataError", "Encoder", "FeatureInfo", "Head", "Interaction", "Logger", "PluginError",
-    "RecmtlError", "TaskInfo", "Tower", "TrainingRun", "hookimpl", "hookspec", "__version__",
+    "RecmtlError", "TableRows", "TaskInfo", "Tower", "TrainingRun", "hookimpl", "hookspec", "__version__",
 ]

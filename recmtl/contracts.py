@@ -40,6 +40,25 @@ class TaskInfo:
     target: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TableRows:
+    """One categorical feature's embedding rows inside a table an encoder owns, so that an encoder of another kind
+    embeds the same vocabulary with the same parameters (a history of item ids and the candidate ``item_id``):
+    the feature's id ``i`` is row ``offset + i`` of ``table``, ``size`` rows (its cardinality), ``width`` wide."""
+
+    table: nn.Embedding
+    offset: int
+    size: int
+
+    @property
+    def width(self) -> int:
+        return int(self.table.embedding_dim)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the feature's ids (in ``[0, size)``: padding must be left out before the lookup)."""
+        return self.table(ids + self.offset) if self.offset else self.table(ids)
+
+
 class Encoder(nn.Module):
     """Turns the preprocessed tensor of all features of one ``kind`` into ``[batch, output_dim]``.
 
@@ -59,6 +78,11 @@ class Encoder(nn.Module):
     a sequence feature's ``options["target"]`` is that categorical feature's position, ``options["shared"]``
     True when it shares the sequence's vocabulary). ``diagnostics()`` returns what it learned since the last
     call (JSON-serialisable; kept in metrics.json per epoch under ``diagnostics.encoders.KIND``).
+
+    One table per vocabulary: an encoder that owns categorical features' embeddings offers them
+    (``vocabulary_tables``); after building every encoder the model hands each encoder the rows the others offer
+    (``share_tables``), and an encoder whose features embed such a vocabulary (a sequence's
+    ``options["vocabulary"]``, a candidate's ``options["target_name"]``) uses them and drops its own table.
     """
 
     kind: ClassVar[str] = ""
@@ -109,6 +133,19 @@ class Encoder(nn.Module):
     def diagnostics(self) -> dict[str, Any]:
         """Statistics since the last call (e.g. attention weights by history position); default none."""
         return {}
+
+    # ---- one table per vocabulary (optional) ----
+    def vocabulary_tables(self) -> dict[str, TableRows]:
+        """The embedding rows this encoder owns, by categorical feature name, for encoders of other kinds to share
+        (the ``embedding`` encoder offers each of its features'). Default: none."""
+        return {}
+
+    def share_tables(self, tables: Mapping[str, TableRows]) -> None:
+        """Called once by the model, after every encoder is built and before any forward, with the rows the other
+        encoders offer (``vocabulary_tables``, by categorical feature name). Use the rows of each vocabulary your
+        features embed when they are as wide as your own and have the feature's cardinality, and drop your own
+        table for it (its parameters then live once, in the offering encoder: one table in training, one in the
+        exported graph). Default: keep your own tables."""
 
 
 class Tower(nn.Module):

@@ -163,6 +163,7 @@ def test_din_with_text_trains_exports_scores_and_serves(cli, interests_dir, tmp_
     cfg = _config(tmp_path / "c.yaml", interests_dir, {"name": "din", "dim": 4})
     r = cli("train", cfg, "--out", tmp_path / "run")
     assert r.code == 0, r
+    _check_memory_estimate(r.err, tmp_path / "run")
     schema = json.loads((tmp_path / "run" / "schema.json").read_text())
     hist = schema["sequence"][0]
     assert hist["vocabulary"] == "item_id" and hist["vocab_file"] == schema["categorical"][0]["vocab_file"]
@@ -207,6 +208,26 @@ def test_din_with_text_trains_exports_scores_and_serves(cli, interests_dir, tmp_
     config = (write_triton_repo(model, tmp_path / "triton", "m") / "config.pbtxt").read_text()
     assert '{ name: "title" data_type: TYPE_STRING dims: [ 1 ] reshape: { shape: [ ] } }' in config
     assert '{ name: "hist" data_type: TYPE_INT64 dims: [ 8 ] }' in config
+
+
+def _check_memory_estimate(err: str, run_dir) -> None:
+    """The estimate printed before training counts the text feature: its hash table among the embedding tables,
+    its max_tokens int64 ids a row in the data buffers."""
+    from recmtl.schema import FittedSchema
+    from recmtl.training.distributed import format_bytes
+    from recmtl.training.evaluate import load_run
+    from recmtl.training.loop import row_bytes
+    schema = FittedSchema.load(run_dir)
+    assert schema.text[0].cardinality == 513  # hash_buckets 512: ids 1..512, padding 513 (a row of its own)
+    text_table = (513 + 1) * 4 * 4  # dim 4, float32
+    tables = sum(m.weight.numel() * 4 for m in load_run(run_dir, checkpoint="best").model.modules()
+                 if isinstance(m, torch.nn.Embedding))
+    line = next(x for x in err.splitlines() if x.startswith("memory per rank"))
+    assert f"(embedding tables {format_bytes(tables)})" in line, line
+    assert tables == text_table + 4 * schema.categorical[0].cardinality * 4  # item_id's table (shared) + the text's
+    without_text = row_bytes(schema) - 8 * 10  # title: max_tokens 10
+    assert f"data buffers {format_bytes((4096 + 2048) * row_bytes(schema))};" in line, line
+    assert without_text == 8 * 1 + 8 * 2 + 8 + 8 * 8  # item_id, click + conversion, the row's index, hist (8 ids)
 
 
 def test_transformer_exports_with_parity(cli, interests_dir, tmp_path):
@@ -267,3 +288,174 @@ def test_interests_generator_has_its_truth_and_history_signal(cli, tmp_path):
     seen = np.array([c in (h or []) for c, h in zip(data["item_id"].to_pylist(), data["hist"].to_pylist())])
     p = truth["click"].to_numpy()
     assert p[seen].mean() > p[~seen].mean() + 0.2  # the candidate in the history: much likelier clicked
+
+
+# ---- din: the paper's formula, computed directly ---------------------------------------------------------
+def _din_direct(enc: DINEncoder, x: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
+    """Zhou et al.'s activation unit as written: per row, per history item, an MLP over the concatenation
+    ``[h, t, h - t, h * t]`` (first layer ``W = [W1 W2 W3 W4]``, recovered from the encoder's ``A = W1 + W3``,
+    ``B = W2 - W3``, ``C = W4`` with a random ``W3``: any split gives the same function), padding left out."""
+    out_rows = []
+    for r in range(x.shape[0]):
+        parts = []
+        for j, f in enumerate(enc.features):
+            ids = [int(i) for i in x[r, j, :enc.lengths[j]] if int(i) != f.cardinality]
+            h = enc.tables[j].weight[ids] if ids else torch.zeros(0, enc.widths[j])
+            if str(j) not in enc.attention:
+                parts.append(h.mean(0) if ids else torch.zeros(enc.widths[j]))
+                continue
+            table = enc.tables[j] if f.options.get("shared") else enc.target_tables[str(j)]
+            t = table.weight[int(cats[r, f.options["target"]])]
+            att = enc.attention[str(j)]
+            w3 = torch.randn_like(att.item.weight)
+            w = torch.cat([att.item.weight - w3, att.target.weight + w3, w3, att.product.weight], dim=1)
+            z = torch.cat([h, t.expand_as(h), h - t, h * t], dim=1)
+            s = att.rest(z @ w.t() + att.item.bias).squeeze(-1)
+            if enc.normalization == "softmax":
+                s = s.softmax(0)
+            parts.append((s.unsqueeze(1) * h).sum(0))
+            if enc.include_target:
+                parts.append(t)
+        out_rows.append(torch.cat(parts))
+    return torch.stack(out_rows)
+
+
+@pytest.mark.parametrize("params", [{}, {"normalization": "softmax"},
+                                    {"include_target": False, "attention_units": [8, 4]}])
+def test_din_computes_the_papers_formula_and_its_gradients(params):
+    torch.manual_seed(3)
+    feats = [FeatureInfo("hist", "sequence", 30, {"max_length": 6, "target": 0, "target_cardinality": 30, "shared": True}),
+             FeatureInfo("cats", "sequence", 7, {"max_length": 5, "target": 1, "target_cardinality": 9}),
+             FeatureInfo("tags", "sequence", 5, {"max_length": 6})]
+    enc = DINEncoder(feats, dim=6, **params)
+    n = 40
+    x = torch.stack([torch.randint(0, f.cardinality, (n, 6)) for f in feats], dim=1)
+    lengths = torch.randint(0, 7, (n, len(feats)))
+    lengths[0] = 0  # a row without items
+    for j, f in enumerate(feats):
+        x[:, j][torch.arange(6)[None, :] >= lengths[:, j:j + 1]] = f.cardinality
+    x[:, 1, 5] = 7  # past cats' max_length: ignored
+    cats = torch.stack([torch.randint(0, 30, (n,)), torch.randint(0, 9, (n,))], dim=1)
+    weights = torch.randn(n, enc.output_dim)
+    got = enc(x, {"categorical": cats})
+    (got * weights).sum().backward()
+    fast = {k: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for k, p in enc.named_parameters()}
+    enc.zero_grad()
+    want = _din_direct(enc, x, cats)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (want * weights).sum().backward()
+    for k, p in enc.named_parameters():
+        torch.testing.assert_close(fast[k], p.grad.to_dense() if p.grad.is_sparse else p.grad, atol=1e-5, rtol=1e-5,
+                                   msg=k)
+
+
+# ---- one table per vocabulary ----------------------------------------------------------------------------
+@pytest.mark.parametrize("encoder", [{"name": "din", "dim": 4}, {"name": "sequence_pool", "dim": 4},
+                                     {"name": "transformer", "dim": 4, "num_heads": 2, "dropout": 0.0}])
+def test_a_shared_categorical_is_one_table_in_training_and_in_the_graph(cli, interests_dir, tmp_path, encoder):
+    import recmtl.training.model as model_module
+    from recmtl.training.evaluate import load_run
+    cfg = _config(tmp_path / "c.yaml", interests_dir, encoder, text=False)
+    assert cli("train", cfg, "--out", tmp_path / "run").code == 0
+    run = load_run(tmp_path / "run", checkpoint="best")
+    model, card = run.model, run.schema.categorical[0].cardinality
+    cat_table = model.encoders["categorical"].tables[0]
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= card]
+    assert tables == [cat_table]  # the sequence encoder keeps no item table of its own
+    seq = model.encoders["sequence"]
+    if encoder["name"] != "sequence_pool":
+        assert seq.history_table(0).table is cat_table and seq.target_table(0).table is cat_table
+    unshared = model_module.MultiTaskModel(run.config, run.schema, run.registry, share=False)
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    assert count(unshared) - count(model) == (card + 1) * 4  # without sharing: one (card + 1) x 4 table more
+    # a checkpoint saved before tables were shared still loads, into the layout it was saved from
+    legacy = model_module.model_for_state(run.config, run.schema, run.registry, unshared.state_dict())
+    assert count(legacy) == count(unshared)
+
+    # the gradient of both paths reaches the one table: the candidate's embedding and the history's items
+    batch = run.schema.transform(pq.read_table(interests_dir / "valid.parquet").slice(0, 64))
+    inputs = {k: torch.from_numpy(v) for k, v in batch.inputs.items()}
+    model.train()
+    for kind in ("categorical", "sequence"):
+        model.zero_grad()
+        model.call_encoder(kind, inputs)[:, :4].sum().backward()  # sequence: the interest/target output, not t
+        grad = cat_table.weight.grad.to_dense()
+        ids = inputs["categorical"][:, 0] if kind == "categorical" else inputs["sequence"][inputs["sequence"] != card]
+        assert (grad[ids.unique()].abs().sum(1) > 0).all(), kind  # every candidate / every history item
+
+    r = cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")  # the parity check runs inside
+    assert r.code == 0 and "parity" in r.out, r
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    item_tables = [i.name for i in graph.initializer if len(i.dims) == 2 and i.dims[0] >= card and i.dims[1] == 4]
+    assert len(item_tables) == 1, item_tables
+
+
+def test_a_third_party_encoder_shares_tables_through_the_contract():
+    """An encoder outside recmtl_plugins, on the SDK only: the model hands it the embedding encoder's rows."""
+    from recmtl import Encoder, TableRows
+    from recmtl.training.model import share_tables
+    from recmtl_plugins.encoders.embedding import EmbeddingEncoder
+
+    class LastItem(Encoder):
+        kind = "sequence"
+
+        def __init__(self, features):
+            super().__init__(features)
+            self.own = torch.nn.Embedding(features[0].cardinality + 1, 3)
+            self.rows: TableRows | None = None
+
+        def share_tables(self, tables):
+            self.rows = tables.get(self.features[0].options["vocabulary"])
+            del self.own
+
+        @property
+        def output_dim(self):
+            return 3
+
+        def forward(self, x):
+            return self.rows(x[:, 0, 0])
+
+    cat = EmbeddingEncoder([FeatureInfo("u", "categorical", 4), FeatureInfo("item", "categorical", 6)], dim=3)
+    seq = LastItem([FeatureInfo("h", "sequence", 6, {"max_length": 2, "vocabulary": "item"})])
+    share_tables(torch.nn.ModuleDict({"categorical": cat, "sequence": seq}))
+    assert seq.rows.table is cat.tables[0] and seq.rows.offset == 4 and seq.rows.size == 6
+    torch.testing.assert_close(seq(torch.tensor([[[2, 6]]])), cat.tables[0].weight[[6]])
+    assert sum(p.numel() for p in seq.parameters()) == 0
+
+
+def test_a_missing_lowercasing_locale_is_one_clear_error(cli, tmp_path):
+    """The text graph's StringNormalizer needs its locale installed where it is scored (C.UTF-8: built into glibc
+    >= 2.35, so LC_ALL=POSIX does not reproduce it here): a locale this machine lacks stands in for it."""
+    node = helper.make_node("StringNormalizer", ["title"], ["y"], case_change_action="LOWER", locale="xx_YY.UTF-8")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("title", TensorProto.STRING, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.STRING, [None])])
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    pq.write_table(pa.table({"title": ["Hello"]}), tmp_path / "d.parquet")
+    r = cli("score", model, tmp_path / "d.parquet", "-o", tmp_path / "s.parquet")
+    assert r.code == 2 and "Traceback" not in r.err, r
+    assert "lowercased in the graph with the locale 'xx_YY.UTF-8', which this machine's C library does not have" in r.err
+    assert "LOCPATH" in r.err and "not an ONNX model" not in r.err, r
+    from recmtl.serving.app import create_app
+    with pytest.raises(Exception, match="locale 'xx_YY.UTF-8'"):
+        create_app(model)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum", "max"])
+def test_sequence_pool_pools_the_shared_rows(pooling):
+    from recmtl.training.model import share_tables
+    from recmtl_plugins.encoders.embedding import EmbeddingEncoder
+    from recmtl_plugins.encoders.sequence import SequencePoolEncoder
+    torch.manual_seed(0)
+    cat = EmbeddingEncoder([FeatureInfo("a", "categorical", 5), FeatureInfo("item", "categorical", 10)], dim=4)
+    seq = SequencePoolEncoder([FeatureInfo("h", "sequence", 10, {"max_length": 4, "vocabulary": "item"}),
+                               FeatureInfo("g", "sequence", 3, {"max_length": 4})], dim=4, pooling=pooling)
+    share_tables(torch.nn.ModuleDict({"categorical": cat, "sequence": seq}))
+    assert seq.tables[0].weight.shape == (4, 4)  # only g's 3 ids and its padding row are its own
+    x = torch.tensor([[[1, 2, 10, 10], [0, 3, 3, 3]], [[10, 10, 10, 10], [2, 3, 3, 3]]])
+    out = seq(x)
+    h = cat.tables[0].weight[[5 + 1, 5 + 2]]  # item's ids 1 and 2: rows 6 and 7 of the fused table
+    want = {"mean": h.mean(0), "sum": h.sum(0), "max": h.amax(0)}[pooling]
+    torch.testing.assert_close(out[0, :4], want)
+    assert (out[1, :4] == 0).all()  # no items: zeros
+    torch.testing.assert_close(out[0, 4:], seq.tables[0].weight[0])  # g: its own table, id 0 then padding

@@ -9,6 +9,13 @@ onnxruntime's default threads) — the export itself runs the parity check.
 
     nice -n 10 .venv/bin/python benchmarks/speed/bench_sequence_cost.py --work-dir /tmp/seqcost
 
+``--ab REF``: before/after instead, in one process per length: the three models built from each run's config and
+schema (fresh weights, seed 0) twice, once with the sequence encoders of git revision REF ("before") and once with
+the working tree's ("after"), their training steps interleaved (before and after of every encoder take turns, so
+the machine's load hits both alike), medians; no export.
+
+    nice -n 10 .venv/bin/python benchmarks/speed/bench_sequence_cost.py --work-dir /tmp/seqcost --ab 52b5b3b
+
 ``--text-runs WITH WITHOUT DATA``: tokenisation throughput instead: the two run directories (e.g. the quality
 benchmark's ``mean_text`` and ``mean``) exported, then ``Scorer.score`` (what ``recmtl score`` runs per batch) on
 DATA's rows, median of 3, and what the text input costs per row.
@@ -82,6 +89,79 @@ def measure(run_dir: str, model_path: str, data: str, batch: int, steps: int) ->
     return {"step_ms": 1000 * float(np.median(times)), "peak_rss_mb": peak, "score_rows_s": float(np.median(rates))}
 
 
+def _step_fn(model, schema, table, batch: int):
+    """One training step of ``model`` on the first ``batch`` rows of ``table``, as ``measure`` times it."""
+    import numpy as np
+    import torch
+
+    from recmtl.training.model import sparse_parameters
+    arrays = schema.transform(table.slice(0, batch))
+    inputs = {k: torch.from_numpy(v) for k, v in arrays.inputs.items()}
+    labels, mask = torch.from_numpy(arrays.labels), torch.from_numpy(arrays.mask.astype(np.float32))
+    sparse = {id(p) for p in sparse_parameters(model)}
+    opts = [torch.optim.Adam([p for p in model.parameters() if id(p) not in sparse], lr=1e-3)]
+    if sparse:
+        opts.append(torch.optim.SparseAdam([p for p in model.parameters() if id(p) in sparse], lr=1e-3))
+
+    def step() -> None:
+        for o in opts:
+            o.zero_grad()
+        losses = model.losses(model(inputs), labels, mask)
+        sum(losses.values()).backward()
+        for o in opts:
+            o.step()
+    return step
+
+
+def ab_steps(work: Path, names: list[str], ref: str, batch: int, steps: int) -> dict:
+    """Interleaved step times (ms, median) of each encoder's model with REF's sequence encoders and the current ones."""
+    import dataclasses
+    import importlib.util
+    import tempfile
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from recmtl.config import parse_config, read_raw
+    from recmtl.registry import load_registry
+    from recmtl.schema import FittedSchema
+    from recmtl.training.model import MultiTaskModel
+    torch.set_num_threads(1)
+    old = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for module in ("din", "transformer", "sequence"):
+            src = subprocess.run(["git", "show", f"{ref}:recmtl_plugins/encoders/{module}.py"], capture_output=True,
+                                 text=True, check=True).stdout
+            path = Path(tmp) / f"before_{module}.py"
+            path.write_text(src)
+            spec = importlib.util.spec_from_file_location(f"before_{module}", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            old.update(mod.recmtl_register_encoders())
+    table = pq.read_table(work / "data" / "valid.parquet")
+    steps_of = {}
+    for name in names:
+        config = parse_config(read_raw(work / name / "config.yaml"), work / name)
+        schema = FittedSchema.load(work / name)
+        for when in ("before", "after"):
+            registry = load_registry()
+            if when == "before":
+                registry.tables["encoder"] = {n: dataclasses.replace(e, factory=old.get(n, e.factory))
+                                              for n, e in registry.tables["encoder"].items()}
+            torch.manual_seed(0)
+            model = MultiTaskModel(config, schema, registry).train()
+            steps_of[(name, when)] = _step_fn(model, schema, table, batch)
+    times = {k: [] for k in steps_of}
+    for i in range(steps + 3):
+        for k, step in steps_of.items():
+            start = time.perf_counter()
+            step()
+            if i >= 3:
+                times[k].append(time.perf_counter() - start)
+    return {k: 1000 * float(np.median(v)) for k, v in times.items()}
+
+
 def text_throughput(with_text: str, without: str, data: str, work: Path) -> None:
     import numpy as np
     import pyarrow.parquet as pq
@@ -118,12 +198,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--text-runs", nargs=3, metavar=("WITH", "WITHOUT", "DATA"))
+    ap.add_argument("--ab", metavar="REF", help="before (git REF's sequence encoders) / after, interleaved")
+    ap.add_argument("--ab-measure", nargs=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.text_runs:
         text_throughput(*args.text_runs, args.work_dir)
         return
     if args.measure:
         print(json.dumps(measure(*args.measure, args.batch, args.steps)))
+        return
+    if args.ab_measure:
+        res = ab_steps(Path(args.ab_measure[0]), args.encoders.split(","), args.ab, args.batch, args.steps)
+        print(json.dumps([[name, when, ms] for (name, when), ms in res.items()]))
         return
     results = {}
     for length in [int(x) for x in args.lengths.split(",")]:
@@ -135,7 +221,7 @@ def main() -> None:
         for name in args.encoders.split(","):
             enc = ENCODERS[name]
             run_dir, model = work / name, work / f"{name}.onnx"
-            if not model.exists():
+            if not model.exists() and not (args.ab and (run_dir / "best.pt").exists()):
                 cfg = {"seed": 0, "data": {"train": str(data / "train.parquet"), "validation": str(data / "valid.parquet")},
                        "features": [{"name": "item_id", "kind": "categorical"},
                                     {"name": "hist", "kind": "sequence", "max_length": length, "vocabulary": "item_id",
@@ -147,11 +233,30 @@ def main() -> None:
                 (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
                 run("train", str(work / f"{name}.yaml"), "--out", str(run_dir))
                 run("export", str(run_dir), "-o", str(model))
+            if args.ab:
+                continue
             out = subprocess.run([sys.executable, __file__, "--work-dir", str(args.work_dir), "--batch", str(args.batch),
                                   "--steps", str(args.steps), "--measure", str(run_dir), str(model),
                                   str(data / "valid.parquet")], capture_output=True, text=True, check=True)
             results[(length, name)] = json.loads(out.stdout.strip().splitlines()[-1])
             print(length, name, results[(length, name)], flush=True)
+        if args.ab:  # one process per length, every model of it interleaved
+            out = subprocess.run([sys.executable, __file__, "--work-dir", str(args.work_dir), "--batch", str(args.batch),
+                                  "--steps", str(args.steps), "--encoders", args.encoders, "--ab", args.ab,
+                                  "--ab-measure", str(work)], capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            for name, when, ms in json.loads(out.stdout.strip().splitlines()[-1]):
+                results[(length, name, when)] = ms
+    if args.ab:
+        print(f"\nbatch {args.batch}, {args.steps} steps interleaved (median), 1 torch thread; before = {args.ab}")
+        print(f"{'length':>6} {'encoder':<12} {'before ms':>10} {'x mean':>7} {'after ms':>9} {'x mean':>7} {'speed-up':>9}")
+        for (length, name, when), ms in results.items():
+            if when == "before":
+                after = results[(length, name, "after")]
+                b0, a0 = results[(length, "mean", "before")], results[(length, "mean", "after")]
+                print(f"{length:>6} {name:<12} {ms:>10.1f} {ms / b0:>7.2f} {after:>9.1f} {after / a0:>7.2f} {ms / after:>9.2f}")
+        return
     print(f"\nbatch {args.batch}, {args.steps} steps (median), 1 torch thread; scoring: {int(args.rows * 0.1):,} "
           "validation rows, onnxruntime default threads")
     print(f"{'length':>6} {'encoder':<12} {'step ms':>8} {'x mean':>7} {'peak RSS MB':>12} {'score rows/s':>13} {'x mean':>7}")

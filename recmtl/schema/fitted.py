@@ -110,7 +110,7 @@ class FittedSchema:
             infos["sequence"] = [
                 FeatureInfo(s.name, "sequence", s.cardinality,
                             {"max_length": s.max_length, **({"embedding_dim": s.embedding_dim} if s.embedding_dim else {}),
-                             **target(s)})
+                             **({"vocabulary": s.vocabulary} if s.vocabulary else {}), **target(s)})
                 for s in self.sequence
             ]
         if self.text:

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -122,6 +123,20 @@ def _strings(col: pa.Array, name: str) -> np.ndarray:
                         f"dictionary of {len(values) - 1} strings") from None
 
 
+#: onnxruntime's StringNormalizer when the C library cannot construct the locale the graph names
+LOCALE_FAILURE = re.compile(r"Failed to construct locale with name:\s*([^\s:]+)")
+
+
+def missing_locale_message(path: Path, name: str) -> str:
+    """The one error for a text model on a machine without its lowercasing locale (``kind: text`` inputs)."""
+    return (f"{path}: its text inputs are lowercased in the graph with the locale '{name}', which this machine's C "
+            f"library does not have (the process's LANG/LC_ALL do not matter: the locale must be installed). Install "
+            f"it where the model is scored: glibc 2.35 or later has C.UTF-8 built in (Debian 12, Ubuntu 22.04 and "
+            f"later); older Debian/Ubuntu: apt-get install locales; RHEL/Fedora: glibc-minimal-langpack; Alpine: "
+            f"musl-locales; or set LOCPATH to a directory holding the compiled locale (e.g. a copy of "
+            f"/usr/lib/locale/C.utf8 from such a system, as {name})")
+
+
 class Scorer:
     """An onnxruntime session over a recmtl ONNX export."""
 
@@ -144,6 +159,9 @@ class Scorer:
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises InvalidProtobuf, Fail, ... for files it cannot load
+            missing = LOCALE_FAILURE.search(str(exc))
+            if missing:
+                raise DataError(missing_locale_message(path, missing.group(1))) from None
             raise DataError(f"{path} is not an ONNX model onnxruntime can load: {exc}") from None
         # the metadata through onnxruntime: scoring needs neither the onnx package nor a second parse
         self.meta = schema_from_metadata(self.session.get_modelmeta().custom_metadata_map, path)

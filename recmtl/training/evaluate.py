@@ -17,7 +17,7 @@ from recmtl.registry import Registry, load_registry
 from recmtl.rundir import BEST, CALIBRATOR, CONFIG, LAST, RunDir, epoch_checkpoint, require_trusted_plugins
 from recmtl.schema import FittedSchema
 from recmtl.training.batches import blocks, minibatches
-from recmtl.training.model import MultiTaskModel, PerTaskModel
+from recmtl.training.model import MultiTaskModel, PerTaskModel, model_for_state
 
 
 @dataclass
@@ -179,9 +179,7 @@ def per_task_model(config: Config, schema: FittedSchema, registry: Registry, sta
     distinct = sorted(set(epochs.values()))
     models = []
     for e in distinct:
-        m = MultiTaskModel(config, schema, registry)
-        m.load_state_dict(states[e])
-        models.append(m.eval())
+        models.append(model_for_state(config, schema, registry, states[e]).eval())
     if len(models) == 1:
         return models[0]
     return PerTaskModel(models, {t: distinct.index(e) for t, e in epochs.items()}).eval()
@@ -206,10 +204,8 @@ def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] =
         return LoadedRun(config, schema, per_task_model(config, schema, registry, states, epochs), registry, run_dir, epochs,
                          score_map(config, run_dir if calibration else None))
     name = {PER_TASK: BEST, "best": BEST, "last": LAST}.get(checkpoint, checkpoint)
-    model = MultiTaskModel(config, schema, registry)
     state = files.load_checkpoint(name)
-    model.load_state_dict(state["model"])
-    model.eval()
+    model = model_for_state(config, schema, registry, state["model"]).eval()
     epoch = state.get("epoch")
     return LoadedRun(config, schema, model, registry, run_dir,
                      {t: int(epoch) + 1 for t in model.task_names} if isinstance(epoch, int) else None,

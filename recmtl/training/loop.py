@@ -437,14 +437,19 @@ def _metrics(ctx: Context, model: MultiTaskModel, schema: FittedSchema, source: 
     return ctx.broadcast_object(metrics)
 
 
+def row_bytes(schema: FittedSchema) -> int:
+    """Bytes one preprocessed row holds in the data buffers (``FittedSchema.transform``'s arrays)."""
+    return (8 * (len(schema.categorical) + len(schema.dense)) + 8 * sum(lab.width for lab in schema.labels) + 8
+            + sum(4 * i.channels * i.height * i.width for i in schema.image)  # images: float32 C*H*W a row
+            + 8 * len(schema.sequence) * schema.sequence_width  # sequences: int64 ids, padded
+            + 8 * len(schema.text) * schema.text_width)  # text: int64 hashed n-gram ids, padded to max_tokens
+
+
 def _report_memory(config: Config, schema: FittedSchema, model: MultiTaskModel, balancer: Balancer,
                    optimizers: list[torch.optim.Optimizer], ctx: Context, precision: Precision) -> None:
     """Print what one rank needs before training starts (every rank holds the whole model)."""
-    row_bytes = (8 * (len(schema.categorical) + len(schema.dense)) + 8 * sum(lab.width for lab in schema.labels) + 8
-                 + sum(4 * i.channels * i.height * i.width for i in schema.image)  # images: float32 C*H*W a row
-                 + 8 * len(schema.sequence) * schema.sequence_width)  # sequences: int64 ids, padded
     buffered = max(config.data.shuffle_buffer, config.train.batch_size // ctx.world) + config.data.read_rows
-    est = memory_estimate(model, balancer, optimizers, sparse_parameters(model), buffered, row_bytes)
+    est = memory_estimate(model, balancer, optimizers, sparse_parameters(model), buffered, row_bytes(schema))
     say(f"memory per rank (estimate, {ctx.world} process(es) on {ctx.device}, {precision.mode}): "
         f"parameters {format_bytes(est['parameters'])} (embedding tables {format_bytes(est['embedding_tables'])}), "
         f"gradients {format_bytes(est['gradients'])}, optimizer state {format_bytes(est['optimizer_state'])}, "

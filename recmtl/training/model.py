@@ -94,6 +94,16 @@ def check_interaction(config: Config, registry: Registry) -> None:
                           f"features), the config has {len(fields)}: {', '.join(fields) or 'none'}")
 
 
+def share_tables(encoders: nn.ModuleDict) -> None:
+    """One table per vocabulary: each encoder gets the embedding rows the other encoders offer
+    (``Encoder.vocabulary_tables`` -> ``Encoder.share_tables``)."""
+    offered = {kind: dict(enc.vocabulary_tables()) for kind, enc in encoders.items()}
+    for kind, enc in encoders.items():
+        others = {name: rows for k, tables in offered.items() if k != kind for name, rows in tables.items()}
+        if others:
+            enc.share_tables(others)
+
+
 #: initial scale of a projected field (the built-in embeddings' ``init_std``)
 PROJECTION_STD = 0.05
 
@@ -158,13 +168,16 @@ class FeatureGates(nn.Module):
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, config: Config, schema: FittedSchema, registry: Registry) -> None:
+    def __init__(self, config: Config, schema: FittedSchema, registry: Registry, share: bool = True) -> None:
+        """``share``: one table per vocabulary (``share_tables``); False only for checkpoints saved before it."""
         super().__init__()
         self.task_names = [t.name for t in config.tasks]
         self.encoders = nn.ModuleDict()
         for kind, infos in schema.feature_infos().items():
             enc = encoder_config(config, kind)
             self.encoders[kind] = registry.create("encoder", enc.name, infos, **enc.params)
+        if share:
+            share_tables(self.encoders)
         input_dim = sum(e.output_dim for e in self.encoders.values())
         field_names = [n for kind, e in self.encoders.items() for n in (e.field_names if e.has_fields else [kind])]
         columns, first = [], 0  # the field of each column of the flat vector
@@ -393,6 +406,21 @@ class MultiTaskModel(nn.Module):
         if enc:
             diag["encoders"] = enc
         return diag
+
+
+def model_for_state(config: Config, schema: FittedSchema, registry: Registry, state: dict[str, Any]) -> MultiTaskModel:
+    """A model with ``state`` (a checkpoint's model state) loaded: one table per vocabulary, or, for a checkpoint
+    saved before encoders shared tables (it holds their own tables too), each encoder with its own."""
+    def layout(sd: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(getattr(v, "shape", ())) for k, v in sd.items()}
+
+    model = MultiTaskModel(config, schema, registry)
+    if layout(state) != layout(model.state_dict()):
+        legacy = MultiTaskModel(config, schema, registry, share=False)
+        if layout(state) == layout(legacy.state_dict()):
+            model = legacy
+    model.load_state_dict(state)
+    return model
 
 
 class PerTaskModel(nn.Module):

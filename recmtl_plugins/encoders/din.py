@@ -6,7 +6,9 @@ embedding; the feature's output is the weighted sum of its items (the user's int
 with ``include_target``, ``t`` itself. ``normalization: none`` keeps the paper's un-normalised weights (padding
 weighs 0), ``softmax`` normalises them over a row's items. When the sequence shares the target's vocabulary
 (``vocabulary: ITEM``) history and candidate are looked up in ONE table; else the candidate has a table of its
-own. A sequence feature without a target is mean-pooled. A row with no items has interest zero.
+own. Those tables are the ``embedding`` encoder's rows of the categorical features when it offers them at the same
+width (``share_tables``: one table per vocabulary in the model). A sequence feature without a target is
+mean-pooled. A row with no items has interest zero.
 
 Input ``[batch, n_features, length]`` ids (padding: the feature's cardinality) and, through ``inputs``, the
 categorical ids. Output ``[batch, sum over features of dim (x2 with a target and include_target)]``.
@@ -15,12 +17,13 @@ rows of the evaluation passes (the validation data).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from recmtl import Encoder, FeatureInfo, hookimpl
+from recmtl import Encoder, FeatureInfo, TableRows, hookimpl
 from recmtl.layers import AttentionStats, check_units, mlp
 
 NORMALIZATIONS = ("none", "softmax")
@@ -39,14 +42,16 @@ class _AttentionMLP(nn.Module):
         rest = [nn.PReLU()] + ([mlp(first, units[1:], activation=nn.PReLU)] if len(units) > 1 else [])
         self.rest = nn.Sequential(*rest, nn.Linear(units[-1], 1)) if units else nn.Identity()
 
-    def forward(self, h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``h [B, L, d]``, ``t [B, d]``, ``mask [B, L]`` (False: padding) -> scores ``[B, L]``, 0 at padding. Only
-        the items are scored (gathered, then scattered back): padding costs nothing."""
-        rows, cols = mask.nonzero(as_tuple=True)
-        items, targets = h[rows, cols], t[rows]
-        pre = self.item(items) + self.target(t)[rows] + self.product(items * targets)
-        scores = self.rest(pre).squeeze(-1)
-        return torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).index_put((rows, cols), scores)
+    def forward(self, items: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``items [N, d]``: every history item of the batch (padding left out), ``t [B, d]`` the candidates,
+        ``rows [N]`` each item's row -> scores ``[N]``. One gather of the per-row part (``t`` and ``B t`` plus the
+        bias), one matrix product ``[h, h * t] [A; C]``."""
+        d = t.shape[1]
+        per_row = torch.cat([t, self.target(t) + self.item.bias], dim=1)[rows]  # [N, d + first]
+        t_items, pre_t = per_row.split([d, per_row.shape[1] - d], dim=1)  # split: no zero-filled slice gradients
+        weight = torch.cat([self.item.weight, self.product.weight], dim=1)  # [first, 2d]
+        pre = torch.addmm(pre_t, torch.cat([items, items * t_items], dim=1), weight.t())
+        return self.rest(pre).squeeze(-1)
 
 
 class DINEncoder(Encoder):
@@ -82,38 +87,79 @@ class DINEncoder(Encoder):
         self._dim = sum(w * (2 if "target" in f.options and self.include_target else 1)
                         for f, w in zip(features, self.widths))
         self.stats = AttentionStats([f.name for f in features if "target" in f.options], max(self.lengths))
+        self._borrowed: dict[str, TableRows] = {}  # another encoder's rows (share_tables): "h{j}" history, "t{j}" candidate
 
     @property
     def output_dim(self) -> int:
         return self._dim
 
-    def target_embedding(self, j: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        f = self.features[j]
-        ids = inputs["categorical"][:, int(f.options["target"])]
-        table = self.tables[j] if f.options.get("shared") else self.target_tables[str(j)]
-        return table(ids)
+    def share_tables(self, tables: Mapping[str, TableRows]) -> None:
+        """Embed a history sharing a categorical feature's vocabulary, and a candidate, with that feature's rows."""
+        def fits(name: Any, size: int, width: int) -> TableRows | None:
+            rows = tables.get(name) if isinstance(name, str) else None
+            return rows if rows is not None and rows.size == size and rows.width == width else None
+
+        for j, f in enumerate(self.features):
+            if (rows := fits(f.options.get("vocabulary"), f.cardinality, self.widths[j])) is not None:
+                self._borrowed[f"h{j}"] = rows
+                self.tables[j] = nn.Identity()  # a placeholder: the rows live in the other encoder
+            if "target" in f.options and not f.options.get("shared") and (rows := fits(
+                    f.options.get("target_name"), int(f.options["target_cardinality"]), self.widths[j])) is not None:
+                self._borrowed[f"t{j}"] = rows
+                del self.target_tables[str(j)]
+
+    def history_table(self, j: int) -> nn.Module | TableRows:
+        """Feature ``j``'s item embeddings (ids without padding)."""
+        return self._borrowed.get(f"h{j}", self.tables[j])
+
+    def target_table(self, j: int) -> nn.Module | TableRows:
+        """Feature ``j``'s candidate embeddings."""
+        if self.features[j].options.get("shared"):
+            return self.history_table(j)
+        return self._borrowed[f"t{j}"] if f"t{j}" in self._borrowed else self.target_tables[str(j)]
 
     def forward(self, x: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         parts = []
         for j, f in enumerate(self.features):
             ids = x[:, j, :self.lengths[j]]
             mask = ids != f.cardinality
-            h = self.tables[j](ids)  # [B, L, w]
-            maskf = mask.unsqueeze(-1).to(h.dtype)
             if str(j) not in self.attention:
-                parts.append((h * maskf).sum(1) / maskf.sum(1).clamp_min(1))
+                rows, cols = mask.nonzero(as_tuple=True)
+                items = self.history_table(j)(ids[rows, cols])
+                sums = torch.zeros(ids.shape[0], items.shape[1], dtype=items.dtype, device=items.device)
+                sums = sums.scatter_add(0, rows.unsqueeze(1).expand_as(items), items)
+                parts.append(sums / mask.sum(1, keepdim=True).clamp_min(1).to(items.dtype))
                 continue
-            t = self.target_embedding(j, inputs)  # [B, w]
-            scores = self.attention[str(j)](h, t, mask)  # [B, L]
-            if self.normalization == "softmax":
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=1)
-            weights = scores * mask.to(scores.dtype)
-            if not self.training:  # statistics of the evaluation passes (validation rows), not of every step
-                self.stats.add(f.name, weights, mask)
-            parts.append((weights.unsqueeze(-1) * h).sum(1))
+            interest, t = self._attend(j, ids, mask, inputs)
+            parts.append(interest)
             if self.include_target:
                 parts.append(t)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _attend(self, j: int, ids: torch.Tensor, mask: torch.Tensor,
+                inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature ``j``'s interest ``sum_i w_i h_i`` ``[B, w]`` and its candidate's embedding ``t`` ``[B, w]``.
+        Only the history's items are embedded and scored (gathered by ``mask``; padding costs nothing), and with
+        a shared table history and candidate are ONE lookup."""
+        f = self.features[j]
+        b = ids.shape[0]
+        rows, cols = mask.nonzero(as_tuple=True)
+        item_ids, t_ids = ids[rows, cols], inputs["categorical"][:, int(f.options["target"])]
+        if f.options.get("shared") and not torch.onnx.is_in_onnx_export():  # (the graph: sizes traced as constants)
+            # each distinct id looked up once: the sparse gradient has a row per distinct id, not per occurrence
+            distinct, where = torch.unique(torch.cat([item_ids, t_ids]), return_inverse=True)
+            items, t = self.history_table(j)(distinct)[where].split([item_ids.shape[0], b])
+        else:
+            items, t = self.history_table(j)(item_ids), self.target_table(j)(t_ids)
+        scores = self.attention[str(j)](items, t, rows)  # [N]
+        if self.normalization == "softmax":  # over each row's items
+            dense = torch.full(mask.shape, torch.finfo(scores.dtype).min, dtype=scores.dtype, device=scores.device)
+            scores = dense.index_put((rows, cols), scores).softmax(dim=1)[rows, cols]
+        if not self.training:  # statistics of the evaluation passes (validation rows), not of every step
+            weights = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).index_put((rows, cols), scores)
+            self.stats.add(f.name, weights, mask)
+        interest = torch.zeros(b, items.shape[1], dtype=items.dtype, device=items.device)
+        return interest.scatter_add(0, rows.unsqueeze(1).expand_as(items), scores.unsqueeze(1) * items), t
 
     def diagnostics(self) -> dict[str, Any]:
         return self.stats.result()

@@ -1,13 +1,14 @@
 """Embedding encoder for categorical features: one fused table for all features of the same width
 (ids offset per feature), sparse gradients so a step costs time in the ids seen, not the vocabulary.
-Output: the concatenated embeddings, ``[batch, sum of widths]``. Field view: one field per feature, its embedding
+Offers each feature's rows to encoders of other kinds (``vocabulary_tables``: a sequence sharing the
+vocabulary). Output: the concatenated embeddings, ``[batch, sum of widths]``. Field view: one field per feature, its embedding
 (``[batch, n_features, widest width]``, narrower embeddings zero-padded)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from recmtl import Encoder, FeatureInfo, hookimpl
+from recmtl import Encoder, FeatureInfo, TableRows, hookimpl
 from recmtl.layers import embedding_width_groups, fused_embedding
 
 
@@ -44,6 +45,15 @@ class EmbeddingEncoder(Encoder):
 
     def field_columns(self) -> list[int]:
         return [i for _, pos in self.groups for i in pos for _ in range(self._widths[i])]
+
+    def vocabulary_tables(self) -> dict[str, TableRows]:
+        """Every feature's rows in its width's fused table (a sequence sharing its vocabulary embeds with them)."""
+        out = {}
+        for g, (_, pos) in enumerate(self.groups):
+            offsets = getattr(self, f"offsets_{g}")
+            for k, i in enumerate(pos):
+                out[self.features[i].name] = TableRows(self.tables[g], int(offsets[k]), self.features[i].cardinality)
+        return out
 
     def _groups(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per width group: its features' embeddings ``[batch, n_g, w_g]``."""

@@ -6,7 +6,9 @@ plus a learned position (recency) embedding (0: the candidate, 1: the most recen
 ``ffn_dim`` = 4 x dim by default, LeakyReLU as in the paper) with a key padding mask; the output is the
 candidate's position (``output: target``) or the mean over the row's items and the candidate (``mean``).
 A feature without a target attends over its items only and is mean-pooled. As in ``din``, history and
-candidate share one table when the sequence shares the target's vocabulary.
+candidate share one table when the sequence shares the target's vocabulary, the ``embedding`` encoder's rows of
+those categorical features when it offers them at the same width (``share_tables``). Only the items are embedded
+(padding positions hold zeros, masked as keys).
 
 Input ``[batch, n_features, length]`` ids (padding: the feature's cardinality) and, through ``inputs``, the
 categorical ids. Output ``[batch, sum over features of dim]``. Diagnostics: the candidate's attention (last
@@ -15,12 +17,13 @@ block, mean over heads) by history position (1 = the most recent item), over the
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from recmtl import Encoder, FeatureInfo, hookimpl
+from recmtl import Encoder, FeatureInfo, TableRows, hookimpl
 from recmtl.layers import AttentionStats
 
 OUTPUTS = ("target", "mean")
@@ -98,10 +101,36 @@ class TransformerEncoder(Encoder):
                                              for _ in range(num_layers)))
         self._dim = sum(self.widths)
         self.stats = AttentionStats([f.name for f in features if "target" in f.options], max(self.lengths))
+        self._borrowed: dict[str, TableRows] = {}  # another encoder's rows (share_tables): "h{j}" history, "t{j}" candidate
 
     @property
     def output_dim(self) -> int:
         return self._dim
+
+    def share_tables(self, tables: Mapping[str, TableRows]) -> None:
+        """Embed a history sharing a categorical feature's vocabulary, and a candidate, with that feature's rows."""
+        def fits(name: Any, size: int, width: int) -> TableRows | None:
+            rows = tables.get(name) if isinstance(name, str) else None
+            return rows if rows is not None and rows.size == size and rows.width == width else None
+
+        for j, f in enumerate(self.features):
+            if (rows := fits(f.options.get("vocabulary"), f.cardinality, self.widths[j])) is not None:
+                self._borrowed[f"h{j}"] = rows
+                self.tables[j] = nn.Identity()  # a placeholder: the rows live in the other encoder
+            if "target" in f.options and not f.options.get("shared") and (rows := fits(
+                    f.options.get("target_name"), int(f.options["target_cardinality"]), self.widths[j])) is not None:
+                self._borrowed[f"t{j}"] = rows
+                del self.target_tables[str(j)]
+
+    def history_table(self, j: int) -> nn.Module | TableRows:
+        """Feature ``j``'s item embeddings (ids without padding)."""
+        return self._borrowed.get(f"h{j}", self.tables[j])
+
+    def target_table(self, j: int) -> nn.Module | TableRows:
+        """Feature ``j``'s candidate embeddings."""
+        if self.features[j].options.get("shared"):
+            return self.history_table(j)
+        return self._borrowed[f"t{j}"] if f"t{j}" in self._borrowed else self.target_tables[str(j)]
 
     def forward(self, x: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         parts = []
@@ -110,12 +139,14 @@ class TransformerEncoder(Encoder):
             ids = x[:, j, :length]
             keep = ids != f.cardinality
             recency = (keep.sum(1, keepdim=True) - torch.arange(length, device=ids.device)[None, :]).clamp(1, length)
-            h = self.tables[j](ids) + self.positions[j](recency)  # [B, L, w]
+            rows, cols = keep.nonzero(as_tuple=True)
+            items = self.history_table(j)(ids[rows, cols])
+            h = torch.zeros(*ids.shape, items.shape[1], dtype=items.dtype, device=items.device).index_put((rows, cols), items)
+            h = h + self.positions[j](recency)  # [B, L, w]
             has_target = "target" in f.options
             if has_target:
                 t_ids = inputs["categorical"][:, int(f.options["target"])]
-                table = self.tables[j] if f.options.get("shared") else self.target_tables[str(j)]
-                t = table(t_ids) + self.positions[j].weight[0]
+                t = self.target_table(j)(t_ids) + self.positions[j].weight[0]
                 h = torch.cat([h, t.unsqueeze(1)], dim=1)
                 keep = torch.cat([keep, torch.ones_like(keep[:, :1])], dim=1)
             att = None
