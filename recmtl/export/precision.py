@@ -175,12 +175,15 @@ def _output_width(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> i
 
 
 def to_int8_static(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]],
-                   quant_format: str = "qdq", per_channel: bool = False) -> onnx.ModelProto:
+                   quant_format: str = "qdq", per_channel: bool = False, activation_type: str = "uint8",
+                   weight_type: str = "int8", reduce_range: bool = False) -> onnx.ModelProto:
     """Statically quantised int8 dense layers (``STATIC_MIN_WIDTH`` outputs or more, outside the preprocessing)
     calibrated on ``calibration`` (raw-input feeds of the fp32 ``model``, one dict per batch) and int8
     embedding tables (per-row scales). ``quant_format``: ``qdq`` (QuantizeLinear/DequantizeLinear pairs that
     onnxruntime fuses at load) or ``qoperator`` (``QGemm`` / ``QLinearMatMul`` in the file); ``per_channel``
-    applies to 2-D weights only (onnxruntime's QLinearMatMul takes one zero point per batched weight)."""
+    applies to 2-D weights only (onnxruntime's QLinearMatMul takes one zero point per batched weight);
+    ``activation_type`` / ``weight_type`` ``uint8`` or ``int8`` and ``reduce_range`` (7-bit weights) as in
+    ``quantize_static`` (the defaults are what ``int8-static`` exports; the others are for the benchmark)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     if not calibration:
         raise ValueError("int8-static needs at least one calibration batch")
@@ -193,6 +196,7 @@ def to_int8_static(model: onnx.ModelProto, calibration: list[dict[str, np.ndarra
               ([n.name for n in dense if len(inits[n.input[1]].dims) > 2], False)] if per_channel \
         else [([n.name for n in dense], False)]
     fmt = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[quant_format]
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -210,7 +214,8 @@ def to_int8_static(model: onnx.ModelProto, calibration: list[dict[str, np.ndarra
                     out = Path(tmp) / f"int8_static_{k}.onnx"
                     quantize_static(path, out, Reader(), quant_format=fmt, op_types_to_quantize=["MatMul", "Gemm"],
                                     nodes_to_quantize=names, nodes_to_exclude=sorted(pre), per_channel=channel,
-                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                    reduce_range=reduce_range, activation_type=types[activation_type],
+                                    weight_type=types[weight_type],
                                     calibration_providers=["CPUExecutionProvider"])
                     path = out
         finally:
