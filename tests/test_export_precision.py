@@ -63,6 +63,10 @@ def test_low_precision_export_scores_serves_and_inspects(cli, trained, funnel_di
             "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
     if precision == "int8-static":
         assert "int8-static: activation ranges calibrated on 2,000 rows of" in r.out, r.out
+        # the narrow layers (gates, the heads' logits: fewer than STATIC_MIN_WIDTH outputs) stay fp32 Gemms
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        assert any(n.op_type == "Gemm" and inits.get(n.input[1]) == TensorProto.FLOAT for n in model.graph.node)
+        assert any(n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") for n in model.graph.node)
     r = cli("inspect", out)
     assert r.code == 0 and f"precision {precision}" in r.out.splitlines()[0], r
     r = cli("score", out, funnel_dir / "valid.parquet", "-o", trained / f"s_{precision}.parquet", "--no-progress")
