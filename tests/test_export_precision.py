@@ -122,6 +122,10 @@ def test_int8_export_of_a_run_without_validation_data_says_what_to_pass(cli, tra
     r = cli("export", run, "-o", tmp_path / "s.onnx", "--precision", "int8-static", "--sample", funnel_dir / "valid.parquet")
     assert r.code == 2 and "pass --calibration-data PARQUET" in r.err and "and --sample" not in r.err, r
     assert not (tmp_path / "s.onnx").exists()
+    pq.write_table(pq.read_table(funnel_dir / "valid.parquet").slice(0, 0), tmp_path / "empty.parquet")
+    r = cli("export", run, "-o", tmp_path / "s.onnx", "--precision", "int8-static", "--sample", funnel_dir / "valid.parquet",
+            "--calibration-data", tmp_path / "empty.parquet")
+    assert r.code == 2 and "empty.parquet has no rows; pass --calibration-data PARQUET" in r.err, r
     monkeypatch.setattr(lowp, "QUALITY_BOUND", 0.01)  # a one-epoch toy model (see above)
     r = cli("export", run, "-o", tmp_path / "s.onnx", "--precision", "int8-static", "--sample", funnel_dir / "valid.parquet",
             "--calibration-data", funnel_dir / "train.parquet")

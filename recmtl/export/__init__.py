@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from recmtl.calibration import FUSED_OUTPUT, fuse_expression
 from recmtl.data.parquet import ParquetSource
-from recmtl.errors import ConfigError, RecmtlError
+from recmtl.errors import ConfigError, DataError, RecmtlError
 from recmtl.export.graph import build_onnx
 from recmtl.export.metadata import metadata, model_inputs
 from recmtl.export.parity import PARITY_ATOL, PARITY_RTOL, parity, parity_failures
@@ -102,6 +102,9 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
         from recmtl.serving.score import to_feeds
         cal_spec = calibration_data or run.config.resolve(run.config.data.validation)
         cal = _first_rows(ParquetSource(cal_spec, run.schema.feature_columns), CALIBRATION_ROWS)
+        if not len(cal):
+            raise DataError(f"--precision int8-static: the calibration data {cal_spec} has no rows; pass "
+                            "--calibration-data PARQUET with a few thousand rows")
         feeds = to_feeds(cal, inputs)
         calibration = [{k: v[i:i + 256] for k, v in feeds.items()} for i in range(0, len(cal), 256)]
         if say is not None:
@@ -153,7 +156,7 @@ def _first_rows(source: ParquetSource, rows: int) -> pa.Table:
         n += batch.num_rows
         if n >= rows:
             break
-    return pa.Table.from_batches(batches).slice(0, rows)
+    return pa.Table.from_batches(batches).slice(0, rows) if batches else source.schema.empty_table()
 
 
 __all__ = ["PARITY_ATOL", "PARITY_RTOL", "PRECISIONS", "QUALITY_BOUND", "ExportError",
