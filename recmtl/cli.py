@@ -431,8 +431,11 @@ def export(
         help="A ranking score over the (calibrated) task scores, e.g. 'click^1.0 * conversion^0.5': an extra output "
              "ranking_score (task names, numbers, + - * / ^, parentheses).")] = None,
     precision: Annotated[str, typer.Option(help="fp32 (default), int8 (dynamic int8 dense layers, int8 embedding "
-                                                "tables) or fp16; int8/fp16 are checked against fp32 on labelled "
-                                                "--sample rows.")] = "fp32",
+                                                "tables), int8-static (calibrated on --calibration-data rows) or fp16; "
+                                                "int8/fp16 are checked against fp32 on labelled --sample rows.")] = "fp32",
+    calibration_data: Annotated[Optional[str], typer.Option(
+        help="Parquet rows whose activation ranges calibrate --precision int8-static (default: the validation "
+             "data).")] = None,
     mlflow: Annotated[bool, typer.Option("--mlflow", help="Also log the model with MLflow's ONNX flavour into the run's "
                                                           "MLflow run and register it as --name.")] = False,
 ) -> None:
@@ -440,7 +443,7 @@ def export(
     from recmtl.export import PARITY_ATOL, PARITY_RTOL, QUALITY_BOUND, export_run
     from recmtl.serving.triton import write_triton_repo
     diffs = export_run(run_dir, output, sample, sample_rows, State.plugins, State.disabled, checkpoint, typer.echo,
-                       calibration=calibration, fuse=fuse, precision=precision)
+                       calibration=calibration, fuse=fuse, precision=precision, calibration_data=calibration_data)
     checked = diffs.pop("quality", None)
     typer.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{t}={d['max_abs']:.2e}" for t, d in diffs.items())
                + f" (limit {PARITY_ATOL:g} + {PARITY_RTOL:g} x |score|)")

@@ -1,4 +1,4 @@
-"""``recmtl export --precision int8|fp16`` (issue 21): the converted graph, its quality check against fp32, its
+"""``recmtl export --precision int8|int8-static|fp16`` (issue 21): the converted graph, its quality check against fp32, its
 metadata, and that score, serve, inspect and the Triton repository work on it unchanged."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def trained(funnel_dir, tmp_path_factory):
     return tmp
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp16"])
+@pytest.mark.parametrize("precision", ["int8", "int8-static", "fp16"])
 def test_low_precision_export_scores_serves_and_inspects(cli, trained, funnel_dir, precision, monkeypatch):
     """The plumbing, on a one-epoch toy model: the bound is widened here (a toy model's int8 AUC may move by more
     than 0.001 on 2,000 rows; benchmarks/RESULTS.md has the measured differences of the benchmark model)."""
@@ -52,10 +52,21 @@ def test_low_precision_export_scores_serves_and_inspects(cli, trained, funnel_di
     assert [i.name for i in model.graph.input] == [i.name for i in onnx.load(str(trained / "fp32.onnx")).graph.input]
     assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in model.graph.output)  # outputs stay fp32
     assert out.stat().st_size < (trained / "fp32.onnx").stat().st_size
-    if precision == "int8":
+    if precision.startswith("int8"):
         types = {i.data_type for i in model.graph.initializer}
         assert TensorProto.INT8 in types
-        assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in model.graph.node)
+        quantizing = ("QuantizeLinear", "DequantizeLinear") if precision == "int8-static" else \
+            ("MatMulInteger", "DynamicQuantizeLinear")
+        assert any(n.op_type in quantizing for n in model.graph.node)
+        # the preprocessing (lookups, standardisation) stays fp32 / int64: no quantisation node feeds it
+        assert not {n.op_type for n in model.graph.node if n.name in lowp.preprocessing_nodes(model)} & {
+            "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+    if precision == "int8-static":
+        assert "int8-static: activation ranges calibrated on 2,000 rows of" in r.out, r.out
+        # the narrow layers (gates, the heads' logits: fewer than STATIC_MIN_WIDTH outputs) stay fp32 Gemms
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        assert any(n.op_type == "Gemm" and inits.get(n.input[1]) == TensorProto.FLOAT for n in model.graph.node)
+        assert any(n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") for n in model.graph.node)
     r = cli("inspect", out)
     assert r.code == 0 and f"precision {precision}" in r.out.splitlines()[0], r
     r = cli("score", out, funnel_dir / "valid.parquet", "-o", trained / f"s_{precision}.parquet", "--no-progress")
@@ -79,7 +90,7 @@ def test_low_precision_export_scores_serves_and_inspects(cli, trained, funnel_di
 
 def test_export_precision_bad_input(cli, trained, funnel_dir, tmp_path, monkeypatch):
     r = cli("export", trained / "run", "-o", tmp_path / "m.onnx", "--precision", "int4")
-    assert r.code == 2 and "--precision 'int4': use one of fp32, fp16, int8" in r.err, r
+    assert r.code == 2 and "--precision 'int4': use one of fp32, fp16, int8, int8-static" in r.err, r
     # labelless sample rows: nothing to check quality on
     pq.write_table(pq.read_table(funnel_dir / "valid.parquet").drop_columns(["click", "conversion"]),
                    tmp_path / "nolabels.parquet")
@@ -93,7 +104,7 @@ def test_export_precision_bad_input(cli, trained, funnel_dir, tmp_path, monkeypa
     assert not (tmp_path / "m.onnx").exists() and not list(tmp_path.glob(".m.onnx*"))
 
 
-def test_int8_export_of_a_run_without_validation_data_says_what_to_pass(cli, trained, funnel_dir, tmp_path):
+def test_int8_export_of_a_run_without_validation_data_says_what_to_pass(cli, trained, funnel_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(trained / "run", run)
     config = run / "config.yaml"
@@ -104,6 +115,24 @@ def test_int8_export_of_a_run_without_validation_data_says_what_to_pass(cli, tra
     assert r.code == 2 and "has no data.validation: pass --sample PARQUET" in r.err and "click, conversion" in r.err, r
     r = cli("export", run, "-o", tmp_path / "m.onnx", "--precision", "fp16", "--sample", funnel_dir / "valid.parquet")
     assert r.code == 0, r
+    # int8-static also needs rows to calibrate on: one error naming what to pass
+    r = cli("export", run, "-o", tmp_path / "s.onnx", "--precision", "int8-static")
+    assert r.code == 2 and "has no data.validation to take them from: pass --calibration-data PARQUET" in r.err, r
+    assert "and --sample PARQUET" in r.err and len(r.err.strip().splitlines()) == 1, r
+    r = cli("export", run, "-o", tmp_path / "s.onnx", "--precision", "int8-static", "--sample", funnel_dir / "valid.parquet")
+    assert r.code == 2 and "pass --calibration-data PARQUET" in r.err and "and --sample" not in r.err, r
+    assert not (tmp_path / "s.onnx").exists()
+    pq.write_table(pq.read_table(funnel_dir / "valid.parquet").slice(0, 0), tmp_path / "empty.parquet")
+    r = cli("export", run, "-o", tmp_path / "s.onnx", "--precision", "int8-static", "--sample", funnel_dir / "valid.parquet",
+            "--calibration-data", tmp_path / "empty.parquet")
+    assert r.code == 2 and "empty.parquet has no rows; pass --calibration-data PARQUET" in r.err, r
+    monkeypatch.setattr(lowp, "QUALITY_BOUND", 0.01)  # a one-epoch toy model (see above)
+    r = cli("export", run, "-o", tmp_path / "s.onnx", "--precision", "int8-static", "--sample", funnel_dir / "valid.parquet",
+            "--calibration-data", funnel_dir / "train.parquet")
+    assert r.code == 0 and f"calibrated on 2,048 rows of {funnel_dir / 'train.parquet'}" in r.out, r
+    r = cli("export", run, "-o", tmp_path / "s.onnx", "--precision", "int8", "--calibration-data", funnel_dir / "valid.parquet",
+            "--sample", funnel_dir / "valid.parquet")
+    assert r.code == 2 and "--calibration-data is for --precision int8-static" in r.err, r
 
 
 def test_int8_embedding_tables_have_one_scale_per_row():
@@ -124,7 +153,7 @@ def test_int8_embedding_tables_have_one_scale_per_row():
     row_max = np.abs(w).max(1, keepdims=True)
     assert np.all(np.abs(got - w) <= row_max / 254 * 1.01 + 1e-7)  # half a step of each row's own scale
     assert np.all(got[3] == 0)
-    assert json.dumps(lowp.PRECISIONS) == '["fp32", "fp16", "int8"]'
+    assert json.dumps(lowp.PRECISIONS) == '["fp32", "fp16", "int8", "int8-static"]'
 
 
 @pytest.mark.parametrize("trans_b, beta", [(1, 1.0), (0, 0.5)])

@@ -89,6 +89,28 @@ def test_mlflow_logger_and_export_land_in_tracking_and_registry(cli, tmp_path, f
     assert {o.name for o in loaded.graph.output} >= {"click", "conversion"}
 
 
+def test_resume_continues_the_same_mlflow_run_at_the_next_steps(cli, tmp_path, funnel_dir, server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, train={"batch_size": 2048, "epochs": 1, "progress": False,
+                                                              "log_every": 4},
+                       loggers=[{"name": "mlflow", "experiment": "recmtl-resume", "report": False}])
+    run_dir = tmp_path / "run"
+    assert cli("train", cfg, "--out", run_dir).code == 0
+    run_id = __import__("json").loads((run_dir / "mlflow.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=server)
+    first = [m.step for m in client.get_metric_history(run_id, "step/losses/click")]
+    r = cli("train", cfg, "--out", run_dir, "--resume", "--set", "train.epochs=2")
+    assert r.code == 0, r
+    assert __import__("json").loads((run_dir / "mlflow.json").read_text())["run_id"] == run_id
+    experiment = client.get_experiment_by_name("recmtl-resume")
+    assert [x.info.run_id for x in client.search_runs([experiment.experiment_id])] == [run_id]  # no second run
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "validation/click/auc")] == [1, 2]
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "step/losses/click"))
+    assert steps[:len(first)] == sorted(first) and len(steps) > len(first) and len(set(steps)) == len(steps)
+    assert min(steps[len(first):]) > max(first)  # the second epoch's steps continue after the first's
+
+
 def test_server_down_training_goes_on_with_one_warning(cli, tmp_path, funnel_dir):
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, train={"batch_size": 4096, "epochs": 1, "progress": False,

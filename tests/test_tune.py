@@ -47,6 +47,11 @@ def test_tune_writes_best_config_table_plots_and_resumes(cli, tiny, tmp_path):
     assert best["tower"]["num_experts"] == int(top["params_tower.num_experts"])
     assert best["data"] == yaml.safe_load(cfg.read_text())["data"]  # the base config's data, not the trial's
     assert {p.name for p in (out / "plots").glob("*.png")} >= {"history.png", "parallel_coordinate.png"}
+    if __import__("importlib").util.find_spec("plotly") is not None:  # the interactive plots beside the PNGs
+        html = {p.name for p in (out / "plots").glob("*.html")}
+        assert html >= {"history.html", "parallel_coordinate.html", "slice.html"}, html
+        assert (out / "plots" / "plotly.min.js").is_file()
+        assert 'src="plotly.min.js"' in (out / "plots" / "history.html").read_text()
     assert (out / "trials" / "trial-0000" / "metrics.json").is_file()  # every trial an ordinary run directory
     # resume: the same study, one more trial to reach 3
     r = cli("tune", cfg, "--space", space, "--trials", "3", "--out", out, "--seed", "0")
@@ -77,6 +82,41 @@ def test_two_processes_share_one_journal_study(tiny, tmp_path):
     assert 4 <= len(done) <= 5  # each process stops once the study holds 4; one may finish the trial it had begun
     assert len({t.user_attrs["pid"] for t in done}) == 2, "both processes ran trials"
     assert len({t.number for t in done}) == len(done)
+
+
+def test_a_killed_workers_journal_trial_is_failed_and_retried(cli, tiny, tmp_path):
+    """The journal storage has no heartbeat: a RUNNING trial whose process on this machine is gone is marked FAIL
+    when `recmtl tune` starts and tried again with the same parameters; a live process's trial is left alone."""
+    import socket
+    import subprocess
+    root, cfg = tiny
+    space = write_space(tmp_path / "space.yaml")
+    log = tmp_path / "study.log"
+    args = ["tune", cfg, "--space", space, "--out", tmp_path / "t", "--storage", f"journal:{log}", "--study", "j"]
+    assert cli(*args, "--trials", "1").code == 0
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(log)))
+    study = optuna.load_study(study_name="j", storage=storage)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "120"])
+    try:
+        dists = {"optimizer.lr": optuna.distributions.FloatDistribution(1e-3, 2e-2, log=True),
+                 "tower.num_experts": optuna.distributions.IntDistribution(2, 3)}
+        for pid in (dead.pid, live.pid):  # what a worker killed (or still working) mid-trial leaves
+            trial = study.ask(dists)
+            trial.set_user_attr("pid", pid)
+            trial.set_user_attr("host", socket.gethostname())
+        r = cli(*args, "--trials", "2")
+    finally:
+        live.kill()
+        live.wait()
+    assert r.code == 0, r
+    assert f"trial 1: its process {dead.pid} on this machine is gone" in r.out, r.out
+    trials = optuna.load_study(study_name="j", storage=storage).trials
+    assert trials[1].state == optuna.trial.TrialState.FAIL and trials[2].state == optuna.trial.TrialState.RUNNING
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == trials[1].params
 
 
 def test_pruning_observer_reports_and_prunes():

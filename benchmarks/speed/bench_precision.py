@@ -8,9 +8,17 @@ dim 16, 13 dense, 4 experts [256, 128], towers [64], batch 2048).
    int8 and fp16 exports of one run, interleaved over ``--rounds`` rounds; medians, ratios to fp32, file sizes.
    The exports (and their quality check: |ΔAUC| against fp32 on held-out rows) are made by ``recmtl export
    --precision``.
+3. ``quant``: the int8 variants side by side (issue 21's speed target): fp32, dynamic int8 (``--precision int8``)
+   and static int8 (``recmtl.export.precision.to_int8_static``: QDQ and QOperator format, per tensor and per
+   channel, u8/s8 activations, ``reduce_range``), each with onnxruntime's graph optimisation ``all`` and for
+   fp32 / QDQ also ``basic``. Per variant: the quality check of ``recmtl export`` (|ΔAUC| on ``--sample``),
+   the file size, the in-graph rows/s (``session.run`` on 8 batches of 1,024 pre-converted rows, ``--threads``
+   threads, rounds interleaved, medians and per-round ratios), the kernels onnxruntime runs most, and the
+   ``recmtl score`` rows/s (subprocess) of ``--score-variants`` on ``--data``.
 
     python benchmarks/speed/bench_precision.py train --rows 20000 --rounds 3 [--work-dir DIR]
     python benchmarks/speed/bench_precision.py score --run RUN --data FILE.parquet --sample FILE.parquet --rounds 3
+    python benchmarks/speed/bench_precision.py quant --run RUN --data FILE.parquet --sample FILE.parquet --rounds 7
 """
 from __future__ import annotations
 
@@ -98,9 +106,133 @@ def bench_score(run: Path, data: str, sample: str, rounds: int, threads: int, wo
             "size_ratio_fp32_over": {k: sizes["fp32"] / v for k, v in sizes.items()}, "export_lines": quality}
 
 
+QUANT_VARIANTS = {  # name: (precision, to_int8_static keywords, onnxruntime graph optimisation)
+    "fp32": ("fp32", {}, "all"), "fp32@basic": ("fp32", {}, "basic"),
+    "int8-dynamic": ("int8", {}, "all"),
+    "static-qdq": ("int8-static", {}, "all"), "static-qdq@basic": ("int8-static", {}, "basic"),
+    "static-qdq-per-channel": ("int8-static", {"per_channel": True}, "all"),
+    "static-qdq-s8s8": ("int8-static", {"activation_type": "int8"}, "all"),
+    "static-qdq-reduce-range": ("int8-static", {"reduce_range": True}, "all"),
+    "static-qoperator": ("int8-static", {"quant_format": "qoperator"}, "all"),
+}
+
+
+def bench_quant(run_dir: Path, data: str, sample: str, rounds: int, threads: int, work: Path,
+                score_variants: list[str], score_rows: int) -> dict:
+    import collections
+    import os
+
+    import onnx
+    import onnxruntime as ort
+    import pyarrow.parquet as pq
+
+    from recmtl.export import precision as lowp
+    from recmtl.serving.score import Scorer, to_feeds
+    from recmtl.training.evaluate import load_run
+    fp32 = work / "fp32.onnx"
+    if not fp32.is_file():
+        subprocess.run([RECMTL, "export", str(run_dir), "-o", str(fp32), "--sample", sample], check=True,
+                       capture_output=True)
+    run = load_run(run_dir)
+    base = onnx.load(str(fp32))
+    scorer = Scorer(fp32)
+    cal = pq.read_table(run.config.resolve(run.config.data.validation), columns=run.schema.feature_columns)
+    feeds = to_feeds(cal.slice(0, lowp.CALIBRATION_ROWS), scorer.inputs)
+    calibration = [{k: v[i:i + 256] for k, v in feeds.items()} for i in range(0, lowp.CALIBRATION_ROWS, 256)]
+    held_out = pq.read_table(sample)
+    files, quality, sizes = {}, {}, {}
+    for name, (precision, kw, _) in QUANT_VARIANTS.items():
+        path = work / f"{name.split('@')[0]}.onnx"
+        if not path.is_file():
+            model = lowp.to_int8_static(base, calibration, **kw) if precision == "int8-static" else \
+                lowp.convert(base, precision)
+            onnx.save_model(model, str(path))
+        files[name], sizes[name] = path, path.stat().st_size
+        if precision != "fp32" and name not in quality:
+            quality[name] = {t: {k: q[k] for k in ("metric", "fp32", "value", "delta", "max_abs")}
+                             for t, q in lowp.quality(run, fp32, path, held_out).items()}
+    timing = to_feeds(held_out.slice(0, 8192), scorer.inputs)
+    chunks = [{k: v[i:i + 1024] for k, v in timing.items()} for i in range(0, 8192, 1024)]
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+    sessions, kernels = {}, {}
+    for name, (_, _, level) in QUANT_VARIANTS.items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.graph_optimization_level = levels[level]
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        prof = ort.SessionOptions()  # a second, profiled session for the table of kernels
+        prof.intra_op_num_threads, prof.inter_op_num_threads = threads, 1
+        prof.graph_optimization_level = levels[level]
+        prof.enable_profiling, prof.profile_file_prefix = True, str(work / f"profile_{name}")
+        prof.log_severity_level = 3
+        sessions[name] = ort.InferenceSession(str(files[name]), opts, providers=["CPUExecutionProvider"])
+        profiled = ort.InferenceSession(str(files[name]), prof, providers=["CPUExecutionProvider"])
+        for c in chunks:
+            profiled.run(scorer.tasks, c)
+        trace = profiled.end_profiling()
+        by: collections.Counter = collections.Counter()
+        for event in json.loads(Path(trace).read_text()):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                by[event["args"]["op_name"]] += event["dur"]
+        os.remove(trace)
+        kernels[name] = {"total_ms": sum(by.values()) / 1000,
+                         "top": {k: round(v / 1000, 1) for k, v in by.most_common(5)}}
+    graph: dict[str, list[float]] = {k: [] for k in sessions}
+    graph_cpu: dict[str, list[float]] = {k: [] for k in sessions}  # rows per CPU second: less hit by neighbours
+    ratio: dict[str, list[float]] = {k: [] for k in sessions}
+    for r in range(rounds):
+        for name, sess in sessions.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            for c in chunks:
+                sess.run(scorer.tasks, c)
+            graph[name].append(8192 / (time.perf_counter() - t0))
+            graph_cpu[name].append(8192 / (time.process_time() - c0))
+        for name in sessions:
+            ratio[name].append(graph[name][-1] / graph["fp32"][-1])
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in graph.items()), file=sys.stderr, flush=True)
+    rows_file = work / "score_input.parquet"
+    if not rows_file.is_file():
+        pq.write_table(pq.read_table(data).slice(0, score_rows), rows_file)
+    n = pq.ParquetFile(rows_file).metadata.num_rows
+    import resource
+    score: dict[str, list[float]] = {k: [] for k in score_variants}
+    score_cpu: dict[str, list[float]] = {k: [] for k in score_variants}
+    score_ratio: dict[str, list[float]] = {k: [] for k in score_variants}
+
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+    for r in range(rounds):
+        for name in score_variants:
+            t0, c0 = time.perf_counter(), children_cpu()
+            subprocess.run([RECMTL, "score", str(files[name]), str(rows_file), "-o", str(work / "scores.parquet"),
+                            "--no-progress", "--threads", str(threads)], check=True, capture_output=True)
+            score[name].append(n / (time.perf_counter() - t0))
+            score_cpu[name].append(n / (children_cpu() - c0))
+        for name in score_variants:
+            score_ratio[name].append(score[name][-1] / score[score_variants[0]][-1])
+        print(f"score round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in score.items()), file=sys.stderr,
+              flush=True)
+    med = {k: statistics.median(v) for k, v in graph.items()}
+    smed = {k: statistics.median(v) for k, v in score.items()}
+    cmed = {k: statistics.median(v) for k, v in graph_cpu.items()}
+    scmed = {k: statistics.median(v) for k, v in score_cpu.items()}
+    return {"threads": threads, "rounds": rounds, "onnxruntime": ort.__version__, "bytes": sizes, "quality": quality,
+            "graph_rows_per_s": graph, "graph_median": med,
+            "graph_median_over_fp32": {k: v / med["fp32"] for k, v in med.items()},
+            "graph_median_round_ratio": {k: statistics.median(v) for k, v in ratio.items()}, "kernels": kernels,
+            "graph_rows_per_cpu_s": graph_cpu, "graph_cpu_median_over_fp32": {k: v / cmed["fp32"] for k, v in cmed.items()},
+            "score_rows": n, "score_rows_per_s": score, "score_median": smed,
+            "score_median_over_first": {k: v / smed[score_variants[0]] for k, v in smed.items()},
+            "score_median_round_ratio": {k: statistics.median(v) for k, v in score_ratio.items()},
+            "score_rows_per_cpu_s": score_cpu,
+            "score_cpu_median_over_first": {k: v / scmed[score_variants[0]] for k, v in scmed.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["train", "score"])
+    ap.add_argument("what", choices=["train", "score", "quant"])
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--run", type=Path)
@@ -109,12 +241,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work-dir", type=Path)
     ap.add_argument("--reuse", action="store_true", help="score: keep the models already in --work-dir")
+    ap.add_argument("--score-variants", default="fp32,int8-dynamic,static-qdq,static-qoperator",
+                    help="quant: the variants `recmtl score` runs (the first is the reference)")
+    ap.add_argument("--score-rows", type=int, default=60_000, help="quant: rows of --data `recmtl score` reads")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if args.what == "train":
             result = bench_train(args.rows, args.rounds, work)
+        elif args.what == "quant":
+            result = bench_quant(args.run, args.data, args.sample, args.rounds, args.threads, work,
+                                 args.score_variants.split(","), args.score_rows)
         else:
             result = bench_score(args.run, args.data, args.sample, args.rounds, args.threads, work, args.reuse)
     print(json.dumps(result, indent=2))

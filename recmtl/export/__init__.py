@@ -14,7 +14,8 @@ corrected to the full base rate inside the graph, and a calibrator ``recmtl cali
 (metadata ``recmtl.calibration``); ``fuse`` adds the output ``ranking_score`` computed from the final task scores. The recmtl
 schema, task names, versions and the precision (``recmtl.precision``) are in ``metadata_props``. Export checks
 parity against PyTorch on sample rows and writes nothing when it fails; ``precision`` int8 or fp16 converts the
-checked fp32 graph (``recmtl.export.precision``) and checks its quality on labelled sample rows instead.
+checked fp32 graph (``recmtl.export.precision``) and checks its quality on labelled sample rows instead;
+``int8-static`` calibrates on ``calibration_data`` (default: the validation data).
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ import pyarrow as pa
 
 from recmtl.calibration import FUSED_OUTPUT, fuse_expression
 from recmtl.data.parquet import ParquetSource
-from recmtl.errors import ConfigError, RecmtlError
+from recmtl.errors import ConfigError, DataError, RecmtlError
 from recmtl.export.graph import build_onnx
 from recmtl.export.metadata import metadata, model_inputs
 from recmtl.export.parity import PARITY_ATOL, PARITY_RTOL, parity, parity_failures
-from recmtl.export.precision import PRECISIONS, QUALITY_BOUND, convert, quality
+from recmtl.export.precision import CALIBRATION_ROWS, PRECISIONS, QUALITY_BOUND, convert, quality
 from recmtl.files import atomic_path
 from recmtl.training.evaluate import PER_TASK, load_run
 
@@ -44,15 +45,27 @@ class ExportError(RecmtlError):
 def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None = None, sample_rows: int = 4096,
                plugins: list[str] = (), disabled: list[str] = (), checkpoint: str = PER_TASK,
                say: Callable[[str], None] | None = None, calibration: bool = True,
-               fuse: str | None = None, precision: str = "fp32") -> dict[str, dict[str, float]]:
+               fuse: str | None = None, precision: str = "fp32",
+               calibration_data: str | None = None) -> dict[str, dict[str, float]]:
     """Write ``output`` atomically after the parity check; returns its per-task differences (``parity``), and for
     ``precision`` int8 / fp16 under ``"quality"`` the per-task quality check (``recmtl.export.precision.quality``).
     ``checkpoint`` as in ``load_run``: by default each task is scored by the model of its own best epoch; when
-    those epochs differ the graph holds one copy of the network per distinct epoch (``say`` is told the cost)."""
+    those epochs differ the graph holds one copy of the network per distinct epoch (``say`` is told the cost).
+    ``calibration_data``: Parquet whose first ``CALIBRATION_ROWS`` rows calibrate an ``int8-static`` export
+    (default: the run's validation data; a run without it must pass this)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision '{precision}': use one of {', '.join(PRECISIONS)}")
     run = load_run(run_dir, list(plugins), list(disabled), checkpoint, calibration)
     low = precision != "fp32"
+    if precision == "int8-static" and calibration_data is None and not run.config.data.validation:
+        need = "--calibration-data PARQUET (feature columns of a few thousand rows like those it will score)"
+        if sample_data is None:
+            need += " and --sample PARQUET (labelled rows for the quality check; it may be the same file)"
+        raise ConfigError(f"--precision int8-static calibrates its activation ranges on sample rows, and the run in "
+                          f"{run_dir} has no data.validation to take them from: pass {need}")
+    if calibration_data is not None and precision != "int8-static":
+        raise ConfigError(f"--calibration-data is for --precision int8-static (not {precision}): drop it or use "
+                          "--precision int8-static")
     if low and sample_data is None and not run.config.data.validation:
         raise ConfigError(f"--precision {precision} checks the converted model's quality on labelled validation rows, "
                           f"and the run in {run_dir} has no data.validation: pass --sample PARQUET with the feature and "
@@ -84,6 +97,18 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
     spec = sample_data or run.config.resolve(run.config.data.validation or run.config.data.train)
     labels = [c for t in run.config.tasks for c in t.label_columns]
     columns = run.schema.feature_columns
+    calibration = None
+    if precision == "int8-static":
+        from recmtl.serving.score import to_feeds
+        cal_spec = calibration_data or run.config.resolve(run.config.data.validation)
+        cal = _first_rows(ParquetSource(cal_spec, run.schema.feature_columns), CALIBRATION_ROWS)
+        if not len(cal):
+            raise DataError(f"--precision int8-static: the calibration data {cal_spec} has no rows; pass "
+                            "--calibration-data PARQUET with a few thousand rows")
+        feeds = to_feeds(cal, inputs)
+        calibration = [{k: v[i:i + 256] for k, v in feeds.items()} for i in range(0, len(cal), 256)]
+        if say is not None:
+            say(f"int8-static: activation ranges calibrated on {len(cal):,} rows of {cal_spec}")
     if low:
         probe = ParquetSource(spec)
         missing = [c for c in labels if c not in probe.schema.names]
@@ -92,14 +117,7 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
                               f"column(s) {', '.join(missing)}: pass --sample PARQUET with the label columns")
         columns = list(dict.fromkeys(columns + labels + ([run.schema.group_column] if run.schema.group_column
                                                          and run.schema.group_column in probe.schema.names else [])))
-    source = ParquetSource(spec, columns)
-    batches, rows = [], 0
-    for batch in source.batches(read_rows=min(sample_rows, 65_536)):
-        batches.append(batch)
-        rows += batch.num_rows
-        if rows >= sample_rows:
-            break
-    sample = pa.Table.from_batches(batches).slice(0, sample_rows)
+    sample = _first_rows(ParquetSource(spec, columns), sample_rows)
     with atomic_path(output) as tmp:
         onnx.save_model(model, str(tmp))
         diffs = parity(run, tmp, sample, fusion)
@@ -109,7 +127,7 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
             raise ExportError(f"ONNX scores differ from PyTorch by more than {PARITY_ATOL:g} + {PARITY_RTOL:g} x |score| "
                               f"on {len(sample)} rows of {spec} ({worst}); no file written")
         if low:
-            converted = convert(model, precision)
+            converted = convert(model, precision, calibration)
             del converted.metadata_props[:]
             for key, value in props.items():
                 entry = converted.metadata_props.add()
@@ -128,6 +146,17 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
                                   "export --precision fp32 (or the other low precision) instead")
             diffs = {**diffs, "quality": checked}
     return diffs
+
+
+def _first_rows(source: ParquetSource, rows: int) -> pa.Table:
+    """The first ``rows`` rows of ``source`` (fewer when it has fewer)."""
+    batches, n = [], 0
+    for batch in source.batches(read_rows=min(rows, 65_536)):
+        batches.append(batch)
+        n += batch.num_rows
+        if n >= rows:
+            break
+    return pa.Table.from_batches(batches).slice(0, rows) if batches else source.schema.empty_table()
 
 
 __all__ = ["PARITY_ATOL", "PARITY_RTOL", "PRECISIONS", "QUALITY_BOUND", "ExportError",

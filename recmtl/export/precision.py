@@ -1,4 +1,4 @@
-"""Low-precision exports (``recmtl export --precision int8|fp16``) and their quality check.
+"""Low-precision exports (``recmtl export --precision int8|int8-static|fp16``) and their quality check.
 
 ``int8``: the dense layers (``MatMul``, and ``Gemm`` rewritten as ``MatMul`` + ``Add``) are quantised dynamically
 with onnxruntime's quantisation tools (``onnxruntime.quantization.quantize_dynamic``: int8 weights, per output
@@ -6,8 +6,14 @@ channel for matrices and per tensor for batched weights such as the MMoE experts
 call, so no calibration set is needed and each batch gets its own activation range); the embedding tables
 (``Gather`` on a 2-D float initializer) become int8 with one fp16 scale per row (symmetric,
 ``scale = max |row| / 127``), dequantised in the graph right after the lookup (``Gather`` -> ``Cast`` -> ``Mul`` by
-the gathered row scales). ``fp16``: the network's weights and arithmetic in float16
-(``onnxruntime.transformers.float16``), the preprocessing nodes, inputs and outputs kept float32.
+the gathered row scales). ``int8-static``: the same embedding tables, and the network's wide dense layers
+(``MatMul`` / ``Gemm`` with at least ``STATIC_MIN_WIDTH`` outputs: the experts and towers; the gates and the heads'
+logit layers stay fp32) quantised statically (``onnxruntime.quantization.quantize_static``, QDQ format, uint8
+activations, int8 weights per tensor, ``Gemm`` kept so onnxruntime fuses it into ``QGemm`` at load): each
+activation's fixed range comes from a MinMax calibration on ``CALIBRATION_ROWS`` sample rows, fed as raw inputs
+so the preprocessing runs as in serving; the preprocessing nodes are excluded and stay fp32/int64.
+``fp16``: the network's weights and arithmetic in float16 (``onnxruntime.transformers.float16``), the
+preprocessing nodes, inputs and outputs kept float32.
 
 The parity check of an fp32 export becomes a quality check: on labelled sample rows (the validation data by
 default) the low-precision scores are compared with the fp32 graph's (which passed parity against PyTorch):
@@ -31,7 +37,11 @@ from recmtl.export.graph import core_input
 from recmtl.serving.score import Scorer
 from recmtl.training.evaluate import LoadedRun, Predictions
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
+#: rows of the calibration data whose activation ranges fix the int8-static model's quantisation parameters
+CALIBRATION_ROWS = 2048
+#: int8-static quantises dense layers with at least this many outputs (narrower ones: gates, logits stay fp32)
+STATIC_MIN_WIDTH = 16
 #: the largest metric change a low-precision export may show against the fp32 graph on the sample rows
 QUALITY_BOUND = 0.001
 #: metrics bounded in [0, 1]: compared by absolute difference (others relative to the fp32 value)
@@ -155,6 +165,68 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     return quantized
 
 
+def _output_width(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
+    """Output features of a ``MatMul`` / ``Gemm`` whose weight ``inits`` holds (0 for another weight)."""
+    weight = inits.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or not weight.dims:
+        return 0
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+    return int(weight.dims[0] if node.op_type == "Gemm" and trans_b else weight.dims[-1])
+
+
+def to_int8_static(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]],
+                   quant_format: str = "qdq", per_channel: bool = False, activation_type: str = "uint8",
+                   weight_type: str = "int8", reduce_range: bool = False) -> onnx.ModelProto:
+    """Statically quantised int8 dense layers (``STATIC_MIN_WIDTH`` outputs or more, outside the preprocessing)
+    calibrated on ``calibration`` (raw-input feeds of the fp32 ``model``, one dict per batch) and int8
+    embedding tables (per-row scales). ``quant_format``: ``qdq`` (QuantizeLinear/DequantizeLinear pairs that
+    onnxruntime fuses at load) or ``qoperator`` (``QGemm`` / ``QLinearMatMul`` in the file); ``per_channel``
+    applies to 2-D weights only (onnxruntime's QLinearMatMul takes one zero point per batched weight);
+    ``activation_type`` / ``weight_type`` ``uint8`` or ``int8`` and ``reduce_range`` (7-bit weights) as in
+    ``quantize_static`` (the defaults are what ``int8-static`` exports; the others are for the benchmark)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    if not calibration:
+        raise ValueError("int8-static needs at least one calibration batch")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    pre = preprocessing_nodes(model)  # also names unnamed nodes
+    inits = {i.name: i for i in model.graph.initializer}
+    dense = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in pre
+             and _output_width(n, inits) >= STATIC_MIN_WIDTH]
+    passes = [([n.name for n in dense if len(inits[n.input[1]].dims) == 2], True),
+              ([n.name for n in dense if len(inits[n.input[1]].dims) > 2], False)] if per_channel \
+        else [([n.name for n in dense], False)]
+    fmt = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[quant_format]
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fp32.onnx"
+        onnx.save_model(model, str(path))
+        logging.disable(logging.WARNING)  # its advice to run its pre-processing first (shape inference)
+        try:
+            for k, (names, channel) in enumerate(passes):
+                if names:
+                    out = Path(tmp) / f"int8_static_{k}.onnx"
+                    quantize_static(path, out, Reader(), quant_format=fmt, op_types_to_quantize=["MatMul", "Gemm"],
+                                    nodes_to_quantize=names, nodes_to_exclude=sorted(pre), per_channel=channel,
+                                    reduce_range=reduce_range, activation_type=types[activation_type],
+                                    weight_type=types[weight_type],
+                                    calibration_providers=["CPUExecutionProvider"])
+                    path = out
+        finally:
+            logging.disable(logging.NOTSET)
+        quantized = onnx.load(str(path))
+    quantize_embeddings(quantized)
+    _restore_opsets(quantized, model)
+    onnx.checker.check_model(quantized)
+    return quantized
+
+
 def core_tensors(model: onnx.ModelProto) -> list[str]:
     """The tensors between preprocessing and the network (``core_input`` of each feature kind the graph has)."""
     pattern = core_input("KIND").split("KIND")
@@ -263,8 +335,11 @@ def _restore_opsets(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
             model.opset_import.append(helper.make_opsetid(o.domain, o.version))
 
 
-def convert(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
-    """The fp32 export ``model`` in ``precision`` (``fp32``: unchanged)."""
+def convert(model: onnx.ModelProto, precision: str,
+            calibration: list[dict[str, np.ndarray]] | None = None) -> onnx.ModelProto:
+    """The fp32 export ``model`` in ``precision`` (``fp32``: unchanged; ``int8-static`` needs ``calibration``)."""
+    if precision == "int8-static":
+        return to_int8_static(model, calibration or [])
     if precision == "int8":
         return to_int8(model)
     if precision == "fp16":

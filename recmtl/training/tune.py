@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -293,6 +294,43 @@ def open_storage(url: str, optuna: Any) -> Any:
                           "sqlite:///study.db or postgresql://user@host/db, or journal:PATH") from None
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine exists (a zombie counts as alive; pid reuse is not detected)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def fail_dead_trials(study: Any, storage: Any, optuna: Any, echo: Any) -> list[int]:
+    """Optuna's ``JournalStorage`` has no heartbeat, so the trial of a killed worker would stay RUNNING for ever:
+    each RUNNING trial whose worker (user attrs ``host`` and ``pid``) ran on this machine and no longer exists is
+    marked FAIL and queued again with the same parameters (``RetryHeartbeatStaleTrialCallback``, once, as the RDB
+    storages' heartbeat does). Trials of workers on other machines cannot be checked and are left as they are.
+    Returns the numbers of the trials failed here."""
+    if not isinstance(storage, optuna.storages.JournalStorage):
+        return []  # the RDB storages fail stale trials themselves (heartbeat_interval / grace_period)
+    retry_class = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback
+    retry, host, failed = retry_class(max_retry=1), socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        pid = trial.user_attrs.get("pid")
+        if trial.user_attrs.get("host") != host or not isinstance(pid, int) or pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        except Exception:  # another process finished or failed it meanwhile
+            continue
+        retry(study, storage.get_trial(trial._trial_id))
+        failed.append(trial.number)
+        echo(f"trial {trial.number}: its process {pid} on this machine is gone (the journal storage has no "
+             "heartbeat); marked failed and queued again with the same parameters")
+    return failed
+
+
 def open_study(storage: Any, name: str, direction: str, pruner: str, seed: int | None, mark: str, url: str,
                optuna: Any) -> Any:
     """Create or load the study; one created with another space or metric is refused."""
@@ -362,8 +400,10 @@ def tune(opts: TuneOptions, echo: Any = print) -> dict[str, Any] | None:
     name = opts.study or opts.config.stem
     worker = int(os.environ.get(WORKER_ENV, "0"))
     seed = None if opts.seed is None else opts.seed + worker
-    study = open_study(open_storage(url, optuna), name, direction, opts.pruner, seed,
-                       fingerprint(space_raw, opts.metric), url, optuna)
+    storage = open_storage(url, optuna)
+    study = open_study(storage, name, direction, opts.pruner, seed, fingerprint(space_raw, opts.metric), url, optuna)
+    if not worker:
+        fail_dead_trials(study, storage, optuna, echo)
     children = []
     if not worker:
         for i in range(1, opts.workers):  # Optuna's distributed mode: K processes on one study
@@ -430,6 +470,7 @@ def _objective(raw: dict[str, Any], space: list[Param], registry: Registry, base
         run_dir = opts.out / "trials" / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", socket.gethostname())
         pruning = Pruning(trial, opts.metric, optuna)
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir.parent / f"trial-{trial.number:04d}.log", "w") as log, contextlib.redirect_stderr(log):
@@ -513,7 +554,8 @@ def _short(value: Any) -> str:
 
 
 def write_plots(study: Any, folder: Path, echo: Any) -> list[str]:
-    """Optuna's optimisation history, parameter importances and parallel coordinates as PNGs (matplotlib)."""
+    """Optuna's optimisation history, parameter importances and parallel coordinates as PNGs (matplotlib), and
+    the interactive HTML plots (``write_html_plots``)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -541,5 +583,29 @@ def write_plots(study: Any, folder: Path, echo: Any) -> list[str]:
             written.append(str(path))
         except Exception as exc:  # e.g. importances need two completed trials with varying parameters
             echo(f"no {name} plot: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return written + write_html_plots(study, folder, echo)
+
+
+def write_html_plots(study: Any, folder: Path, echo: Any) -> list[str]:
+    """Optuna's interactive plots (plotly): ``history``, ``importances``, ``parallel_coordinate`` and ``slice`` as
+    HTML sharing one ``plotly.min.js`` in ``folder`` (viewable offline)."""
+    try:
+        import plotly  # noqa: F401
+        from optuna import visualization as vis
+    except ImportError:
+        echo("no HTML plots: plotly is not installed (pip install 'recmtl[tune]')")
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, plot in [("history", vis.plot_optimization_history), ("importances", vis.plot_param_importances),
+                       ("parallel_coordinate", vis.plot_parallel_coordinate), ("slice", vis.plot_slice)]:
+        try:
+            fig = plot(study)
+            path = folder / f"{name}.html"
+            with atomic_path(path) as tmp:
+                fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)
+            written.append(str(path))
+        except Exception as exc:  # e.g. importances need two completed trials with varying parameters
+            echo(f"no {name} HTML plot: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     return written
 

@@ -146,6 +146,8 @@ class MLflowLogger(Logger):
             params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
+        else:  # --resume: the same run goes on (params stay as logged; metrics continue at the next steps)
+            self.client.update_run(self.run_id, status="RUNNING")
 
     def _op_metrics(self, rows: list[tuple[str, float, int, int]]) -> None:
         from mlflow.entities import Metric
