@@ -328,11 +328,12 @@ class Fusion:
         return np.broadcast_to(ev(self.tree), np.shape(next(iter(scores.values())))).astype(np.float64)
 
 
-def fuse_expression(text: str, tasks: Iterable[str]) -> Fusion:
-    """Parse ``text`` (``^`` is a power, as ``**``) over the task names ``tasks``; ConfigError for a syntax error, an
-    unknown name or anything but numbers, names, ``+ - * / ^`` and parentheses."""
+def fuse_expression(text: str, tasks: Iterable[str], where: str = "--fuse") -> Fusion:
+    """Parse ``text`` (``^`` is a power, as ``**``) over the task names ``tasks``; ConfigError (naming ``where``, the
+    option or config key) for a syntax error, an unknown name or anything but numbers, names, ``+ - * / ^`` and
+    parentheses."""
     tasks = list(tasks)
-    where = f"--fuse {text!r}"
+    where = f"{where} {text!r}"
     try:
         tree = ast.parse(text.replace("^", "**").strip(), mode="eval").body
     except SyntaxError as exc:

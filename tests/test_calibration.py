@@ -312,3 +312,24 @@ def test_calibrate_isotonic_score_equals_evaluate_on_every_row(cli, calib_run, f
     scored, evaluated = pq.read_table(tmp_path / "s.parquet"), pq.read_table(tmp_path / "p.parquet")
     for t in ("click", "conversion"):
         assert np.abs(scored[t].to_numpy().astype(np.float64) - evaluated[t].to_numpy()).max() <= 1e-6, t
+
+
+def test_fusion_from_the_config(cli, calib_run, funnel_dir, tmp_path):
+    cfg = write_config(tmp_path / "bad.yaml", tmp_path / "no-such-data", export={"fuse": "click * nope"})
+    r = cli("train", cfg, "--out", tmp_path / "r")  # refused before any data is read (the data does not exist)
+    assert r.code == 2 and "export.fuse 'click * nope' names 'nope'" in r.err and "Traceback" not in r.err, r
+    run = tmp_path / "run"
+    shutil.copytree(calib_run, run)
+    (run / "calibrator.json").unlink(missing_ok=True)
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw["export"] = {"fuse": "click^1.0 * conversion^0.5"}
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert cli("export", run, "-o", tmp_path / "m.onnx").code == 0
+    outputs = [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output]
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert FUSED_OUTPUT in outputs and json.loads(meta["recmtl.calibration"])["fusion"] == "click^1.0 * conversion^0.5"
+    assert cli("export", run, "-o", tmp_path / "n.onnx", "--fuse", "").code == 0  # '': none
+    assert FUSED_OUTPUT not in [o.name for o in onnx.load(str(tmp_path / "n.onnx")).graph.output]
+    assert cli("export", run, "-o", tmp_path / "o.onnx", "--fuse", "click").code == 0  # --fuse wins
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "o.onnx")).metadata_props}
+    assert json.loads(meta["recmtl.calibration"])["fusion"] == "click"
