@@ -475,6 +475,30 @@ def fusion_nodes(g: _Graph, fusion: Fusion, out: str) -> None:
         g.node("Identity", [result], [out])
 
 
+def precise_sigmoids(graph: onnx.GraphProto) -> int:
+    """Replace every ``Sigmoid`` node of ``graph`` by ``1 / (1 + exp(-x))`` (in place, same position; returns the
+    count): onnxruntime's float32 ``Sigmoid`` is an approximation whose relative error passes 30 % below x = -15, which
+    an esmm head's pCTCVR (a product of sigmoids) and its calibrator's logit would inherit; ``Exp`` is exact to float32
+    rounding there, as PyTorch's ``sigmoid``."""
+    nodes = list(graph.node)
+    if not any(n.op_type == "Sigmoid" and n.domain in ("", "ai.onnx") for n in nodes):
+        return 0
+    graph.initializer.append(numpy_helper.from_array(np.array(1, np.float32), "recmtl_sigmoid_one"))
+    out, count = [], 0
+    for n in nodes:
+        if n.op_type != "Sigmoid" or n.domain not in ("", "ai.onnx"):
+            out.append(n)
+            continue
+        count += 1
+        x, y, base = n.input[0], n.output[0], f"recmtl_sigmoid_{count}"
+        out += [helper.make_node("Neg", [x], [f"{base}_neg"]), helper.make_node("Exp", [f"{base}_neg"], [f"{base}_exp"]),
+                helper.make_node("Add", ["recmtl_sigmoid_one", f"{base}_exp"], [f"{base}_den"]),
+                helper.make_node("Reciprocal", [f"{base}_den"], [y])]
+    del graph.node[:]
+    graph.node.extend(out)
+    return count
+
+
 def build_onnx(run: LoadedRun, fusion: Fusion | None = None) -> onnx.ModelProto:
     """Export the torch model on preprocessed tensors, then put the preprocessing graph in front and the score map
     (``run.scores``: downsampling corrections, calibrators) and the optional ``fusion`` output behind."""
@@ -496,6 +520,7 @@ def build_onnx(run: LoadedRun, fusion: Fusion | None = None) -> onnx.ModelProto:
     pre = preprocessing(run.schema)
     nodes, inits, raw_inputs, uses_ms = pre.nodes, pre.inits, pre.inputs, pre.uses_ms
     graph = core.graph
+    precise_sigmoids(graph)
     kept_inputs = [i for i in graph.input if i.name not in {core_input(k) for k in kinds}]
     del graph.input[:]
     graph.input.extend(raw_inputs + kept_inputs)
