@@ -346,3 +346,15 @@ def test_precise_sigmoids_keep_the_tails():
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
     want = 1 / (1 + np.exp(-x.astype(np.float64)))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)  # onnxruntime's Sigmoid: 6x off at -17.9
+
+
+def test_downsampled_task_loss_is_the_corrected_log_loss():
+    from recmtl.training.evaluate import Predictions, map_scores
+    y, s, _ = _miscalibrated(5000, seed=5)
+    z = logit(s).astype(np.float32)
+    pred = Predictions({"click": s.astype(np.float32)}, y.reshape(-1, 1).astype(np.float32), np.ones((len(y), 1), bool),
+                       None, {"click": 9.9}, {"click": (0, 1, True)}, {"click": z})
+    map_scores(pred, ScoreMap({"click": 0.2}, logit_tasks={"click"}))
+    q = correct_downsampling(s, 0.2)
+    assert pred.losses["click"] == pytest.approx(log_loss(y, q), rel=1e-5)
+    np.testing.assert_allclose(pred.scores["click"], q, rtol=1e-5)
