@@ -429,7 +429,8 @@ def export(
     calibration: Annotated[bool, typer.Option(help=CALIBRATION_HELP)] = True,
     fuse: Annotated[Optional[str], typer.Option(
         help="A ranking score over the (calibrated) task scores, e.g. 'click^1.0 * conversion^0.5': an extra output "
-             "ranking_score (task names, numbers, + - * / ^, parentheses).")] = None,
+             "ranking_score (task names, numbers, + - * / ^, parentheses); default: the config's export.fuse; '' for "
+             "none.")] = None,
     precision: Annotated[str, typer.Option(help="fp32 (default), int8 (dynamic int8 dense layers, int8 embedding "
                                                 "tables), int8-static (calibrated on --calibration-data rows) or fp16; "
                                                 "int8/fp16 are checked against fp32 on labelled --sample rows.")] = "fp32",

@@ -266,6 +266,12 @@ class EvaluationConfig(_Strict):
     group_column: str | None = None
 
 
+class ExportConfig(_Strict):
+    """``fuse``: the ranking score ``recmtl export`` adds when ``--fuse`` is not given (``recmtl.calibration``)."""
+
+    fuse: str | None = None
+
+
 class FeatureGatesConfig(_Strict):
     """Per-task field gates: each task scales every field of its input by its own learned ``2·sigmoid(a)`` (1 at the
     start), with an L1 penalty ``sparsity * sum(gates)`` added to the training loss."""
@@ -288,6 +294,7 @@ class Config(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     # experiment loggers (plugins of kind logger): names, or {name: mlflow, tracking_uri: ...} with parameters
     loggers: list[str | ComponentConfig] = Field(default_factory=list)
 
@@ -317,6 +324,14 @@ class Config(_Strict):
                         f"column '{label}' is the label of task '{task.name}' and also a feature: "
                         "a model would read its own answer; remove it from features"
                     )
+        if self.export.fuse is not None:  # checked here, before any data is read; export checks it again per head
+            from recmtl.calibration import fuse_expression
+            from recmtl.errors import ConfigError
+            scalar = [t.name for t in self.tasks if t.head not in ("multiclass", "multilabel")]
+            try:
+                fuse_expression(self.export.fuse, scalar, where="export.fuse")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     # where relative data paths are resolved

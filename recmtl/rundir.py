@@ -230,6 +230,19 @@ class RunDir:
             return None
         return epochs
 
+    def checkpoint_digest(self, name: str) -> str:
+        """The SHA-256 of checkpoint ``name``: the one written with it, or computed for files from before checksums
+        (what binds ``calibrator.json`` to the state it was fitted on)."""
+        path = self.require(name, "the run has not finished an epoch")
+        size = path.stat().st_size
+        if size > _TRAILER:
+            with open(path, "rb") as fh:
+                fh.seek(size - _TRAILER)
+                trailer = fh.read(_TRAILER)
+            if trailer.startswith(CHECKSUM_MAGIC):
+                return trailer[len(CHECKSUM_MAGIC):].decode("ascii", "replace")
+        return _sha256(path, size)
+
     def load_checkpoint(self, name: str) -> dict[str, Any]:
         """A checkpoint's state dict, on the CPU, after checking its SHA-256 (files written before checksums are
         loaded unchecked). Only tensors and plain data are unpickled (``weights_only=True``): a crafted file

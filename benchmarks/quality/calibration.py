@@ -8,7 +8,8 @@ without the correction; export the calibrated models and check that ``recmtl sco
 ``evaluate``'s calibrated scores; scoring rows/s of the exported model without and with each calibrator.
 
 Usage: python benchmarks/quality/calibration.py [--seeds 1,2,3] [--rows 300000] [--work-dir DIR] [--json OUT]
-       [--tag T --epochs N --lr LR --patience P] [--no-calibration] [--no-downsampling] [--no-speed]
+       [--tag T --epochs N --lr LR --patience P --batch-size B --monitor M] [--no-calibration] [--no-downsampling]
+       [--no-speed]
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def recmtl(*args: object, capture: bool = False) -> str:
     return done.stdout if capture else ""
 
 
-#: the training settings (``--epochs``, ``--lr``, ``--patience`` override them) and the weights scored (``--checkpoint``)
-TRAIN = {"epochs": 3, "lr": 0.003, "patience": 1, "checkpoint": "tasks"}
+#: the training settings (``--epochs``, ``--lr``, ``--patience``, ``--batch-size``, ``--monitor`` override them) and the
+#: weights scored (``--checkpoint``)
+TRAIN = {"epochs": 3, "lr": 0.003, "patience": 1, "checkpoint": "tasks", "batch_size": 1024, "monitor": "auto"}
 
 
 def write_config(path: Path, data: Path, train: Path, rate: float = 1.0) -> None:
@@ -57,8 +59,8 @@ def write_config(path: Path, data: Path, train: Path, rate: float = 1.0) -> None
         "encoders": {"categorical": {"name": "embedding", "dim": 16}},
         "tower": {"name": "mmoe", "num_experts": 4, "expert_units": [64], "task_units": [32]},
         "optimizer": {"lr": TRAIN["lr"]},
-        "train": {"batch_size": 1024, "epochs": TRAIN["epochs"], "progress": False, "threads": 1,
-                  "early_stopping": {"patience": TRAIN["patience"]}},
+        "train": {"batch_size": TRAIN["batch_size"], "epochs": TRAIN["epochs"], "progress": False, "threads": 1,
+                  "early_stopping": {"patience": TRAIN["patience"], "monitor": TRAIN["monitor"]}},
     }
     path.write_text(yaml.safe_dump(cfg))
 
@@ -188,8 +190,13 @@ def downsampling_part(seed: int, data: Path, work: Path, tag: str, labels: pa.Ta
     y = labels["click"].to_numpy().astype(float)
     p = corrected["click"].to_numpy().astype(np.float64)
     uncorrected = p / (rate + p * (1 - rate))  # the inverse of the correction: the network's own output
+    keep = (np.random.default_rng(seed + 100).random(len(y)) < rate) | (y == 1)  # the test split sampled as training was
+    history = json.loads((ds_run / "metrics.json").read_text())
     out["downsampling"] = {"rate": rate, "train_rows": pq.read_metadata(sampled).num_rows,
-                           "corrected": figures(y, p), "uncorrected": figures(y, uncorrected)}
+                           "corrected": figures(y, p), "uncorrected": figures(y, uncorrected),
+                           "uncorrected_on_sampled_test_ratio": M.calibration_ratio(y[keep], uncorrected[keep]),
+                           "epochs_run": len(history["history"]),
+                           "click_epoch": (history.get("task_best") or {}).get("click", {}).get("epoch")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=TRAIN["lr"])
     ap.add_argument("--patience", type=int, default=TRAIN["patience"], help="early-stopping patience (0: never stop)")
     ap.add_argument("--checkpoint", default=TRAIN["checkpoint"], help="the weights scored: tasks, best or last")
+    ap.add_argument("--batch-size", type=int, default=TRAIN["batch_size"])
+    ap.add_argument("--monitor", default=TRAIN["monitor"], help="early_stopping.monitor, e.g. click/logloss")
     ap.add_argument("--no-calibration", dest="main_part", action="store_false", help="skip the calibrators")
     ap.add_argument("--no-downsampling", dest="downsampling", action="store_false", help="skip the downsampled run")
     ap.add_argument("--no-speed", dest="speed", action="store_false", help="skip rows/s and serve")
     args = ap.parse_args(argv)
-    TRAIN.update(epochs=args.epochs, lr=args.lr, patience=args.patience, checkpoint=args.checkpoint)
+    TRAIN.update(epochs=args.epochs, lr=args.lr, patience=args.patience, checkpoint=args.checkpoint,
+                 batch_size=args.batch_size, monitor=args.monitor)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="recmtl-calib-"))
     work.mkdir(parents=True, exist_ok=True)
     results = [one_seed(int(s), args.rows, args.rate, work, args.tag, args.main_part, args.downsampling, args.speed)

@@ -72,9 +72,13 @@ def export_run(run_dir: str | Path, output: str | Path, sample_data: str | None 
                           f"label columns ({', '.join(c for t in run.config.tasks for c in t.label_columns)}) of rows "
                           "the model was not trained on")
     scalar = [t for t in run.model.task_names if run.model.heads[t].label_type not in ("class", "multi")]
+    where = "--fuse"
+    if fuse is None and run.config.export.fuse is not None:  # the run's config, when --fuse is not given
+        fuse, where = run.config.export.fuse, "export.fuse"
+    fuse = fuse or None  # --fuse '': no ranking score, whatever the config says
     if fuse is not None and FUSED_OUTPUT in run.model.task_names:
-        raise ConfigError(f"--fuse adds the output '{FUSED_OUTPUT}', which is also a task's name; rename the task")
-    fusion = fuse_expression(fuse, scalar) if fuse is not None else None
+        raise ConfigError(f"{where} adds the output '{FUSED_OUTPUT}', which is also a task's name; rename the task")
+    fusion = fuse_expression(fuse, scalar, where) if fuse is not None else None
     if say is not None and run.scores:
         parts = [f"{t}: negatives kept at {r:g}" for t, r in run.scores.rates.items() if r != 1.0]
         parts += [f"{t}: {c.method} calibrator" for t, c in run.scores.calibrators.items()]

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import recmtl
-from recmtl.calibration import EPS, FUSED_OUTPUT, Fusion, ScoreMap, TaskCalibrator
+from recmtl.calibration import EPS, FUSED_OUTPUT, AttributeCalibrators, Fusion, ScoreMap, TaskCalibrator
 from recmtl.schema import CategoricalColumn, DenseColumn, FittedSchema, ImageColumn, SequenceColumn, TextColumn
 from recmtl.schema.columns import BIGRAM_MULTIPLIER, TEXT_SEPARATOR
 from recmtl.serving.wire import INT_NULL, PAD_INT, PAD_STRING
@@ -30,16 +30,18 @@ ML_OPSET = 2
 
 
 class _Core(nn.Module):
-    """The model on preprocessed tensors, returning one score tensor per task."""
+    """The model on preprocessed tensors, returning one score tensor per task; for the tasks in ``raw`` the head's
+    raw output (a logit, which the score map behind the core acts on) instead."""
 
-    def __init__(self, model: MultiTaskModel, kinds: list[str]) -> None:
+    def __init__(self, model: MultiTaskModel, kinds: list[str], raw: set[str] = frozenset()) -> None:
         super().__init__()
         self.model = model
         self.kinds = kinds
+        self.raw = set(raw)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        scores = self.model.predict(dict(zip(self.kinds, tensors)))
-        return tuple(scores[t] for t in self.model.task_names)
+        outputs, scores = self.model.run(dict(zip(self.kinds, tensors)))
+        return tuple(outputs[t] if t in self.raw else scores[t] for t in self.model.task_names)
 
 
 def core_input(kind: str) -> str:
@@ -367,6 +369,7 @@ def preprocessing(schema: FittedSchema) -> _Graph:
 
 
 def _logit(g: _Graph, p: str, out: str) -> str:
+    """Twin of ``recmtl.calibration.logit``: ``log(p) - log(1 - p)`` of ``p`` clipped to [EPS, 1 - EPS]."""
     g.node("Clip", [p, g.const("post_eps", np.array(EPS, np.float32)), g.const("post_1_eps", np.array(1 - EPS, np.float32))],
            [f"{out}_clipped"])
     g.node("Log", [f"{out}_clipped"], [f"{out}_log_p"])
@@ -376,21 +379,29 @@ def _logit(g: _Graph, p: str, out: str) -> str:
     return out
 
 
-def calibrator_nodes(g: _Graph, cal: TaskCalibrator, p: str, out: str) -> None:
-    """Twin of ``TaskCalibrator.apply``: ``platt`` and ``temperature`` as arithmetic on the logit; ``isotonic`` as the
-    piecewise-linear map through its breakpoints (the segment found by counting the inner breakpoints at or below the
-    score, then ``y_i + slope_i * (clip(p) - x_i)``)."""
+def _sigmoid(g: _Graph, z: str, out: str) -> None:
+    """``1 / (1 + exp(-z))`` with ``Exp``: onnxruntime's float32 ``Sigmoid`` is an approximation (absolute error
+    1.7e-7, relative error above 30 % below z = -15); ``Exp`` keeps the relative precision in the tails."""
+    g.node("Neg", [z], [f"{out}_neg"])
+    g.node("Exp", [f"{out}_neg"], [f"{out}_exp"])
+    g.node("Add", [g.const("post_one", np.array(1, np.float32)), f"{out}_exp"], [f"{out}_den"])
+    g.node("Reciprocal", [f"{out}_den"], [out])
+
+
+def calibrator_nodes(g: _Graph, cal: TaskCalibrator, z: str, out: str) -> None:
+    """Twin of ``TaskCalibrator.apply_logit`` on logits ``z`` ``[batch]``: ``platt`` and ``temperature`` as arithmetic on
+    the logit and a sigmoid; ``isotonic`` as the piecewise-linear map through its knots (the segment found by counting
+    the inner knots at or below the logit, then ``y_i + slope_i * (clip(z) - x_i)``)."""
     f32 = np.float32
     if cal.method in ("platt", "temperature"):
-        z = _logit(g, p, f"{out}_logit")
         a, b = (cal.params["a"], cal.params["b"]) if cal.method == "platt" else (1.0 / cal.params["temperature"], 0.0)
         g.node("Mul", [z, g.const(f"{out}_a", np.array(a, f32))], [f"{out}_az"])
         g.node("Add", [f"{out}_az", g.const(f"{out}_b", np.array(b, f32))], [f"{out}_azb"])
-        g.node("Sigmoid", [f"{out}_azb"], [out])
+        _sigmoid(g, f"{out}_azb", out)
         return
     x, y = np.asarray(cal.params["x"], np.float64), np.asarray(cal.params["y"], np.float64)
     slope = np.diff(y) / np.diff(x)
-    g.node("Clip", [p, g.const(f"{out}_x_first", np.array(x[0], f32)), g.const(f"{out}_x_last", np.array(x[-1], f32))],
+    g.node("Clip", [z, g.const(f"{out}_x_first", np.array(x[0], f32)), g.const(f"{out}_x_last", np.array(x[-1], f32))],
            [f"{out}_clipped"])
     if len(x) > 2:
         g.node("Unsqueeze", [f"{out}_clipped", g.const("post_axes_1", np.array([1], np.int64))], [f"{out}_col"])
@@ -410,22 +421,30 @@ def calibrator_nodes(g: _Graph, cal: TaskCalibrator, p: str, out: str) -> None:
 
 
 def postprocessing(smap: ScoreMap, raw: dict[str, str], final: dict[str, str]) -> _Graph:
-    """Twin of ``ScoreMap.task`` for each task in ``raw`` (its core output): the downsampling correction
-    ``p w / (p w + 1 - p)``, then its calibrator, into ``final[task]``."""
+    """Twin of ``ScoreMap.task`` for each task in ``raw`` (its core output: the logit for ``smap.logit_tasks``, else
+    the probability, whose logit is taken first): the downsampling correction ``z + log(w)``, then its calibrator (per
+    attribute for a multilabel task) or a sigmoid, into ``final[task]``."""
+    import math
     g = _Graph()
-    for j, (t, p) in enumerate(raw.items()):
+    for j, (t, r) in enumerate(raw.items()):
         rate = smap.rates.get(t, 1.0)
         cal = smap.calibrators.get(t)
+        z = r if t in smap.logit_tasks else _logit(g, r, f"post_{j}_logit")
         if rate != 1.0:
-            w = g.const(f"post_{j}_rate", np.array(rate, np.float32))
-            corrected = final[t] if cal is None else f"post_{j}_corrected"
-            g.node("Mul", [p, w], [f"post_{j}_pw"])
-            g.node("Sub", [g.const("post_one", np.array(1, np.float32)), p], [f"post_{j}_q"])
-            g.node("Add", [f"post_{j}_pw", f"post_{j}_q"], [f"post_{j}_den"])
-            g.node("Div", [f"post_{j}_pw", f"post_{j}_den"], [corrected])
-            p = corrected
-        if cal is not None:
-            calibrator_nodes(g, cal, p, final[t])
+            g.node("Add", [z, g.const(f"post_{j}_log_rate", np.array(math.log(rate), np.float32))], [f"post_{j}_corrected"])
+            z = f"post_{j}_corrected"
+        if cal is None:
+            _sigmoid(g, z, final[t])
+        elif isinstance(cal, AttributeCalibrators):  # [batch, K]: one column per attribute, calibrated, concatenated
+            cols = []
+            for k, one in enumerate(cal.attributes.values()):
+                g.node("Gather", [z, g.const(f"post_{j}_col{k}", np.array(k, np.int64))], [f"post_{j}_z{k}"], axis=1)
+                calibrator_nodes(g, one, f"post_{j}_z{k}", f"post_{j}_p{k}")
+                g.node("Unsqueeze", [f"post_{j}_p{k}", g.const("post_axes_1", np.array([1], np.int64))], [f"post_{j}_c{k}"])
+                cols.append(f"post_{j}_c{k}")
+            g.node("Concat", cols, [final[t]], axis=1)
+        else:
+            calibrator_nodes(g, cal, z, final[t])
     return g
 
 
@@ -456,6 +475,30 @@ def fusion_nodes(g: _Graph, fusion: Fusion, out: str) -> None:
         g.node("Identity", [result], [out])
 
 
+def precise_sigmoids(graph: onnx.GraphProto) -> int:
+    """Replace every ``Sigmoid`` node of ``graph`` by ``1 / (1 + exp(-x))`` (in place, same position; returns the
+    count): onnxruntime's float32 ``Sigmoid`` is an approximation whose relative error passes 30 % below x = -15, which
+    an esmm head's pCTCVR (a product of sigmoids) and its calibrator's logit would inherit; ``Exp`` is exact to float32
+    rounding there, as PyTorch's ``sigmoid``."""
+    nodes = list(graph.node)
+    if not any(n.op_type == "Sigmoid" and n.domain in ("", "ai.onnx") for n in nodes):
+        return 0
+    graph.initializer.append(numpy_helper.from_array(np.array(1, np.float32), "recmtl_sigmoid_one"))
+    out, count = [], 0
+    for n in nodes:
+        if n.op_type != "Sigmoid" or n.domain not in ("", "ai.onnx"):
+            out.append(n)
+            continue
+        count += 1
+        x, y, base = n.input[0], n.output[0], f"recmtl_sigmoid_{count}"
+        out += [helper.make_node("Neg", [x], [f"{base}_neg"]), helper.make_node("Exp", [f"{base}_neg"], [f"{base}_exp"]),
+                helper.make_node("Add", ["recmtl_sigmoid_one", f"{base}_exp"], [f"{base}_den"]),
+                helper.make_node("Reciprocal", [f"{base}_den"], [y])]
+    del graph.node[:]
+    graph.node.extend(out)
+    return count
+
+
 def build_onnx(run: LoadedRun, fusion: Fusion | None = None) -> onnx.ModelProto:
     """Export the torch model on preprocessed tensors, then put the preprocessing graph in front and the score map
     (``run.scores``: downsampling corrections, calibrators) and the optional ``fusion`` output behind."""
@@ -468,13 +511,16 @@ def build_onnx(run: LoadedRun, fusion: Fusion | None = None) -> onnx.ModelProto:
         with warnings.catch_warnings():  # the TorchScript exporter is deprecated but exact for these graphs
             warnings.simplefilter("ignore", DeprecationWarning)
             names = [core_input(k) for k in kinds]
-            torch.onnx.export(_Core(model, kinds).eval(), tuple(example), str(core_path), input_names=names, output_names=tasks,
+            logits = {t for t in run.scores.mapped if t in run.scores.logit_tasks}
+            torch.onnx.export(_Core(model, kinds, logits).eval(), tuple(example), str(core_path), input_names=names,
+                              output_names=tasks,
                               dynamic_axes={**{k: {0: "batch"} for k in names}, **{t: {0: "batch"} for t in tasks}},
                               opset_version=OPSET, dynamo=False)
         core = onnx.load(str(core_path))
     pre = preprocessing(run.schema)
     nodes, inits, raw_inputs, uses_ms = pre.nodes, pre.inits, pre.inputs, pre.uses_ms
     graph = core.graph
+    precise_sigmoids(graph)
     kept_inputs = [i for i in graph.input if i.name not in {core_input(k) for k in kinds}]
     del graph.input[:]
     graph.input.extend(raw_inputs + kept_inputs)
@@ -482,7 +528,7 @@ def build_onnx(run: LoadedRun, fusion: Fusion | None = None) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes + old_nodes)
     graph.initializer.extend(inits)
-    mapped = [t for t in tasks if t in run.scores.calibrators or run.scores.rates.get(t, 1.0) != 1.0]
+    mapped = [t for t in tasks if t in run.scores.mapped]
     if mapped:  # the core's output t becomes recmtl_t_raw; the score map's nodes compute t from it
         raw = {t: f"recmtl_{t}_raw" for t in mapped}
         for node in graph.node:

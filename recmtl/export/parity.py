@@ -29,15 +29,16 @@ def parity(run: LoadedRun, model_path: Path, sample: pa.Table, fusion: Fusion | 
     """Per task, between onnxruntime and PyTorch on ``sample`` rows: the largest absolute difference (``max_abs``),
     the largest relative one (``max_rel``, per unit of ``max(|torch score|, 1)``) and how far the worst row exceeds its
     tolerance (``excess`` <= 0: within it everywhere). A task whose score the graph maps (``run.scores``: downsampling
-    correction, calibrator) is checked twice, the worse counting: the model's raw output against PyTorch's, and the
-    mapped output against ``run.scores`` (numpy) applied to that raw output (an isotonic map's steep segments would
-    magnify the model's float32 differences, so its arithmetic is checked on the same inputs). With ``fusion`` the
-    ``ranking_score`` output is checked against ``Fusion.evaluate`` of the graph's task scores."""
+    correction, calibrator) is checked three times, the worst counting: the model's raw output (the logit, for a
+    binary or multilabel head) against PyTorch's, the mapped output against ``run.scores`` (numpy) applied to that raw
+    output, and the mapped output against ``run.scores`` applied to PyTorch's raw output (what ``evaluate`` returns);
+    ``max_abs`` and ``max_rel`` are then the scores' differences, ``excess`` the worst of the three.
+    With ``fusion`` the ``ranking_score`` output is checked against ``Fusion.evaluate`` of the graph's task scores."""
     import onnx
     import onnxruntime as ort
 
     from recmtl.serving.score import to_feeds
-    mapped = [t for t in run.model.task_names if t in run.scores.calibrators or run.scores.rates.get(t, 1.0) != 1.0]
+    mapped = [t for t in run.model.task_names if t in run.scores.mapped]
     scorer = Scorer(model_path)
     proto = onnx.load(str(model_path))
     raw_names = {t: f"recmtl_{t}_raw" for t in mapped}
@@ -48,16 +49,21 @@ def parity(run: LoadedRun, model_path: Path, sample: pa.Table, fusion: Fusion | 
     got = dict(zip(names, session.run(names, to_feeds(sample, scorer.inputs))))
     arrays = run.schema.transform(sample, labels=False)
     with torch.no_grad():
-        torch_scores = run.model.predict({k: torch.from_numpy(v) for k, v in arrays.inputs.items()})
+        torch_raw, torch_scores = run.model.run({k: torch.from_numpy(v) for k, v in arrays.inputs.items()})
     out = {}
     for t in run.model.task_names:
-        want = torch_scores[t].numpy().reshape(-1)
+        want = torch_scores[t].numpy()
         if t not in raw_names:
             out[t] = score_differences(got[t], want)
             continue
-        model_diff = score_differences(got[raw_names[t]], want)
-        map_diff = score_differences(got[t], run.scores.task(t, got[raw_names[t]].reshape(-1)))
-        out[t] = {k: max(model_diff[k], map_diff[k]) for k in model_diff}
+        raw = got[raw_names[t]]
+        model_diff = score_differences(raw, torch_raw[t].numpy() if t in run.scores.logit_tasks else want)
+        map_diff = score_differences(got[t], run.scores.task(t, raw, raw))
+        end_diff = score_differences(got[t], run.scores.task(t, want, torch_raw[t].numpy()))
+        # the raw output (a logit: its own units) counts against the tolerance; the differences reported are the scores'
+        out[t] = {"max_abs": max(map_diff["max_abs"], end_diff["max_abs"]),
+                  "max_rel": max(map_diff["max_rel"], end_diff["max_rel"]),
+                  "excess": max(model_diff["excess"], map_diff["excess"], end_diff["excess"])}
     if fusion is not None:
         out[FUSED_OUTPUT] = score_differences(got[FUSED_OUTPUT], fusion.evaluate(
             {t: got[t].reshape(-1) for t in fusion.tasks}))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recmtl.calibration import ScoreMap, read_calibrators
+from recmtl.calibration import CALIBRATED_HEADS, LOGIT_HEADS, ScoreMap, check_binding, read_calibrators
 from recmtl.config import Config, parse_config, read_raw
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import DataError
@@ -28,6 +29,8 @@ class Predictions:
     group: np.ndarray | None
     losses: dict[str, float]
     slices: dict[str, tuple[int, int, bool]] = field(default_factory=dict)  # MultiTaskModel.label_slices
+    #: the heads' raw outputs of the tasks ``predict`` was asked for (``raw``): the logits the score map acts on
+    raw: dict[str, np.ndarray] = field(default_factory=dict)
 
     def _slice(self, task: str) -> tuple[int, int, bool]:
         return self.slices.get(task) or (list(self.scores).index(task), 1, True)
@@ -51,13 +54,15 @@ class Predictions:
 
 @torch.no_grad()
 def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, batch_size: int,
-            read_rows: int = 65_536, shard: tuple[int, int] | None = None) -> Predictions:
+            read_rows: int = 65_536, shard: tuple[int, int] | None = None, raw: Iterable[str] = ()) -> Predictions:
     """Score every row of ``source`` in order (labels are read too, for metrics and losses), on the
-    model's device; ``shard=(rank, world)``: only this rank's share (see :func:`merge_predictions`)."""
+    model's device; ``shard=(rank, world)``: only this rank's share (see :func:`merge_predictions`); ``raw``: the
+    tasks whose raw outputs (``Predictions.raw``) to keep as well."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     scores: dict[str, list[np.ndarray]] = {t: [] for t in model.task_names}
+    raws: dict[str, list[np.ndarray]] = {t: [] for t in raw if t in model.task_names}
     labels, masks, groups = [], [], []
     loss_sum = {t: 0.0 for t in model.task_names}
     for batch in minibatches(blocks(source, schema, read_rows, shard=shard), batch_size):
@@ -65,6 +70,8 @@ def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, 
         outputs, preds = model.run(batch.inputs)
         for t in model.task_names:
             scores[t].append(preds[t].float().cpu().numpy())
+            if t in raws:
+                raws[t].append(outputs[t].float().cpu().numpy())
             label, mask = model.task_label(batch.labels, batch.mask, t)
             n_lab = float(mask.sum())
             if n_lab:
@@ -79,10 +86,12 @@ def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, 
             width = sum(w for _, w, _ in model.label_slices.values())
             return Predictions({t: np.zeros(0, np.float32) for t in model.task_names},
                                np.zeros((0, width), np.float32), np.zeros((0, width), bool), None,
-                               {t: math.nan for t in model.task_names}, dict(model.label_slices))
+                               {t: math.nan for t in model.task_names}, dict(model.label_slices),
+                               {t: np.zeros(0, np.float32) for t in raws})
         raise DataError(f"{source.spec} has no rows")
     pred = Predictions({t: np.concatenate(v) for t, v in scores.items()}, np.concatenate(labels),
-                       np.concatenate(masks), np.concatenate(groups) if groups else None, {}, dict(model.label_slices))
+                       np.concatenate(masks), np.concatenate(groups) if groups else None, {}, dict(model.label_slices),
+                       {t: np.concatenate(v) for t, v in raws.items()})
     for t in model.task_names:
         count = pred.labelled(t)
         pred.losses[t] = loss_sum[t] / count if count else math.nan
@@ -107,33 +116,47 @@ def merge_predictions(parts: list[Predictions], spec: str = "") -> Predictions:
     groups = [p.group for p in parts]
     return Predictions({t: np.concatenate([p.scores[t] for p in parts]) for t in tasks},
                        np.concatenate([p.labels for p in parts]), mask,
-                       np.concatenate(groups) if all(g is not None for g in groups) else None, losses, parts[0].slices)
+                       np.concatenate(groups) if all(g is not None for g in groups) else None, losses, parts[0].slices,
+                       {t: np.concatenate([p.raw[t] for p in parts]) for t in parts[0].raw})
 
 
-def score_map(config: Config, run_dir: Path | None = None) -> ScoreMap:
+def score_map(config: Config, run_dir: Path | None = None, states: dict[str, dict[str, Any]] | None = None,
+              checkpoint: str = "tasks") -> ScoreMap:
     """The config's negative-downsampling corrections and, with ``run_dir``, the calibrators of its
-    ``calibrator.json`` when ``recmtl calibrate`` wrote one."""
-    smap = ScoreMap({t.name: t.negative_sampling_rate for t in config.tasks if t.negative_sampling_rate != 1.0})
+    ``calibrator.json`` when ``recmtl calibrate`` wrote one; with ``states`` (each task's checkpoint, see
+    ``LoadedRun.states``) a calibrator fitted on another checkpoint is refused (``check_binding``)."""
+    smap = ScoreMap({t.name: t.negative_sampling_rate for t in config.tasks if t.negative_sampling_rate != 1.0},
+                    logit_tasks={t.name for t in config.tasks if t.head in LOGIT_HEADS})
     path = None if run_dir is None else Path(run_dir) / CALIBRATOR
     if path is not None and path.is_file():
         smap.calibrators, smap.info = read_calibrators(path)
+        if states is not None:
+            check_binding(path, smap.info, smap.calibrators, states, checkpoint)
     return smap
 
 
 def map_scores(pred: Predictions, smap: ScoreMap) -> Predictions:
-    """``pred`` with its scores mapped by ``smap`` (in place; returned for chaining)."""
+    """``pred`` with its scores mapped by ``smap`` (in place; returned for chaining). A task whose negatives were
+    sampled gets as ``loss`` the log loss of its corrected scores (before any calibrator): the head's loss on its raw
+    output would measure the sampled data's base rate against the full-rate labels."""
     if smap:
-        pred.scores = smap.apply(pred.scores)
+        for t in (t for t, r in smap.rates.items() if r != 1.0 and t in pred.scores):
+            label, m = pred.task_label(t)
+            if m.any():
+                q = np.clip(smap.without_calibrators().task(t, pred.scores[t][m], pred.raw[t][m] if t in pred.raw else None),
+                            1e-7, 1 - 1e-7)
+                y = label[m].astype(np.float64)
+                pred.losses[t] = float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+        pred.scores = smap.apply(pred.scores, pred.raw)
     return pred
 
 
 def reliability_bins(config: Config, pred: Predictions) -> dict[str, dict[str, list[float]]]:
     """Each binary and ESMM task's reliability bins (``recmtl.metrics.reliability``) over its labelled rows."""
     from recmtl import metrics as M
-    from recmtl.calibration import CALIBRATED_HEADS
     out = {}
     for t in config.tasks:
-        if t.head in CALIBRATED_HEADS and t.name in pred.scores:
+        if t.head in CALIBRATED_HEADS and t.head != "multilabel" and t.name in pred.scores:
             label, m = pred.task_label(t.name)
             if m.any():
                 out[t.name] = M.reliability(label[m], pred.scores[t.name][m])
@@ -162,10 +185,15 @@ class LoadedRun:
     epochs: dict[str, int] | None = None
     #: downsampling corrections and calibrators applied to the model's scores (``score_map``)
     scores: ScoreMap = field(default_factory=ScoreMap)
+    #: the checkpoint that scores each task: ``{"file", "epoch", "sha256"}`` (what binds a calibrator to it)
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def predict(self, source: ParquetSource, batch_size: int) -> Predictions:
-        """The final scores of every row of ``source`` (corrected and calibrated as ``scores`` says)."""
-        return map_scores(predict(self.model, self.schema, source, batch_size, self.config.data.read_rows), self.scores)
+    def predict(self, source: ParquetSource, batch_size: int, raw: Iterable[str] = ()) -> Predictions:
+        """The final scores of every row of ``source`` (corrected and calibrated as ``scores`` says); ``raw``: tasks
+        whose raw outputs to keep too (``Predictions.raw``)."""
+        keep = {*raw, *(t for t in self.scores.mapped if t in self.scores.logit_tasks)}
+        return map_scores(predict(self.model, self.schema, source, batch_size, self.config.data.read_rows, raw=keep),
+                          self.scores)
 
 
 #: ``checkpoint`` of :func:`load_run`: each task from its own best epoch (the default)
@@ -201,15 +229,19 @@ def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] =
     epochs = files.task_best_epochs() if checkpoint == PER_TASK else None
     if epochs is not None:
         states = {e: files.load_checkpoint(epoch_checkpoint(e))["model"] for e in set(epochs.values())}
+        bound = {t: {"file": epoch_checkpoint(e), "epoch": e, "sha256": files.checkpoint_digest(epoch_checkpoint(e))}
+                 for t, e in epochs.items()}
         return LoadedRun(config, schema, per_task_model(config, schema, registry, states, epochs), registry, run_dir, epochs,
-                         score_map(config, run_dir if calibration else None))
+                         score_map(config, run_dir if calibration else None, bound, checkpoint), bound)
     name = {PER_TASK: BEST, "best": BEST, "last": LAST}.get(checkpoint, checkpoint)
     state = files.load_checkpoint(name)
     model = model_for_state(config, schema, registry, state["model"]).eval()
     epoch = state.get("epoch")
-    return LoadedRun(config, schema, model, registry, run_dir,
-                     {t: int(epoch) + 1 for t in model.task_names} if isinstance(epoch, int) else None,
-                     score_map(config, run_dir if calibration else None))
+    epochs = {t: int(epoch) + 1 for t in model.task_names} if isinstance(epoch, int) else None
+    digest = files.checkpoint_digest(name)
+    bound = {t: {"file": name, "epoch": (epochs or {}).get(t), "sha256": digest} for t in model.task_names}
+    return LoadedRun(config, schema, model, registry, run_dir, epochs,
+                     score_map(config, run_dir if calibration else None, bound, checkpoint), bound)
 
 
 def format_table(metrics: dict[str, dict[str, Any]], reference: dict[str, dict[str, float]] | None = None) -> str:

@@ -423,14 +423,16 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
 def _metrics(ctx: Context, model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, config: Config,
              others: list[torch.nn.Module] = (), bins: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """Per-task metrics over all of ``source``: each rank predicts its share, rank 0 gathers the predictions
-    (AUC and GAUC do not average over shards) and computes the metrics, every rank receives them. Scores are
-    corrected for ``negative_sampling_rate``; ``bins`` (rank 0) receives each probability task's reliability bins."""
+    (AUC and GAUC do not average over shards) and computes the metrics, every rank receives them. Scores (and the
+    loss) are corrected for ``negative_sampling_rate``; ``bins`` (rank 0) receives each probability task's reliability bins."""
     ctx.broadcast_state([model, *others], buffers_only=True)  # e.g. batch-norm statistics: rank 0's
-    part = predict(model, schema, source, config.train.eval_batch_size, config.data.read_rows, shard=ctx.shard)
+    smap = score_map(config)
+    part = predict(model, schema, source, config.train.eval_batch_size, config.data.read_rows, shard=ctx.shard,
+                   raw=smap.mapped)
     parts = ctx.gather_object(part)
     metrics = None
     if ctx.is_main:
-        pred = map_scores(merge_predictions(parts, source.spec), score_map(config))
+        pred = map_scores(merge_predictions(parts, source.spec), smap)
         metrics = task_metrics(model, pred)
         if bins is not None:
             bins.update(reliability_bins(config, pred))
