@@ -68,6 +68,17 @@ def test_dcn_v2_rank_auto_is_an_eighth_of_the_width():
         DCNv2(12, ["a", "b"], 3, rank="full")
 
 
+def test_saved_config_keeps_a_null_plugin_parameter():
+    """rank: null (full-rank) is not dcn_v2's default (auto): the run's config.yaml must keep it, or the model
+    rebuilt from the run directory would not match its checkpoint."""
+    from recmtl.config import dump_config
+    raw = {"data": {"train": "x.parquet"}, "features": [{"name": "a", "kind": "categorical"}],
+           "tasks": [{"name": "t", "head": "binary"}], "interaction": {"name": "dcn_v2", "rank": None}}
+    saved = yaml.safe_load(dump_config(parse_config(raw)))
+    assert saved["interaction"] == {"name": "dcn_v2", "rank": None}
+    assert "validation" not in saved["data"]  # other nulls are still left out
+
+
 def test_autoint_output_scale_starts_at_zero():
     """output_scale (default): the attention output enters beside the flat vector scaled by a learned 0."""
     from recmtl_plugins.interactions.autoint import AutoInt
