@@ -135,6 +135,16 @@ def test_dcn_v2_mixture_parallel_exports(funnel_dir, tmp_path):
     assert (tmp_path / "m.onnx").is_file()
 
 
+def test_autoint_with_output_scale_exports(funnel_dir, tmp_path):
+    """autoint's learned output scale (the default) passes the export's parity check."""
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+                       interaction={"name": "autoint", "num_layers": 1, "num_heads": 1, "attention_dim": 4},
+                       train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
+    run_cli("train", cfg, "--out", tmp_path / "run")
+    run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
+
+
 def model_for(fm_run, **sections) -> MultiTaskModel:
     raw = yaml.safe_load((fm_run / "run" / "config.yaml").read_text())
     raw.update(sections)
