@@ -80,18 +80,18 @@ def test_saved_config_keeps_a_null_plugin_parameter():
 
 
 def test_autoint_output_scale_starts_at_zero():
-    """output_scale (default): the attention output enters beside the flat vector scaled by a learned 0."""
+    """output_scale: the attention output enters beside the flat vector scaled by a learned 0."""
     from recmtl_plugins.interactions.autoint import AutoInt
     torch.manual_seed(0)
     fields = torch.randn(5, 4, 3)
-    block = AutoInt(12, list("abcd"), 3, num_layers=1)
+    block = AutoInt(12, list("abcd"), 3, num_layers=1, output_scale=True)
     out = block(fields.flatten(1), fields)
     torch.testing.assert_close(out[:, :12], fields.flatten(1))
     assert out[:, 12:].abs().sum() == 0
     out.sum().backward()
     assert block.scale.grad is not None and block.scale.grad.abs() > 0
-    assert AutoInt(12, list("abcd"), 3, output_scale=False).scale is None
-    assert AutoInt(12, list("abcd"), 3, keep_input=False).scale is None  # nothing beside it: no scale
+    assert AutoInt(12, list("abcd"), 3).scale is None  # off by default
+    assert AutoInt(12, list("abcd"), 3, keep_input=False, output_scale=True).scale is None  # nothing beside it
 
 
 def test_mixture_needs_a_rank():
@@ -136,9 +136,10 @@ def test_dcn_v2_mixture_parallel_exports(funnel_dir, tmp_path):
 
 
 def test_autoint_with_output_scale_exports(funnel_dir, tmp_path):
-    """autoint's learned output scale (the default) passes the export's parity check."""
+    """autoint's learned output scale passes the export's parity check."""
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
-                       interaction={"name": "autoint", "num_layers": 1, "num_heads": 1, "attention_dim": 4},
+                       interaction={"name": "autoint", "num_layers": 1, "num_heads": 1, "attention_dim": 4,
+                                    "output_scale": True},
                        train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
     run_cli("train", cfg, "--out", tmp_path / "run")
     run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")

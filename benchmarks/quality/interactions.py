@@ -27,8 +27,10 @@ import yaml
 
 BLOCKS = {"none": None, "fm": {"name": "fm"}, "dcn_v2": {"name": "dcn_v2", "num_layers": 2},
           "autoint": {"name": "autoint", "num_layers": 2},
-          # the defaults before the "never lose" change: randomly initialised cross layers, no output scale
+          # dcn_v2's defaults before the "never lose" change: full-rank, randomly initialised cross layers
           "dcn_v2_random": {"name": "dcn_v2", "num_layers": 2, "init": "random", "rank": None},
+          # autoint with and without the zero-initialised output scale (off by default)
+          "autoint_scale": {"name": "autoint", "num_layers": 2, "output_scale": True},
           "autoint_noscale": {"name": "autoint", "num_layers": 2, "output_scale": False}}
 TOWERS = {"mmoe": {"name": "mmoe", "num_experts": 4, "expert_units": [64], "task_units": [32]},
           "shared_bottom": {"name": "shared_bottom", "bottom_units": [64], "task_units": [32]},
