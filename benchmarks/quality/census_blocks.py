@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_cli(recmtl, *cmd, cwd=work)
                 (run_dir / "wall.txt").write_text(f"{time.time() - t0:.1f}")
             metrics = json.loads((run_dir / "metrics.json").read_text())
+            if "test" not in metrics:  # still training (--no-train beside a running benchmark)
+                continue
             rec = {t: metrics["test"][t]["auc"] for t in TASKS}
             rec.update(best_epoch=metrics["best_epoch"], epochs=len(metrics["history"]),
                        wall_s=float((run_dir / "wall.txt").read_text()) if (run_dir / "wall.txt").is_file()
