@@ -27,7 +27,8 @@ from step_timing import interleaved_medians, step_table  # noqa: E402
 VARIANTS = {
     "mlp (no block)": {},
     "fm": {"interaction": {"name": "fm"}},
-    "dcn_v2 (2 layers, full-rank)": {"interaction": {"name": "dcn_v2", "num_layers": 2}},
+    "dcn_v2 (2 layers, default: rank d // 8)": {"interaction": {"name": "dcn_v2", "num_layers": 2}},
+    "dcn_v2 (2 layers, full-rank)": {"interaction": {"name": "dcn_v2", "num_layers": 2, "rank": None}},
     "dcn_v2 (2 layers, rank 16, 4 experts)": {"interaction": {"name": "dcn_v2", "num_layers": 2, "rank": 16, "num_experts": 4}},
     "autoint (2 layers)": {"interaction": {"name": "autoint", "num_layers": 2}},
     "feature_gates": {"feature_gates": {"sparsity": 0.001}},
