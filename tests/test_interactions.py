@@ -96,7 +96,7 @@ def test_autoint_output_scale_starts_at_zero():
 
 def test_mixture_needs_a_rank():
     with pytest.raises(ValueError, match="set rank"):
-        DCNv2(4, list("abcd"), 1, num_experts=2)
+        DCNv2(4, list("abcd"), 1, num_experts=2, rank=None)
 
 
 @pytest.fixture(scope="module")
