@@ -426,8 +426,27 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return parse_config(raw, Path(path).resolve().parent, f"{path}")
 
 
+def _keep_null_params(model: Any, data: Any) -> None:
+    """Put back the plugin parameters set to null that ``exclude_none`` dropped (``rank: null`` is not the
+    parameter's default when that is not null), in ``data``, the dump of ``model``, recursively."""
+    if isinstance(model, ComponentConfig) and isinstance(data, dict):
+        data.update({k: None for k, v in (model.model_extra or {}).items() if v is None})
+    if isinstance(model, BaseModel) and isinstance(data, dict):
+        for name in type(model).model_fields:
+            if name in data:
+                _keep_null_params(getattr(model, name), data[name])
+    elif isinstance(model, dict) and isinstance(data, dict):
+        for key, value in model.items():
+            if key in data:
+                _keep_null_params(value, data[key])
+    elif isinstance(model, (list, tuple)) and isinstance(data, list):
+        for value, dumped in zip(model, data):
+            _keep_null_params(value, dumped)
+
+
 def dump_config(config: Config) -> str:
     data = config.model_dump(mode="json", exclude_none=True)
+    _keep_null_params(config, data)
     data["plugins"] = config.plugin_modules()
     for key in ("train", "validation", "test"):
         if data["data"].get(key):

@@ -30,7 +30,8 @@ def test_fm_is_the_sum_of_pairwise_products():
     assert FM(12, list("abcd"), 3).output_dim == 15  # the flat vector kept beside it
 
 
-@pytest.mark.parametrize("params", [{}, {"rank": 2}, {"rank": 2, "num_experts": 3}, {"structure": "parallel", "deep_units": [8]}])
+@pytest.mark.parametrize("params", [{}, {"rank": None}, {"rank": 2}, {"rank": 2, "num_experts": 3},
+                                    {"structure": "parallel", "deep_units": [8]}])
 def test_dcn_v2_variants_pass_the_contract(params):
     block = check_interaction(DCNv2, num_layers=2, **params)
     assert block.output_dim == 12 + (8 if params.get("structure") == "parallel" else 0)
@@ -38,15 +39,64 @@ def test_dcn_v2_variants_pass_the_contract(params):
 
 def test_dcn_v2_full_rank_layer_is_the_paper_formula():
     torch.manual_seed(0)
-    block = DCNv2(4, list("abcd"), 1, num_layers=1)
+    block = DCNv2(4, list("abcd"), 1, num_layers=1, init="random", rank=None)
     x = torch.randn(3, 4)
     w, b = block.full[0].weight, block.bias[0, 0]
+    assert w.abs().sum() > 0
     torch.testing.assert_close(block(x, None), x * (x @ w.T + b) + x)
+
+
+@pytest.mark.parametrize("params", [{}, {"rank": None}, {"rank": 2, "num_experts": 3}])
+def test_dcn_v2_identity_init_starts_as_the_flat_vector(params):
+    """init: identity (default): every cross layer starts at x_{l+1} = x_l, and one step moves it off."""
+    torch.manual_seed(0)
+    block = DCNv2(4, list("abcd"), 1, num_layers=2, **params)
+    x = torch.randn(8, 4)
+    torch.testing.assert_close(block(x, None), x)
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    (block(x, None) ** 2).sum().backward()
+    opt.step()
+    assert not torch.allclose(block(x, None), x)
+    with pytest.raises(ValueError, match="init must be identity or random"):
+        DCNv2(4, list("abcd"), 1, init="zeros")
+
+
+def test_dcn_v2_rank_auto_is_an_eighth_of_the_width():
+    assert DCNv2(132, ["a", "b"], 16).rank == 16 and DCNv2(12, ["a", "b"], 3).rank == 1
+    assert DCNv2(132, ["a", "b"], 16, rank=None).rank is None
+    with pytest.raises(ValueError, match="rank must be a positive number, auto"):
+        DCNv2(12, ["a", "b"], 3, rank="full")
+
+
+def test_saved_config_keeps_a_null_plugin_parameter():
+    """rank: null (full-rank) is not dcn_v2's default (auto): the run's config.yaml must keep it, or the model
+    rebuilt from the run directory would not match its checkpoint."""
+    from recmtl.config import dump_config
+    raw = {"data": {"train": "x.parquet"}, "features": [{"name": "a", "kind": "categorical"}],
+           "tasks": [{"name": "t", "head": "binary"}], "interaction": {"name": "dcn_v2", "rank": None}}
+    saved = yaml.safe_load(dump_config(parse_config(raw)))
+    assert saved["interaction"] == {"name": "dcn_v2", "rank": None}
+    assert "validation" not in saved["data"]  # other nulls are still left out
+
+
+def test_autoint_output_scale_starts_at_zero():
+    """output_scale: the attention output enters beside the flat vector scaled by a learned 0."""
+    from recmtl_plugins.interactions.autoint import AutoInt
+    torch.manual_seed(0)
+    fields = torch.randn(5, 4, 3)
+    block = AutoInt(12, list("abcd"), 3, num_layers=1, output_scale=True)
+    out = block(fields.flatten(1), fields)
+    torch.testing.assert_close(out[:, :12], fields.flatten(1))
+    assert out[:, 12:].abs().sum() == 0
+    out.sum().backward()
+    assert block.scale.grad is not None and block.scale.grad.abs() > 0
+    assert AutoInt(12, list("abcd"), 3).scale is None  # off by default
+    assert AutoInt(12, list("abcd"), 3, keep_input=False, output_scale=True).scale is None  # nothing beside it
 
 
 def test_mixture_needs_a_rank():
     with pytest.raises(ValueError, match="set rank"):
-        DCNv2(4, list("abcd"), 1, num_experts=2)
+        DCNv2(4, list("abcd"), 1, num_experts=2, rank=None)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +129,17 @@ def test_dcn_v2_mixture_parallel_exports(funnel_dir, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
                        interaction={"name": "dcn_v2", "num_layers": 2, "rank": 4, "num_experts": 2,
                                     "structure": "parallel", "deep_units": [16]},
+                       train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
+    run_cli("train", cfg, "--out", tmp_path / "run")
+    run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_autoint_with_output_scale_exports(funnel_dir, tmp_path):
+    """autoint's learned output scale passes the export's parity check."""
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+                       interaction={"name": "autoint", "num_layers": 1, "num_heads": 1, "attention_dim": 4,
+                                    "output_scale": True},
                        train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
     run_cli("train", cfg, "--out", tmp_path / "run")
     run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")

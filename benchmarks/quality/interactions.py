@@ -9,7 +9,9 @@ reference AUC. With ``--export`` the first seed's runs are exported (parity chec
 speed measured on the test split (rows/s, one thread, median of 5).
 
 Usage: python benchmarks/quality/interactions.py --work-dir DIR [--rows 60000] [--interactions 1.5]
-       [--seeds 1,2,3] [--towers mmoe,shared_bottom] [--blocks none,fm,dcn_v2,autoint] [--export]
+       [--seeds 1,2,3] [--towers mmoe,shared_bottom,pepnet] [--blocks none,fm,dcn_v2,autoint,gates] [--export]
+       [--task-fields N]
+A block may change parameters: ``--blocks none,dcn_v2+rank=16+num_layers=1`` (run directories are named so).
 """
 from __future__ import annotations
 
@@ -24,9 +26,33 @@ from pathlib import Path
 import yaml
 
 BLOCKS = {"none": None, "fm": {"name": "fm"}, "dcn_v2": {"name": "dcn_v2", "num_layers": 2},
-          "autoint": {"name": "autoint", "num_layers": 2}}
+          "autoint": {"name": "autoint", "num_layers": 2},
+          # dcn_v2's defaults before the "never lose" change: full-rank, randomly initialised cross layers
+          "dcn_v2_random": {"name": "dcn_v2", "num_layers": 2, "init": "random", "rank": None},
+          # autoint with and without the zero-initialised output scale (off by default)
+          "autoint_scale": {"name": "autoint", "num_layers": 2, "output_scale": True},
+          "autoint_noscale": {"name": "autoint", "num_layers": 2, "output_scale": False}}
 TOWERS = {"mmoe": {"name": "mmoe", "num_experts": 4, "expert_units": [64], "task_units": [32]},
-          "shared_bottom": {"name": "shared_bottom", "bottom_units": [64], "task_units": [32]}}
+          "shared_bottom": {"name": "shared_bottom", "bottom_units": [64], "task_units": [32]},
+          # PEPNet (issue 16's per-task feature selection): gates on the ids' embeddings, a [64, 32] MLP per task
+          "pepnet": {"name": "pepnet", "gate_features": ["user_id", "item_id"], "task_units": [64, 32]}}
+#: not an interaction block: per-task feature gates (``feature_gates``) in front of the tower, no block
+GATES = {"gates": {"sparsity": 0.0005}}
+
+
+def block_spec(block: str) -> dict | None:
+    """``BLOCKS[name]`` (None for ``gates``: no block), or ``name+key=value+...``: that block with parameters
+    changed (values read as YAML)."""
+    base, *changes = block.split("+")
+    if base in GATES:
+        return None
+    spec = BLOCKS[base]
+    if changes:
+        spec = dict(spec or {})
+        for change in changes:
+            key, _, value = change.partition("=")
+            spec[key] = yaml.safe_load(value)
+    return spec
 
 
 def recmtl() -> str:
@@ -51,8 +77,10 @@ def config(data: Path, tower: str, block: str, seed: int, categorical: int, dens
         "train": {"batch_size": 512, "epochs": epochs, "progress": False, "threads": 1,
                   "early_stopping": {"monitor": "mean/auc", "patience": 1}},
     }
-    if BLOCKS[block] is not None:
-        cfg["interaction"] = BLOCKS[block]
+    if block_spec(block) is not None:
+        cfg["interaction"] = block_spec(block)
+    if block in GATES:
+        cfg["feature_gates"] = GATES[block]
     return cfg
 
 
@@ -77,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", type=Path, required=True)
     ap.add_argument("--rows", type=int, default=60_000)
     ap.add_argument("--interactions", type=float, default=1.5, help="datagen --interactions (0: the plain funnel)")
+    ap.add_argument("--task-fields", type=int, default=0, help="datagen --task-fields (fields only one task uses)")
     ap.add_argument("--categorical", type=int, default=8)
     ap.add_argument("--dense", type=int, default=4)
     ap.add_argument("--cardinality", type=int, default=100)
@@ -92,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "data"
     if not (data / "test.parquet").is_file():
         run([recmtl(), "datagen", "funnel", str(data), "--rows", str(args.rows), "--categorical", str(args.categorical),
-             "--dense", str(args.dense), "--cardinality", str(args.cardinality), "--interactions", str(args.interactions)])
+             "--dense", str(args.dense), "--cardinality", str(args.cardinality), "--interactions", str(args.interactions),
+             "--task-fields", str(args.task_fields)])
     seeds = [int(s) for s in args.seeds.split(",")]
     results: dict = {}
     for seed in seeds:  # seeds outermost: the blocks of one seed run close in time (shared machine)

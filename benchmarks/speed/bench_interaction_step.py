@@ -10,9 +10,7 @@ Usage: python benchmarks/speed/bench_interaction_step.py RUN_DIR [--rounds 30] [
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -23,10 +21,14 @@ from recmtl.registry import load_registry
 from recmtl.schema import FittedSchema
 from recmtl.training.model import MultiTaskModel, sparse_parameters
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timing import interleaved_medians, step_table  # noqa: E402
+
 VARIANTS = {
     "mlp (no block)": {},
     "fm": {"interaction": {"name": "fm"}},
-    "dcn_v2 (2 layers, full-rank)": {"interaction": {"name": "dcn_v2", "num_layers": 2}},
+    "dcn_v2 (2 layers, default: rank d // 8)": {"interaction": {"name": "dcn_v2", "num_layers": 2}},
+    "dcn_v2 (2 layers, full-rank)": {"interaction": {"name": "dcn_v2", "num_layers": 2, "rank": None}},
     "dcn_v2 (2 layers, rank 16, 4 experts)": {"interaction": {"name": "dcn_v2", "num_layers": 2, "rank": 16, "num_experts": 4}},
     "autoint (2 layers)": {"interaction": {"name": "autoint", "num_layers": 2}},
     "feature_gates": {"feature_gates": {"sparsity": 0.001}},
@@ -76,22 +78,10 @@ def main() -> None:
         model.train()
         step()  # warm-up
         steps[name] = (step, sum(p.numel() for p in model.parameters()))
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in range(args.rounds):
-        order = list(steps)
-        random.shuffle(order)
-        for n in order:
-            t0 = time.perf_counter()
-            steps[n][0]()
-            times[n].append(time.perf_counter() - t0)
-    base = statistics.median(times["mlp (no block)"])
+    medians = interleaved_medians({n: step for n, (step, _) in steps.items()}, args.rounds)
     print(f"run {args.run_dir} (tower {raw['tower']['name']}), batch {args.batch}, {args.threads} thread(s), "
           f"{args.rounds} interleaved rounds")
-    print("| variant | parameters | step (ms, median) | vs MLP |")
-    print("|---|---|---|---|")
-    for n, (_, n_params) in steps.items():
-        med = statistics.median(times[n])
-        print(f"| {n} | {n_params:,} | {1000 * med:.2f} | {med / base:.2f}x |")
+    print(step_table(medians, {n: k for n, (_, k) in steps.items()}, "mlp (no block)", "variant", "vs MLP"))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,7 @@ Usage: python benchmarks/speed/bench_tower_step.py [--rounds 30] [--batch 2048] 
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ import yaml
 # the tower sizes live with the census-income quality benchmark (benchmarks/quality/census_income.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
 from census_income import TOWERS  # noqa: E402
+from step_timing import interleaved_medians, step_table  # noqa: E402
 
 from recmtl.contracts import FeatureInfo  # noqa: E402
 from recmtl.registry import load_registry  # noqa: E402
@@ -71,22 +69,10 @@ def main() -> None:
 
         step()  # warm-up
         steps[name] = step
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in range(args.rounds):
-        order = list(steps)
-        random.shuffle(order)
-        for n in order:
-            t0 = time.perf_counter()
-            steps[n]()
-            times[n].append(time.perf_counter() - t0)
-    base = statistics.median(times["shared_bottom"])
+    medians = interleaved_medians(steps, args.rounds)
     print(f"batch {args.batch}, input {input_dim}, {args.threads} thread(s), {args.rounds} interleaved rounds")
-    print("| tower | parameters | step (ms, median) | vs shared_bottom |")
-    print("|---|---|---|---|")
-    for n in steps:
-        med = statistics.median(times[n])
-        n_params = sum(p.numel() for p in steps[n].__defaults__[0].parameters())
-        print(f"| {n} | {n_params:,} | {1000 * med:.1f} | {med / base:.2f}x |")
+    n_params = {n: sum(p.numel() for p in steps[n].__defaults__[0].parameters()) for n in steps}
+    print(step_table(medians, n_params, "shared_bottom", "tower", "vs shared_bottom", digits=1))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,22 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def _funnel_labels(r: np.random.Generator, cols: dict[str, pa.Array], logit_click: np.ndarray,
+                   logit_cvr: np.ndarray) -> tuple[pa.Table, pa.Table]:
+    """The click -> conversion funnel's labels and truth table from the true logits (``funnel`` and ``interests``):
+    ``click ~ Bernoulli(sigmoid(logit_click))``, ``conversion = click and Bernoulli(sigmoid(logit_cvr))``, drawn
+    from ``r`` in that order; returns ``(data, truth)``: ``cols`` plus the labels, and the true ``click``,
+    ``conversion`` (P(click) x P(convert | click)) and ``cvr`` probabilities as float32."""
+    n = len(logit_click)
+    p_click, p_cvr = _sigmoid(logit_click), _sigmoid(logit_cvr)
+    click = (r.random(n) < p_click).astype(np.int8)
+    conversion = (click.astype(bool) & (r.random(n) < p_cvr)).astype(np.int8)
+    data = pa.table({**cols, "click": click, "conversion": conversion})
+    truth = pa.table({"click": p_click.astype(np.float32), "conversion": (p_click * p_cvr).astype(np.float32),
+                      "cvr": p_cvr.astype(np.float32)})
+    return data, truth
+
+
 def funnel(out: str | Path, rows: int, seed: int = 0, categorical: int = 26, dense: int = 13,
            cardinality: int = 1000, correlation: float = 0.5, null_rate: float = 0.05,
            valid_fraction: float = 0.1, test_fraction: float = 0.1, tail: int = 0, interactions: float = 0.0,
@@ -151,13 +167,7 @@ def funnel(out: str | Path, rows: int, seed: int = 0, categorical: int = 26, den
         logit_click += 0.4 * interaction * np.where(cols["user_id"].to_numpy() % 2 == 0, 1, -1)
         if add_tail is not None:
             add_tail(start, n, cols, logit_click, logit_cvr)
-        p_click, p_cvr = _sigmoid(logit_click), _sigmoid(logit_cvr)
-        click = (r.random(n) < p_click).astype(np.int8)
-        conversion = (click.astype(bool) & (r.random(n) < p_cvr)).astype(np.int8)
-        data = pa.table({**cols, "click": click, "conversion": conversion})
-        truth = pa.table({"click": p_click.astype(np.float32), "conversion": (p_click * p_cvr).astype(np.float32),
-                          "cvr": p_cvr.astype(np.float32)})
-        return data, truth
+        return _funnel_labels(r, cols, logit_click, logit_cvr)
 
     return _write_splits(Path(out), sizes, make_chunk)
 
@@ -258,13 +268,7 @@ def interests(out: str | Path, rows: int, seed: int = 0, items: int = 1000, topi
                 titles.append(None if r.random() < 0.03 else " ".join(parts))
             logit_click += np.select([sentiment == 1, sentiment == 2], list(TITLE_SENTIMENT.values()), 0.0)
             cols["title"] = pa.array(titles, pa.string())
-        p_click, p_cvr = _sigmoid(logit_click), _sigmoid(logit_cvr)
-        click = (r.random(n) < p_click).astype(np.int8)
-        conversion = (click.astype(bool) & (r.random(n) < p_cvr)).astype(np.int8)
-        data = pa.table({**cols, "click": click, "conversion": conversion})
-        truth = pa.table({"click": p_click.astype(np.float32), "conversion": (p_click * p_cvr).astype(np.float32),
-                          "cvr": p_cvr.astype(np.float32)})
-        return data, truth
+        return _funnel_labels(r, cols, logit_click, logit_cvr)
 
     return _write_splits(Path(out), sizes, make_chunk)
 

@@ -5,7 +5,9 @@ Each of ``num_layers`` interacting layers lets every field attend to every field
 width ``attention_dim`` (scaled dot products), adds a projection of its input (the residual) and applies a ReLU:
 ``e_j <- ReLU(concat_h(sum_k softmax_k(<q_j, k_k>) v_k) + W_res e_j)``. The last layer's fields are flattened,
 ``[batch, n_fields * num_heads * attention_dim]``; with ``keep_input`` (default) concatenated to the flat vector
-(AutoInt+'s deep part is the tower on top).
+(AutoInt+'s deep part is the tower on top). With ``keep_input`` and ``output_scale: true`` the attention output is
+multiplied by a learned scalar that starts at 0 (ReZero-style), so the tower starts on the flat vector alone, as
+the plain MLP does; off by default: on funnel data it did not help (benchmarks/RESULTS.md, "never lose").
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ class AutoInt(Interaction):
     min_fields = 2
 
     def __init__(self, input_dim: int, field_names: list[str], field_dim: int, num_layers: int = 2,
-                 num_heads: int = 2, attention_dim: int = 8, keep_input: bool = True) -> None:
+                 num_heads: int = 2, attention_dim: int = 8, keep_input: bool = True,
+                 output_scale: bool = False) -> None:
         super().__init__(input_dim, field_names, field_dim)
         if num_layers < 1 or num_heads < 1 or attention_dim < 1:
             raise ValueError(f"num_layers, num_heads and attention_dim must be at least 1, got "
@@ -36,6 +39,8 @@ class AutoInt(Interaction):
             self.residual.append(nn.Linear(d, width, bias=False))
             d = width
         self._width = width
+        # a learned scale on the attention output beside the flat vector, zero at the start
+        self.scale = nn.Parameter(torch.zeros(())) if (output_scale and self.keep_input) else None
 
     @property
     def output_dim(self) -> int:
@@ -50,6 +55,8 @@ class AutoInt(Interaction):
             out = (att @ v).transpose(1, 2).reshape(b, n, self._width)
             e = torch.relu(out + res(e))
         flat = e.flatten(1)
+        if self.scale is not None:
+            flat = self.scale * flat
         return torch.cat([x, flat], dim=1) if self.keep_input else flat
 
 
