@@ -79,6 +79,32 @@ def test_saved_config_keeps_a_null_plugin_parameter():
     assert "validation" not in saved["data"]  # other nulls are still left out
 
 
+def test_run_config_writes_out_every_plugin_default():
+    """A run directory's config.yaml holds each plugin's parameters with the defaults filled in, so a later change
+    of a default (dcn_v2's rank became auto) does not change how a saved run is rebuilt."""
+    from recmtl.config import dump_config
+    from recmtl.training.model import resolved_config
+    raw = {"data": {"train": "x.parquet"},
+           "features": [{"name": "a", "kind": "categorical"}, {"name": "b", "kind": "categorical"},
+                        {"name": "d", "kind": "dense"}],
+           "tasks": [{"name": "t", "head": "binary"}, {"name": "u", "head": "regression"}],
+           "interaction": {"name": "dcn_v2", "num_layers": 3}, "tower": {"name": "mmoe", "num_experts": 2}}
+    config = parse_config(raw)
+    registry = load_registry()
+    saved = yaml.safe_load(dump_config(resolved_config(config, registry)))
+    assert saved["interaction"]["num_layers"] == 3  # what the user set wins
+    assert saved["interaction"]["rank"] == "auto" and saved["interaction"]["init"] == "identity"
+    assert saved["tower"]["num_experts"] == 2 and saved["tower"]["expert_units"] == [256, 128]
+    assert saved["encoders"]["categorical"]["name"] == "embedding" and "dim" in saved["encoders"]["categorical"]
+    assert saved["encoders"]["dense"]["name"] == "dense"
+    assert saved["balancer"]["name"] == "fixed"
+    assert "log1p" in saved["tasks"][1]["params"]  # the regression head's own default
+    again = parse_config(saved)  # the written config is a valid config that validates against the plugins
+    validate_plugins(again, registry)
+    assert yaml.safe_load(dump_config(resolved_config(again, registry))) == saved  # a fixed point
+    assert "validation" not in saved["data"]
+
+
 def test_autoint_output_scale_starts_at_zero():
     """output_scale: the attention output enters beside the flat vector scaled by a learned 0."""
     from recmtl_plugins.interactions.autoint import AutoInt

@@ -44,7 +44,7 @@ from recmtl.training.distributed import (
 )
 from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors, reference_metrics
 from recmtl.training.evaluate import map_scores, merge_predictions, per_task_model, predict, reliability_bins, score_map, task_metrics
-from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
+from recmtl.training.model import MultiTaskModel, resolved_config, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
 from recmtl.training.tracking import attached, build_loggers
 
@@ -165,7 +165,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         label_text = format_summary(labels, heads_by_task)
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(run_dir)
-        files.write_config(dump_config(config))
+        files.write_config(dump_config(resolved_config(config, registry)))
         files.write_run_info({"versions": versions(), "argv": sys.argv,
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": ctx.world,
                               "labels": labels,
@@ -231,7 +231,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                 f"{config.train.epochs}: training on, with {config.train.early_stopping.patience} epochs' patience again")
             bad_epochs = 0
             if main:
-                files.write_config(dump_config(config))
+                files.write_config(dump_config(resolved_config(config, registry)))
         elif state.get("stopped_early"):
             say(f"the run had stopped early; nothing to train (raise train.epochs above {trained_for} to train on)")
             start_epoch = config.train.epochs

@@ -1,6 +1,8 @@
 """The multi-task model: encoders -> tower -> heads, assembled from registered plugins by name."""
 from __future__ import annotations
 
+import inspect
+import json
 from typing import Any
 
 import torch
@@ -52,6 +54,49 @@ def validate_plugins(config: Config, registry: Registry) -> dict[str, type[Head]
         if ctr is not None and ctr not in task_names:
             raise ConfigError(f"task '{task.name}': ctr_task '{ctr}' is not a task (tasks: {', '.join(sorted(task_names))})")
     return heads
+
+
+def _defaults(registry: Registry, kind: str, name: str, fixed: tuple[str, ...]) -> dict[str, Any]:
+    """The keyword parameters of a plugin's constructor with their defaults, those the core passes left out; only
+    defaults a config file can hold (JSON values)."""
+    try:
+        sig = inspect.signature(registry.get(kind, name))
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p in sig.parameters.values():
+        if p.name in fixed or p.name == "self" or p.default is p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = list(p.default) if isinstance(p.default, tuple) else p.default
+        try:
+            json.dumps(default)
+        except (TypeError, ValueError):
+            continue
+        out[p.name] = default
+    return out
+
+
+def _with_defaults(comp: ComponentConfig, registry: Registry, kind: str, fixed: tuple[str, ...]) -> ComponentConfig:
+    return ComponentConfig(name=comp.name, **{**_defaults(registry, kind, comp.name, fixed), **comp.params})
+
+
+def resolved_config(config: Config, registry: Registry) -> Config:
+    """``config`` with every plugin's parameters written out, the defaults of those it leaves unset included (the
+    encoders of every feature kind used too): what a run directory keeps, so that a later change of a plugin's
+    default does not change how a saved run is rebuilt."""
+    update: dict[str, Any] = {
+        "tower": _with_defaults(config.tower, registry, "tower", ("input_dim", "task_names", "features")),
+        "balancer": _with_defaults(config.balancer, registry, "balancer", ("task_names", "weights")),
+        "encoders": {**config.encoders, **{kind: _with_defaults(encoder_config(config, kind), registry, "encoder",
+                                                                ("features",))
+                                           for kind in dict.fromkeys(f.kind for f in config.features)}},
+        "tasks": [t.model_copy(update={"params": {**_defaults(registry, "head", t.head, ("input_dim", "task")),
+                                                  **t.params}}) for t in config.tasks],
+    }
+    if config.interaction is not None:
+        update["interaction"] = _with_defaults(config.interaction, registry, "interaction",
+                                               ("input_dim", "field_names", "field_dim"))
+    return config.model_copy(update=update)
 
 
 #: the interaction section's own key, read by the model (the common width of the field view), not by the block
