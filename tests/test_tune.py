@@ -9,6 +9,7 @@ import yaml
 from conftest import write_config
 
 from recmtl.data.synthetic import funnel
+from recmtl.errors import RecmtlError
 
 optuna = pytest.importorskip("optuna", reason="the tune extra is not installed (pip install 'recmtl[tune]')")
 
@@ -34,7 +35,7 @@ def write_space(path, space=SPACE):
 
 def test_tune_writes_best_config_table_plots_and_resumes(cli, tiny, tmp_path):
     root, cfg = tiny
-    space = write_space(tmp_path / "space.yaml")
+    space = write_space(tmp_path / "space.yaml", {**SPACE, "tower.expert_units": {"choice": [[16], [24, 8]]}})
     out = tmp_path / "t"
     r = cli("tune", cfg, "--space", space, "--trials", "2", "--out", out, "--seed", "0")
     assert r.code == 0, r
@@ -45,6 +46,7 @@ def test_tune_writes_best_config_table_plots_and_resumes(cli, tiny, tmp_path):
     top = max(rows, key=lambda row: float(row["value"]))
     assert best["optimizer"]["lr"] == pytest.approx(float(top["params_optimizer.lr"]))
     assert best["tower"]["num_experts"] == int(top["params_tower.num_experts"])
+    assert best["tower"]["expert_units"] == yaml.safe_load(top["params_tower.expert_units"])  # a list again
     assert best["data"] == yaml.safe_load(cfg.read_text())["data"]  # the base config's data, not the trial's
     assert {p.name for p in (out / "plots").glob("*.png")} >= {"history.png", "parallel_coordinate.png"}
     if __import__("importlib").util.find_spec("plotly") is not None:  # the interactive plots beside the PNGs
@@ -151,6 +153,18 @@ def test_choice_with_per_choice_spaces():
     dim = parse_space({"encoders.categorical.dim": {"choice": [8, 16]}})  # a plugin parameter, not a plugin
     assert apply_params({"encoders": {"categorical": {"name": "embedding"}}}, dim, {"encoders.categorical.dim": 8}) == \
         {"encoders": {"categorical": {"name": "embedding", "dim": 8}}}
+
+
+def test_choice_of_layer_lists():
+    """List values (a tower's layer widths) are offered to Optuna by label and written back as lists."""
+    space = parse_space({"tower.expert_units": {"choice": [[16], [64, 32]]}})
+    assert space[0].choices == ["[16]", "[64, 32]"]
+    raw = {"tower": {"name": "mmoe", "expert_units": [8]}}
+    assert apply_params(raw, space, {"tower.expert_units": "[64, 32]"})["tower"]["expert_units"] == [64, 32]
+    with pytest.raises(RecmtlError, match="reads like the list choice"):
+        parse_space({"tower.expert_units": {"choice": [[16], "[16]"]}})
+    with pytest.raises(RecmtlError, match="lists of numbers/strings"):
+        parse_space({"tower.expert_units": {"choice": [[[16]]]}})
 
 
 @pytest.mark.parametrize("space,message", [

@@ -76,6 +76,8 @@ class Param:
     step: float | None = None
     choices: list[Any] = field(default_factory=list)
     branches: dict[Any, list[Param]] = field(default_factory=dict)
+    #: a list-valued choice (``expert_units: {choice: [[64], [128, 64]]}``) by the label Optuna sees (``"[64]"``)
+    lists: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def is_component(self) -> bool:
@@ -135,10 +137,19 @@ def _parse_param(key: str, spec: Any, source: str, name: str) -> Param:
             return Param(key, name, kind, choices=list(choices), branches=branches)
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{where}: choice must be a non-empty list of values (or a mapping value -> its space)")
-        bad = [c for c in choices if not (c is None or isinstance(c, (bool, int, float, str)))]
+        scalar = (bool, int, float, str)
+        bad = [c for c in choices if not (c is None or isinstance(c, scalar)
+                                          or (isinstance(c, list) and all(isinstance(v, scalar) for v in c)))]
         if bad:
-            raise ConfigError(f"{where}: choice values must be numbers, strings, booleans or null; got {bad[0]!r}")
-        return Param(key, name, kind, choices=list(choices))
+            raise ConfigError(f"{where}: choice values must be numbers, strings, booleans, null or lists of "
+                              f"numbers/strings (e.g. layer widths [128, 64]); got {bad[0]!r}")
+        lists = {json.dumps(c): c for c in choices if isinstance(c, list)}
+        clash = [c for c in choices if isinstance(c, str) and c in lists]
+        if clash:
+            raise ConfigError(f"{where}: the string choice {clash[0]!r} reads like the list choice {clash[0]}; "
+                              "keep one of them")
+        return Param(key, name, kind, choices=[json.dumps(c) if isinstance(c, list) else c for c in choices],
+                     lists=lists)
     integer = kind == "int"
     bounds = spec[kind]
     if not (isinstance(bounds, list) and len(bounds) == 2 and all(_number(b, integer) for b in bounds)):
@@ -168,6 +179,8 @@ def apply_value(raw: dict[str, Any], param: Param, value: Any) -> None:
             return
         set_dotted(raw, param.key, {"name": value})
         return
+    if isinstance(value, str) and value in param.lists:
+        value = list(param.lists[value])
     set_dotted(raw, param.key, value)
 
 
