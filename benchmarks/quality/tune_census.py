@@ -12,7 +12,7 @@ config (``best.yaml``) trained on the full training data with each seed and eval
 the mean test AUC per task beside the untuned census benchmark's and the PLE paper's numbers.
 
 Usage: python benchmarks/quality/tune_census.py [--trials 8] [--epochs 3] [--train-rows 10000] [--valid-rows 5000]
-       [--work-dir DIR] [--final-seeds 1,2,3]
+       [--work-dir DIR] [--final-seeds 1,2,3 [--widths] [--workers K]]
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ FINAL_SPACE = {
     "encoders.categorical.dim": {"choice": [4, 8, 16, 32]},
     "train.batch_size": {"choice": [256, 512, 1024, 2048]},
 }
+#: ``--widths``: the experts' layer widths searched too (lists: ``recmtl tune``'s choice takes them)
+WIDTHS = {"tower.expert_units": {"choice": [[16], [64], [128, 64]]}, "tower.task_units": {"choice": [[8], [32]]}}
 #: test AUC (income, never married): the untuned census benchmark (MMoE, 3 seeds) and the PLE paper's MMoE
 REFERENCES = {"census benchmark, untuned MMoE": (0.9508, 0.9949), "PLE paper (Tang et al. 2020), MMoE": (0.9522, 0.9945)}
 
@@ -69,6 +71,8 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=None)
     ap.add_argument("--final-seeds", default="", help="comma-separated seeds: search once (median pruner, early "
                     "stopping), then train best.yaml on all rows with each seed and report test AUC")
+    ap.add_argument("--workers", type=int, default=1, help="with --final-seeds: tune processes on one study")
+    ap.add_argument("--widths", action="store_true", help="with --final-seeds: search the layer widths too (WIDTHS)")
     args = ap.parse_args()
     final_seeds = [int(x) for x in args.final_seeds.split(",") if x.strip()]
     if not DATA_DIR.is_dir():
@@ -94,7 +98,7 @@ def main() -> None:
     base = work / "tune_base.yaml"
     base.write_text(yaml.safe_dump(raw))
     space = work / "space.yaml"
-    space_raw = FINAL_SPACE if final_seeds else SPACE
+    space_raw = ({**FINAL_SPACE, **(WIDTHS if args.widths else {})} if final_seeds else SPACE)
     space.write_text(yaml.safe_dump(space_raw))
     print(f"budget: {args.trials} trials per mode, {args.epochs} epochs each, {args.train_rows} train / "
           f"{args.valid_rows} validation rows; space {space_raw}", file=sys.stderr)
@@ -125,7 +129,8 @@ def final(recmtl: str, work: Path, base: Path, space: Path, args: argparse.Names
     out = work / "tune-final"
     t0 = time.perf_counter()
     _, stdout = run_cli(recmtl, "tune", base.name, "--space", space.name, "--trials", str(args.trials), "--out",
-                        out.name, "--pruner", "median", "--seed", "0", "--study", "census-final", cwd=work)
+                        out.name, "--pruner", "median", "--seed", "0", "--study", "census-final", "--workers",
+                        str(args.workers), cwd=work)
     search_s = time.perf_counter() - t0
     print(stdout, file=sys.stderr)
     best = yaml.safe_load((out / "best.yaml").read_text())
