@@ -328,8 +328,7 @@ def test_dcn_v2_l2_is_the_sum_of_squares_of_the_cross_weights():
         want = 0.01 * sum(w.pow(2).sum() for w in weights(block))
         torch.testing.assert_close(block.regularization(), want)
         assert want > 0
-    assert DCNv2(4, list("abcd"), 1).l2 == 1e-4  # the measured default (RESULTS.md, "l2 and dropout")
-    assert float(DCNv2(4, list("abcd"), 1, l2=0.0).regularization()) == 0.0
+    assert float(DCNv2(4, list("abcd"), 1).regularization()) == 0.0
     with pytest.raises(ValueError, match="l2 must be a non-negative number"):
         DCNv2(4, list("abcd"), 1, l2=-1.0)
 

@@ -12,11 +12,12 @@ the tower both outputs, concatenated.
 ``init: identity`` (default) starts every cross layer at ``x_{l+1} = x_l``: ``W_l`` (full-rank), ``U_l`` (low-rank
 and the experts) and ``b_l`` are zero, so a stacked block starts as the plain MLP. ``init: random`` is torch's
 default initialisation of ``W_l`` (and scaled normals for ``U_l``, ``V_l``, ``C_l``). The formula is the paper's
-either way. ``l2`` (default 1e-4) adds ``l2 * sum(W^2)`` over the cross weights to the training loss
-(``regularization()``; measured: it turns the plain funnel's -0.0025 conversion AUC into -0.0003, seed noise;
-RESULTS.md, "l2 and dropout on the cross weights"); ``cross_dropout`` drops units of each layer's cross term ``W_l x_l + b_l`` in training
-(the residual ``x_l`` is kept). The defaults (low-rank, identity) are the measured ones: on funnel data without pairwise terms the
-full-rank, randomly initialised cross layers cost 0.006 conversion AUC against the plain MLP
+either way. ``l2`` adds ``l2 * sum(W^2)`` over the cross weights to the training loss
+(``regularization()``; off by default: 1e-4 closed the plain funnel's conversion loss but lost most of the
+pairwise gain, RESULTS.md, "l2 and dropout on dcn_v2's cross weights"); ``cross_dropout`` drops units of
+each layer's cross term ``W_l x_l + b_l`` in training (the residual ``x_l`` is kept). The defaults (low-rank,
+identity) are the measured ones: on funnel data without pairwise terms the full-rank,
+randomly initialised cross layers cost 0.006 conversion AUC against the plain MLP
 (benchmarks/RESULTS.md, "never lose").
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ class DCNv2(Interaction):
     def __init__(self, input_dim: int, field_names: list[str], field_dim: int, num_layers: int = 3,
                  structure: str = "stacked", rank: int | str | None = "auto", num_experts: int = 1,
                  deep_units: list[int] = (256, 128), dropout: float = 0.0, init: str = "identity",
-                 l2: float = 1e-4, cross_dropout: float = 0.0) -> None:
+                 l2: float = 0.0, cross_dropout: float = 0.0) -> None:
         super().__init__(input_dim, field_names, field_dim)
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
