@@ -228,6 +228,11 @@ class Interaction(nn.Module):
     def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def regularization(self) -> torch.Tensor:
+        """An extra term added to the training loss each step, on the block's parameters (default: none, a
+        zero scalar; e.g. dcn_v2's ``l2`` on its cross weights). Back-propagated beside the tower's term."""
+        return torch.zeros(())
+
 
 class Head(nn.Module):
     """Turns ``h_task`` into a raw output, a loss, a user-facing score and metrics.

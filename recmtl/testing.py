@@ -276,7 +276,7 @@ def check_encoder(cls: type[Encoder], **params: Any) -> Encoder:
 
 def check_interaction(cls: type[Interaction], **params: Any) -> Interaction:
     """Output ``[batch, output_dim]`` from a flat vector and a field view (4 fields of width 3), gradients reach its
-    parameters and its inputs."""
+    parameters and its inputs, and ``regularization()`` is a finite scalar."""
     torch.manual_seed(0)
     name = _name(cls)
     n, n_fields, d = 64, 4, 3
@@ -290,6 +290,9 @@ def check_interaction(cls: type[Interaction], **params: Any) -> Interaction:
     for pname, p in block.named_parameters():
         assert p.grad is not None, f"{name}: no gradient reaches {pname}"
     assert fields.grad is not None and fields.grad.abs().sum() > 0, f"{name}: no gradient reaches its inputs"
+    reg = block.regularization()
+    assert isinstance(reg, torch.Tensor) and reg.dim() == 0 and torch.isfinite(reg), (
+        f"{name}.regularization must return a finite scalar tensor, got {reg!r}")
     return block
 
 

@@ -316,3 +316,54 @@ def test_third_party_encoders_field_view():
     assert out.shape == (2, 3, 4)
     torch.testing.assert_close(out[:, :2], fields["dense"])  # the encoder's own width: as it is
     assert encoders["dense"].field_columns() == [0] * 4 + [1] * 4 and encoders["image"].field_columns() == [0] * 5
+
+
+def test_dcn_v2_l2_is_the_sum_of_squares_of_the_cross_weights():
+    """l2: the block's regularization() is l2 * sum(W^2) over the cross weights (not the biases); 0 by default."""
+    torch.manual_seed(0)
+    for params, weights in [({"rank": 2}, lambda b: [b.u, b.v]), ({"rank": None, "init": "random"},
+                                                                     lambda b: [la.weight for la in b.full]),
+                            ({"rank": 2, "num_experts": 2}, lambda b: [b.u, b.v, b.c])]:
+        block = DCNv2(4, list("abcd"), 1, num_layers=2, l2=0.01, **params)
+        want = 0.01 * sum(w.pow(2).sum() for w in weights(block))
+        torch.testing.assert_close(block.regularization(), want)
+        assert want > 0
+    assert float(DCNv2(4, list("abcd"), 1).regularization()) == 0.0
+    with pytest.raises(ValueError, match="l2 must be a non-negative number"):
+        DCNv2(4, list("abcd"), 1, l2=-1.0)
+
+
+def test_dcn_v2_cross_dropout_only_in_training():
+    """cross_dropout drops units of the cross term in training; in eval the block is the one without it."""
+    torch.manual_seed(0)
+    block = DCNv2(6, list("ab"), 3, num_layers=2, init="random", cross_dropout=0.5)
+    plain = DCNv2(6, list("ab"), 3, num_layers=2, init="random")
+    plain.load_state_dict(block.state_dict())
+    x = torch.randn(16, 6)
+    block.eval(), plain.eval()
+    torch.testing.assert_close(block(x, None), plain(x, None))
+    block.train()
+    assert not torch.allclose(block(x, None), plain(x, None))
+    with pytest.raises(ValueError, match=r"cross_dropout must be in \[0, 1\)"):
+        DCNv2(6, list("ab"), 3, cross_dropout=1.0)
+
+
+def test_interaction_regularization_reaches_the_training_loss(fm_run):
+    """The model adds the block's regularization() to the tower's term (and back-propagates it)."""
+    model = model_for(fm_run, interaction={"name": "dcn_v2", "num_layers": 1, "l2": 0.5})
+    model.train()
+    inputs = {k: example_input(k, e.features, 3) for k, e in model.encoders.items()}
+    model.run(inputs)
+    reg = model.backward_regularization()
+    want = model.interaction.regularization().detach() + model.tower.regularization({}).detach()
+    assert reg == pytest.approx(float(want), rel=1e-5)
+    assert reg > 0 and model.interaction.v.grad is not None and model.interaction.v.grad.abs().sum() > 0
+
+
+def test_dcn_v2_l2_and_cross_dropout_train_and_export(funnel_dir, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+                       interaction={"name": "dcn_v2", "num_layers": 2, "l2": 0.001, "cross_dropout": 0.2},
+                       train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
+    run_cli("train", cfg, "--out", tmp_path / "run")
+    run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")  # the parity check: no dropout at export
+    assert (tmp_path / "m.onnx").is_file()

@@ -408,9 +408,11 @@ class MultiTaskModel(nn.Module):
         return self.tower(x, inputs) if self.tower_uses_inputs else self.tower(x)
 
     def backward_regularization(self) -> float:
-        """Back-propagate the tower's extra loss term for the last training forward (kept graph, so
+        """Back-propagate the tower's (and the interaction block's) extra loss term for the last training forward (kept graph, so
         the balancer's backward still runs after it); returns its value."""
         reg = self.tower.regularization(self._scores)
+        if self.interaction is not None:
+            reg = reg + self.interaction.regularization()
         if self.gates is not None and self.gates.sparsity > 0:
             reg = reg + self.gates.penalty()
         self._scores = {}  # keep no graph on the module

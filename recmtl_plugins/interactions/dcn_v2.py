@@ -12,8 +12,12 @@ the tower both outputs, concatenated.
 ``init: identity`` (default) starts every cross layer at ``x_{l+1} = x_l``: ``W_l`` (full-rank), ``U_l`` (low-rank
 and the experts) and ``b_l`` are zero, so a stacked block starts as the plain MLP. ``init: random`` is torch's
 default initialisation of ``W_l`` (and scaled normals for ``U_l``, ``V_l``, ``C_l``). The formula is the paper's
-either way. The defaults (low-rank, identity) are the measured ones: on funnel data without pairwise terms the
-full-rank, randomly initialised cross layers cost 0.006 conversion AUC against the plain MLP
+either way. ``l2`` adds ``l2 * sum(W^2)`` over the cross weights to the training loss
+(``regularization()``; off by default: 1e-4 closed the plain funnel's conversion loss but lost most of the
+pairwise gain, RESULTS.md, "l2 and dropout on dcn_v2's cross weights"); ``cross_dropout`` drops units of
+each layer's cross term ``W_l x_l + b_l`` in training (the residual ``x_l`` is kept). The defaults (low-rank,
+identity) are the measured ones: on funnel data without pairwise terms the full-rank,
+randomly initialised cross layers cost 0.006 conversion AUC against the plain MLP
 (benchmarks/RESULTS.md, "never lose").
 """
 from __future__ import annotations
@@ -35,7 +39,8 @@ class DCNv2(Interaction):
 
     def __init__(self, input_dim: int, field_names: list[str], field_dim: int, num_layers: int = 3,
                  structure: str = "stacked", rank: int | str | None = "auto", num_experts: int = 1,
-                 deep_units: list[int] = (256, 128), dropout: float = 0.0, init: str = "identity") -> None:
+                 deep_units: list[int] = (256, 128), dropout: float = 0.0, init: str = "identity",
+                 l2: float = 0.0, cross_dropout: float = 0.0) -> None:
         super().__init__(input_dim, field_names, field_dim)
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
@@ -49,6 +54,10 @@ class DCNv2(Interaction):
             raise ValueError(f"num_experts must be at least 1, got {num_experts}")
         if init not in INITS:
             raise ValueError(f"init must be identity or random, got {init!r}")
+        if not l2 >= 0:
+            raise ValueError(f"l2 must be a non-negative number, got {l2!r}")
+        if not 0 <= cross_dropout < 1:
+            raise ValueError(f"cross_dropout must be in [0, 1), got {cross_dropout!r}")
         if num_experts > 1 and rank is None:
             raise ValueError("a mixture of experts (num_experts > 1) is one of low-rank experts: set rank too")
         d = self.input_dim
@@ -72,6 +81,8 @@ class DCNv2(Interaction):
                 else:
                     self.u.zero_()
         self.init = init
+        self.l2 = float(l2)
+        self.cross_dropout = nn.Dropout(float(cross_dropout))
         deep_units = check_units("deep_units", deep_units)
         self.deep = mlp(d, deep_units, dropout) if structure == "parallel" else None
         self._deep_out = (deep_units[-1] if deep_units else d) if structure == "parallel" else 0
@@ -83,14 +94,27 @@ class DCNv2(Interaction):
     def cross(self, x0: torch.Tensor, xl: torch.Tensor, layer: int) -> torch.Tensor:
         """One cross layer: ``x0 * (W xl + b) + xl``."""
         if self.rank is None:
-            return x0 * (self.full[layer](xl) + self.bias[layer, 0]) + xl
+            return x0 * self.cross_dropout(self.full[layer](xl) + self.bias[layer, 0]) + xl
         if self.num_experts == 1:
-            return x0 * ((xl @ self.v[layer, 0]) @ self.u[layer, 0] + self.bias[layer, 0]) + xl
+            return x0 * self.cross_dropout((xl @ self.v[layer, 0]) @ self.u[layer, 0] + self.bias[layer, 0]) + xl
         low = torch.tanh(torch.einsum("bd,kdr->kbr", xl, self.v[layer]))
         low = torch.tanh(torch.einsum("kbr,krs->kbs", low, self.c[layer]))
-        experts = x0.unsqueeze(0) * (torch.einsum("kbr,krd->kbd", low, self.u[layer]) + self.bias[layer].unsqueeze(1))
+        experts = x0.unsqueeze(0) * self.cross_dropout(torch.einsum("kbr,krd->kbd", low, self.u[layer])
+                                                        + self.bias[layer].unsqueeze(1))
         gate = torch.softmax(self.gate[layer](xl), dim=-1)  # [B, K]
         return torch.einsum("bk,kbd->bd", gate, experts) + xl
+
+    def cross_weights(self) -> list[torch.Tensor]:
+        """The cross layers' weight matrices (``W_l``, or ``U_l``, ``V_l`` and ``C_l``; not the biases)."""
+        if self.rank is None:
+            return [layer.weight for layer in self.full]
+        return [self.u, self.v] + ([self.c] if self.num_experts > 1 else [])
+
+    def regularization(self) -> torch.Tensor:
+        """``l2`` times the sum of squares of the cross weights (zero without ``l2``)."""
+        if self.l2 == 0:
+            return torch.zeros(())
+        return self.l2 * sum(w.pow(2).sum() for w in self.cross_weights())
 
     def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:
         xl = x
