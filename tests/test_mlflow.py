@@ -149,3 +149,14 @@ def test_queued_calls_are_sent_when_the_server_is_back(tmp_path):
     assert logger._flush() and logger.pending == []
     # queued metric calls go out merged, in order
     assert logger.client.batches == [[("train_loss/click", 1), ("step/losses/click", 8), ("train_loss/click", 2)]]
+
+
+def test_a_logger_that_sees_no_run_writes_nothing(tmp_path, monkeypatch):
+    """MLflow's default store is a file in the working directory: the contract check (and a run that never starts)
+    must not create it."""
+    from recmtl.testing import check_logger
+    from recmtl_plugins.loggers.mlflow_logger import MLflowLogger
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    check_logger(MLflowLogger)
+    assert list(tmp_path.iterdir()) == []

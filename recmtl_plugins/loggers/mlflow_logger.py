@@ -59,7 +59,7 @@ class MLflowLogger(Logger):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._client_class, self._client = MlflowClient, None
         self.experiment, self.run_name, self.report = experiment, run_name, report
         self.run_id: str | None = None
         self.run_dir: Path | None = None
@@ -70,6 +70,18 @@ class MLflowLogger(Logger):
         self._cond = threading.Condition()
         self._closing, self._deadline = False, 0.0
         self._thread: threading.Thread | None = None
+
+    @property
+    def client(self) -> Any:
+        """The MLflow client, made on first use: a logger that sees no run touches no tracking store (MLflow's
+        default store is a file in the working directory)."""
+        if self._client is None:
+            self._client = self._client_class(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @client.setter
+    def client(self, value: Any) -> None:
+        self._client = value
 
     # -- sending: a background thread drains a queue, so a hook costs the training loop no network round trip --
     def _queue(self, op: str, **kwargs: Any) -> None:
