@@ -7,17 +7,21 @@ never import each other:
   ``gate_weights``, ``gate_entropy``, ``max_entropy``, ``expert_utilisation``);
 * embeddings: ``embedding_width_groups`` and ``fused_embedding`` (one table per width, ids offset per feature);
 * heads: ``masked_mean`` (a loss averaged over the labelled entries);
-* sequence attention: ``AttentionStats`` (mean attention weight by history position, an encoder's diagnostics).
+* sequence attention: ``AttentionStats`` (mean attention weight by history position, an encoder's diagnostics),
+  ``HistoryTables`` (a history's and its candidate's embedding rows, borrowed from another encoder when shared).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from recmtl.contracts import TableRows
 
 
 def mlp(input_dim: int, units: Sequence[int], dropout: float = 0.0, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -237,3 +241,45 @@ class GateStats:
             out["expert_names"] = self.expert_names
         self.reset()
         return out
+
+
+class HistoryTables:
+    """For a sequence encoder with a table per history feature (``self.tables[j]``) and per candidate
+    (``self.target_tables[str(j)]``) over ``self.features`` of widths ``self.widths``: ``share_tables`` borrows a
+    categorical feature's rows for a history with ``vocabulary:`` and for a candidate (``target_name``) when size and
+    width agree, dropping the encoder's own table; ``history_table(j)`` / ``target_table(j)`` give what to embed
+    with. Put it before the encoder's base class (``class MyEncoder(HistoryTables, Encoder)``)."""
+
+    features: Sequence[Any]
+    widths: Sequence[int]
+    tables: nn.ModuleList
+    target_tables: nn.ModuleDict
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._borrowed: dict[str, TableRows] = {}  # another encoder's rows: "h{j}" history, "t{j}" candidate
+
+    def share_tables(self, tables: Mapping[str, TableRows]) -> None:
+        """Embed a history sharing a categorical feature's vocabulary, and a candidate, with that feature's rows."""
+        def fits(name: Any, size: int, width: int) -> TableRows | None:
+            rows = tables.get(name) if isinstance(name, str) else None
+            return rows if rows is not None and rows.size == size and rows.width == width else None
+
+        for j, f in enumerate(self.features):
+            if (rows := fits(f.options.get("vocabulary"), f.cardinality, self.widths[j])) is not None:
+                self._borrowed[f"h{j}"] = rows
+                self.tables[j] = nn.Identity()  # a placeholder: the rows live in the other encoder
+            if "target" in f.options and not f.options.get("shared") and (rows := fits(
+                    f.options.get("target_name"), int(f.options["target_cardinality"]), self.widths[j])) is not None:
+                self._borrowed[f"t{j}"] = rows
+                del self.target_tables[str(j)]
+
+    def history_table(self, j: int) -> nn.Module | TableRows:
+        """Feature ``j``'s item embeddings (ids without padding)."""
+        return self._borrowed.get(f"h{j}", self.tables[j])
+
+    def target_table(self, j: int) -> nn.Module | TableRows:
+        """Feature ``j``'s candidate embeddings."""
+        if self.features[j].options.get("shared"):
+            return self.history_table(j)
+        return self._borrowed[f"t{j}"] if f"t{j}" in self._borrowed else self.target_tables[str(j)]

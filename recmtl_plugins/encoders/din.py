@@ -17,14 +17,13 @@ rows of the evaluation passes (the validation data).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from recmtl import Encoder, FeatureInfo, TableRows, hookimpl
-from recmtl.layers import AttentionStats, check_units, mlp
+from recmtl import Encoder, FeatureInfo, hookimpl
+from recmtl.layers import AttentionStats, HistoryTables, check_units, mlp
 
 NORMALIZATIONS = ("none", "softmax")
 
@@ -54,7 +53,7 @@ class _AttentionMLP(nn.Module):
         return self.rest(pre).squeeze(-1)
 
 
-class DINEncoder(Encoder):
+class DINEncoder(HistoryTables, Encoder):
     kind = "sequence"
     uses_inputs = True
 
@@ -87,36 +86,10 @@ class DINEncoder(Encoder):
         self._dim = sum(w * (2 if "target" in f.options and self.include_target else 1)
                         for f, w in zip(features, self.widths))
         self.stats = AttentionStats([f.name for f in features if "target" in f.options], max(self.lengths))
-        self._borrowed: dict[str, TableRows] = {}  # another encoder's rows (share_tables): "h{j}" history, "t{j}" candidate
 
     @property
     def output_dim(self) -> int:
         return self._dim
-
-    def share_tables(self, tables: Mapping[str, TableRows]) -> None:
-        """Embed a history sharing a categorical feature's vocabulary, and a candidate, with that feature's rows."""
-        def fits(name: Any, size: int, width: int) -> TableRows | None:
-            rows = tables.get(name) if isinstance(name, str) else None
-            return rows if rows is not None and rows.size == size and rows.width == width else None
-
-        for j, f in enumerate(self.features):
-            if (rows := fits(f.options.get("vocabulary"), f.cardinality, self.widths[j])) is not None:
-                self._borrowed[f"h{j}"] = rows
-                self.tables[j] = nn.Identity()  # a placeholder: the rows live in the other encoder
-            if "target" in f.options and not f.options.get("shared") and (rows := fits(
-                    f.options.get("target_name"), int(f.options["target_cardinality"]), self.widths[j])) is not None:
-                self._borrowed[f"t{j}"] = rows
-                del self.target_tables[str(j)]
-
-    def history_table(self, j: int) -> nn.Module | TableRows:
-        """Feature ``j``'s item embeddings (ids without padding)."""
-        return self._borrowed.get(f"h{j}", self.tables[j])
-
-    def target_table(self, j: int) -> nn.Module | TableRows:
-        """Feature ``j``'s candidate embeddings."""
-        if self.features[j].options.get("shared"):
-            return self.history_table(j)
-        return self._borrowed[f"t{j}"] if f"t{j}" in self._borrowed else self.target_tables[str(j)]
 
     def forward(self, x: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         parts = []

@@ -17,14 +17,13 @@ block, mean over heads) by history position (1 = the most recent item), over the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from recmtl import Encoder, FeatureInfo, TableRows, hookimpl
-from recmtl.layers import AttentionStats
+from recmtl import Encoder, FeatureInfo, hookimpl
+from recmtl.layers import AttentionStats, HistoryTables
 
 OUTPUTS = ("target", "mean")
 
@@ -64,7 +63,7 @@ class _Block(nn.Module):
         return self.norm2(x + self.drop(self.ffn(x))), att
 
 
-class TransformerEncoder(Encoder):
+class TransformerEncoder(HistoryTables, Encoder):
     kind = "sequence"
     uses_inputs = True
 
@@ -101,36 +100,10 @@ class TransformerEncoder(Encoder):
                                              for _ in range(num_layers)))
         self._dim = sum(self.widths)
         self.stats = AttentionStats([f.name for f in features if "target" in f.options], max(self.lengths))
-        self._borrowed: dict[str, TableRows] = {}  # another encoder's rows (share_tables): "h{j}" history, "t{j}" candidate
 
     @property
     def output_dim(self) -> int:
         return self._dim
-
-    def share_tables(self, tables: Mapping[str, TableRows]) -> None:
-        """Embed a history sharing a categorical feature's vocabulary, and a candidate, with that feature's rows."""
-        def fits(name: Any, size: int, width: int) -> TableRows | None:
-            rows = tables.get(name) if isinstance(name, str) else None
-            return rows if rows is not None and rows.size == size and rows.width == width else None
-
-        for j, f in enumerate(self.features):
-            if (rows := fits(f.options.get("vocabulary"), f.cardinality, self.widths[j])) is not None:
-                self._borrowed[f"h{j}"] = rows
-                self.tables[j] = nn.Identity()  # a placeholder: the rows live in the other encoder
-            if "target" in f.options and not f.options.get("shared") and (rows := fits(
-                    f.options.get("target_name"), int(f.options["target_cardinality"]), self.widths[j])) is not None:
-                self._borrowed[f"t{j}"] = rows
-                del self.target_tables[str(j)]
-
-    def history_table(self, j: int) -> nn.Module | TableRows:
-        """Feature ``j``'s item embeddings (ids without padding)."""
-        return self._borrowed.get(f"h{j}", self.tables[j])
-
-    def target_table(self, j: int) -> nn.Module | TableRows:
-        """Feature ``j``'s candidate embeddings."""
-        if self.features[j].options.get("shared"):
-            return self.history_table(j)
-        return self._borrowed[f"t{j}"] if f"t{j}" in self._borrowed else self.target_tables[str(j)]
 
     def forward(self, x: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         parts = []
