@@ -13,47 +13,16 @@ Tested in tests/test_cluster_recipes.py (``pytest -m cluster``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from recmtl.errors import DataError, RecmtlError
-from recmtl.serving.score import DEFAULT_BATCH_SIZE, Scorer
+from recmtl.serving.score import DEFAULT_BATCH_SIZE, Scorer, check_job_paths, staged_output
 
 #: rows per map_batches call, as `recmtl score` reads (each call is scored in slices of --batch-size rows)
 ROWS_PER_CALL = 65_536
-
-
-def check_paths(model: str | os.PathLike, input_path: str, output: str) -> None:
-    """One clear error, before any engine starts, for a missing model file or input folder or an existing
-    output (local paths only: a URL such as ``s3://`` is the engine's to check)."""
-    if not Path(model).is_file():
-        raise DataError(f"no such model file: {model} (export one with `recmtl export RUN_DIR -o model.onnx`)")
-    if "://" not in str(input_path) and not Path(input_path).exists():
-        raise DataError(f"no such input file or folder: {input_path} (a Parquet file or a folder of them)")
-    if "://" not in str(output) and Path(output).exists():
-        raise DataError(f"output {output} already exists: remove it or name another folder")
-
-
-@contextlib.contextmanager
-def staged(output: str) -> Iterator[str]:
-    """Where to write ``output``: for a local path, a new folder beside it, renamed to ``output`` once the
-    engine has written everything (deleted on an error), so a failed job leaves no partial output."""
-    if "://" in str(output):
-        yield str(output)
-        return
-    target = Path(output).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield str(tmp / "out")
-        os.replace(tmp / "out", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def score_ray(model: str | os.PathLike, input_path: str, output: str, keep: Sequence[str] = (),
@@ -63,7 +32,7 @@ def score_ray(model: str | os.PathLike, input_path: str, output: str, keep: Sequ
     actors (default: one per CPU of the cluster), each with ``threads`` onnxruntime threads."""
     import ray
 
-    check_paths(model, input_path, output)
+    check_job_paths(model, input_path, output)
     keep = list(dict.fromkeys(keep))
     model = str(Path(model).resolve())
     ds = ray.data.read_parquet(str(input_path))
@@ -93,7 +62,7 @@ def score_ray(model: str | os.PathLike, input_path: str, output: str, keep: Sequ
     # tasks and the job waits for ever (seen on 2 CPUs); the actor still runs `threads` threads
     scored = ds.select_columns(needed).map_batches(Score, batch_format="pyarrow", batch_size=ROWS_PER_CALL,
                                                    compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0.5)
-    with staged(output) as target:
+    with staged_output(output) as target:
         scored.write_parquet(target)
 
 
@@ -109,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads per scoring actor (default: 1)")
     args = parser.parse_args(argv)
     try:
-        check_paths(args.model, args.input, args.output)  # before Ray starts
+        check_job_paths(args.model, args.input, args.output)  # before Ray starts
         import ray
         ray.init(args.address, num_cpus=None if args.address else args.num_cpus, include_dashboard=False)
         try:

@@ -14,45 +14,16 @@ Tested in tests/test_cluster_recipes.py (``pytest -m cluster``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from recmtl.errors import DataError, RecmtlError
-from recmtl.serving.score import DEFAULT_BATCH_SIZE, Scorer, kept_names, score_batches
-
-
-def check_paths(model: str | os.PathLike, input_path: str, output: str) -> None:
-    """One clear error, before any engine starts, for a missing model file or input folder or an existing
-    output (local paths only: a URL such as ``s3://`` is the engine's to check)."""
-    if not Path(model).is_file():
-        raise DataError(f"no such model file: {model} (export one with `recmtl export RUN_DIR -o model.onnx`)")
-    if "://" not in str(input_path) and not Path(input_path).exists():
-        raise DataError(f"no such input file or folder: {input_path} (a Parquet file or a folder of them)")
-    if "://" not in str(output) and Path(output).exists():
-        raise DataError(f"output {output} already exists: remove it or name another folder")
-
-
-@contextlib.contextmanager
-def staged(output: str) -> Iterator[str]:
-    """Where to write ``output``: for a local path, a new folder beside it, renamed to ``output`` once the
-    engine has written everything (deleted on an error), so a failed job leaves no partial output."""
-    if "://" in str(output):
-        yield str(output)
-        return
-    target = Path(output).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield str(tmp / "out")
-        os.replace(tmp / "out", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+from recmtl.serving.score import DEFAULT_BATCH_SIZE, Scorer, check_job_paths, kept_names, score_batches, staged_output
 
 
 def ship(spark, model: str | os.PathLike) -> str:
@@ -80,7 +51,7 @@ def score_spark(spark, model: str | os.PathLike, input_path: str, output: str, k
     from pyspark.sql.pandas.types import to_arrow_schema
     from pyspark.sql.types import ArrayType, FloatType, StructField, StructType
 
-    check_paths(model, input_path, output)
+    check_job_paths(model, input_path, output)
     keep = list(dict.fromkeys(keep))
     scorer = Scorer(model)  # on the driver: the tasks and score types for the output schema, and the column checks
     df = spark.read.parquet(str(input_path))
@@ -108,7 +79,7 @@ def score_spark(spark, model: str | os.PathLike, input_path: str, output: str, k
                 scored = scored.set_column(i, t, scored.column(i).cast(pa.list_(pa.float32())))
             yield scored
 
-    with staged(output) as target:
+    with staged_output(output) as target:
         df.select(*needed).mapInArrow(score_partition, schema).write.parquet(target)
 
 
@@ -123,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads per Spark task (default: 1)")
     args = parser.parse_args(argv)
     try:
-        check_paths(args.model, args.input, args.output)  # before the JVM starts
+        check_job_paths(args.model, args.input, args.output)  # before the JVM starts
         # the executors' Python: this one (with recmtl installed), unless PYSPARK_PYTHON says otherwise
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         from pyspark.sql import SparkSession

@@ -5,8 +5,12 @@
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -214,6 +218,35 @@ class Scorer:
         """float32, or ``fixed_size_list<float32>[K]`` for a task scored as K probabilities."""
         width = self.widths[task]
         return pa.list_(pa.float32(), width) if width else pa.float32()
+
+
+# ---- for scoring jobs in other engines (examples/cluster: Spark, Ray) ----
+def check_job_paths(model: str | os.PathLike, input_path: str, output: str) -> None:
+    """One clear error, before any engine starts, for a missing model file or input folder or an existing
+    output (local paths only: a URL such as ``s3://`` is the engine's to check)."""
+    if not Path(model).is_file():
+        raise DataError(f"no such model file: {model} (export one with `recmtl export RUN_DIR -o model.onnx`)")
+    if "://" not in str(input_path) and not Path(input_path).exists():
+        raise DataError(f"no such input file or folder: {input_path} (a Parquet file or a folder of them)")
+    if "://" not in str(output) and Path(output).exists():
+        raise DataError(f"output {output} already exists: remove it or name another folder")
+
+
+@contextlib.contextmanager
+def staged_output(output: str) -> Iterator[str]:
+    """Where to write ``output``: for a local path, a new folder beside it, renamed to ``output`` once the
+    engine has written everything (deleted on an error), so a failed job leaves no partial output."""
+    if "://" in str(output):
+        yield str(output)
+        return
+    target = Path(output).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield str(tmp / "out")
+        os.replace(tmp / "out", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def score_batches(model_path: str | Path, batches: Iterable[pa.RecordBatch], keep: Sequence[str] = (),
