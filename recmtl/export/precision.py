@@ -159,10 +159,7 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         finally:
             logging.disable(logging.NOTSET)
         quantized = onnx.load(str(path))
-    quantize_embeddings(quantized)
-    _restore_opsets(quantized, model)
-    onnx.checker.check_model(quantized)
-    return quantized
+    return _int8_embeddings_and_check(quantized, model)
 
 
 def _output_width(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
@@ -221,10 +218,7 @@ def to_int8_static(model: onnx.ModelProto, calibration: list[dict[str, np.ndarra
         finally:
             logging.disable(logging.NOTSET)
         quantized = onnx.load(str(path))
-    quantize_embeddings(quantized)
-    _restore_opsets(quantized, model)
-    onnx.checker.check_model(quantized)
-    return quantized
+    return _int8_embeddings_and_check(quantized, model)
 
 
 def core_tensors(model: onnx.ModelProto) -> list[str]:
@@ -325,6 +319,14 @@ def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.
             raise RuntimeError(f"graph has a cycle or a missing input near node {rest[0].name}")
         pending = rest
     return out
+
+
+def _int8_embeddings_and_check(quantized: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """The last steps of both int8 exports: int8 embedding tables, the original's opsets, the ONNX checker."""
+    quantize_embeddings(quantized)
+    _restore_opsets(quantized, original)
+    onnx.checker.check_model(quantized)
+    return quantized
 
 
 def _restore_opsets(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
