@@ -13,6 +13,11 @@ from recmtl.errors import ConfigError, RecmtlError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="recmtl: multi-task learning for recommenders, trained on Parquet.")
 datagen_app = typer.Typer(no_args_is_help=True, help="Write synthetic Parquet data with a known ground truth.")
+# Arguments every `recmtl datagen` generator shares.
+TruthFolder = Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet and their .truth.parquet.")]
+SplitsFolder = Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet.")]
+ValidFraction = Annotated[float, typer.Option(help="Share of the rows written to valid.parquet.")]
+TestFraction = Annotated[float, typer.Option(help="Share of the rows written to test.parquet.")]
 app.add_typer(datagen_app, name="datagen")
 
 
@@ -521,15 +526,15 @@ def inspect(model: Annotated[Path, typer.Argument(help="ONNX model file.")]) -> 
 
 @datagen_app.command("funnel")
 def datagen_funnel(
-    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet and their .truth.parquet.")],
+    out: TruthFolder,
     rows: Annotated[int, typer.Option(help="Total rows over all splits.")] = 200_000,
     seed: int = 0,
     categorical: Annotated[int, typer.Option(help="Number of categorical features.")] = 26,
     dense: Annotated[int, typer.Option(help="Number of dense features.")] = 13,
     cardinality: Annotated[int, typer.Option(help="Distinct ids of user_id/item_id (others spread from 3 up to it).")] = 1000,
     correlation: Annotated[float, typer.Option(help="Correlation of the click and conversion effects.")] = 0.5,
-    valid_fraction: float = 0.1,
-    test_fraction: float = 0.1,
+    valid_fraction: ValidFraction = 0.1,
+    test_fraction: TestFraction = 0.1,
     tail: Annotated[int, typer.Option(help="Add a long tail: tail_id with this many ids (Zipf popularity, strong "
                                            "per-id effects) and two heavy-tailed numbers, views and price (0: off).")] = 0,
     interactions: Annotated[float, typer.Option(help="Add FM-style pairwise products of the categorical fields' factors "
@@ -546,15 +551,15 @@ def datagen_funnel(
 
 @datagen_app.command("interests")
 def datagen_interests(
-    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet and their .truth.parquet.")],
+    out: TruthFolder,
     rows: Annotated[int, typer.Option(help="Total rows over all splits.")] = 100_000,
     seed: int = 0,
     items: Annotated[int, typer.Option(help="Distinct item ids.")] = 1000,
     topics: Annotated[int, typer.Option(help="Latent topics of the items.")] = 20,
     history: Annotated[int, typer.Option(help="The most items in a row's history (hist).")] = 20,
     text: Annotated[bool, typer.Option(help="Add a title string whose words move the click.")] = False,
-    valid_fraction: float = 0.1,
-    test_fraction: float = 0.1,
+    valid_fraction: ValidFraction = 0.1,
+    test_fraction: TestFraction = 0.1,
 ) -> None:
     """Candidate items and user histories (latent interests and topics): click from the history's relation to the
     candidate, conversion from its brand; their true probabilities."""
@@ -565,13 +570,13 @@ def datagen_interests(
 
 @datagen_app.command("mmoe-synthetic")
 def datagen_mmoe(
-    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet.")],
+    out: SplitsFolder,
     correlation: Annotated[float, typer.Option(help="Task correlation p in [-1, 1] (the paper's 1.0, 0.9, 0.5, 0).")] = 0.5,
     rows: int = 100_000,
     seed: int = 0,
     dim: Annotated[int, typer.Option(help="Input dimension (the paper: 100).")] = 100,
-    valid_fraction: float = 0.1,
-    test_fraction: float = 0.1,
+    valid_fraction: ValidFraction = 0.1,
+    test_fraction: TestFraction = 0.1,
 ) -> None:
     """The MMoE paper's synthetic regression task pair (section 4) with a chosen task correlation."""
     from recmtl.data.synthetic import mmoe_synthetic
@@ -581,7 +586,7 @@ def datagen_mmoe(
 
 @datagen_app.command("task-clusters")
 def datagen_task_clusters(
-    out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet.")],
+    out: SplitsFolder,
     rows: int = 20_000,
     seed: int = 0,
     clusters: Annotated[int, typer.Option(min=1, help="Clusters of related tasks.")] = 2,
@@ -599,8 +604,8 @@ def datagen_task_clusters(
 def datagen_digits(
     out: Annotated[Path, typer.Argument(help="Folder for train/valid/test.parquet and config.yaml.")],
     seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 0,
-    valid_fraction: float = 0.15,
-    test_fraction: float = 0.15,
+    valid_fraction: ValidFraction = 0.15,
+    test_fraction: TestFraction = 0.15,
 ) -> None:
     """scikit-learn's bundled handwritten digits (8x8 PNG) with the digit and attributes (even, > 4, closed loop, ...)."""
     from recmtl.data.synthetic import digits_attributes
@@ -614,8 +619,8 @@ def datagen_shapes(
     rows: Annotated[int, typer.Option(help="Total images over all splits.")] = 10_000,
     size: Annotated[int, typer.Option(help="Image width and height in pixels.")] = 32,
     seed: int = 0,
-    valid_fraction: float = 0.1,
-    test_fraction: float = 0.1,
+    valid_fraction: ValidFraction = 0.1,
+    test_fraction: TestFraction = 0.1,
 ) -> None:
     """Drawn shapes (RGB PNG) with a known class (shape) and attributes (colour, fill, size)."""
     from recmtl.data.synthetic import shapes
