@@ -170,6 +170,20 @@ def _integer_x(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _finish_axes(ax, xlabel: str, title: str | None = None, ylabel: str | None = None,
+                 integer_x: bool = True) -> None:
+    """The line plots' common dressing: axis labels, title, light grid, legend; integer ticks for epochs."""
+    if integer_x:
+        _integer_x(ax)
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def training_curves(data: RunData) -> Image:
     """Train loss (solid) and validation loss (dashed) per task, then one panel per validation metric."""
     hist = data.history
@@ -209,10 +223,7 @@ def training_curves(data: RunData) -> Image:
         ax.set_title(f"validation {metric}")
     for ax in axes[:len(panels)]:
         _mark_best(ax, best)
-        _integer_x(ax)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _finish_axes(ax, "epoch")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     caption = (f"best epoch {best} by {data.metrics.get('monitor', '?')} (dotted line)" if best else "")
@@ -297,12 +308,7 @@ def gate_entropy_figure(data: RunData) -> Image | None:
     top = max([v for v in seen if math.isfinite(v)], default=0.0)
     ax.set_ylim(0, top * 1.08 if top > 0 else None)
     _mark_best(ax, data.best_epoch)
-    _integer_x(ax)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("mean gate entropy (nats)")
-    ax.set_title("gate entropy per epoch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _finish_axes(ax, "epoch", "gate entropy per epoch", "mean gate entropy (nats)")
     return _render(fig, "tower", "gate_entropy.png", "Gate entropy",
                    "Near the maximum: the gate mixes all experts evenly; near 0: each row picks one expert.")
 
@@ -331,12 +337,8 @@ def attention_figure(diag: dict[str, Any], epoch: int | None) -> Image | None:
     for i, (name, values) in enumerate(series.items()):
         ax.plot(range(1, len(values) + 1), [_num(v) for v in values], marker="o", markersize=3,
                 color=f"C{i % 10}", label=name)
-    _integer_x(ax)
-    ax.set_xlabel("history position (1 = most recent item)")
-    ax.set_ylabel("mean attention weight")
-    ax.set_title("attention by history position")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _finish_axes(ax, "history position (1 = most recent item)", "attention by history position",
+                 "mean attention weight")
     return _render(fig, "attention", "attention.png", "Attention by history position",
                    f"Mean weight the sequence encoder gives the item at each history position (epoch {epoch}); "
                    "weight on recent items only says recency matters, a flat line that position does not.")
@@ -458,11 +460,9 @@ def balance_figures(data: RunData) -> list[Image]:
             positive = [y for v in series.values() for y in v if y > 0]
             if positive and max(positive) / min(positive) > 100:
                 ax.set_yscale("log")
-        ax.set_xlabel("step" + (" (grey lines: epoch starts)" if starts else ""))
-        ax.set_ylabel(ylabel)
-        ax.set_title(ax_title + (f" (rolling mean over {window} logged steps)" if window else ""))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _finish_axes(ax, "step" + (" (grey lines: epoch starts)" if starts else ""),
+                     ax_title + (f" (rolling mean over {window} logged steps)" if window else ""), ylabel,
+                     integer_x=False)
         images.append(_render(fig, "balance", fname, title, caption))
     return images
 
