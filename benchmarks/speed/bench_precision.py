@@ -105,13 +105,10 @@ def bench_train(rows: int, rounds: int, work: Path, model: str = "benchmark", ce
             "over_fp32": {k: v / med["fp32"] for k, v in med.items()}, "median_round_ratio_over_fp32": ratios}
 
 
-def bench_step(rows: int, rounds: int, work: Path, models: list[str], census: Path | None, threads: int,
-               steps: int = 8, batch: int = 0) -> dict:
-    """Training-step cost of each model in fp32 and under bf16 autocast, in one process: the loop's step
-    (forward, losses, balancer backward, optimizer steps) on the same pre-built batches, ``steps`` steps per
-    block, blocks of every (model, precision) shuffled within each round; medians of wall and CPU ms per step."""
-    import random
-
+def step_runners(rows: int, work: Path, models: list[str], census: Path | None, steps: int, batch: int = 0,
+                 modes: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+    """{(model, mode): a function running ``steps`` training steps as the loop takes them (autocast forward and
+    losses, zero_grad, the balancer's backward, the optimizers' steps) on the same pre-built batches}."""
     from recmtl.config import parse_config
     from recmtl.data.parquet import ParquetSource
     from recmtl.data.synthetic import funnel
@@ -122,7 +119,6 @@ def bench_step(rows: int, rounds: int, work: Path, models: list[str], census: Pa
     from recmtl.training.model import MultiTaskModel, validate_plugins
     from recmtl.training.optimizers import make_optimizers
 
-    torch.set_num_threads(threads)
     data = work / "data"
     if not (data / "train.parquet").is_file():
         funnel(data, rows=rows, seed=0)
@@ -138,7 +134,7 @@ def bench_step(rows: int, rounds: int, work: Path, models: list[str], census: Pa
             batches.append(b)
             if len(batches) == steps:
                 break
-        for mode in ("fp32", "bf16"):
+        for mode in modes:
             torch.manual_seed(0)
             model = MultiTaskModel(cfg, schema, registry)
             balancer = registry.create("balancer", cfg.balancer.name, model.task_names,
@@ -155,8 +151,20 @@ def bench_step(rows: int, rounds: int, work: Path, models: list[str], census: Pa
                         opt.zero_grad(set_to_none=True)
                     balancer.backward(precision.scale_losses(losses), shared)
                     precision.step(optimizers)
-            block()  # warm-up: optimizer state, autocast's weight-cast cache, allocator
+            block()  # warm-up: optimizer state, allocator
             runners[(model_name, mode)] = block
+    return runners
+
+
+def bench_step(rows: int, rounds: int, work: Path, models: list[str], census: Path | None, threads: int,
+               steps: int = 8, batch: int = 0) -> dict:
+    """Training-step cost of each model in fp32 and under bf16 autocast, in one process: the loop's step
+    (forward, losses, balancer backward, optimizer steps) on the same pre-built batches, ``steps`` steps per
+    block, blocks of every (model, precision) shuffled within each round; medians of wall and CPU ms per step."""
+    import random
+
+    torch.set_num_threads(threads)
+    runners = step_runners(rows, work, models, census, steps, batch)
     wall: dict = {k: [] for k in runners}
     cpu: dict = {k: [] for k in runners}
     for r in range(rounds):
@@ -180,6 +188,48 @@ def bench_step(rows: int, rounds: int, work: Path, models: list[str], census: Pa
               f"{out[m]['bf16_speedup_cpu']:.2f}x cpu", file=sys.stderr, flush=True)
     return {"threads": threads, "rounds": rounds, "steps_per_block": steps, "torch": torch.__version__,
             "models": out}
+
+
+#: torch.profiler's operator names grouped into the parts of a step (first match wins; the rest: "other")
+PROFILE_GROUPS = [
+    ("optimizer step", ("Optimizer.step", "_single_tensor", "_multi_tensor", "sparse_adam", "adam", "adagrad",
+                        "_foreach")),
+    ("sparse embedding", ("embedding", "_sparse", "coalesce", "index_select", "index_add", "sparse", "_indices",
+                          "_values", "unique")),
+    ("matmul", ("addmm", "mm", "bmm", "matmul", "linear", "baddbmm", "einsum")),
+    ("casts / copies", ("_to_copy", "aten::to", "copy_", "contiguous", "clone")),
+    ("loss / metrics", ("binary_cross_entropy", "log_sigmoid", "softplus", "nll", "log_softmax")),
+]
+
+
+def bench_profile(rows: int, work: Path, model: str, census: Path | None, threads: int, steps: int = 8) -> dict:
+    """torch.profiler over ``steps`` training steps of ``model`` in fp32 and bf16 (one warm-up block first): self
+    CPU time per operator, the top operators and the totals per part of the step (:data:`PROFILE_GROUPS`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    runners = step_runners(rows, work, [model], census, steps)
+    out = {}
+    for (_, mode), run in runners.items():
+        run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events)
+        groups: dict[str, float] = {}
+        for e in events:
+            name = e.key.lower()
+            part = next((g for g, keys in PROFILE_GROUPS if any(k.lower() in name for k in keys)), "other")
+            groups[part] = groups.get(part, 0.0) + e.self_cpu_time_total
+        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:20]
+        out[mode] = {"self_cpu_ms_per_step": total / 1000 / steps,
+                     "parts_ms_per_step": {g: round(v / 1000 / steps, 2) for g, v in
+                                           sorted(groups.items(), key=lambda kv: -kv[1])},
+                     "top_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 2) for e in top}}
+        print(f"{mode}: {out[mode]['self_cpu_ms_per_step']:.1f} ms self CPU a step; "
+              + ", ".join(f"{g} {v}" for g, v in out[mode]["parts_ms_per_step"].items()), file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+    return {"model": model, "threads": threads, "steps": steps, "profile": out}
 
 
 def bench_score(run: Path, data: str, sample: str, rounds: int, threads: int, work: Path,
@@ -342,7 +392,7 @@ def bench_quant(run_dir: Path, data: str, sample: str, rounds: int, threads: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["train", "step", "score", "quant"])
+    ap.add_argument("what", choices=["train", "step", "profile", "score", "quant"])
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--run", type=Path)
@@ -369,6 +419,8 @@ def main() -> None:
         elif args.what == "step":
             result = bench_step(args.rows, args.rounds, work, args.models.split(","), args.census_dir, args.threads,
                                 batch=args.batch_size)
+        elif args.what == "profile":
+            result = bench_profile(args.rows, work, args.model, args.census_dir, args.threads)
         elif args.what == "quant":
             result = bench_quant(args.run, args.data, args.sample, args.rounds, args.threads, work,
                                  args.score_variants.split(","), args.score_rows)
