@@ -153,3 +153,18 @@ def test_cli_precision_is_printed_and_recorded(cli, funnel_dir, tmp_path):
     assert np.isfinite(metrics["validation"]["click"]["auc"])
     r = cli("train", cfg, "--out", tmp_path / "bad", "--precision", "int4")
     assert r.code == 2 and "precision" in r.err and "Traceback" not in r.err, r
+
+
+def test_resumed_run_keeps_the_probe_decision(cli, funnel_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(device, "cpu_bf16_units", lambda: "AMX")
+    monkeypatch.setattr(device, "choose_precision", lambda seconds, margin: "bf16")
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, train={"batch_size": 512, "epochs": 1, "progress": False,
+                                                                "threads": 1})
+    assert cli("train", cfg, "--out", tmp_path / "run").code == 0
+    monkeypatch.setattr(device, "choose_precision", lambda seconds, margin: "fp32")  # a probe now would say fp32
+    r = cli("train", cfg, "--out", tmp_path / "run", "--resume", "--set", "train.epochs=2")
+    assert r.code == 0, r
+    assert "alternate fp32 and bf16" not in r.err.split("resuming")[-1]  # no second probe
+    assert "precision bf16 (auto: the probe's decision when the run started, kept on resume)" in r.err
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["precision_mode"] == "bf16"

@@ -218,6 +218,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         if probe is not None and state.get("precision_mode") in ("fp32", "bf16"):  # the probe's decision stands
             precision.use(state["precision_mode"])
             probe = None
+            say(f"precision {precision.mode} (auto: the probe's decision when the run started, kept on resume)")
         balancer.load_state_dict(state["balancer"])
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
