@@ -161,7 +161,11 @@ class Experts(nn.Module):
             h = torch.relu(torch.addmm(self.biases[0].reshape(-1), x, self.weights[0]))
             h = h.view(x.shape[0], e, -1).transpose(0, 1)
         elif x.dim() == 2:
-            h = torch.relu((x @ self.weights[0]).view(x.shape[0], e, -1).transpose(0, 1) + self.biases[0])
+            h = x @ self.weights[0]  # under bf16 autocast a bf16 product: the bias joins it in bf16, so that the
+            # activation is not promoted to fp32 here and cast back to bf16 by the next layer's product
+            h = torch.relu(h.view(x.shape[0], e, -1).transpose(0, 1) + self.biases[0].to(h.dtype))
+            if len(self.weights) > 1:  # [E, B, D] laid out as such: the next product's backward then needs no
+                h = h.contiguous()  # strided copy of it (a slow one in bf16)
         else:
             h = torch.relu(torch.baddbmm(self.biases[0], x, self.layer_weights(0)))
         h = self.dropout(h)

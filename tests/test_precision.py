@@ -17,7 +17,7 @@ from recmtl.registry import load_registry
 from recmtl.schema import fit_schema
 from recmtl.training import device
 from recmtl.training.batches import blocks, minibatches
-from recmtl.training.device import Precision, resolve_precision
+from recmtl.training.device import Precision, PrecisionProbe, choose_precision, resolve_precision, wants_probe
 from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
 
@@ -45,6 +45,54 @@ def test_bf16_without_units_warns_once(monkeypatch):
 def test_this_machine_auto_matches_its_units():
     """On the AVX2-only CI machines auto stays fp32; on AMX / AVX-512 BF16 ones it is bf16."""
     assert resolve_precision("auto", CPU) == ("fp32" if device.cpu_bf16_units() is None else "bf16")
+
+
+@pytest.mark.parametrize("units, spec, world, want", [
+    ("AVX-512 BF16", "auto", 1, True), ("AMX", "auto", 1, True), (None, "auto", 1, False),
+    ("AMX", "bf16", 1, False), ("AMX", "fp32", 1, False), ("AMX", "auto", 2, False)])
+def test_probe_only_settles_auto_on_one_cpu_process_with_units(monkeypatch, units, spec, world, want):
+    monkeypatch.setattr(device, "cpu_bf16_units", lambda: units)
+    assert wants_probe(spec, CPU, world) is want
+
+
+@pytest.mark.parametrize("fp32, bf16, want", [
+    ([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], "bf16"),  # 2x faster
+    ([1.0, 1.0, 1.0], [0.94, 0.96, 0.95], "bf16"),  # 5 % faster: the margin
+    ([1.0, 1.0, 1.0], [0.97, 0.98, 0.99], "fp32"),  # within the margin: the fp32 path stays
+    ([1.0, 1.0, 1.0], [1.2, 1.3, 1.25], "fp32"),  # bf16 slower (small layers, small batches)
+    ([1.0, 9.0, 1.0], [0.8, 0.8, 9.0], "bf16")])  # medians: one step hit by a neighbour does not decide
+def test_choose_precision_keeps_fp32_unless_bf16_is_clearly_faster(fp32, bf16, want):
+    assert choose_precision({"fp32": fp32, "bf16": bf16}, margin=0.05) == want
+
+
+@pytest.mark.parametrize("bf16_ms, want", [(5.0, "bf16"), (12.0, "fp32")])
+def test_probe_alternates_discards_warm_up_and_decides(bf16_ms, want):
+    probe = PrecisionProbe(steps=3, margin=0.05)
+    modes = []
+    while probe.decided is None:
+        mode = probe.next_mode()
+        modes.append(mode)
+        slow_first = 100.0 if len(modes) <= 2 else 1.0  # the warm-up steps are slow and not counted
+        decided = probe.record(1000, slow_first * (bf16_ms if mode == "bf16" else 10.0) / 1000)
+    assert modes == ["fp32", "bf16"] * 4 and decided == want and probe.next_mode() == want
+    assert len(probe.seconds["fp32"]) == len(probe.seconds["bf16"]) == 3
+    assert probe.summary()["decided"] == want and probe.record(1000, 1.0) is None  # decided once
+
+
+@pytest.mark.parametrize("decision", ["bf16", "fp32"])
+def test_auto_probe_decision_is_printed_and_recorded(cli, funnel_dir, tmp_path, monkeypatch, decision):
+    """auto on a CPU with bf16 units: the loop runs the probe and keeps what it decides (the measurement mocked)."""
+    monkeypatch.setattr(device, "cpu_bf16_units", lambda: "AVX-512 BF16")
+    monkeypatch.setattr(device, "choose_precision", lambda seconds, margin: decision)
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, train={"batch_size": 512, "epochs": 1, "progress": False,
+                                                                "threads": 1})
+    r = cli("train", cfg, "--out", tmp_path / "run", "--precision", "auto")
+    assert r.code == 0, r
+    assert "the first 12 steps alternate fp32 and bf16" in r.err and f"precision {decision} (" in r.err
+    info = json.loads((tmp_path / "run" / "run.json").read_text())["precision"]
+    assert info["mode"] == decision and info["probe"]["decided"] == decision
+    assert set(info["probe"]["ms_per_1000_rows"]) == {"fp32", "bf16"}
+    assert "measured" in info["reason"]
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +153,18 @@ def test_cli_precision_is_printed_and_recorded(cli, funnel_dir, tmp_path):
     assert np.isfinite(metrics["validation"]["click"]["auc"])
     r = cli("train", cfg, "--out", tmp_path / "bad", "--precision", "int4")
     assert r.code == 2 and "precision" in r.err and "Traceback" not in r.err, r
+
+
+def test_resumed_run_keeps_the_probe_decision(cli, funnel_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(device, "cpu_bf16_units", lambda: "AMX")
+    monkeypatch.setattr(device, "choose_precision", lambda seconds, margin: "bf16")
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, train={"batch_size": 512, "epochs": 1, "progress": False,
+                                                                "threads": 1})
+    assert cli("train", cfg, "--out", tmp_path / "run").code == 0
+    monkeypatch.setattr(device, "choose_precision", lambda seconds, margin: "fp32")  # a probe now would say fp32
+    r = cli("train", cfg, "--out", tmp_path / "run", "--resume", "--set", "train.epochs=2")
+    assert r.code == 0, r
+    assert "alternate fp32 and bf16" not in r.err.split("resuming")[-1]  # no second probe
+    assert "precision bf16 (auto: the probe's decision when the run started, kept on resume)" in r.err
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["precision_mode"] == "bf16"

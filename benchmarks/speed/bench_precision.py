@@ -41,7 +41,40 @@ def features() -> list[dict]:
     return [{"name": n, "kind": "categorical"} for n in cats] + [{"name": f"d{i:02d}", "kind": "dense"} for i in range(1, 14)]
 
 
-def bench_train(rows: int, rounds: int, work: Path) -> dict:
+#: ``train --model``: the tower (and batch) of each model measured; the funnel benchmark model is the default.
+#: ``init``: what ``recmtl init`` writes for a funnel set of ~240k training rows (narrow MMoE, batch 1,024);
+#: ``census``: census_income.py's MMoE (8 experts [16], towers [8]) on census-income, batch 2,048.
+MODELS = {
+    "benchmark": ({"name": "mmoe", "num_experts": 4, "expert_units": [256, 128], "task_units": [64]}, 2048),
+    "init": ({"name": "mmoe", "num_experts": 4, "expert_units": [64], "task_units": [32], "dropout": 0.1}, 1024),
+    "shared_bottom_small": ({"name": "shared_bottom", "bottom_units": [128], "task_units": [32]}, 1024),
+    "census": ({"name": "mmoe", "num_experts": 8, "expert_units": [16], "task_units": [8]}, 2048),
+}
+
+
+def model_config(model: str, data: Path, precision: str, seed: int, census: Path | None, batch: int = 0) -> dict:
+    """The raw config of one ``train`` run: the funnel features (or census-income's, from ``census``'s
+    ``census.yaml`` as census_income.py writes it) with ``MODELS[model]``, one epoch, no validation."""
+    import yaml
+    tower, default_batch = MODELS[model]
+    batch = batch or default_batch
+    train = {"batch_size": batch, "epochs": 1, "progress": False, "precision": precision}
+    if model == "census":
+        if census is None or not (census / "census.yaml").is_file():
+            raise SystemExit("train --model census: pass --census-dir, a folder where "
+                             "benchmarks/quality/census_income.py prepared census.yaml and its Parquet files")
+        raw = yaml.safe_load((census / "census.yaml").read_text())
+        raw["data"] = {"train": str(census / "train.parquet")}
+        raw["encoders"] = {"categorical": {"name": "embedding", "dim": 16}}
+        return raw | {"seed": seed, "tower": tower, "train": train}
+    return {"seed": seed, "data": {"train": str(data / "train.parquet")}, "features": features(),
+            "tasks": [{"name": "click", "head": "binary"},
+                      {"name": "conversion", "head": "esmm", "params": {"ctr_task": "click"}}],
+            "encoders": {"categorical": {"name": "embedding", "dim": 16}}, "tower": tower, "train": train}
+
+
+def bench_train(rows: int, rounds: int, work: Path, model: str = "benchmark", census: Path | None = None,
+                precisions: tuple[str, ...] = ("auto", "fp32", "bf16")) -> dict:
     from recmtl.config import parse_config
     from recmtl.data.synthetic import funnel
     from recmtl.registry import load_registry
@@ -49,27 +82,154 @@ def bench_train(rows: int, rounds: int, work: Path) -> dict:
     from recmtl.training.loop import train
 
     data = work / "data"
+    if model != "census" and not (data / "train.parquet").is_file():
+        funnel(data, rows=rows, seed=0)
+    registry = load_registry()
+    results: dict[str, list[float]] = {p: [] for p in precisions}
+    resolved: dict[str, str] = {}
+    for r in range(rounds):
+        for precision in results:
+            raw = model_config(model, data, precision, r, census)
+            out = work / f"run_{model}_{precision}_{r}"
+            summary = train(parse_config(raw, work, "bench"), out, registry)
+            results[precision].append(summary["history"][0]["rows_per_s"])
+            resolved[precision] = json.loads((out / "run.json").read_text())["precision"]["reason"]
+            print(f"round {r + 1} {model} {precision}: {results[precision][-1]:,.0f} rows/s", file=sys.stderr,
+                  flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    ratios = {k: statistics.median(a / b for a, b in zip(v, results["fp32"])) for k, v in results.items()}
+    return {"model": model, "tower": MODELS[model][0], "batch_size": MODELS[model][1],
+            "auto_resolves_to": resolve_precision("auto", torch.device("cpu")), "bf16_units": cpu_bf16_units(),
+            "resolved": resolved, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+            "rounds": rounds, "rows_per_s": results, "median_rows_per_s": med,
+            "over_fp32": {k: v / med["fp32"] for k, v in med.items()}, "median_round_ratio_over_fp32": ratios}
+
+
+def step_runners(rows: int, work: Path, models: list[str], census: Path | None, steps: int, batch: int = 0,
+                 modes: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+    """{(model, mode): a function running ``steps`` training steps as the loop takes them (autocast forward and
+    losses, zero_grad, the balancer's backward, the optimizers' steps) on the same pre-built batches}."""
+    from recmtl.config import parse_config
+    from recmtl.data.parquet import ParquetSource
+    from recmtl.data.synthetic import funnel
+    from recmtl.registry import load_registry
+    from recmtl.schema import fit_schema
+    from recmtl.training.batches import blocks, minibatches
+    from recmtl.training.device import Precision
+    from recmtl.training.model import MultiTaskModel, validate_plugins
+    from recmtl.training.optimizers import make_optimizers
+
+    data = work / "data"
     if not (data / "train.parquet").is_file():
         funnel(data, rows=rows, seed=0)
     registry = load_registry()
-    results: dict[str, list[float]] = {"auto": [], "fp32": [], "bf16": []}
+    runners = {}
+    for model_name in models:
+        cfg = parse_config(model_config(model_name, data, "fp32", 0, census, batch), work, "bench")
+        heads = validate_plugins(cfg, registry)
+        src = ParquetSource(cfg.resolve(cfg.data.train), cfg.columns())
+        schema = fit_schema(cfg, src, {t.name: heads[t.name] for t in cfg.tasks})
+        batches = []
+        for b in minibatches(blocks(src, schema, 65536), cfg.train.batch_size):
+            batches.append(b)
+            if len(batches) == steps:
+                break
+        for mode in modes:
+            torch.manual_seed(0)
+            model = MultiTaskModel(cfg, schema, registry)
+            balancer = registry.create("balancer", cfg.balancer.name, model.task_names,
+                                       {t.name: t.weight for t in cfg.tasks})
+            optimizers = make_optimizers(cfg, model, balancer)
+            precision = Precision(mode, torch.device("cpu"))
+
+            def block(model=model, balancer=balancer, optimizers=optimizers, precision=precision, batches=batches):
+                shared = model.shared_parameters()
+                for batch in batches:
+                    with precision.autocast():
+                        losses = model.losses(model(batch.inputs), batch.labels, batch.mask)
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    balancer.backward(precision.scale_losses(losses), shared)
+                    precision.step(optimizers)
+            block()  # warm-up: optimizer state, allocator
+            runners[(model_name, mode)] = block
+    return runners
+
+
+def bench_step(rows: int, rounds: int, work: Path, models: list[str], census: Path | None, threads: int,
+               steps: int = 8, batch: int = 0) -> dict:
+    """Training-step cost of each model in fp32 and under bf16 autocast, in one process: the loop's step
+    (forward, losses, balancer backward, optimizer steps) on the same pre-built batches, ``steps`` steps per
+    block, blocks of every (model, precision) shuffled within each round; medians of wall and CPU ms per step."""
+    import random
+
+    torch.set_num_threads(threads)
+    runners = step_runners(rows, work, models, census, steps, batch)
+    wall: dict = {k: [] for k in runners}
+    cpu: dict = {k: [] for k in runners}
     for r in range(rounds):
-        for precision in results:
-            raw = {"seed": r, "data": {"train": str(data / "train.parquet")}, "features": features(),
-                   "tasks": [{"name": "click", "head": "binary"},
-                             {"name": "conversion", "head": "esmm", "params": {"ctr_task": "click"}}],
-                   "encoders": {"categorical": {"name": "embedding", "dim": 16}},
-                   "tower": {"name": "mmoe", "num_experts": 4, "expert_units": [256, 128], "task_units": [64]},
-                   "train": {"batch_size": 2048, "epochs": 1, "progress": False, "precision": precision}}
-            out = work / f"run_{precision}_{r}"
-            summary = train(parse_config(raw, work, "bench"), out, registry)
-            results[precision].append(summary["history"][0]["rows_per_s"])
-            print(f"round {r + 1} {precision}: {results[precision][-1]:,.0f} rows/s", file=sys.stderr, flush=True)
-    med = {k: statistics.median(v) for k, v in results.items()}
-    return {"auto_resolves_to": resolve_precision("auto", torch.device("cpu")), "bf16_units": cpu_bf16_units(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows, "rounds": rounds,
-            "rows_per_s": results, "median_rows_per_s": med,
-            "auto_over_fp32": med["auto"] / med["fp32"], "bf16_over_fp32": med["bf16"] / med["fp32"]}
+        order = list(runners)
+        random.shuffle(order)
+        for k in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            runners[k]()
+            wall[k].append(1000 * (time.perf_counter() - t0) / steps)
+            cpu[k].append(1000 * (time.process_time() - c0) / steps)
+    out = {}
+    for m in models:
+        w = {p: statistics.median(wall[(m, p)]) for p in ("fp32", "bf16")}
+        c = {p: statistics.median(cpu[(m, p)]) for p in ("fp32", "bf16")}
+        per_round = [a / b for a, b in zip(wall[(m, "fp32")], wall[(m, "bf16")])]
+        out[m] = {"tower": MODELS[m][0], "batch_size": batch or MODELS[m][1], "wall_ms": w, "cpu_ms": c,
+                  "bf16_speedup_wall": w["fp32"] / w["bf16"], "bf16_speedup_cpu": c["fp32"] / c["bf16"],
+                  "bf16_speedup_median_round": statistics.median(per_round)}
+        print(f"{m}: fp32 {w['fp32']:.1f} ms, bf16 {w['bf16']:.1f} ms a step (wall); cpu {c['fp32']:.1f} / "
+              f"{c['bf16']:.1f} ms; bf16 speed-up {out[m]['bf16_speedup_wall']:.2f}x wall, "
+              f"{out[m]['bf16_speedup_cpu']:.2f}x cpu", file=sys.stderr, flush=True)
+    return {"threads": threads, "rounds": rounds, "steps_per_block": steps, "torch": torch.__version__,
+            "models": out}
+
+
+#: torch.profiler's operator names grouped into the parts of a step (first match wins; the rest: "other")
+PROFILE_GROUPS = [
+    ("optimizer step", ("Optimizer.step", "_single_tensor", "_multi_tensor", "sparse_adam", "adam", "adagrad",
+                        "_foreach")),
+    ("sparse embedding", ("embedding", "_sparse", "coalesce", "index_select", "index_add", "sparse", "_indices",
+                          "_values", "unique")),
+    ("matmul", ("addmm", "mm", "bmm", "matmul", "linear", "baddbmm", "einsum")),
+    ("casts / copies", ("_to_copy", "aten::to", "copy_", "contiguous", "clone")),
+    ("loss / metrics", ("binary_cross_entropy", "log_sigmoid", "softplus", "nll", "log_softmax")),
+]
+
+
+def bench_profile(rows: int, work: Path, model: str, census: Path | None, threads: int, steps: int = 8) -> dict:
+    """torch.profiler over ``steps`` training steps of ``model`` in fp32 and bf16 (one warm-up block first): self
+    CPU time per operator, the top operators and the totals per part of the step (:data:`PROFILE_GROUPS`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    runners = step_runners(rows, work, [model], census, steps)
+    out = {}
+    for (_, mode), run in runners.items():
+        run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events)
+        groups: dict[str, float] = {}
+        for e in events:
+            name = e.key.lower()
+            part = next((g for g, keys in PROFILE_GROUPS if any(k.lower() in name for k in keys)), "other")
+            groups[part] = groups.get(part, 0.0) + e.self_cpu_time_total
+        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:20]
+        out[mode] = {"self_cpu_ms_per_step": total / 1000 / steps,
+                     "parts_ms_per_step": {g: round(v / 1000 / steps, 2) for g, v in
+                                           sorted(groups.items(), key=lambda kv: -kv[1])},
+                     "top_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 2) for e in top}}
+        print(f"{mode}: {out[mode]['self_cpu_ms_per_step']:.1f} ms self CPU a step; "
+              + ", ".join(f"{g} {v}" for g, v in out[mode]["parts_ms_per_step"].items()), file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+    return {"model": model, "threads": threads, "steps": steps, "profile": out}
 
 
 def bench_score(run: Path, data: str, sample: str, rounds: int, threads: int, work: Path,
@@ -232,7 +392,7 @@ def bench_quant(run_dir: Path, data: str, sample: str, rounds: int, threads: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["train", "score", "quant"])
+    ap.add_argument("what", choices=["train", "step", "profile", "score", "quant"])
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--run", type=Path)
@@ -240,6 +400,11 @@ def main() -> None:
     ap.add_argument("--sample")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work-dir", type=Path)
+    ap.add_argument("--model", choices=list(MODELS), default="benchmark", help="train: the model measured")
+    ap.add_argument("--models", default=",".join(MODELS), help="step: the models measured (comma-separated)")
+    ap.add_argument("--batch-size", type=int, default=0, help="step: override every model's batch size")
+    ap.add_argument("--census-dir", type=Path, help="train --model census: census_income.py's prepared folder")
+    ap.add_argument("--precisions", default="auto,fp32,bf16", help="train: the train.precision values, in order")
     ap.add_argument("--reuse", action="store_true", help="score: keep the models already in --work-dir")
     ap.add_argument("--score-variants", default="fp32,int8-dynamic,static-qdq,static-qoperator",
                     help="quant: the variants `recmtl score` runs (the first is the reference)")
@@ -249,7 +414,13 @@ def main() -> None:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if args.what == "train":
-            result = bench_train(args.rows, args.rounds, work)
+            result = bench_train(args.rows, args.rounds, work, args.model, args.census_dir,
+                                 tuple(args.precisions.split(",")))
+        elif args.what == "step":
+            result = bench_step(args.rows, args.rounds, work, args.models.split(","), args.census_dir, args.threads,
+                                batch=args.batch_size)
+        elif args.what == "profile":
+            result = bench_profile(args.rows, work, args.model, args.census_dir, args.threads)
         elif args.what == "quant":
             result = bench_quant(args.run, args.data, args.sample, args.rounds, args.threads, work,
                                  args.score_variants.split(","), args.score_rows)

@@ -47,6 +47,7 @@ from recmtl.data.synthetic import funnel
 from recmtl.registry import load_registry
 from recmtl.schema import CategoricalColumn, DenseColumn, FittedSchema, LabelColumn, fit_schema
 from recmtl.training.batches import to_batch
+from recmtl.training.device import Precision
 from recmtl.training.loop import seed_everything
 from recmtl.training.loop import train as recmtl_train
 from recmtl.training.model import MultiTaskModel, validate_plugins
@@ -70,22 +71,23 @@ def make_config(data: Path, tower: str, args: argparse.Namespace, config_path: P
             t["head"] = "esmm"
     cfg["encoders"] = {"categorical": {"name": "embedding", "dim": args.embedding_dim}}
     cfg["tower"] = dict(TOWERS[tower])
-    cfg["train"] = {"batch_size": args.batch_size, "epochs": 1, "progress": False,
+    cfg["train"] = {"batch_size": args.batch_size, "epochs": 1, "progress": False, "precision": args.precision,
                     "early_stopping": {"monitor": "loss", "patience": 0}}
     if args.threads:
         cfg["train"]["threads"] = args.threads
     return cfg
 
 
-def train_step(model, optimizers, balancer, shared, batch) -> dict[str, torch.Tensor]:
-    """The body of recmtl.training.loop.train's batch loop, verbatim."""
-    outputs = model(batch.inputs)
-    losses = model.losses(outputs, batch.labels, batch.mask)
+def train_step(model, optimizers, balancer, shared, batch, precision: Precision | None = None) -> dict[str, torch.Tensor]:
+    """The body of recmtl.training.loop.train's batch loop (fp32 or bf16 autocast: no loss scaling)."""
+    precision = precision or Precision("fp32", torch.device("cpu"))
+    with precision.autocast():
+        outputs = model(batch.inputs)
+        losses = model.losses(outputs, batch.labels, batch.mask)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    balancer.backward(losses, shared)
-    for opt in optimizers:
-        opt.step()
+    balancer.backward(precision.scale_losses(losses), shared)
+    precision.step(optimizers)
     return losses
 
 
@@ -99,6 +101,7 @@ def baseline_epoch(raw: dict[str, Any], config_path: Path, registry, tensors) ->
                                **config.balancer.params)
     optimizers = make_optimizers(config, model, balancer)
     shared = model.shared_parameters()
+    precision = Precision(config.train.precision, torch.device("cpu"))
     model.train()
     inputs, labels, mask = tensors["inputs"], tensors["labels"], tensors["mask"]
     n, bs = len(labels), config.train.batch_size
@@ -110,7 +113,7 @@ def baseline_epoch(raw: dict[str, Any], config_path: Path, registry, tensors) ->
         batch = type("B", (), {})()
         batch.inputs = {k: v[start:end] for k, v in inputs.items()}
         batch.labels, batch.mask = labels[start:end], mask[start:end]
-        losses = train_step(model, optimizers, balancer, shared, batch)
+        losses = train_step(model, optimizers, balancer, shared, batch, precision)
         for t, loss in losses.items():
             loss_sum[t] += loss.item()
         rows += end - start
@@ -324,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=2048)
     ap.add_argument("--embedding-dim", type=int, default=16)
     ap.add_argument("--towers", nargs="+", default=["shared_bottom", "mmoe"], choices=sorted(TOWERS))
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="train.precision of both sides (bf16: autocast in the in-memory loop too)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved baseline/pipeline rounds")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--vocab-sizes", type=int, nargs="+", default=[10_000, 1_000_000])

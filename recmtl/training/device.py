@@ -12,6 +12,7 @@ norms see them multiplied by one common factor; prefer bf16 for them.
 from __future__ import annotations
 
 import contextlib
+import statistics
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -76,8 +77,66 @@ def resolve_precision(spec: str, device: torch.device, warn: Callable[[str], Non
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def precision_reason(mode: str, spec: str, device: torch.device) -> str:
-    """One line saying which precision training uses and why (printed at start, stored in run.json)."""
+def wants_probe(spec: str, device: torch.device, world: int = 1) -> bool:
+    """Whether ``train.precision: auto`` is settled by :class:`PrecisionProbe`: on one CPU process whose CPU has
+    bf16 matrix units (there bf16 autocast pays for wide layers and large batches but costs more than it saves
+    for narrow layers or small batches). Elsewhere ``resolve_precision``'s rule stands (under torchrun every
+    rank keeps the units' rule, so that the ranks agree without a measurement)."""
+    return spec == "auto" and device.type == "cpu" and world == 1 and cpu_bf16_units() is not None
+
+
+def choose_precision(seconds: dict[str, list[float]], margin: float) -> str:
+    """bf16 when the median bf16 step time (seconds per row) is at least ``margin`` below fp32's, else fp32: a
+    tie or a measurement lost in the noise keeps the fp32 path."""
+    fp32, bf16 = statistics.median(seconds["fp32"]), statistics.median(seconds["bf16"])
+    return "bf16" if bf16 <= (1.0 - margin) * fp32 else "fp32"
+
+
+class PrecisionProbe:
+    """``train.precision: auto`` on a CPU with bf16 units: the first training steps alternate fp32 and bf16
+    autocast (one warm-up step of each, then ``steps`` of each, interleaved so that a neighbour's load hits both
+    alike); each step's compute time (forward, backward, optimiser; not the data) per row is recorded, and the
+    faster precision (:func:`choose_precision`, ``margin``) is kept for the rest of the run. The probe's steps are
+    ordinary training steps (fp32 master weights either way)."""
+
+    def __init__(self, steps: int = 5, margin: float = 0.05) -> None:
+        self.schedule = ["fp32", "bf16"] * (steps + 1)
+        self.margin = margin
+        self.seconds: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        self.decided: str | None = None
+        self._i = 0
+
+    def next_mode(self) -> str:
+        """The precision of the next step (the decision once made)."""
+        return self.decided or self.schedule[self._i]
+
+    def record(self, rows: int, seconds: float) -> str | None:
+        """The step just taken in :meth:`next_mode`'s precision took ``seconds`` for ``rows`` rows; returns the
+        decision when this step completes the probe, else None."""
+        if self.decided is not None:
+            return None
+        mode = self.schedule[self._i]
+        if self._i >= 2:  # the first step of each precision warms up (optimiser state, allocator)
+            self.seconds[mode].append(seconds / max(rows, 1))
+        self._i += 1
+        if self._i == len(self.schedule):
+            self.decided = choose_precision(self.seconds, self.margin)
+            return self.decided
+        return None
+
+    def speedup(self) -> float:
+        """fp32's median step time over bf16's (> 1: bf16 faster)."""
+        return statistics.median(self.seconds["fp32"]) / statistics.median(self.seconds["bf16"])
+
+    def summary(self) -> dict:
+        """What run.json records: the decision, the median ms per 1,000 rows of each precision, the speed-up."""
+        return {"decided": self.decided, "margin": self.margin, "speedup_bf16": round(self.speedup(), 3),
+                "ms_per_1000_rows": {m: round(1e6 * statistics.median(v), 3) for m, v in self.seconds.items()}}
+
+
+def precision_reason(mode: str, spec: str, device: torch.device, probe: PrecisionProbe | None = None) -> str:
+    """One line saying which precision training uses and why (printed at start, stored in run.json); with a
+    ``probe`` still running, that it is probing, and once decided, what it measured."""
     if device.type == "cuda":
         why = "GPU" if spec == "auto" else f"train.precision {spec}"
     elif spec != "auto":
@@ -86,6 +145,14 @@ def precision_reason(mode: str, spec: str, device: torch.device) -> str:
         units = cpu_bf16_units()
         why = (f"auto: this CPU has {units}" if units else
                "auto: this CPU has no bf16 matrix units (AMX or AVX-512 BF16)")
+        if probe is not None and probe.decided is None:
+            return (f"precision auto (this CPU has {units}: the first {len(probe.schedule)} steps alternate fp32 "
+                    "and bf16 autocast, then the faster is kept)")
+        if probe is not None:
+            x = probe.speedup()
+            why += (f"; bf16 steps measured {x:.2f}x as fast as fp32" if mode == "bf16" else
+                    f", but bf16 steps measured {x:.2f}x as fast as fp32 (kept only from "
+                    f"{1 / (1 - probe.margin):.2f}x)")
     amp = {"bf16": "bf16 autocast, fp32 weights and optimizer state", "fp16": "fp16 autocast with loss scaling"}
     return f"precision {mode} ({amp[mode] + '; ' if mode in amp else ''}{why})"
 
@@ -111,6 +178,12 @@ class Precision:
         self.mode, self.device = mode, device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
         self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+
+    def use(self, mode: str) -> None:
+        """Switch between ``fp32`` and ``bf16`` (the :class:`PrecisionProbe`; neither has loss scaling)."""
+        if mode not in ("fp32", "bf16") or self.scaler is not None:
+            raise ValueError(f"Precision.use('{mode}'): only fp32 <-> bf16 switch at run time")
+        self.mode, self.dtype = mode, torch.bfloat16 if mode == "bf16" else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:

@@ -33,7 +33,7 @@ from recmtl.threads import ThreadTuner, auto_threads, available_cpus
 from recmtl.training.affinity import AffinityLog
 from recmtl.training.balance_log import BalanceLog
 from recmtl.training.batches import blocks, minibatches
-from recmtl.training.device import Precision, batches_to, precision_reason, resolve_precision
+from recmtl.training.device import Precision, PrecisionProbe, batches_to, precision_reason, resolve_precision, wants_probe
 from recmtl.training.distributed import (
     Context,
     env_world,
@@ -137,6 +137,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     ref = config.train.early_stopping.reference  # delta_m's single-task metrics: a compare directory or a mapping
     reference = reference_metrics(config.resolve(ref) if isinstance(ref, str) else ref, [t.name for t in config.tasks])
     mode = resolve_precision(config.train.precision, ctx.device, say)  # bf16 on CPUs with AMX / AVX-512 BF16
+    # auto on such a CPU: the first steps measure fp32 against bf16 and the faster is kept (device.py)
+    probe = PrecisionProbe() if wants_probe(config.train.precision, ctx.device, ctx.world) else None
 
     columns = config.columns()
     train_src = ParquetSource(config.resolve(config.data.train), columns)
@@ -173,8 +175,10 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                                           "cpu_affinity": cpus.affinity if cpus else None,
                                           "cpu_quota": cpus.quota if cpus else None,
                                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-                              "precision": {"mode": mode, "train.precision": config.train.precision,
-                                            "reason": precision_reason(mode, config.train.precision, ctx.device)}})
+                              "precision": {"mode": "probing" if probe else mode,
+                                            "train.precision": config.train.precision,
+                                            "reason": precision_reason(mode, config.train.precision, ctx.device,
+                                                                       probe)}})
     if resume:
         schema = ctx.broadcast_object(schema)
 
@@ -190,7 +194,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     optimizers = make_optimizers(config, model, balancer)
     if label_text:
         say(label_text)
-    say(precision_reason(mode, config.train.precision, ctx.device))  # after the checks: errors come first
+    say(precision_reason(mode, config.train.precision, ctx.device, probe))  # after the checks: errors come first
     _report_memory(config, schema, model, balancer, optimizers, ctx, precision)
     spec = config.train.early_stopping.monitor
     monitor = Monitor(spec if isinstance(spec, str) else "auto", model,  # best.pt (a mapping: as auto)
@@ -211,6 +215,10 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         state = ctx.broadcast_object(files.load_checkpoint(LAST) if main else None)
         model.load_state_dict(state["model"])
         precision.load_state_dict(state.get("amp", {}))
+        if probe is not None and state.get("precision_mode") in ("fp32", "bf16"):  # the probe's decision stands
+            precision.use(state["precision_mode"])
+            probe = None
+            say(f"precision {precision.mode} (auto: the probe's decision when the run started, kept on resume)")
         balancer.load_state_dict(state["balancer"])
         for opt, opt_state in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
@@ -249,6 +257,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
 
     def save_last(state: dict[str, Any]) -> None:
         state["amp"] = precision.state_dict()
+        if probe is None or probe.decided:
+            state["precision_mode"] = precision.mode
         path = files.save_checkpoint(LAST, state)
         hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=False)
 
@@ -273,6 +283,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                       initial=rows * ctx.world) as bar:
             for batch in ctx.steps(batches_to(stream, ctx.device)):  # the same step count on every rank
                 step_start = time.perf_counter()
+                if probe is not None and probe.decided is None:
+                    precision.use(probe.next_mode())
                 with precision.autocast():
                     outputs = model(batch.inputs)
                     losses = model.losses(outputs, batch.labels, batch.mask)
@@ -295,7 +307,11 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                 precision.step(optimizers, unscaled=balancer.parameters())
                 for t, loss in losses.items():
                     loss_sum[t] += loss.item()
-                if tuner is not None and (changed := tuner.step(batch.rows, time.perf_counter() - step_start)):
+                if probe is not None and probe.decided is None:  # the thread tuner waits for the probe
+                    if probe.record(batch.rows, time.perf_counter() - step_start):
+                        precision.use(probe.decided)
+                        _probe_decided(probe, precision, config, ctx, files if main else None, say)
+                elif tuner is not None and (changed := tuner.step(batch.rows, time.perf_counter() - step_start)):
                     torch.set_num_threads(changed)
                 steps += 1
                 rows += batch.rows
@@ -445,6 +461,18 @@ def row_bytes(schema: FittedSchema) -> int:
             + sum(4 * i.channels * i.height * i.width for i in schema.image)  # images: float32 C*H*W a row
             + 8 * len(schema.sequence) * schema.sequence_width  # sequences: int64 ids, padded
             + 8 * len(schema.text) * schema.text_width)  # text: int64 hashed n-gram ids, padded to max_tokens
+
+
+def _probe_decided(probe: PrecisionProbe, precision: Precision, config: Config, ctx: Context,
+                   files: RunDir | None, say: Any) -> None:
+    """Print the precision probe's decision and record it in run.json (rank 0)."""
+    reason = precision_reason(precision.mode, config.train.precision, ctx.device, probe)
+    say(reason)
+    if files is not None:
+        info = files.read_run_info() or {}
+        info["precision"] = {"mode": precision.mode, "train.precision": config.train.precision, "reason": reason,
+                             "probe": probe.summary()}
+        files.write_run_info(info)
 
 
 def _report_memory(config: Config, schema: FittedSchema, model: MultiTaskModel, balancer: Balancer,
