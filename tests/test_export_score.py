@@ -259,9 +259,10 @@ def test_scoring_path_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_overlapped_scoring_keeps_order_and_errors_leave_nothing(exported, holey_data, tmp_path, monkeypatch):
-    """``recmtl score`` reads the next batch and writes the previous one on other threads while onnxruntime runs:
-    rows come out in input order, and an error on either thread, mid-file, leaves neither output nor temp file."""
+def test_prefetched_scoring_keeps_order_and_errors_leave_nothing(exported, holey_data, tmp_path, monkeypatch):
+    """``recmtl score`` reads and converts the next batch on another thread while onnxruntime runs: rows come out in
+    input order, and an error mid-file, on that thread or while building the output, leaves neither output nor temp
+    file."""
     import recmtl.serving.score as sc
     from recmtl.errors import DataError
     model, data = exported / "model.onnx", holey_data / "test.parquet"
@@ -281,7 +282,7 @@ def test_overlapped_scoring_keeps_order_and_errors_leave_nothing(exported, holey
                 raise DataError("boom in the middle")
             return real(*args, **kwargs)
         return f
-    for name, real in (("to_feeds", real_to_feeds), ("assemble", real_assemble)):  # the reader's, the writer's thread
+    for name, real in (("to_feeds", real_to_feeds), ("assemble", real_assemble)):  # the reader's thread, the main one
         calls["n"] = 0
         if name == "assemble":
             monkeypatch.setattr(sc.Scorer, "assemble", failing(3, real))

@@ -11,7 +11,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -308,51 +308,6 @@ def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
                 thread.join(0.05)
 
 
-@contextlib.contextmanager
-def _write_behind(write: Callable[[Any], None], depth: int = 2) -> Iterator[Callable[[Any], None]]:
-    """A ``put`` that hands each item to ``write`` on one background thread, in order, at most ``depth`` items
-    waiting (pyarrow writes Parquet without the GIL, so it overlaps the next onnxruntime run). An error of ``write``
-    is raised by the next ``put`` or on leaving the block; on an error in the block the items still waiting are
-    dropped and the thread has stopped before the error goes on (nothing writes to a file being deleted)."""
-    import queue
-    import threading
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    failed: list[BaseException] = []
-    abort = threading.Event()
-
-    def consume() -> None:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if failed or abort.is_set():  # drain, so that a put never blocks on a dead writer
-                continue
-            try:
-                write(item)
-            except BaseException as exc:  # re-raised in the caller
-                failed.append(exc)
-
-    def put(item: Any) -> None:
-        if failed:
-            raise failed[0]
-        q.put(item)
-
-    thread = threading.Thread(target=consume, daemon=True, name="recmtl-score-writer")
-    thread.start()
-    try:
-        yield put
-    except BaseException:
-        abort.set()
-        q.put(done)
-        thread.join()
-        raise
-    q.put(done)
-    thread.join()
-    if failed:
-        raise failed[0]
-
-
 _WORKER: dict[str, Any] = {}
 
 
@@ -448,17 +403,12 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
             bar.update(table.num_rows)
 
         if workers <= 1:
-            # reading and Arrow -> numpy conversion of the next batch, and building and writing the previous one's
-            # output, overlap onnxruntime's run, unless its threads spin: a reader thread beside spinning workers
-            # slows them more than reading in turn costs
+            # reading and Arrow -> numpy conversion of the next batch overlap onnxruntime's run, unless its threads
+            # spin: a reader thread beside spinning workers slows them more than reading in turn costs. Building and
+            # writing the output stay here: under 1 % of the time, and a writer thread measured slower (RESULTS.md)
             converted = ((b, to_feeds(b, scorer.inputs)) for b in source.batches(read_rows=read_rows, columns=cols))
-            if spin:
-                for batch, feeds in converted:
-                    write(scorer.score(batch, keep, batch_size, feeds))
-            else:
-                with _write_behind(lambda item: write(scorer.assemble(*item, keep))) as put:
-                    for batch, feeds in _prefetch(converted):
-                        put((batch, scorer.run(feeds, batch.num_rows, batch_size)))
+            for batch, feeds in (converted if spin else _prefetch(converted)):
+                write(scorer.score(batch, keep, batch_size, feeds))
         else:
             import concurrent.futures as cf
             import multiprocessing as mp
