@@ -69,6 +69,7 @@ def test_low_precision_export_scores_serves_and_inspects(cli, trained, funnel_di
         assert any(n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") for n in model.graph.node)
     r = cli("inspect", out)
     assert r.code == 0 and f"precision {precision}" in r.out.splitlines()[0], r
+    assert f"{out.stat().st_size / 1e6:.2f} MB" in r.out.splitlines()[0], r  # and the file's size
     r = cli("score", out, funnel_dir / "valid.parquet", "-o", trained / f"s_{precision}.parquet", "--no-progress")
     assert r.code == 0, r
     got = pq.read_table(trained / f"s_{precision}.parquet")
