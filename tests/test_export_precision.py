@@ -69,6 +69,7 @@ def test_low_precision_export_scores_serves_and_inspects(cli, trained, funnel_di
         assert any(n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") for n in model.graph.node)
     r = cli("inspect", out)
     assert r.code == 0 and f"precision {precision}" in r.out.splitlines()[0], r
+    assert f"{out.stat().st_size / 1e6:.2f} MB" in r.out.splitlines()[0], r  # and the file's size
     r = cli("score", out, funnel_dir / "valid.parquet", "-o", trained / f"s_{precision}.parquet", "--no-progress")
     assert r.code == 0, r
     got = pq.read_table(trained / f"s_{precision}.parquet")
@@ -153,6 +154,17 @@ def test_int8_embedding_tables_have_one_scale_per_row():
     row_max = np.abs(w).max(1, keepdims=True)
     assert np.all(np.abs(got - w) <= row_max / 254 * 1.01 + 1e-7)  # half a step of each row's own scale
     assert np.all(got[3] == 0)
+    # a small table is dequantised whole before the lookup (folded at load), a large one row by row after it
+    assert [n.op_type for n in model.graph.node] == ["Cast", "Cast", "Mul", "Gather"]
+    rowwise = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    del rowwise.graph.node[:]
+    rowwise.graph.node.extend([helper.make_node("Gather", ["table", "ids"], ["emb"], name="g", axis=0)])
+    del rowwise.graph.initializer[:]
+    rowwise.graph.initializer.extend([numpy_helper.from_array(w, "table")])
+    assert lowp.quantize_embeddings(rowwise, at_load_bytes=0) == 1
+    assert [n.op_type for n in rowwise.graph.node] == ["Gather", "Cast", "Gather", "Cast", "Mul"]
+    ids40 = {"ids": np.arange(40, dtype=np.int64)}
+    assert np.array_equal(ort.InferenceSession(rowwise.SerializeToString()).run(None, ids40)[0], got)
     assert json.dumps(lowp.PRECISIONS) == '["fp32", "fp16", "int8", "int8-static"]'
 
 
@@ -173,3 +185,33 @@ def test_gemm_becomes_matmul_plus_bias_with_the_same_output(trans_b, beta):
     assert [n.op_type for n in model.graph.node] == ["MatMul", "Add"]
     got = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_quantisation_moves_before_a_transpose_with_the_same_output():
+    """The MMoE experts' ``[n, E, d]`` -> ``[E, n, d]`` Transpose before a dynamically quantised batched MatMul: the
+    quantisation (one scale per tensor) is moved before it, the scores stay bit-identical."""
+    import onnxruntime as ort
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(3, 8, 4)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "n", 4])
+    graph = helper.make_graph([helper.make_node("Transpose", ["x"], ["xt"], name="t", perm=[1, 0, 2]),
+                               helper.make_node("MatMul", ["xt", "w"], ["y"], name="m")],
+                              "t", [x], [y], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import quantize_dynamic
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, f"{tmp}/f.onnx")
+        quantize_dynamic(f"{tmp}/f.onnx", f"{tmp}/q.onnx", op_types_to_quantize=["MatMul"])
+        quantized = onnx.load(str(Path(tmp) / "q.onnx"))
+    feed = {"x": rng.normal(size=(5, 3, 8)).astype(np.float32)}
+    want = ort.InferenceSession(quantized.SerializeToString()).run(None, feed)[0]
+    assert lowp.quantize_before_transpose(quantized) == 1
+    order = [n.op_type for n in quantized.graph.node]
+    assert order.index("DynamicQuantizeLinear") < order.index("Transpose")
+    onnx.checker.check_model(quantized)
+    assert np.array_equal(ort.InferenceSession(quantized.SerializeToString()).run(None, feed)[0], want)
+    assert lowp.quantize_before_transpose(quantized) == 0

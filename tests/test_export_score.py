@@ -257,3 +257,38 @@ def test_model_scores_in_a_fresh_venv_without_recmtl_or_torch(exported, holey_da
 def test_scoring_path_does_not_import_torch():
     code = "import sys, recmtl.serving.score, recmtl.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_prefetched_scoring_keeps_order_and_errors_leave_nothing(exported, holey_data, tmp_path, monkeypatch):
+    """``recmtl score`` reads and converts the next batch on another thread while onnxruntime runs: rows come out in
+    input order, and an error mid-file, on that thread or while building the output, leaves neither output nor temp
+    file."""
+    import recmtl.serving.score as sc
+    from recmtl.errors import DataError
+    model, data = exported / "model.onnx", holey_data / "test.parquet"
+    out = tmp_path / "o.parquet"
+    rows = sc.score_parquet(model, str(data), out, keep=["row_id"], batch_size=128, read_rows=300, progress=False)
+    got = pq.read_table(out)
+    assert rows == got.num_rows == pq.read_metadata(data).num_rows
+    assert got["row_id"].to_pylist() == pq.read_table(data)["row_id"].to_pylist()
+    out.unlink()
+    calls = {"n": 0}
+    real_assemble, real_to_feeds = sc.Scorer.assemble, sc.to_feeds
+
+    def failing(after: int, real):
+        def f(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > after:
+                raise DataError("boom in the middle")
+            return real(*args, **kwargs)
+        return f
+    for name, real in (("to_feeds", real_to_feeds), ("assemble", real_assemble)):  # the reader's thread, the main one
+        calls["n"] = 0
+        if name == "assemble":
+            monkeypatch.setattr(sc.Scorer, "assemble", failing(3, real))
+        else:
+            monkeypatch.setattr(sc, "to_feeds", failing(3, real))
+        with pytest.raises(DataError, match="boom in the middle"):
+            sc.score_parquet(model, str(data), out, batch_size=128, read_rows=300, progress=False)
+        monkeypatch.undo()
+        assert not out.exists() and not list(tmp_path.glob(".*.tmp")), name

@@ -19,6 +19,11 @@ dim 16, 13 dense, 4 experts [256, 128], towers [64], batch 2048).
     python benchmarks/speed/bench_precision.py train --rows 20000 --rounds 3 [--work-dir DIR]
     python benchmarks/speed/bench_precision.py score --run RUN --data FILE.parquet --sample FILE.parquet --rounds 3
     python benchmarks/speed/bench_precision.py quant --run RUN --data FILE.parquet --sample FILE.parquet --rounds 7
+    python benchmarks/speed/bench_precision.py e2e --models fp32=A.onnx,int8=B.onnx --data BIG.parquet --rounds 3
+
+4. ``e2e``: ``recmtl score`` of given model files on a large input (so that start-up is not what is measured), at
+   each of ``--thread-counts``, interleaved; a variant may name another checkout's ``recmtl`` to compare code; and
+   where the time goes in one process, stage by stage (``stages``).
 """
 from __future__ import annotations
 
@@ -390,9 +395,92 @@ def bench_quant(run_dir: Path, data: str, sample: str, rounds: int, threads: int
             "score_cpu_median_over_first": {k: v / scmed[score_variants[0]] for k, v in scmed.items()}}
 
 
+def stages(model: str, data: str, threads: int, batch_size: int, read_rows: int = 65_536) -> dict:
+    """Where ``recmtl score``'s time goes, in one process, every stage in turn (no overlap): wall and CPU seconds of
+    the session load, the Parquet read, ``to_feeds``, onnxruntime, building the output batch and the Parquet write."""
+    import pyarrow.parquet as pq
+
+    from recmtl.data.parquet import ParquetSource
+    from recmtl.serving.score import Scorer, to_feeds
+    spent = {k: [0.0, 0.0] for k in ("session", "read", "to_feeds", "onnxruntime", "build", "write")}
+
+    def timed(key: str, fn, *args):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        spent[key][0] += time.perf_counter() - t0
+        spent[key][1] += time.process_time() - c0
+        return out
+    scorer = timed("session", Scorer, model, threads)
+    source = ParquetSource(data, read_dictionary=scorer.string_columns)
+    schema = pa_schema(scorer)
+    start, rows = time.perf_counter(), 0
+    with tempfile.TemporaryDirectory() as tmp, pq.ParquetWriter(f"{tmp}/o.parquet", schema, use_dictionary=[]) as w:
+        batches = source.batches(read_rows=read_rows, columns=[i.name for i in scorer.inputs])
+        while (batch := timed("read", next, batches, None)) is not None:
+            feeds = timed("to_feeds", to_feeds, batch, scorer.inputs)
+            parts = timed("onnxruntime", scorer.run, feeds, batch.num_rows, batch_size)
+            out = timed("build", scorer.assemble, batch, parts)
+            timed("write", w.write_batch, out.cast(schema))
+            rows += batch.num_rows
+    wall = time.perf_counter() - start
+    return {"model": model, "rows": rows, "threads": threads, "batch_size": batch_size, "loop_s": wall,
+            "rows_per_s": rows / wall, "wall_s": {k: v[0] for k, v in spent.items()},
+            "cpu_s": {k: v[1] for k, v in spent.items()}}
+
+
+def pa_schema(scorer):
+    import pyarrow as pa
+    return pa.schema([pa.field(t, scorer.output_type(t)) for t in scorer.tasks])
+
+
+def bench_e2e(variants: list[str], data: str, rounds: int, threads: list[int], work: Path,
+              batch_size: int | None) -> dict:
+    """``recmtl score`` (subprocess) of the models ``name=MODEL[:RECMTL]`` (RECMTL: another checkout's ``recmtl``, to
+    compare code) on ``data``, every variant and thread count in each round; wall rows/s, child CPU, ratios to the
+    first variant within each round, and where the time goes in one process (``stages``)."""
+    import resource
+
+    import pyarrow.parquet as pq
+    n = pq.ParquetFile(data).metadata.num_rows
+    spec = {}
+    for v in variants:
+        name, rest = v.split("=", 1)
+        model, _, binary = rest.partition(":")
+        spec[name] = (model, binary or RECMTL)
+
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+    keys = [f"{name}@{t}" for t in threads for name in spec]
+    wall: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {k: [] for k in keys}
+    ratio: dict[str, list[float]] = {k: [] for k in keys}
+    first = next(iter(spec))
+    extra = ["--batch-size", str(batch_size)] if batch_size else []
+    for r in range(rounds):
+        for t in threads:
+            for name, (model, binary) in spec.items():
+                t0, c0 = time.perf_counter(), children_cpu()
+                subprocess.run([binary, "score", model, data, "-o", str(work / "scores.parquet"), "--no-progress",
+                                "--threads", str(t), *extra], check=True, capture_output=True)
+                wall[f"{name}@{t}"].append(n / (time.perf_counter() - t0))
+                cpu[f"{name}@{t}"].append(n / (children_cpu() - c0))
+            for name in spec:
+                ratio[f"{name}@{t}"].append(wall[f"{name}@{t}"][-1] / wall[f"{first}@{t}"][-1])
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in wall.items()), file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"rows": n, "rounds": rounds, "variants": spec, "rows_per_s": wall, "median": med,
+            "median_over_first": {k: med[k] / med[f"{first}@{k.split('@')[1]}"] for k in keys},
+            "median_round_ratio": {k: statistics.median(v) for k, v in ratio.items()},
+            "rows_per_cpu_s": cpu, "cpu_median_over_first": {k: cmed[k] / cmed[f"{first}@{k.split('@')[1]}"] for k in keys},
+            "stages": [stages(model, data, t, batch_size or 1024) for t in threads for model, _ in spec.values()]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["train", "step", "profile", "score", "quant"])
+    ap.add_argument("what", choices=["train", "step", "profile", "score", "quant", "e2e"])
+    ap.add_argument("--thread-counts", default="1,2", help="e2e: onnxruntime threads to run each model with")
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--run", type=Path)
@@ -401,8 +489,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work-dir", type=Path)
     ap.add_argument("--model", choices=list(MODELS), default="benchmark", help="train: the model measured")
-    ap.add_argument("--models", default=",".join(MODELS), help="step: the models measured (comma-separated)")
-    ap.add_argument("--batch-size", type=int, default=0, help="step: override every model's batch size")
+    ap.add_argument("--models", help="step: the models measured (comma-separated; default: all); e2e: "
+                    "comma-separated name=MODEL.onnx[:path/to/recmtl] (the first: reference)")
+    ap.add_argument("--batch-size", type=int, help="step: override every model's batch size; e2e: recmtl score "
+                    "--batch-size (default: its own)")
     ap.add_argument("--census-dir", type=Path, help="train --model census: census_income.py's prepared folder")
     ap.add_argument("--precisions", default="auto,fp32,bf16", help="train: the train.precision values, in order")
     ap.add_argument("--reuse", action="store_true", help="score: keep the models already in --work-dir")
@@ -417,10 +507,13 @@ def main() -> None:
             result = bench_train(args.rows, args.rounds, work, args.model, args.census_dir,
                                  tuple(args.precisions.split(",")))
         elif args.what == "step":
-            result = bench_step(args.rows, args.rounds, work, args.models.split(","), args.census_dir, args.threads,
-                                batch=args.batch_size)
+            result = bench_step(args.rows, args.rounds, work, (args.models or ",".join(MODELS)).split(","), args.census_dir, args.threads,
+                                batch=args.batch_size or 0)
         elif args.what == "profile":
             result = bench_profile(args.rows, work, args.model, args.census_dir, args.threads)
+        elif args.what == "e2e":
+            result = bench_e2e(args.models.split(","), args.data, args.rounds,
+                               [int(t) for t in args.thread_counts.split(",")], work, args.batch_size)
         elif args.what == "quant":
             result = bench_quant(args.run, args.data, args.sample, args.rounds, args.threads, work,
                                  args.score_variants.split(","), args.score_rows)

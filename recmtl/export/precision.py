@@ -6,7 +6,10 @@ channel for matrices and per tensor for batched weights such as the MMoE experts
 call, so no calibration set is needed and each batch gets its own activation range); the embedding tables
 (``Gather`` on a 2-D float initializer) become int8 with one fp16 scale per row (symmetric,
 ``scale = max |row| / 127``), dequantised in the graph right after the lookup (``Gather`` -> ``Cast`` -> ``Mul`` by
-the gathered row scales). ``int8-static``: the same embedding tables, and the network's wide dense layers
+the gathered row scales) or, for a table of at most ``DEQUANTIZE_AT_LOAD_BYTES`` as float32, before it (``Cast`` ->
+``Mul`` of the whole table, which onnxruntime's constant folding does once at load: the file holds int8, memory the
+float32 table, and a lookup costs what the fp32 model's does); a ``Transpose`` feeding a dynamic quantisation is
+moved after it (it then moves uint8). ``int8-static``: the same embedding tables, and the network's wide dense layers
 (``MatMul`` / ``Gemm`` with at least ``STATIC_MIN_WIDTH`` outputs: the experts and towers; the gates and the heads'
 logit layers stay fp32) quantised statically (``onnxruntime.quantization.quantize_static``, QDQ format, uint8
 activations, int8 weights per tensor, ``Gemm`` kept so onnxruntime fuses it into ``QGemm`` at load): each
@@ -48,12 +51,16 @@ QUALITY_BOUND = 0.001
 ABSOLUTE_METRICS = ("auc", "gauc", "accuracy", "macro_f1")
 #: embedding tables with fewer rows stay float (their scales would cost more than they save)
 MIN_EMBEDDING_ROWS = 16
+#: int8 embedding tables up to this size as float32 are dequantised whole when onnxruntime loads the model (larger
+#: ones row by row after each lookup, so that memory holds them as int8)
+DEQUANTIZE_AT_LOAD_BYTES = 64 << 20
 
 
-def quantize_embeddings(model: onnx.ModelProto) -> int:
+def quantize_embeddings(model: onnx.ModelProto, at_load_bytes: int = DEQUANTIZE_AT_LOAD_BYTES) -> int:
     """Rewrite, in place, every ``Gather`` (axis 0) on a 2-D float32 initializer of at least
-    ``MIN_EMBEDDING_ROWS`` rows into an int8 table with one fp16 scale per row, dequantised in the graph after the
-    lookup. Returns the number of tables rewritten."""
+    ``MIN_EMBEDDING_ROWS`` rows into an int8 table with one fp16 scale per row, dequantised in the graph: the whole
+    table before the lookups when its float32 form is at most ``at_load_bytes`` (folded by onnxruntime at load),
+    else the looked-up rows after each. Returns the number of tables rewritten."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     uses: dict[str, int] = {}
@@ -65,6 +72,7 @@ def quantize_embeddings(model: onnx.ModelProto) -> int:
                 gathers[name] = gathers.get(name, 0) + 1
     done: dict[str, tuple[str, str]] = {}
     nodes: list[onnx.NodeProto] = []
+    dequantized: set[str] = set()
     for node in graph.node:
         table = node.input[0] if node.op_type == "Gather" and node.input else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
@@ -84,6 +92,15 @@ def quantize_embeddings(model: onnx.ModelProto) -> int:
             done[table] = (f"{table}_int8", f"{table}_row_scale")
         q_name, s_name = done[table]
         out, ids = node.output[0], node.input[1]
+        if 4 * init.dims[0] * init.dims[1] <= at_load_bytes:  # one float32 table, made once at load
+            whole = f"{table}_dequantized"
+            if whole not in dequantized:
+                dequantized.add(whole)
+                nodes += [helper.make_node("Cast", [q_name], [f"{whole}_q"], name=f"{whole}_cast_q", to=TensorProto.FLOAT),
+                          helper.make_node("Cast", [s_name], [f"{whole}_s"], name=f"{whole}_cast_s", to=TensorProto.FLOAT),
+                          helper.make_node("Mul", [f"{whole}_q", f"{whole}_s"], [whole], name=f"{whole}_mul")]
+            nodes.append(helper.make_node("Gather", [whole, ids], [out], name=f"{out}_deq_gather", axis=0))
+            continue
         tag = f"{out}_deq"
         nodes += [helper.make_node("Gather", [q_name, ids], [f"{tag}_q"], name=f"{tag}_gather_q", axis=0),
                   helper.make_node("Cast", [f"{tag}_q"], [f"{tag}_f"], name=f"{tag}_cast_q", to=TensorProto.FLOAT),
@@ -159,7 +176,37 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         finally:
             logging.disable(logging.NOTSET)
         quantized = onnx.load(str(path))
+    quantize_before_transpose(quantized)
     return _int8_embeddings_and_check(quantized, model)
+
+
+def quantize_before_transpose(model: onnx.ModelProto) -> int:
+    """Swap, in place, each ``Transpose`` -> ``DynamicQuantizeLinear`` pair (the Transpose read by nothing else) into
+    ``DynamicQuantizeLinear`` -> ``Transpose``: the same values (one scale and zero point per tensor), but the
+    Transpose moves uint8 instead of float32 (the MMoE experts' ``[n, E, d]`` -> ``[E, n, d]``, which the fp32 graph
+    fuses into its MatMul and the quantised one cannot). Returns the number of pairs swapped."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    graph_outputs = {o.name for o in graph.output}
+    swapped = 0
+    for node in graph.node:
+        transpose = producer.get(node.input[0]) if node.op_type == "DynamicQuantizeLinear" else None
+        if (transpose is None or transpose.op_type != "Transpose" or readers[transpose.output[0]] != 1
+                or transpose.output[0] in graph_outputs):
+            continue
+        quantized = node.output[0]
+        node.input[0], node.output[0] = transpose.input[0], f"{quantized}_before_transpose"
+        transpose.input[0], transpose.output[0] = node.output[0], quantized
+        swapped += 1
+    if swapped:
+        nodes = _topological(list(graph.node), {i.name for i in graph.input} | {i.name for i in graph.initializer})
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return swapped
 
 
 def _output_width(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:

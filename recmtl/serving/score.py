@@ -194,12 +194,20 @@ class Scorer:
               feeds: dict[str, np.ndarray] | None = None) -> pa.RecordBatch:
         """Scores for every row of ``batch`` (converted once, run in slices of ``batch_size`` rows)."""
         feeds = to_feeds(batch, self.inputs) if feeds is None else feeds
-        n = batch.num_rows
+        return self.assemble(batch, self.run(feeds, batch.num_rows, batch_size), keep)
+
+    def run(self, feeds: dict[str, np.ndarray], n: int, batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[np.ndarray]]:
+        """onnxruntime on ``n`` rows of ``feeds`` in slices of ``batch_size``: per task, the slices' outputs."""
         parts: list[list[np.ndarray]] = [[] for _ in self.tasks]
         for start in range(0, n, batch_size):
             chunk = {k: v[start:start + batch_size] for k, v in feeds.items()}
             for i, out in enumerate(self.session.run(self.tasks, chunk)):
                 parts[i].append(out.reshape(len(out), -1) if self.widths[self.tasks[i]] else out.reshape(-1))
+        return parts
+
+    def assemble(self, batch: pa.RecordBatch | pa.Table, parts: list[list[np.ndarray]],
+                 keep: Sequence[str] = ()) -> pa.RecordBatch:
+        """The scored batch: the ``keep`` columns of ``batch``, then one column per task from :meth:`run`'s ``parts``."""
         columns = []
         keep = list(dict.fromkeys(keep))
         for k in keep:
@@ -396,7 +404,8 @@ def score_parquet(model_path: str | Path, input_spec: str, output: str | Path, k
 
         if workers <= 1:
             # reading and Arrow -> numpy conversion of the next batch overlap onnxruntime's run, unless its threads
-            # spin: a reader thread beside spinning workers slows them more than reading in turn costs
+            # spin: a reader thread beside spinning workers slows them more than reading in turn costs. Building and
+            # writing the output stay here: under 1 % of the time, and a writer thread measured slower (RESULTS.md)
             converted = ((b, to_feeds(b, scorer.inputs)) for b in source.batches(read_rows=read_rows, columns=cols))
             for batch, feeds in (converted if spin else _prefetch(converted)):
                 write(scorer.score(batch, keep, batch_size, feeds))
