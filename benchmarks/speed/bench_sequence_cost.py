@@ -47,9 +47,11 @@ def run(*args: str) -> str:
     return out.stdout
 
 
-def measure(run_dir: str, model_path: str, data: str, batch: int, steps: int) -> dict:
-    """In this process: step time of the trained model, peak RSS, scoring rows/s of the ONNX file."""
+def measure(run_dir: str, model_path: str, data: str, batch: int, steps: int, score_rows: int) -> dict:
+    """In this process: step time of the trained model, peak RSS, scoring rows/s of the ONNX file (on DATA's rows
+    repeated up to at least ``score_rows``)."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
@@ -81,6 +83,7 @@ def measure(run_dir: str, model_path: str, data: str, batch: int, steps: int) ->
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     scorer = Scorer(model_path)
     scorer.score(table.slice(0, 1000))
+    table = pa.concat_tables([table] * -(-score_rows // len(table)))
     rates = []
     for _ in range(3):
         start = time.perf_counter()
@@ -196,6 +199,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=12_000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--score-rows", type=int, default=48_000, help="scoring: the validation rows repeated up to this")
     ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--text-runs", nargs=3, metavar=("WITH", "WITHOUT", "DATA"))
     ap.add_argument("--ab", metavar="REF", help="before (git REF's sequence encoders) / after, interleaved")
@@ -205,7 +209,7 @@ def main() -> None:
         text_throughput(*args.text_runs, args.work_dir)
         return
     if args.measure:
-        print(json.dumps(measure(*args.measure, args.batch, args.steps)))
+        print(json.dumps(measure(*args.measure, args.batch, args.steps, args.score_rows)))
         return
     if args.ab_measure:
         res = ab_steps(Path(args.ab_measure[0]), args.encoders.split(","), args.ab, args.batch, args.steps)
@@ -236,7 +240,7 @@ def main() -> None:
             if args.ab:
                 continue
             out = subprocess.run([sys.executable, __file__, "--work-dir", str(args.work_dir), "--batch", str(args.batch),
-                                  "--steps", str(args.steps), "--measure", str(run_dir), str(model),
+                                  "--steps", str(args.steps), "--score-rows", str(args.score_rows), "--measure", str(run_dir), str(model),
                                   str(data / "valid.parquet")], capture_output=True, text=True, check=True)
             results[(length, name)] = json.loads(out.stdout.strip().splitlines()[-1])
             print(length, name, results[(length, name)], flush=True)
@@ -257,8 +261,8 @@ def main() -> None:
                 b0, a0 = results[(length, "mean", "before")], results[(length, "mean", "after")]
                 print(f"{length:>6} {name:<12} {ms:>10.1f} {ms / b0:>7.2f} {after:>9.1f} {after / a0:>7.2f} {ms / after:>9.2f}")
         return
-    print(f"\nbatch {args.batch}, {args.steps} steps (median), 1 torch thread; scoring: {int(args.rows * 0.1):,} "
-          "validation rows, onnxruntime default threads")
+    print(f"\nbatch {args.batch}, {args.steps} steps (median), 1 torch thread; scoring: the validation rows repeated to "
+          f">= {args.score_rows:,} rows, onnxruntime default threads")
     print(f"{'length':>6} {'encoder':<12} {'step ms':>8} {'x mean':>7} {'peak RSS MB':>12} {'score rows/s':>13} {'x mean':>7}")
     for (length, name), r in results.items():
         base = results.get((length, "mean"), r)
