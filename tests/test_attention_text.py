@@ -349,6 +349,44 @@ def test_din_computes_the_papers_formula_and_its_gradients(params):
                                    msg=k)
 
 
+def test_din_distinct_ids_match_torch_unique():
+    from recmtl_plugins.encoders.din import _distinct
+    for size in (50, 10_000):  # the presence-mask path and the sort path
+        ids = torch.randint(0, 50, (300,))
+        distinct, where = _distinct(ids, size)
+        want, want_where = torch.unique(ids, return_inverse=True)
+        assert torch.equal(distinct, want) and torch.equal(where, want_where)
+
+
+def test_din_encoder_graph_matches_torch(tmp_path):
+    """The exported graph of the encoder alone (many items per row, so repeated row indices) computes what torch
+    does; the model-level parity check of a briefly trained model is too coarse to see a wrong scatter."""
+    from recmtl.export.graph import OPSET
+    torch.manual_seed(5)
+    feats = [FeatureInfo("hist", "sequence", 30, {"max_length": 12, "target": 0, "target_cardinality": 30,
+                                                  "shared": True})]
+    enc = DINEncoder(feats, dim=6, init_std=0.5).eval()
+
+    class Wrap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, x: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
+            return self.enc(x, {"categorical": cats})
+
+    x = torch.randint(0, 30, (64, 1, 12))
+    x[:, 0, 9:] = 30  # padding
+    cats = torch.randint(0, 30, (64, 1))
+    path = tmp_path / "din.onnx"
+    torch.onnx.export(Wrap(), (x, cats), str(path), input_names=["x", "cats"], output_names=["out"],
+                      dynamic_axes={"x": {0: "b"}, "cats": {0: "b"}, "out": {0: "b"}}, opset_version=OPSET,
+                      dynamo=False)
+    got = ort.InferenceSession(str(path)).run(None, {"x": x.numpy(), "cats": cats.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, Wrap()(x, cats).numpy(), atol=1e-5, rtol=1e-5)
+
+
 # ---- one table per vocabulary ----------------------------------------------------------------------------
 @pytest.mark.parametrize("encoder", [{"name": "din", "dim": 4}, {"name": "sequence_pool", "dim": 4},
                                      {"name": "transformer", "dim": 4, "num_heads": 2, "dropout": 0.0}])

@@ -145,6 +145,8 @@ class DINEncoder(HistoryTables, Encoder):
             weights = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).index_put((rows, cols), scores)
             self.stats.add(f.name, weights, mask)
         interest = torch.zeros(b, items.shape[1], dtype=items.dtype, device=items.device)
+        if torch.onnx.is_in_onnx_export():  # the exporter's index_add is wrong for repeated indices (rows)
+            return interest.scatter_add(0, rows.unsqueeze(1).expand_as(items), scores.unsqueeze(1) * items), t
         return interest.index_add(0, rows, scores.unsqueeze(1) * items), t
 
     def diagnostics(self) -> dict[str, Any]:
