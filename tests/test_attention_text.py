@@ -428,6 +428,31 @@ def test_a_shared_categorical_is_one_table_in_training_and_in_the_graph(cli, int
     assert len(item_tables) == 1, item_tables
 
 
+def test_a_run_trained_before_tables_were_shared_resumes_exports_and_evaluates(cli, interests_dir, tmp_path,
+                                                                                monkeypatch):
+    import functools
+
+    import recmtl.training.loop as loop
+    import recmtl.training.model as model_module
+    from recmtl.rundir import BEST, RunDir
+    cfg, run = _config(tmp_path / "c.yaml", interests_dir, {"name": "din", "dim": 4}, text=False), tmp_path / "run"
+    with monkeypatch.context() as m:  # the layout of runs trained before one table per vocabulary
+        m.setattr(loop, "MultiTaskModel", functools.partial(model_module.MultiTaskModel, share=False))
+        assert cli("train", cfg, "--out", run).code == 0
+    assert "encoders.sequence.tables.0.weight" in torch.load(run / "last.pt", weights_only=True)["model"]
+    r = cli("train", cfg, "--out", run, "--resume", "--set", "train.epochs=2")
+    assert r.code == 0 and "trained before encoders shared one embedding table" in r.out + r.err, r
+    assert cli("export", run, "-o", tmp_path / "m.onnx").code == 0  # with its parity check
+    assert cli("evaluate", run, interests_dir / "valid.parquet").code == 0
+    # a checkpoint of neither layout: one message naming the file and the run, and what to do
+    files = RunDir(run)
+    state = files.load_checkpoint(BEST)
+    del state["model"]["encoders.sequence.tables.0.weight"], state["model"]["encoders.categorical.tables.0.weight"]
+    files.save_checkpoint(BEST, state)
+    r = cli("evaluate", run, interests_dir / "valid.parquet", "--checkpoint", "best")
+    assert r.code != 0 and "best.pt of" in r.err and "retrain the run" in r.err and "Traceback" not in r.err, r
+
+
 def test_a_third_party_encoder_shares_tables_through_the_contract():
     """An encoder outside recmtl_plugins, on the SDK only: the model hands it the embedding encoder's rows."""
     from recmtl import Encoder, TableRows
