@@ -69,9 +69,9 @@ def measure(run_dir: str, model_path: str, data: str, batch: int, steps: int, sc
     opts = [torch.optim.Adam([p for p in model.parameters() if id(p) not in sparse], lr=1e-3)]
     if sparse:
         opts.append(torch.optim.SparseAdam([p for p in model.parameters() if id(p) in sparse], lr=1e-3))
-    times = []
+    times, cpu = [], []
     for i in range(steps + 3):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         for o in opts:
             o.zero_grad()
         losses = model.losses(model(inputs), labels, mask)
@@ -80,6 +80,7 @@ def measure(run_dir: str, model_path: str, data: str, batch: int, steps: int, sc
             o.step()
         if i >= 3:
             times.append(time.perf_counter() - start)
+            cpu.append(time.thread_time() - start_cpu)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     scorer = Scorer(model_path)
     scorer.score(table.slice(0, 1000))
@@ -89,7 +90,8 @@ def measure(run_dir: str, model_path: str, data: str, batch: int, steps: int, sc
         start = time.perf_counter()
         scorer.score(table)
         rates.append(len(table) / (time.perf_counter() - start))
-    return {"step_ms": 1000 * float(np.median(times)), "peak_rss_mb": peak, "score_rows_s": float(np.median(rates))}
+    return {"step_ms": 1000 * float(np.median(times)), "step_cpu_ms": 1000 * float(np.median(cpu)), "peak_rss_mb": peak,
+            "score_rows_s": float(np.median(rates)), "score_rows": len(table)}
 
 
 def _step_fn(model, schema, table, batch: int):
@@ -156,13 +158,15 @@ def ab_steps(work: Path, names: list[str], ref: str, batch: int, steps: int) -> 
             model = MultiTaskModel(config, schema, registry).train()
             steps_of[(name, when)] = _step_fn(model, schema, table, batch)
     times = {k: [] for k in steps_of}
+    cpu = {k: [] for k in steps_of}
     for i in range(steps + 3):
         for k, step in steps_of.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             step()
             if i >= 3:
                 times[k].append(time.perf_counter() - start)
-    return {k: 1000 * float(np.median(v)) for k, v in times.items()}
+                cpu[k].append(time.thread_time() - start_cpu)
+    return {k: (1000 * float(np.median(v)), 1000 * float(np.median(cpu[k]))) for k, v in times.items()}
 
 
 def text_throughput(with_text: str, without: str, data: str, work: Path) -> None:
@@ -213,7 +217,7 @@ def main() -> None:
         return
     if args.ab_measure:
         res = ab_steps(Path(args.ab_measure[0]), args.encoders.split(","), args.ab, args.batch, args.steps)
-        print(json.dumps([[name, when, ms] for (name, when), ms in res.items()]))
+        print(json.dumps([[name, when, *ms] for (name, when), ms in res.items()]))
         return
     results = {}
     for length in [int(x) for x in args.lengths.split(",")]:
@@ -250,23 +254,31 @@ def main() -> None:
                                   "--ab-measure", str(work)], capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(out.stderr[-3000:])
-            for name, when, ms in json.loads(out.stdout.strip().splitlines()[-1]):
+            for name, when, ms, cpu_ms in json.loads(out.stdout.strip().splitlines()[-1]):
                 results[(length, name, when)] = ms
+                results[(length, name, when, "cpu")] = cpu_ms
     if args.ab:
         print(f"\nbatch {args.batch}, {args.steps} steps interleaved (median), 1 torch thread; before = {args.ab}")
-        print(f"{'length':>6} {'encoder':<12} {'before ms':>10} {'x mean':>7} {'after ms':>9} {'x mean':>7} {'speed-up':>9}")
-        for (length, name, when), ms in results.items():
-            if when == "before":
-                after = results[(length, name, "after")]
-                b0, a0 = results[(length, "mean", "before")], results[(length, "mean", "after")]
-                print(f"{length:>6} {name:<12} {ms:>10.1f} {ms / b0:>7.2f} {after:>9.1f} {after / a0:>7.2f} {ms / after:>9.2f}")
+        print("wall: perf_counter; cpu: this thread's CPU time (thread_time), less sensitive to the machine's load")
+        print(f"{'length':>6} {'encoder':<12} {'clock':<5} {'before ms':>10} {'x mean':>7} {'after ms':>9} {'x mean':>7} "
+              f"{'speed-up':>9}")
+        for key, ms in results.items():
+            if len(key) == 3 and key[2] == "before":
+                length, name = key[:2]
+                for clock, tail in (("wall", ()), ("cpu", ("cpu",))):
+                    before, after = results[(length, name, "before", *tail)], results[(length, name, "after", *tail)]
+                    b0, a0 = results[(length, "mean", "before", *tail)], results[(length, "mean", "after", *tail)]
+                    print(f"{length:>6} {name:<12} {clock:<5} {before:>10.1f} {before / b0:>7.2f} {after:>9.1f} "
+                          f"{after / a0:>7.2f} {before / after:>9.2f}")
         return
     print(f"\nbatch {args.batch}, {args.steps} steps (median), 1 torch thread; scoring: the validation rows repeated to "
           f">= {args.score_rows:,} rows, onnxruntime default threads")
-    print(f"{'length':>6} {'encoder':<12} {'step ms':>8} {'x mean':>7} {'peak RSS MB':>12} {'score rows/s':>13} {'x mean':>7}")
+    print(f"{'length':>6} {'encoder':<12} {'step ms':>8} {'x mean':>7} {'cpu ms':>7} {'x mean':>7} {'peak RSS MB':>12} "
+          f"{'score rows/s':>13} {'x mean':>7}")
     for (length, name), r in results.items():
         base = results.get((length, "mean"), r)
-        print(f"{length:>6} {name:<12} {r['step_ms']:>8.1f} {r['step_ms'] / base['step_ms']:>7.2f} {r['peak_rss_mb']:>12.0f} "
+        print(f"{length:>6} {name:<12} {r['step_ms']:>8.1f} {r['step_ms'] / base['step_ms']:>7.2f} {r['step_cpu_ms']:>7.1f} "
+              f"{r['step_cpu_ms'] / base['step_cpu_ms']:>7.2f} {r['peak_rss_mb']:>12.0f} "
               f"{r['score_rows_s']:>13,.0f} {r['score_rows_s'] / base['score_rows_s']:>7.2f}")
 
 
