@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=12_000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=1, help="processes per (encoder, length), in turns; medians")
     ap.add_argument("--score-rows", type=int, default=48_000, help="scoring: the validation rows repeated up to this")
     ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--text-runs", nargs=3, metavar=("WITH", "WITHOUT", "DATA"))
@@ -219,6 +220,7 @@ def main() -> None:
         res = ab_steps(Path(args.ab_measure[0]), args.encoders.split(","), args.ab, args.batch, args.steps)
         print(json.dumps([[name, when, *ms] for (name, when), ms in res.items()]))
         return
+    import numpy as np
     results = {}
     for length in [int(x) for x in args.lengths.split(",")]:
         work = args.work_dir / f"L{length}"
@@ -241,13 +243,18 @@ def main() -> None:
                 (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
                 run("train", str(work / f"{name}.yaml"), "--out", str(run_dir))
                 run("export", str(run_dir), "-o", str(model))
-            if args.ab:
-                continue
-            out = subprocess.run([sys.executable, __file__, "--work-dir", str(args.work_dir), "--batch", str(args.batch),
-                                  "--steps", str(args.steps), "--score-rows", str(args.score_rows), "--measure", str(run_dir), str(model),
-                                  str(data / "valid.parquet")], capture_output=True, text=True, check=True)
-            results[(length, name)] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(length, name, results[(length, name)], flush=True)
+        rounds: dict[str, list[dict]] = {name: [] for name in args.encoders.split(",")}
+        for _ in range(0 if args.ab else args.repeats):  # the encoders' processes take turns, medians per field
+            for name in rounds:
+                out = subprocess.run([sys.executable, __file__, "--work-dir", str(args.work_dir), "--batch",
+                                      str(args.batch), "--steps", str(args.steps), "--score-rows", str(args.score_rows),
+                                      "--measure", str(work / name), str(work / f"{name}.onnx"),
+                                      str(data / "valid.parquet")], capture_output=True, text=True, check=True)
+                rounds[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(length, name, rounds[name][-1], flush=True)
+        for name, rs in rounds.items():
+            if rs:
+                results[(length, name)] = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
         if args.ab:  # one process per length, every model of it interleaved
             out = subprocess.run([sys.executable, __file__, "--work-dir", str(args.work_dir), "--batch", str(args.batch),
                                   "--steps", str(args.steps), "--encoders", args.encoders, "--ab", args.ab,

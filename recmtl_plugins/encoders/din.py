@@ -56,11 +56,11 @@ class _AttentionMLP(nn.Module):
 
     def forward(self, items: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``items [N, d]``: every history item of the batch (padding left out), ``t [B, d]`` the candidates,
-        ``rows [N]`` each item's row -> scores ``[N]``. One gather of the per-row part (``t`` and ``B t`` plus the
-        bias), one matrix product ``[h, h * t] [A; C]``."""
-        d = t.shape[1]
-        per_row = torch.cat([t, self.target(t) + self.item.bias], dim=1).index_select(0, rows)  # [N, d + first]
-        t_items, pre_t = per_row.split([d, per_row.shape[1] - d], dim=1)  # split: no zero-filled slice gradients
+        ``rows [N]`` each item's row -> scores ``[N]``. The per-row parts (``t``, ``B t`` plus the bias) gathered per
+        item, one matrix product ``[h, h * t] [A; C]``."""
+        # two gathers rather than one of a concatenation: no split, whose backward is another [N, .] concatenation
+        t_items = t.index_select(0, rows)  # [N, d]
+        pre_t = (self.target(t) + self.item.bias).index_select(0, rows)  # [N, first]
         weight = torch.cat([self.item.weight, self.product.weight], dim=1)  # [first, 2d]
         pre = torch.addmm(pre_t, torch.cat([items, items * t_items], dim=1), weight.t())
         return self.rest(pre).squeeze(-1)
@@ -134,7 +134,8 @@ class DINEncoder(HistoryTables, Encoder):
         if f.options.get("shared") and not torch.onnx.is_in_onnx_export():  # (the graph: sizes traced as constants)
             # each distinct id looked up once: the sparse gradient has a row per distinct id, not per occurrence
             distinct, where = _distinct(torch.cat([item_ids, t_ids]), f.cardinality + 1)
-            items, t = self.history_table(j)(distinct).index_select(0, where).split([item_ids.shape[0], b])
+            rows_of, n = self.history_table(j)(distinct), item_ids.shape[0]
+            items, t = rows_of.index_select(0, where[:n]), rows_of.index_select(0, where[n:])  # no split: see above
         else:
             items, t = self.history_table(j)(item_ids), self.target_table(j)(t_ids)
         scores = self.attention[str(j)](items, t, rows)  # [N]
