@@ -349,6 +349,27 @@ def test_din_computes_the_papers_formula_and_its_gradients(params):
                                    msg=k)
 
 
+@pytest.mark.parametrize("channels,shape", [(1, (50, 7)), (7, (50, 7)), (3, (4, 3, 5))])
+def test_layers_prelu_matches_torch_and_its_gradients(channels, shape):
+    from recmtl.layers import PReLU
+    torch.manual_seed(0)
+    fast, ref = PReLU(channels), torch.nn.PReLU(channels)
+    with torch.no_grad():
+        fast.weight.uniform_(-0.5, 0.5)
+        ref.weight.copy_(fast.weight)
+    x = torch.randn(*shape)
+    x.view(-1)[:5] = 0.0  # at the kink: the gradient of x <= 0, as torch's
+    g = torch.randn(*shape)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fast(xa), ref(xb)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, atol=1e-5, rtol=1e-5)
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+
+
 def test_din_distinct_ids_match_torch_unique():
     from recmtl_plugins.encoders.din import _distinct
     for size in (50, 10_000):  # the presence-mask path and the sort path
