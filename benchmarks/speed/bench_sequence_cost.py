@@ -4,10 +4,12 @@ Per length: ``recmtl datagen interests --history L`` (every row's history drawn 
 training run per encoder (``sequence_pool`` mean, ``din``, ``transformer``) for a model, then in a fresh process
 per (encoder, length): the median time of a training step (forward, both tasks' losses, backward, Adam on the
 dense and SparseAdam on the sparse parameters, as ``recmtl train`` does) on a fixed batch, one thread, and that
-process's peak RSS; then the exported ONNX model's scoring rows/s (``Scorer.score`` on the validation rows,
-onnxruntime's default threads) — the export itself runs the parity check.
+process's peak RSS; then the exported ONNX model's scoring rows/s (``Scorer.score`` on the validation rows repeated
+to at least ``--score-rows``, 48,000 by default; onnxruntime's default threads) — the export itself runs the parity
+check. Step times are wall clock and this thread's CPU time (``thread_time``: less inflated by a loaded machine);
+``--repeats R`` runs each (encoder, length) process R times, the encoders taking turns, and reports medians.
 
-    nice -n 10 .venv/bin/python benchmarks/speed/bench_sequence_cost.py --work-dir /tmp/seqcost
+    nice -n 10 .venv/bin/python benchmarks/speed/bench_sequence_cost.py --work-dir /tmp/seqcost --repeats 3
 
 ``--ab REF``: before/after instead, in one process per length: the three models built from each run's config and
 schema (fresh weights, seed 0) twice, once with the sequence encoders of git revision REF ("before") and once with
