@@ -1,7 +1,7 @@
 """Building blocks shared by plugins, public so that a third-party plugin has the built-ins' power and plugins
 never import each other:
 
-* MLPs: ``mlp``, ``check_units``;
+* MLPs: ``mlp``, ``check_units``, ``PReLU`` (``nn.PReLU`` with a fast CPU backward);
 * mixture of experts: ``Experts`` (``num_experts`` MLPs as batched matrix products, refusing experts that start
   identical), ``mix`` (gate-weighted sum), ``entropy``, ``GateStats`` (the ``Tower.diagnostics`` conventions:
   ``gate_weights``, ``gate_entropy``, ``max_entropy``, ``expert_utilisation``);
@@ -34,6 +34,40 @@ def mlp(input_dim: int, units: Sequence[int], dropout: float = 0.0, activation: 
             layers.append(nn.Dropout(dropout))
         width = int(u)
     return nn.Sequential(*layers)
+
+
+class _PReLUFunction(torch.autograd.Function):
+    """``prelu(x, w)`` with a backward of vectorised ops (torch's ``_prelu_kernel_backward`` is a scalar loop on CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.prelu(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, weight = ctx.saved_tensors
+        pos = torch.ops.aten.threshold_backward(grad, x, 0.0)  # grad where x > 0, else 0
+        neg = grad - pos  # grad where x <= 0
+        if weight.numel() == 1:
+            grad_weight = torch.dot(neg.reshape(-1), x.reshape(-1)).reshape(weight.shape)
+        else:  # one weight per channel (dim 1)
+            grad_weight = (neg * x).transpose(0, 1).reshape(weight.numel(), -1).sum(1)
+        shape = [1] * x.dim()
+        if x.dim() > 1:
+            shape[1] = weight.numel()
+        return neg.mul_(weight.reshape(shape)).add_(pos), grad_weight
+
+
+class PReLU(nn.PReLU):
+    """``nn.PReLU`` (same parameters and state dict) whose training backward is several times faster on CPU; the
+    forward, evaluation and export are torch's ``prelu``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
+                and not torch.onnx.is_in_onnx_export():
+            return _PReLUFunction.apply(x, self.weight)
+        return torch.nn.functional.prelu(x, self.weight)
 
 
 def check_units(name: str, units: Sequence[int]) -> list[int]:

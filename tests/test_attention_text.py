@@ -349,6 +349,65 @@ def test_din_computes_the_papers_formula_and_its_gradients(params):
                                    msg=k)
 
 
+@pytest.mark.parametrize("channels,shape", [(1, (50, 7)), (7, (50, 7)), (3, (4, 3, 5))])
+def test_layers_prelu_matches_torch_and_its_gradients(channels, shape):
+    from recmtl.layers import PReLU
+    torch.manual_seed(0)
+    fast, ref = PReLU(channels), torch.nn.PReLU(channels)
+    with torch.no_grad():
+        fast.weight.uniform_(-0.5, 0.5)
+        ref.weight.copy_(fast.weight)
+    x = torch.randn(*shape)
+    x.view(-1)[:5] = 0.0  # at the kink: the gradient of x <= 0, as torch's
+    g = torch.randn(*shape)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fast(xa), ref(xb)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, atol=1e-5, rtol=1e-5)
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_din_distinct_ids_match_torch_unique():
+    from recmtl_plugins.encoders.din import _distinct
+    for size in (50, 10_000):  # the presence-mask path and the sort path
+        ids = torch.randint(0, 50, (300,))
+        distinct, where = _distinct(ids, size)
+        want, want_where = torch.unique(ids, return_inverse=True)
+        assert torch.equal(distinct, want) and torch.equal(where, want_where)
+
+
+def test_din_encoder_graph_matches_torch(tmp_path):
+    """The exported graph of the encoder alone (many items per row, so repeated row indices) computes what torch
+    does; the model-level parity check of a briefly trained model is too coarse to see a wrong scatter."""
+    from recmtl.export.graph import OPSET
+    torch.manual_seed(5)
+    feats = [FeatureInfo("hist", "sequence", 30, {"max_length": 12, "target": 0, "target_cardinality": 30,
+                                                  "shared": True})]
+    enc = DINEncoder(feats, dim=6, init_std=0.5).eval()
+
+    class Wrap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, x: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
+            return self.enc(x, {"categorical": cats})
+
+    x = torch.randint(0, 30, (64, 1, 12))
+    x[:, 0, 9:] = 30  # padding
+    cats = torch.randint(0, 30, (64, 1))
+    path = tmp_path / "din.onnx"
+    torch.onnx.export(Wrap(), (x, cats), str(path), input_names=["x", "cats"], output_names=["out"],
+                      dynamic_axes={"x": {0: "b"}, "cats": {0: "b"}, "out": {0: "b"}}, opset_version=OPSET,
+                      dynamo=False)
+    got = ort.InferenceSession(str(path)).run(None, {"x": x.numpy(), "cats": cats.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, Wrap()(x, cats).numpy(), atol=1e-5, rtol=1e-5)
+
+
 # ---- one table per vocabulary ----------------------------------------------------------------------------
 @pytest.mark.parametrize("encoder", [{"name": "din", "dim": 4}, {"name": "sequence_pool", "dim": 4},
                                      {"name": "transformer", "dim": 4, "num_heads": 2, "dropout": 0.0}])
@@ -388,6 +447,31 @@ def test_a_shared_categorical_is_one_table_in_training_and_in_the_graph(cli, int
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     item_tables = [i.name for i in graph.initializer if len(i.dims) == 2 and i.dims[0] >= card and i.dims[1] == 4]
     assert len(item_tables) == 1, item_tables
+
+
+def test_a_run_trained_before_tables_were_shared_resumes_exports_and_evaluates(cli, interests_dir, tmp_path,
+                                                                                monkeypatch):
+    import functools
+
+    import recmtl.training.loop as loop
+    import recmtl.training.model as model_module
+    from recmtl.rundir import BEST, RunDir
+    cfg, run = _config(tmp_path / "c.yaml", interests_dir, {"name": "din", "dim": 4}, text=False), tmp_path / "run"
+    with monkeypatch.context() as m:  # the layout of runs trained before one table per vocabulary
+        m.setattr(loop, "MultiTaskModel", functools.partial(model_module.MultiTaskModel, share=False))
+        assert cli("train", cfg, "--out", run).code == 0
+    assert "encoders.sequence.tables.0.weight" in torch.load(run / "last.pt", weights_only=True)["model"]
+    r = cli("train", cfg, "--out", run, "--resume", "--set", "train.epochs=2")
+    assert r.code == 0 and "trained before encoders shared one embedding table" in r.out + r.err, r
+    assert cli("export", run, "-o", tmp_path / "m.onnx").code == 0  # with its parity check
+    assert cli("evaluate", run, interests_dir / "valid.parquet").code == 0
+    # a checkpoint of neither layout: one message naming the file and the run, and what to do
+    files = RunDir(run)
+    state = files.load_checkpoint(BEST)
+    del state["model"]["encoders.sequence.tables.0.weight"], state["model"]["encoders.categorical.tables.0.weight"]
+    files.save_checkpoint(BEST, state)
+    r = cli("evaluate", run, interests_dir / "valid.parquet", "--checkpoint", "best")
+    assert r.code != 0 and "best.pt of" in r.err and "retrain the run" in r.err and "Traceback" not in r.err, r
 
 
 def test_a_third_party_encoder_shares_tables_through_the_contract():

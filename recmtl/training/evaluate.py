@@ -201,13 +201,13 @@ PER_TASK = "tasks"
 
 
 def per_task_model(config: Config, schema: FittedSchema, registry: Registry, states: dict[int, dict[str, Any]],
-                   epochs: dict[str, int]) -> MultiTaskModel | PerTaskModel:
+                   epochs: dict[str, int], run_dir: str | Path = "the run") -> MultiTaskModel | PerTaskModel:
     """The model that scores each task with the state of its epoch (``states``: epoch -> model state dict): one
     ``MultiTaskModel`` when every task has the same epoch, else a ``PerTaskModel`` over one copy per epoch."""
     distinct = sorted(set(epochs.values()))
     models = []
     for e in distinct:
-        models.append(model_for_state(config, schema, registry, states[e]).eval())
+        models.append(model_for_state(config, schema, registry, states[e], f"{epoch_checkpoint(e)} of {run_dir}").eval())
     if len(models) == 1:
         return models[0]
     return PerTaskModel(models, {t: distinct.index(e) for t, e in epochs.items()}).eval()
@@ -231,11 +231,11 @@ def load_run(run_dir: str | Path, plugins: list[str] = (), disabled: list[str] =
         states = {e: files.load_checkpoint(epoch_checkpoint(e))["model"] for e in set(epochs.values())}
         bound = {t: {"file": epoch_checkpoint(e), "epoch": e, "sha256": files.checkpoint_digest(epoch_checkpoint(e))}
                  for t, e in epochs.items()}
-        return LoadedRun(config, schema, per_task_model(config, schema, registry, states, epochs), registry, run_dir, epochs,
+        return LoadedRun(config, schema, per_task_model(config, schema, registry, states, epochs, run_dir), registry, run_dir, epochs,
                          score_map(config, run_dir if calibration else None, bound, checkpoint), bound)
     name = {PER_TASK: BEST, "best": BEST, "last": LAST}.get(checkpoint, checkpoint)
     state = files.load_checkpoint(name)
-    model = model_for_state(config, schema, registry, state["model"]).eval()
+    model = model_for_state(config, schema, registry, state["model"], f"{name} of {run_dir}").eval()
     epoch = state.get("epoch")
     epochs = {t: int(epoch) + 1 for t in model.task_names} if isinstance(epoch, int) else None
     digest = files.checkpoint_digest(name)

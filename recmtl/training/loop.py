@@ -44,7 +44,7 @@ from recmtl.training.distributed import (
 )
 from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors, reference_metrics
 from recmtl.training.evaluate import map_scores, merge_predictions, per_task_model, predict, reliability_bins, score_map, task_metrics
-from recmtl.training.model import MultiTaskModel, resolved_config, sparse_parameters, validate_plugins
+from recmtl.training.model import MultiTaskModel, model_for_state, resolved_config, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
 from recmtl.training.tracking import attached, build_loggers
 
@@ -182,7 +182,14 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     if resume:
         schema = ctx.broadcast_object(schema)
 
-    model = MultiTaskModel(config, schema, registry)
+    state = ctx.broadcast_object(files.load_checkpoint(LAST) if main else None) if resume else None
+    if state is None:
+        model = MultiTaskModel(config, schema, registry)
+    else:  # the checkpoint's layout: a run saved before one table per vocabulary trains on with its own tables
+        model = model_for_state(config, schema, registry, state["model"], f"{LAST} of {run_dir}")
+        if not model.shares_tables:
+            say(f"{run_dir} was trained before encoders shared one embedding table per vocabulary: it trains on "
+                "with a table per encoder (retrain it, in a new directory, for the shared table)")
     weights = {t.name: t.weight for t in config.tasks}
     balancer = registry.create("balancer", config.balancer.name, [t.name for t in config.tasks], weights,
                                **config.balancer.params)
@@ -211,9 +218,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                            config.optimizer.lr)
 
     start_epoch, best, best_epoch, bad_epochs, in_epoch = 0, None, -1, 0, None
-    if resume:
-        state = ctx.broadcast_object(files.load_checkpoint(LAST) if main else None)
-        model.load_state_dict(state["model"])
+    if state is not None:
         precision.load_state_dict(state.get("amp", {}))
         if probe is not None and state.get("precision_mode") in ("fp32", "bf16"):  # the probe's decision stands
             precision.use(state["precision_mode"])
@@ -417,7 +422,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         name = epoch_checkpoint(e) if files.file(epoch_checkpoint(e)).is_file() else BEST  # BEST: the fallback above
         return files.load_checkpoint(name)["model"]
     states = {e: ctx.broadcast_object(state_of(e)) for e in sorted(set(epochs.values()))}
-    final = per_task_model(config, schema, registry, states, epochs).to(ctx.device)
+    final = per_task_model(config, schema, registry, states, epochs, run_dir).to(ctx.device)
     test_metrics = None
     test_bins: dict[str, Any] = {}
     if test_src is not None:

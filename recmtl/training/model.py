@@ -216,6 +216,7 @@ class MultiTaskModel(nn.Module):
     def __init__(self, config: Config, schema: FittedSchema, registry: Registry, share: bool = True) -> None:
         """``share``: one table per vocabulary (``share_tables``); False only for checkpoints saved before it."""
         super().__init__()
+        self.shares_tables = share
         self.task_names = [t.name for t in config.tasks]
         self.encoders = nn.ModuleDict()
         for kind, infos in schema.feature_infos().items():
@@ -455,17 +456,28 @@ class MultiTaskModel(nn.Module):
         return diag
 
 
-def model_for_state(config: Config, schema: FittedSchema, registry: Registry, state: dict[str, Any]) -> MultiTaskModel:
+def model_for_state(config: Config, schema: FittedSchema, registry: Registry, state: dict[str, Any],
+                    source: str = "the checkpoint") -> MultiTaskModel:
     """A model with ``state`` (a checkpoint's model state) loaded: one table per vocabulary, or, for a checkpoint
-    saved before encoders shared tables (it holds their own tables too), each encoder with its own."""
+    saved before encoders shared tables (it holds their own tables too), each encoder with its own
+    (``shares_tables`` False). A state of neither layout is a ``ConfigError`` naming ``source`` (retrain)."""
     def layout(sd: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {k: tuple(getattr(v, "shape", ())) for k, v in sd.items()}
 
     model = MultiTaskModel(config, schema, registry)
     if layout(state) != layout(model.state_dict()):
         legacy = MultiTaskModel(config, schema, registry, share=False)
-        if layout(state) == layout(legacy.state_dict()):
-            model = legacy
+        if layout(state) != layout(legacy.state_dict()):
+            want, got = layout(model.state_dict()), layout(state)
+            missing = [k for k in want if k not in got]
+            unexpected = [k for k in got if k not in want]
+            shapes = [f"{k} {list(got[k])} (expected {list(want[k])})" for k in want if k in got and got[k] != want[k]]
+            what = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for label, keys in
+                             (("missing", missing), ("not expected", unexpected), ("other shape", shapes)) if keys)
+            raise ConfigError(f"{source} does not fit the model this version of recmtl builds from the run's config "
+                              f"and schema ({what}); it was saved by another version of recmtl or of its plugins: "
+                              "retrain the run (recmtl train CONFIG --out NEW_DIR)")
+        model = legacy
     model.load_state_dict(state)
     return model
 

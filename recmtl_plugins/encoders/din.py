@@ -23,9 +23,22 @@ import torch
 from torch import nn
 
 from recmtl import Encoder, FeatureInfo, hookimpl
-from recmtl.layers import AttentionStats, HistoryTables, check_units, mlp
+from recmtl.layers import AttentionStats, HistoryTables, PReLU, check_units, mlp
 
 NORMALIZATIONS = ("none", "softmax")
+
+
+def _distinct(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(ids, return_inverse=True)`` for ids in ``[0, size)``; without a sort when ``size`` is small
+    against the number of ids (a presence mask and a lookup table of ``size`` entries)."""
+    if size > 8 * ids.numel():
+        return torch.unique(ids, return_inverse=True)
+    present = torch.zeros(size, dtype=torch.bool, device=ids.device)
+    present[ids] = True
+    distinct = present.nonzero().squeeze(1)
+    position = torch.empty(size, dtype=ids.dtype, device=ids.device)
+    position[distinct] = torch.arange(distinct.shape[0], dtype=ids.dtype, device=ids.device)
+    return distinct, position[ids]
 
 
 class _AttentionMLP(nn.Module):
@@ -38,16 +51,16 @@ class _AttentionMLP(nn.Module):
         first = units[0] if units else 1
         self.item, self.target = nn.Linear(dim, first), nn.Linear(dim, first, bias=False)
         self.product = nn.Linear(dim, first, bias=False)
-        rest = [nn.PReLU()] + ([mlp(first, units[1:], activation=nn.PReLU)] if len(units) > 1 else [])
+        rest = [PReLU()] + ([mlp(first, units[1:], activation=PReLU)] if len(units) > 1 else [])
         self.rest = nn.Sequential(*rest, nn.Linear(units[-1], 1)) if units else nn.Identity()
 
     def forward(self, items: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``items [N, d]``: every history item of the batch (padding left out), ``t [B, d]`` the candidates,
-        ``rows [N]`` each item's row -> scores ``[N]``. One gather of the per-row part (``t`` and ``B t`` plus the
-        bias), one matrix product ``[h, h * t] [A; C]``."""
-        d = t.shape[1]
-        per_row = torch.cat([t, self.target(t) + self.item.bias], dim=1)[rows]  # [N, d + first]
-        t_items, pre_t = per_row.split([d, per_row.shape[1] - d], dim=1)  # split: no zero-filled slice gradients
+        ``rows [N]`` each item's row -> scores ``[N]``. The per-row parts (``t``, ``B t`` plus the bias) gathered per
+        item, one matrix product ``[h, h * t] [A; C]``."""
+        # two gathers rather than one of a concatenation: no split, whose backward is another [N, .] concatenation
+        t_items = t.index_select(0, rows)  # [N, d]
+        pre_t = (self.target(t) + self.item.bias).index_select(0, rows)  # [N, first]
         weight = torch.cat([self.item.weight, self.product.weight], dim=1)  # [first, 2d]
         pre = torch.addmm(pre_t, torch.cat([items, items * t_items], dim=1), weight.t())
         return self.rest(pre).squeeze(-1)
@@ -120,8 +133,9 @@ class DINEncoder(HistoryTables, Encoder):
         item_ids, t_ids = ids[rows, cols], inputs["categorical"][:, int(f.options["target"])]
         if f.options.get("shared") and not torch.onnx.is_in_onnx_export():  # (the graph: sizes traced as constants)
             # each distinct id looked up once: the sparse gradient has a row per distinct id, not per occurrence
-            distinct, where = torch.unique(torch.cat([item_ids, t_ids]), return_inverse=True)
-            items, t = self.history_table(j)(distinct)[where].split([item_ids.shape[0], b])
+            distinct, where = _distinct(torch.cat([item_ids, t_ids]), f.cardinality + 1)
+            rows_of, n = self.history_table(j)(distinct), item_ids.shape[0]
+            items, t = rows_of.index_select(0, where[:n]), rows_of.index_select(0, where[n:])  # no split: see above
         else:
             items, t = self.history_table(j)(item_ids), self.target_table(j)(t_ids)
         scores = self.attention[str(j)](items, t, rows)  # [N]
@@ -132,7 +146,9 @@ class DINEncoder(HistoryTables, Encoder):
             weights = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).index_put((rows, cols), scores)
             self.stats.add(f.name, weights, mask)
         interest = torch.zeros(b, items.shape[1], dtype=items.dtype, device=items.device)
-        return interest.scatter_add(0, rows.unsqueeze(1).expand_as(items), scores.unsqueeze(1) * items), t
+        if torch.onnx.is_in_onnx_export():  # the exporter's index_add is wrong for repeated indices (rows)
+            return interest.scatter_add(0, rows.unsqueeze(1).expand_as(items), scores.unsqueeze(1) * items), t
+        return interest.index_add(0, rows, scores.unsqueeze(1) * items), t
 
     def diagnostics(self) -> dict[str, Any]:
         return self.stats.result()
