@@ -389,18 +389,6 @@ def test_dcn_v2_gate_starts_at_the_identity_and_learns(params):
         DCNv2(6, list("ab"), 3, gate="yes")
 
 
-def test_dcn_v2_norm_x0_normalises_the_crossed_vector():
-    """norm: x0 crosses layer-normed x_0 (x_{l+1} = x_l + LN(x_0) * (W x_l + b)); the residual is the raw x."""
-    torch.manual_seed(0)
-    block = DCNv2(6, list("ab"), 3, num_layers=1, rank=None, init="random", norm="x0")
-    x = torch.randn(8, 6) * 5
-    want = x + torch.nn.functional.layer_norm(x, (6,)) * (block.full[0](x) + block.bias[0, 0])
-    torch.testing.assert_close(block(x, None), want)
-    torch.testing.assert_close(DCNv2(6, list("ab"), 3, norm="x0")(x, None), x)  # identity init: still x
-    with pytest.raises(ValueError, match="norm must be none or x0"):
-        DCNv2(6, list("ab"), 3, norm="output")
-
-
 def test_dcn_v2_lr_scale_puts_the_cross_layers_in_their_own_group(fm_run):
     """lr_scale: the cross layers' parameters (not the parallel deep MLP's, not the tower's) train at lr_scale x lr."""
     from recmtl.training.optimizers import make_optimizers
@@ -420,9 +408,9 @@ def test_dcn_v2_lr_scale_puts_the_cross_layers_in_their_own_group(fm_run):
         DCNv2(6, list("ab"), 3, lr_scale=0)
 
 
-def test_dcn_v2_gate_norm_lr_scale_train_and_export(funnel_dir, tmp_path):
+def test_dcn_v2_gate_and_lr_scale_train_and_export(funnel_dir, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
-                       interaction={"name": "dcn_v2", "num_layers": 2, "gate": True, "norm": "x0", "lr_scale": 0.2},
+                       interaction={"name": "dcn_v2", "num_layers": 2, "gate": True, "lr_scale": 0.2},
                        train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
     run_cli("train", cfg, "--out", tmp_path / "run")
     run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")

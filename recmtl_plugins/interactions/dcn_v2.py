@@ -16,9 +16,9 @@ either way. ``l2`` adds ``l2 * sum(W^2)`` over the cross weights to the training
 (``regularization()``; off by default: 1e-4 closed the plain funnel's conversion loss but lost most of the
 pairwise gain, RESULTS.md, "l2 and dropout on dcn_v2's cross weights"); ``cross_dropout`` drops units of
 each layer's cross term ``W_l x_l + b_l`` in training (the residual ``x_l`` is kept). ``gate: true`` scales each
-layer's cross term by a learned scalar ``g_l`` that starts at 0; ``norm: x0`` crosses layer-normed ``x_0``;
-``lr_scale`` trains the cross layers at that multiple of the optimiser's learning rate (``lr_scales()``). The defaults (low-rank,
-identity) are the measured ones: on funnel data without pairwise terms the full-rank,
+layer's cross term by a learned scalar ``g_l`` that starts at 0; ``lr_scale`` trains the cross layers at that
+multiple of the optimiser's learning rate (``lr_scales()``); both off by default (RESULTS.md, "gates and a
+lower learning rate"). The defaults (low-rank, identity) are the measured ones: on funnel data without pairwise terms the full-rank,
 randomly initialised cross layers cost 0.006 conversion AUC against the plain MLP
 (benchmarks/RESULTS.md, "never lose").
 """
@@ -34,7 +34,6 @@ from recmtl.layers import check_units, mlp
 
 STRUCTURES = ("stacked", "parallel")
 INITS = ("identity", "random")
-NORMS = ("none", "x0")
 
 
 class DCNv2(Interaction):
@@ -43,8 +42,7 @@ class DCNv2(Interaction):
     def __init__(self, input_dim: int, field_names: list[str], field_dim: int, num_layers: int = 3,
                  structure: str = "stacked", rank: int | str | None = "auto", num_experts: int = 1,
                  deep_units: list[int] = (256, 128), dropout: float = 0.0, init: str = "identity",
-                 l2: float = 0.0, cross_dropout: float = 0.0, gate: bool = False, norm: str = "none",
-                 lr_scale: float = 1.0) -> None:
+                 l2: float = 0.0, cross_dropout: float = 0.0, gate: bool = False, lr_scale: float = 1.0) -> None:
         super().__init__(input_dim, field_names, field_dim)
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
@@ -64,8 +62,6 @@ class DCNv2(Interaction):
             raise ValueError(f"cross_dropout must be in [0, 1), got {cross_dropout!r}")
         if not isinstance(gate, bool):
             raise ValueError(f"gate must be true or false, got {gate!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be none or x0, got {norm!r}")
         if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
             raise ValueError(f"lr_scale must be a positive number, got {lr_scale!r}")
         if num_experts > 1 and rank is None:
@@ -94,7 +90,6 @@ class DCNv2(Interaction):
                     self.u.zero_()
         self.init = init
         self.gates = nn.Parameter(torch.zeros(self.num_layers)) if gate else None
-        self.x0_norm = nn.LayerNorm(d) if norm == "x0" else None
         self.lr_scale = float(lr_scale)
         self.l2 = float(l2)
         self.cross_dropout = nn.Dropout(float(cross_dropout))
@@ -136,17 +131,16 @@ class DCNv2(Interaction):
         return self.l2 * sum(w.pow(2).sum() for w in self.cross_weights())
 
     def lr_scales(self) -> list[tuple[list[nn.Parameter], float]]:
-        """The cross layers' parameters (weights, biases, gates, the norm) at ``lr_scale`` x the optimiser's rate."""
+        """The cross layers' parameters (weights, biases, gates) at ``lr_scale`` x the optimiser's rate."""
         if self.lr_scale == 1.0:
             return []
         deep = {id(p) for p in self.deep.parameters()} if self.deep is not None else set()
         return [([p for p in self.parameters() if id(p) not in deep], self.lr_scale)]
 
     def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:
-        x0 = self.x0_norm(x) if self.x0_norm is not None else x
         xl = x
         for layer in range(self.num_layers):
-            xl = self.cross(x0, xl, layer)
+            xl = self.cross(x, xl, layer)
         return torch.cat([xl, self.deep(x)], dim=1) if self.deep is not None else xl
 
 
