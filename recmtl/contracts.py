@@ -233,6 +233,12 @@ class Interaction(nn.Module):
         zero scalar; e.g. dcn_v2's ``l2`` on its cross weights). Back-propagated beside the tower's term."""
         return torch.zeros(())
 
+    def lr_scales(self) -> list[tuple[list[nn.Parameter], float]]:
+        """Parameters of the block to train at ``scale x optimizer.lr`` in the dense optimiser, as
+        ``[(params, scale), ...]`` (default: none, every parameter at ``optimizer.lr``; e.g. dcn_v2's
+        ``lr_scale`` on its cross weights). A parameter named twice takes its first scale."""
+        return []
+
 
 class Head(nn.Module):
     """Turns ``h_task`` into a raw output, a loss, a user-facing score and metrics.

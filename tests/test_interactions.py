@@ -367,3 +367,51 @@ def test_dcn_v2_l2_and_cross_dropout_train_and_export(funnel_dir, tmp_path):
     run_cli("train", cfg, "--out", tmp_path / "run")
     run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")  # the parity check: no dropout at export
     assert (tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.parametrize("params", [{}, {"rank": None}, {"rank": 2, "num_experts": 2}])
+def test_dcn_v2_gate_starts_at_the_identity_and_learns(params):
+    """gate: a zero-initialised scalar per layer on the cross term; the block starts as x (any init), the gates get
+    a gradient (the weights keep their random draw), and a gate of 1 is the block without gates."""
+    torch.manual_seed(0)
+    block = DCNv2(6, list("ab"), 3, num_layers=2, gate=True, **params)
+    x = torch.randn(8, 6)
+    y = block(x, None)
+    torch.testing.assert_close(y, x)
+    y.pow(2).sum().backward()
+    assert block.gates.grad is not None and block.gates.grad.abs().sum() > 0
+    plain = DCNv2(6, list("ab"), 3, num_layers=2, init="random", **params)
+    plain.load_state_dict({k: v for k, v in block.state_dict().items() if k != "gates"})
+    with torch.no_grad():
+        block.gates.fill_(1.0)
+    torch.testing.assert_close(block(x, None), plain(x, None))
+    with pytest.raises(ValueError, match="gate must be true or false"):
+        DCNv2(6, list("ab"), 3, gate="yes")
+
+
+def test_dcn_v2_lr_scale_puts_the_cross_layers_in_their_own_group(fm_run):
+    """lr_scale: the cross layers' parameters (not the parallel deep MLP's, not the tower's) train at lr_scale x lr."""
+    from recmtl.training.optimizers import make_optimizers
+
+    inter = {"name": "dcn_v2", "num_layers": 2, "structure": "parallel", "deep_units": [8], "lr_scale": 0.1}
+    model = model_for(fm_run, interaction=inter)
+    config = parse_config(yaml.safe_load((fm_run / "run" / "config.yaml").read_text()))
+    dense = make_optimizers(config, model, torch.nn.Module())[0]  # a balancer without parameters
+    lr = config.optimizer.lr
+    by_lr = {round(g["lr"] / lr, 6): {id(p) for p in g["params"]} for g in dense.param_groups}
+    block = model.interaction
+    cross = {id(p) for n, p in block.named_parameters() if not n.startswith("deep.")}
+    assert set(by_lr) == {1.0, 0.1} and by_lr[0.1] == cross
+    assert {id(p) for p in block.deep.parameters()} <= by_lr[1.0]
+    assert DCNv2(6, list("ab"), 3).lr_scales() == []
+    with pytest.raises(ValueError, match="lr_scale must be a positive number"):
+        DCNv2(6, list("ab"), 3, lr_scale=0)
+
+
+def test_dcn_v2_gate_and_lr_scale_train_and_export(funnel_dir, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+                       interaction={"name": "dcn_v2", "num_layers": 2, "gate": True, "lr_scale": 0.2},
+                       train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
+    run_cli("train", cfg, "--out", tmp_path / "run")
+    run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()

@@ -10,7 +10,7 @@ speed measured on the test split (rows/s, one thread, median of 5).
 
 Usage: python benchmarks/quality/interactions.py --work-dir DIR [--rows 60000] [--interactions 1.5]
        [--seeds 1,2,3] [--towers mmoe,shared_bottom,pepnet] [--blocks none,fm,dcn_v2,autoint,gates] [--export]
-       [--task-fields N]
+       [--task-fields N] [--precision fp32]
 A block may change parameters: ``--blocks none,dcn_v2+rank=16+num_layers=1`` (run directories are named so).
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def run(cmd: list[str]) -> str:
     return subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE).stdout
 
 
-def config(data: Path, tower: str, block: str, seed: int, categorical: int, dense: int, epochs: int) -> dict:
+def config(data: Path, tower: str, block: str, seed: int, categorical: int, dense: int, epochs: int,
+           precision: str = "fp32") -> dict:
     cfg = {
         "seed": seed,
         "data": {"train": str(data / "train.parquet"), "validation": str(data / "valid.parquet"),
@@ -75,6 +76,7 @@ def config(data: Path, tower: str, block: str, seed: int, categorical: int, dens
         "tower": TOWERS[tower],
         "optimizer": {"name": "adam", "lr": 0.005},
         "train": {"batch_size": 512, "epochs": epochs, "progress": False, "threads": 1,
+                  "precision": precision,
                   "early_stopping": {"monitor": "mean/auc", "patience": 1}},
     }
     if block_spec(block) is not None:
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--towers", default="mmoe,shared_bottom")
     ap.add_argument("--blocks", default="none,fm,dcn_v2,autoint")
+    ap.add_argument("--precision", default="fp32",
+                    help="train.precision (fp32: what the earlier, AVX2-only machines' auto meant; auto: bf16 with AVX-512 BF16)")
     ap.add_argument("--export", action="store_true", help="export and score the first seed's runs")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--no-train", action="store_true", help="only evaluate the runs already in WORK_DIR (a summary)")
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if not (run_dir / "metrics.json").is_file():
                     cfg_path = work / f"{name}.yaml"
-                    cfg_path.write_text(yaml.safe_dump(config(data, tower, block, seed, args.categorical, args.dense, args.epochs)))
+                    cfg = config(data, tower, block, seed, args.categorical, args.dense, args.epochs, args.precision)
+                    cfg_path.write_text(yaml.safe_dump(cfg))
                     t0 = time.time()
                     run([recmtl(), "train", str(cfg_path), "--out", str(run_dir)])
                     (run_dir / "wall.txt").write_text(f"{time.time() - t0:.1f}")

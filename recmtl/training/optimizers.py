@@ -8,6 +8,7 @@ import torch
 
 from recmtl.config import Config
 from recmtl.contracts import Balancer
+from recmtl.errors import PluginError
 from recmtl.training.model import MultiTaskModel, sparse_parameters
 
 
@@ -48,6 +49,23 @@ def _with_row_decay(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimi
     return RowDecay
 
 
+def dense_groups(model: MultiTaskModel, dense: list[torch.Tensor], lr: float) -> list[dict[str, Any]]:
+    """``dense`` as optimiser parameter groups: one at ``lr``, and one per learning-rate scale the interaction
+    block asks for (``Interaction.lr_scales``) at ``scale x lr``; empty groups are left out."""
+    scaled: dict[int, float] = {}
+    if model.interaction is not None:
+        for params, scale in model.interaction.lr_scales():
+            if not scale > 0:
+                raise PluginError(f"interaction '{type(model.interaction).__name__}' asked for learning-rate scale "
+                                  f"{scale!r}; expected a positive number")
+            for p in params:
+                scaled.setdefault(id(p), float(scale))
+    groups: dict[float, list[torch.Tensor]] = {}
+    for p in dense:
+        groups.setdefault(scaled.get(id(p), 1.0), []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items() if ps]
+
+
 def make_optimizers(config: Config, model: MultiTaskModel, balancer: Balancer) -> list[torch.optim.Optimizer]:
     """A dense optimiser for the dense parameters and a sparse one for sparse embedding tables (with
     ``optimizer.embedding_weight_decay`` on the rows each batch looks up)."""
@@ -58,7 +76,7 @@ def make_optimizers(config: Config, model: MultiTaskModel, balancer: Balancer) -
     emb_lr = opt.embedding_lr or opt.lr
     dense_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
                  "adagrad": torch.optim.Adagrad}[opt.name]
-    optimizers = [dense_cls(dense, lr=opt.lr, weight_decay=opt.weight_decay)]
+    optimizers = [dense_cls(dense_groups(model, dense, opt.lr), lr=opt.lr, weight_decay=opt.weight_decay)]
     if sparse:
         sparse_cls = torch.optim.SparseAdam if opt.name in ("adam", "adamw") else dense_cls  # SGD, Adagrad take sparse
         if opt.embedding_weight_decay:

@@ -15,8 +15,10 @@ default initialisation of ``W_l`` (and scaled normals for ``U_l``, ``V_l``, ``C_
 either way. ``l2`` adds ``l2 * sum(W^2)`` over the cross weights to the training loss
 (``regularization()``; off by default: 1e-4 closed the plain funnel's conversion loss but lost most of the
 pairwise gain, RESULTS.md, "l2 and dropout on dcn_v2's cross weights"); ``cross_dropout`` drops units of
-each layer's cross term ``W_l x_l + b_l`` in training (the residual ``x_l`` is kept). The defaults (low-rank,
-identity) are the measured ones: on funnel data without pairwise terms the full-rank,
+each layer's cross term ``W_l x_l + b_l`` in training (the residual ``x_l`` is kept). ``gate: true`` scales each
+layer's cross term by a learned scalar ``g_l`` that starts at 0; ``lr_scale`` trains the cross layers at that
+multiple of the optimiser's learning rate (``lr_scales()``); both off by default (RESULTS.md, "gates and a
+lower learning rate"). The defaults (low-rank, identity) are the measured ones: on funnel data without pairwise terms the full-rank,
 randomly initialised cross layers cost 0.006 conversion AUC against the plain MLP
 (benchmarks/RESULTS.md, "never lose").
 """
@@ -40,7 +42,7 @@ class DCNv2(Interaction):
     def __init__(self, input_dim: int, field_names: list[str], field_dim: int, num_layers: int = 3,
                  structure: str = "stacked", rank: int | str | None = "auto", num_experts: int = 1,
                  deep_units: list[int] = (256, 128), dropout: float = 0.0, init: str = "identity",
-                 l2: float = 0.0, cross_dropout: float = 0.0) -> None:
+                 l2: float = 0.0, cross_dropout: float = 0.0, gate: bool = False, lr_scale: float = 1.0) -> None:
         super().__init__(input_dim, field_names, field_dim)
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
@@ -58,6 +60,10 @@ class DCNv2(Interaction):
             raise ValueError(f"l2 must be a non-negative number, got {l2!r}")
         if not 0 <= cross_dropout < 1:
             raise ValueError(f"cross_dropout must be in [0, 1), got {cross_dropout!r}")
+        if not isinstance(gate, bool):
+            raise ValueError(f"gate must be true or false, got {gate!r}")
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
+            raise ValueError(f"lr_scale must be a positive number, got {lr_scale!r}")
         if num_experts > 1 and rank is None:
             raise ValueError("a mixture of experts (num_experts > 1) is one of low-rank experts: set rank too")
         d = self.input_dim
@@ -73,7 +79,9 @@ class DCNv2(Interaction):
             if k > 1:
                 self.c = nn.Parameter(torch.randn(self.num_layers, k, r, r) / math.sqrt(r))
                 self.gate = nn.ModuleList(nn.Linear(d, k) for _ in range(self.num_layers))
-        if init == "identity":  # W_l = U_l = 0 (and b_l = 0): every cross layer starts as x_{l+1} = x_l
+        # gate: the zero gates give the identity start; W_l / U_l keep their random draw (at zero, no gradient
+        # would reach either the gate or the weights)
+        if init == "identity" and not gate:  # W_l = U_l = 0 (and b_l = 0): every cross layer starts as x_{l+1} = x_l
             with torch.no_grad():
                 if rank is None:
                     for layer in self.full:
@@ -81,6 +89,8 @@ class DCNv2(Interaction):
                 else:
                     self.u.zero_()
         self.init = init
+        self.gates = nn.Parameter(torch.zeros(self.num_layers)) if gate else None
+        self.lr_scale = float(lr_scale)
         self.l2 = float(l2)
         self.cross_dropout = nn.Dropout(float(cross_dropout))
         deep_units = check_units("deep_units", deep_units)
@@ -92,17 +102,21 @@ class DCNv2(Interaction):
         return self.input_dim + self._deep_out
 
     def cross(self, x0: torch.Tensor, xl: torch.Tensor, layer: int) -> torch.Tensor:
-        """One cross layer: ``x0 * (W xl + b) + xl``."""
-        if self.rank is None:
-            return x0 * self.cross_dropout(self.full[layer](xl) + self.bias[layer, 0]) + xl
+        """One cross layer: ``xl + g * x0 * (W xl + b)`` (``g`` is 1 without ``gate``)."""
         if self.num_experts == 1:
-            return x0 * self.cross_dropout((xl @ self.v[layer, 0]) @ self.u[layer, 0] + self.bias[layer, 0]) + xl
+            if self.rank is None:
+                term = self.full[layer](xl) + self.bias[layer, 0]
+            else:
+                term = (xl @ self.v[layer, 0]) @ self.u[layer, 0] + self.bias[layer, 0]
+            term = x0 * self.cross_dropout(term)
+            return xl + (self.gates[layer] * term if self.gates is not None else term)
         low = torch.tanh(torch.einsum("bd,kdr->kbr", xl, self.v[layer]))
         low = torch.tanh(torch.einsum("kbr,krs->kbs", low, self.c[layer]))
         experts = x0.unsqueeze(0) * self.cross_dropout(torch.einsum("kbr,krd->kbd", low, self.u[layer])
                                                         + self.bias[layer].unsqueeze(1))
         gate = torch.softmax(self.gate[layer](xl), dim=-1)  # [B, K]
-        return torch.einsum("bk,kbd->bd", gate, experts) + xl
+        term = torch.einsum("bk,kbd->bd", gate, experts)
+        return xl + (self.gates[layer] * term if self.gates is not None else term)
 
     def cross_weights(self) -> list[torch.Tensor]:
         """The cross layers' weight matrices (``W_l``, or ``U_l``, ``V_l`` and ``C_l``; not the biases)."""
@@ -115,6 +129,13 @@ class DCNv2(Interaction):
         if self.l2 == 0:
             return torch.zeros(())
         return self.l2 * sum(w.pow(2).sum() for w in self.cross_weights())
+
+    def lr_scales(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The cross layers' parameters (weights, biases, gates) at ``lr_scale`` x the optimiser's rate."""
+        if self.lr_scale == 1.0:
+            return []
+        deep = {id(p) for p in self.deep.parameters()} if self.deep is not None else set()
+        return [([p for p in self.parameters() if id(p) not in deep], self.lr_scale)]
 
     def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:
         xl = x
