@@ -80,3 +80,21 @@ def test_pepnet_gate_features_must_be_categorical_features(cli, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "no_such_data", tower={"name": "pepnet", "gate_features": ["d01"]})
     r = cli("train", cfg, "--out", tmp_path / "run")
     assert r.code == 2 and "'d01', which is not a categorical feature" in r.err, r
+
+
+def test_pepnet_gates_the_heads_input_as_in_the_paper():
+    """PPNet gates every layer's input up to the logit: with gate_output the last hidden layer (the head's input)
+    gets its own gate; gate_output: false is the tower without it."""
+    from recmtl import FeatureInfo
+    from recmtl_plugins.towers.pepnet import PEPNet
+    feats = {"categorical": [FeatureInfo(name="user_id", kind="categorical", cardinality=7)]}
+    torch.manual_seed(0)
+    tower = PEPNet(6, ["a", "b"], feats, task_units=[5, 3], gate_units=4)
+    plain = PEPNet(6, ["a", "b"], feats, task_units=[5, 3], gate_units=4, gate_output=False)
+    assert [len(tower.ppnet[t]) for t in "ab"] == [3, 3] and [len(plain.ppnet[t]) for t in "ab"] == [2, 2]
+    assert tower.ppnet["a"][-1].net[-1].out_features == 3  # one gate value per unit of the head's input
+    x, inputs = torch.randn(4, 6), {"categorical": torch.randint(0, 7, (4, 1))}
+    with torch.no_grad():  # an output gate of 0 (2·sigmoid(-inf)) switches task a's head input off, not b's
+        tower.ppnet["a"][-1].net[-1].bias.fill_(-40.0)
+    out = tower(x, inputs)
+    assert out["a"].shape == (4, 3) and out["a"].abs().max() < 1e-6 and out["b"].abs().sum() > 0

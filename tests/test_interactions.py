@@ -120,6 +120,22 @@ def test_autoint_output_scale_starts_at_zero():
     assert AutoInt(12, list("abcd"), 3, keep_input=False, output_scale=True).scale is None  # nothing beside it
 
 
+def test_autoint_row_chunks_give_the_one_shot_numbers():
+    """Outside export autoint runs the rows in chunks (cache-sized attention scores): same outputs and gradients."""
+    from recmtl_plugins.interactions.autoint import AutoInt, row_chunk
+    torch.manual_seed(0)
+    block = AutoInt(20, [f"f{i}" for i in range(39)], 4, num_layers=2)
+    assert block.chunk == row_chunk(39, 2) == 172 and row_chunk(3, 1) == 4096 and row_chunk(400, 4) == 64
+    x, fields = torch.randn(300, 20), torch.randn(300, 39, 4, requires_grad=True)  # 2 chunks: 172 + 128 rows
+    chunked = block(x, fields)
+    (g_chunked,) = torch.autograd.grad(chunked.square().sum(), fields)
+    block.chunk = 0  # the one-shot form (the exported graph)
+    one_shot = block(x, fields)
+    (g_one_shot,) = torch.autograd.grad(one_shot.square().sum(), fields)
+    torch.testing.assert_close(chunked, one_shot)
+    torch.testing.assert_close(g_chunked, g_one_shot)
+
+
 def test_mixture_needs_a_rank():
     with pytest.raises(ValueError, match="set rank"):
         DCNv2(4, list("abcd"), 1, num_experts=2, rank=None)

@@ -11,7 +11,7 @@ embeddings, 1 thread; early stopping on validation mean AUC, patience 2) capped 
 seeds), the difference to mmoe with no block paired by seed, and the run directories (for ``gate_matrix.py``).
 
 Usage: python benchmarks/quality/census_blocks.py --work-dir DIR [--variants none,fm,dcn_v2,autoint]
-       [--seeds 1,2] [--train-rows 50000] [--epochs 6] [--json OUT] [--no-train]
+       [--seeds 1,2] [--train-rows 50000] [--epochs 6] [--precision fp32] [--json OUT] [--no-train]
 """
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--train-rows", type=int, default=50_000)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--precision", default="fp32", help="train.precision (fp32: the earlier tables; auto picks bf16 "
+                    "on CPUs with AVX-512 BF16 or AMX)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-train", action="store_true", help="only summarise the runs already in WORK_DIR")
     args = ap.parse_args(argv)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if not (run_dir / "metrics.json").is_file():
                 sets = {**COMMON, "train.epochs": str(args.epochs), "data.train": str(train), "seed": str(seed),
-                        "tower": TOWERS["mmoe"], **VARIANTS[variant]}
+                        "train.precision": args.precision, "tower": TOWERS["mmoe"], **VARIANTS[variant]}
                 cmd = ["train", cfg.name, "--out", str(run_dir)]
                 for key, value in sets.items():
                     cmd += ["--set", f"{key}={value}"]

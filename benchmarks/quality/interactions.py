@@ -9,7 +9,7 @@ reference AUC. With ``--export`` the first seed's runs are exported (parity chec
 speed measured on the test split (rows/s, one thread, median of 5).
 
 Usage: python benchmarks/quality/interactions.py --work-dir DIR [--rows 60000] [--interactions 1.5]
-       [--seeds 1,2,3] [--towers mmoe,shared_bottom,pepnet] [--blocks none,fm,dcn_v2,autoint,gates] [--export]
+       [--seeds 1,2,3] [--towers mmoe,shared_bottom,pepnet,separate] [--blocks none,fm,dcn_v2,autoint,gates] [--export]
        [--task-fields N] [--precision fp32]
 A block may change parameters: ``--blocks none,dcn_v2+rank=16+num_layers=1`` (run directories are named so).
 """
@@ -35,7 +35,9 @@ BLOCKS = {"none": None, "fm": {"name": "fm"}, "dcn_v2": {"name": "dcn_v2", "num_
 TOWERS = {"mmoe": {"name": "mmoe", "num_experts": 4, "expert_units": [64], "task_units": [32]},
           "shared_bottom": {"name": "shared_bottom", "bottom_units": [64], "task_units": [32]},
           # PEPNet (issue 16's per-task feature selection): gates on the ids' embeddings, a [64, 32] MLP per task
-          "pepnet": {"name": "pepnet", "gate_features": ["user_id", "item_id"], "task_units": [64, 32]}}
+          "pepnet": {"name": "pepnet", "gate_features": ["user_id", "item_id"], "task_units": [64, 32]},
+          # pepnet's task MLPs without its gates: a [64, 32] MLP per task, nothing shared but the embeddings
+          "separate": {"name": "soft_sharing", "units": [64, 32], "penalty": 0.0}}
 #: not an interaction block: per-task feature gates (``feature_gates``) in front of the tower, no block
 GATES = {"gates": {"sparsity": 0.0005}}
 
@@ -75,8 +77,7 @@ def config(data: Path, tower: str, block: str, seed: int, categorical: int, dens
         "encoders": {"categorical": {"name": "embedding", "dim": 16}},
         "tower": TOWERS[tower],
         "optimizer": {"name": "adam", "lr": 0.005},
-        "train": {"batch_size": 512, "epochs": epochs, "progress": False, "threads": 1,
-                  "precision": precision,
+        "train": {"batch_size": 512, "epochs": epochs, "progress": False, "threads": 1, "precision": precision,
                   "early_stopping": {"monitor": "mean/auc", "patience": 1}},
     }
     if block_spec(block) is not None:
@@ -115,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--towers", default="mmoe,shared_bottom")
     ap.add_argument("--blocks", default="none,fm,dcn_v2,autoint")
-    ap.add_argument("--precision", default="fp32",
-                    help="train.precision (fp32: what the earlier, AVX2-only machines' auto meant; auto: bf16 with AVX-512 BF16)")
+    ap.add_argument("--precision", default="fp32", help="train.precision (fp32: the earlier tables; auto picks bf16 "
+                    "on CPUs with AVX-512 BF16 or AMX)")
     ap.add_argument("--export", action="store_true", help="export and score the first seed's runs")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--no-train", action="store_true", help="only evaluate the runs already in WORK_DIR (a summary)")
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if not (run_dir / "metrics.json").is_file():
                     cfg_path = work / f"{name}.yaml"
-                    cfg = config(data, tower, block, seed, args.categorical, args.dense, args.epochs, args.precision)
-                    cfg_path.write_text(yaml.safe_dump(cfg))
+                    cfg_path.write_text(yaml.safe_dump(config(data, tower, block, seed, args.categorical, args.dense, args.epochs,
+                                                                     args.precision)))
                     t0 = time.time()
                     run([recmtl(), "train", str(cfg_path), "--out", str(run_dir)])
                     (run_dir / "wall.txt").write_text(f"{time.time() - t0:.1f}")

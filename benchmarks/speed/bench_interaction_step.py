@@ -24,6 +24,7 @@ from recmtl.training.model import MultiTaskModel, sparse_parameters
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_timing import interleaved_medians, step_table  # noqa: E402
 
+CHUNK = "_row_chunk"  # not a config section: overrides the built block's ``chunk`` attribute (autoint)
 VARIANTS = {
     "mlp (no block)": {},
     "fm": {"interaction": {"name": "fm"}},
@@ -31,6 +32,8 @@ VARIANTS = {
     "dcn_v2 (2 layers, full-rank)": {"interaction": {"name": "dcn_v2", "num_layers": 2, "rank": None}},
     "dcn_v2 (2 layers, rank 16, 4 experts)": {"interaction": {"name": "dcn_v2", "num_layers": 2, "rank": 16, "num_experts": 4}},
     "autoint (2 layers)": {"interaction": {"name": "autoint", "num_layers": 2}},
+    # the same block without row chunks (every row's attention scores at once: the form before the chunks)
+    "autoint (2 layers, one shot)": {"interaction": {"name": "autoint", "num_layers": 2}, CHUNK: 0},
     "feature_gates": {"feature_gates": {"sparsity": 0.001}},
 }
 
@@ -48,11 +51,17 @@ def main() -> None:
     raw = yaml.safe_load(open(f"{args.run_dir}/config.yaml"))
     schema = FittedSchema.load(Path(args.run_dir))
     variants = dict(VARIANTS)
-    variants["pepnet tower (no block)"] = {"tower": {"name": "pepnet", "gate_features": ["user_id", "item_id"], "task_units": [32]}}
+    cats = {f.name for f in schema.feature_infos()["categorical"]}
+    prior = ["user_id", "item_id"] if {"user_id", "item_id"} <= cats else None  # None: every categorical feature
+    variants["pepnet tower (no block)"] = {"tower": {"name": "pepnet", "gate_features": prior, "task_units": [32]}}
     steps = {}
     for name, sections in variants.items():
+        chunk = sections.get(CHUNK)
+        sections = {k: v for k, v in sections.items() if k != CHUNK}
         cfg = parse_config({**{k: v for k, v in raw.items() if k not in ("interaction", "feature_gates")}, **sections})
         model = MultiTaskModel(cfg, schema, registry)
+        if chunk is not None:
+            model.interaction.chunk = chunk
         infos = schema.feature_infos()
         n = args.batch
         inputs = {"categorical": torch.stack([torch.randint(0, f.cardinality, (n,)) for f in infos["categorical"]], 1),

@@ -8,6 +8,10 @@ width ``attention_dim`` (scaled dot products), adds a projection of its input (t
 (AutoInt+'s deep part is the tower on top). With ``keep_input`` and ``output_scale: true`` the attention output is
 multiplied by a learned scalar that starts at 0 (ReZero-style), so the tower starts on the flat vector alone, as
 the plain MLP does; off by default: on funnel data it did not help (benchmarks/RESULTS.md, "never lose").
+
+Outside ONNX export the rows run through the layers in chunks (``row_chunk(...)`` rows, about 2 MiB of attention
+scores each) and are concatenated: the same numbers, but the ``[rows, heads, n_fields, n_fields]`` scores and their
+softmax stay in the CPU's cache, which roughly halves the step time with many fields (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -17,6 +21,11 @@ import torch
 from torch import nn
 
 from recmtl import Interaction, hookimpl
+
+
+def row_chunk(n_fields: int, heads: int, budget: int = 1 << 19) -> int:
+    """Rows per chunk: ``budget`` attention scores (float32: 2 MiB), between 64 and 4096 rows."""
+    return max(64, min(4096, budget // max(1, heads * n_fields * n_fields)))
 
 
 class AutoInt(Interaction):
@@ -41,20 +50,27 @@ class AutoInt(Interaction):
         self._width = width
         # a learned scale on the attention output beside the flat vector, zero at the start
         self.scale = nn.Parameter(torch.zeros(())) if (output_scale and self.keep_input) else None
+        self.chunk = row_chunk(len(self.field_names), self.heads)  # 0: no chunks (the one-shot form)
 
     @property
     def output_dim(self) -> int:
         return len(self.field_names) * self._width + (self.input_dim if self.keep_input else 0)
 
-    def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:
-        e = fields
+    def attend(self, e: torch.Tensor) -> torch.Tensor:
+        """The interacting layers on field embeddings ``[B, n, d]`` -> flattened ``[B, n * width]``."""
         b, n = e.shape[0], e.shape[1]
         for qkv, res in zip(self.qkv, self.residual):
             q, k, v = qkv(e).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, n, dh]
             att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
             out = (att @ v).transpose(1, 2).reshape(b, n, self._width)
             e = torch.relu(out + res(e))
-        flat = e.flatten(1)
+        return e.flatten(1)
+
+    def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:
+        if self.chunk and fields.shape[0] > self.chunk and not torch.onnx.is_in_onnx_export():
+            flat = torch.cat([self.attend(part) for part in fields.split(self.chunk)], dim=0)
+        else:  # one shot: the exported graph (any batch size), and batches of one chunk
+            flat = self.attend(fields)
         if self.scale is not None:
             flat = self.scale * flat
         return torch.cat([x, flat], dim=1) if self.keep_input else flat

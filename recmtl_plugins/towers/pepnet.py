@@ -8,7 +8,9 @@ embedded in the tower's own tables) personalise the model in two places, each ga
 * EPNet: ``O_ep = delta_ep * x``, element-wise on the input vector ``x`` (the field embeddings), with
   ``delta_ep = GateNU(E(prior) ++ stop_gradient(x))``, shared by all tasks;
 * PPNet: each task's tower is an MLP on ``O_ep`` whose every layer input ``h_l`` is gated by its own
-  ``GateNU(E(prior) ++ stop_gradient(O_ep))``.
+  ``GateNU(E(prior) ++ stop_gradient(O_ep))``; with ``gate_output`` (default) also the last hidden layer, the
+  input of the head's output layer, as in the paper (``H_{l+1} = f((delta_l * H_l) W_l + b_l)`` for every layer
+  up to the logit).
 
 This tower sets ``uses_inputs``: it receives the categorical ids to embed the prior features (``sparse=True``:
 updated by the sparse optimiser, exported to ONNX like the encoders' tables). ``diagnostics()`` reports the mean
@@ -43,7 +45,7 @@ class PEPNet(Tower):
     def __init__(self, input_dim: int, task_names: list[str], features: dict[str, list[FeatureInfo]],
                  gate_features: list[str] | None = None, gate_embedding_dim: int = 8, gate_units: int = 64,
                  task_units: list[int] = (128, 64), dropout: float = 0.0, sparse: bool = True,
-                 init_std: float = 0.05) -> None:
+                 init_std: float = 0.05, gate_output: bool = True) -> None:
         super().__init__(input_dim, task_names)
         cats = list(features.get("categorical", []))
         names = [f.name for f in cats]
@@ -67,7 +69,8 @@ class PEPNet(Tower):
         prior_dim = len(prior) * gate_embedding_dim
         self.epnet = GateNU(prior_dim + input_dim, gate_units, input_dim)
         widths = [input_dim] + task_units
-        self.ppnet = nn.ModuleDict({t: nn.ModuleList(GateNU(prior_dim + input_dim, gate_units, w) for w in widths[:-1])
+        gated = widths if gate_output else widths[:-1]  # the layer inputs, and the head's input with gate_output
+        self.ppnet = nn.ModuleDict({t: nn.ModuleList(GateNU(prior_dim + input_dim, gate_units, w) for w in gated)
                                     for t in task_names})
         self.layers = nn.ModuleDict({t: nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
                                      for t in task_names})
@@ -97,6 +100,12 @@ class PEPNet(Tower):
                 if record:
                     self._pp_sum[(t, layer)] = float(delta.detach().mean(1).sum()) + self._pp_sum.get((t, layer), 0.0)
                 h = self.drop(torch.relu(linear(delta * h)))
+            if len(self.ppnet[t]) > len(self.layers[t]):  # gate_output: the gate on the head's input
+                delta = self.ppnet[t][-1](z)
+                if record:
+                    key = (t, len(self.layers[t]))
+                    self._pp_sum[key] = float(delta.detach().mean(1).sum()) + self._pp_sum.get(key, 0.0)
+                h = delta * h
             out[t] = h
         return out
 
@@ -106,9 +115,11 @@ class PEPNet(Tower):
     def diagnostics(self) -> dict[str, Any]:
         if not self._rows:
             return {}
-        n, layers = self._rows, len(self.layers[self.task_names[0]])
+        n, layers = self._rows, len(self.ppnet[self.task_names[0]])
+        cols = [f"layer {i + 1}" for i in range(len(self.layers[self.task_names[0]]))] + ["output"] * (
+            layers > len(self.layers[self.task_names[0]]))
         diag = {"epnet_gate_mean": round(float(self._ep_sum.mean()) / n, 4),
-                "matrices": {"ppnet_gates": {"rows": list(self.task_names), "cols": [f"layer {i + 1}" for i in range(layers)],
+                "matrices": {"ppnet_gates": {"rows": list(self.task_names), "cols": cols,
                                              "values": [[round(self._pp_sum.get((t, i), 0.0) / n, 4) for i in range(layers)]
                                                         for t in self.task_names]}}}
         self._ep_sum, self._pp_sum, self._rows = None, {}, 0
