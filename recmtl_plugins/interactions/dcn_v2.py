@@ -17,8 +17,8 @@ either way. ``l2`` adds ``l2 * sum(W^2)`` over the cross weights to the training
 pairwise gain, RESULTS.md, "l2 and dropout on dcn_v2's cross weights"); ``cross_dropout`` drops units of
 each layer's cross term ``W_l x_l + b_l`` in training (the residual ``x_l`` is kept). ``gate: true`` scales each
 layer's cross term by a learned scalar ``g_l`` that starts at 0; ``lr_scale`` trains the cross layers at that
-multiple of the optimiser's learning rate (``lr_scales()``); both off by default (RESULTS.md, "gates and a
-lower learning rate"). The defaults (low-rank, identity) are the measured ones: on funnel data without pairwise terms the full-rank,
+multiple of the optimiser's learning rate (``lr_scales()``); both off by default (RESULTS.md, "a zero-initialised
+gate, a lower learning rate"). The defaults (low-rank, identity) are the measured ones: on funnel data without pairwise terms the full-rank,
 randomly initialised cross layers cost 0.006 conversion AUC against the plain MLP
 (benchmarks/RESULTS.md, "never lose").
 """
