@@ -94,18 +94,14 @@ class PEPNet(Tower):
             self._ep_sum = delta_ep.sum(0).detach() + (0 if self._ep_sum is None else self._ep_sum)
         out = {}
         for t in self.task_names:
-            h = o_ep
-            for layer, (gate, linear) in enumerate(zip(self.ppnet[t], self.layers[t])):
+            h, linears = o_ep, self.layers[t]
+            for i, gate in enumerate(self.ppnet[t]):  # each layer's input, then (gate_output) the head's input
                 delta = gate(z)
                 if record:
-                    self._pp_sum[(t, layer)] = float(delta.detach().mean(1).sum()) + self._pp_sum.get((t, layer), 0.0)
-                h = self.drop(torch.relu(linear(delta * h)))
-            if len(self.ppnet[t]) > len(self.layers[t]):  # gate_output: the gate on the head's input
-                delta = self.ppnet[t][-1](z)
-                if record:
-                    key = (t, len(self.layers[t]))
-                    self._pp_sum[key] = float(delta.detach().mean(1).sum()) + self._pp_sum.get(key, 0.0)
+                    self._pp_sum[(t, i)] = float(delta.detach().mean(1).sum()) + self._pp_sum.get((t, i), 0.0)
                 h = delta * h
+                if i < len(linears):
+                    h = self.drop(torch.relu(linears[i](h)))
             out[t] = h
         return out
 
