@@ -237,6 +237,153 @@ def bench_profile(rows: int, work: Path, model: str, census: Path | None, thread
     return {"model": model, "threads": threads, "steps": steps, "profile": out}
 
 
+#: torch.profiler operator names counted as matrix products (their self time is the GEMM kernels' time)
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::linear", "aten::matmul",
+            "aten::einsum", "aten::_addmm_activation"}
+#: the parts of a step :func:`bench_parts` times, in order
+PARTS = ("forward", "zero_grad", "backward", "dense_opt", "sparse_opt", "metrics")
+
+
+def part_runners(rows: int, work: Path, variants: tuple[str, ...], steps: int,
+                 modes: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+    """{(mode, variant): a function running ``steps`` steps of the benchmark model on the same pre-built batches and
+    returning each part's (:data:`PARTS`) wall and CPU seconds per step}. Variant ``torch``: the optimisers as
+    ``make_optimizers`` built them before issue 21's step work (``torch.optim.Adam``, ``torch.optim.SparseAdam``);
+    ``recmtl``: ``make_optimizers`` as it is."""
+    from recmtl.config import parse_config
+    from recmtl.data.parquet import ParquetSource
+    from recmtl.data.synthetic import funnel
+    from recmtl.registry import load_registry
+    from recmtl.schema import fit_schema
+    from recmtl.training.batches import blocks, minibatches
+    from recmtl.training.device import Precision
+    from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
+    from recmtl.training.optimizers import dense_groups, make_optimizers
+
+    data = work / "data"
+    if not (data / "train.parquet").is_file():
+        funnel(data, rows=rows, seed=0)
+    registry = load_registry()
+    cfg = parse_config(model_config("benchmark", data, "fp32", 0, None), work, "bench")
+    heads = validate_plugins(cfg, registry)
+    src = ParquetSource(cfg.resolve(cfg.data.train), cfg.columns())
+    schema = fit_schema(cfg, src, {t.name: heads[t.name] for t in cfg.tasks})
+    batches = []
+    for b in minibatches(blocks(src, schema, 65536), cfg.train.batch_size):
+        batches.append(b)
+        if len(batches) == steps:
+            break
+    runners = {}
+    for mode in modes:
+        for variant in variants:
+            torch.manual_seed(0)
+            model = MultiTaskModel(cfg, schema, registry)
+            balancer = registry.create("balancer", cfg.balancer.name, model.task_names,
+                                       {t.name: t.weight for t in cfg.tasks})
+            if variant == "torch":
+                sparse = sparse_parameters(model)
+                dense = [p for p in list(model.parameters()) + list(balancer.parameters())
+                         if all(p is not s for s in sparse)]
+                dense_opt = torch.optim.Adam(dense_groups(model, dense, cfg.optimizer.lr), lr=cfg.optimizer.lr)
+                sparse_opt = torch.optim.SparseAdam(sparse, lr=cfg.optimizer.lr)
+            elif variant == "recmtl":
+                dense_opt, sparse_opt = make_optimizers(cfg, model, balancer)
+            else:
+                raise SystemExit(f"parts: unknown variant {variant!r}; expected torch or recmtl")
+            precision = Precision(mode, torch.device("cpu"))
+
+            def block(model=model, balancer=balancer, dense_opt=dense_opt, sparse_opt=sparse_opt,
+                      precision=precision) -> dict[str, list[tuple[float, float]]]:
+                shared = model.shared_parameters()
+                spent: dict[str, list[tuple[float, float]]] = {k: [] for k in PARTS}
+                for batch in batches:
+                    marks = [(time.perf_counter(), time.process_time())]
+                    with precision.autocast():
+                        losses = model.losses(model(batch.inputs), batch.labels, batch.mask)
+                    marks.append((time.perf_counter(), time.process_time()))
+                    dense_opt.zero_grad(set_to_none=True)
+                    sparse_opt.zero_grad(set_to_none=True)
+                    marks.append((time.perf_counter(), time.process_time()))
+                    balancer.backward(precision.scale_losses(losses), shared)
+                    marks.append((time.perf_counter(), time.process_time()))
+                    dense_opt.step()
+                    marks.append((time.perf_counter(), time.process_time()))
+                    sparse_opt.step()
+                    marks.append((time.perf_counter(), time.process_time()))
+                    _ = {t: v.item() for t, v in losses.items()}  # the loop's running loss sums
+                    marks.append((time.perf_counter(), time.process_time()))
+                    for k, (a, b) in zip(PARTS, zip(marks[:-1], marks[1:])):
+                        spent[k].append((b[0] - a[0], b[1] - a[1]))
+                return spent
+            block()  # warm-up: optimizer state, allocator
+            runners[(mode, variant)] = block
+    return runners
+
+
+def bench_parts(rows: int, work: Path, threads: int, rounds: int, variants: tuple[str, ...], steps: int = 8) -> dict:
+    """Where the benchmark model's training step goes, fp32 and bf16, per optimiser ``variants``
+    (:func:`part_runners`): each part's wall and CPU ms per step (medians over ``rounds`` x ``steps`` steps, blocks
+    of every (precision, variant) shuffled within each round), and in each round one torch.profiler block of each:
+    the self time in matrix products (:data:`GEMM_OPS`) and in the rest (the profiler's times are wall times, so
+    their shares are what to read on a loaded machine), the top other operators, and the bound a CPU with
+    infinitely fast matrix units would reach: the fp32 step over the step without its GEMM time."""
+    import random
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    runners = part_runners(rows, work, variants, steps)
+    times: dict = {k: {p: [] for p in PARTS} for k in runners}
+    steps_wall: dict = {k: [] for k in runners}
+    steps_cpu: dict = {k: [] for k in runners}
+    ratio: dict = {k: [] for k in runners}  # each block's CPU time over the same round's (fp32, first variant)
+    op_ms: dict = {k: {} for k in runners}
+    first = ("fp32", variants[0])
+    for r in range(rounds):
+        order = list(runners)
+        random.shuffle(order)
+        block_cpu = {}
+        for k in order:
+            spent = runners[k]()
+            for p, xs in spent.items():
+                times[k][p].extend(xs)
+            per_step = [sum(spent[p][i][j] for p in PARTS) for i in range(steps) for j in (0, 1)]
+            steps_wall[k].extend(per_step[0::2])
+            steps_cpu[k].extend(per_step[1::2])
+            block_cpu[k] = sum(per_step[1::2])
+        for k in runners:
+            ratio[k].append(block_cpu[first] / block_cpu[k])
+        for k in order:  # then one profiled block of each: the operators' self time, summed over the rounds
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                runners[k]()
+            for e in prof.key_averages():
+                op_ms[k][e.key] = op_ms[k].get(e.key, 0.0) + e.self_cpu_time_total / 1000 / steps / rounds
+        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    out: dict = {}
+    for k in runners:
+        total = sum(op_ms[k].values())
+        gemm = sum(v for op, v in op_ms[k].items() if op in GEMM_OPS)
+        others = sorted((op for op in op_ms[k] if op not in GEMM_OPS), key=lambda op: -op_ms[k][op])[:12]
+        med = {p: (1000 * statistics.median(w for w, _ in v), 1000 * statistics.median(c for _, c in v))
+               for p, v in times[k].items()}
+        out[f"{k[0]}/{k[1]}"] = {
+            "step_ms": {"wall": 1000 * statistics.median(steps_wall[k]), "cpu": 1000 * statistics.median(steps_cpu[k])},
+            "parts_ms": {p: {"wall": round(w, 2), "cpu": round(c, 2)} for p, (w, c) in med.items()},
+            "speed_over_first_cpu": {"median_round_ratio": statistics.median(ratio[k]), "per_round": ratio[k]},
+            "profile_ms": {"total": round(total, 2), "gemm": round(gemm, 2), "rest": round(total - gemm, 2),
+                           "gemm_share": round(gemm / total, 3), "matmuls_free_bound": round(total / (total - gemm), 2)},
+            "top_rest_ms": {op: round(op_ms[k][op], 2) for op in others}}
+    for v in variants:  # AMX's ceiling: fp32 step over the bf16 step without its GEMM time (bf16 casts stay)
+        f32, b16 = out[f"fp32/{v}"]["profile_ms"], out[f"bf16/{v}"]["profile_ms"]
+        out[f"bound/{v}"] = {"fp32_over_fp32_rest": round(f32["total"] / f32["rest"], 2),
+                             "fp32_over_bf16_rest": round(f32["total"] / b16["rest"], 2),
+                             "bf16_over_bf16_rest": round(b16["total"] / b16["rest"], 2)}
+    for k, v in out.items():
+        print(k, json.dumps(v), file=sys.stderr)
+    return {"threads": threads, "rounds": rounds, "steps_per_block": steps, "torch": torch.__version__,
+            "parts": out}
+
+
 def bench_score(run: Path, data: str, sample: str, rounds: int, threads: int, work: Path,
                 reuse: bool = False) -> dict:
     import pyarrow.parquet as pq
@@ -479,7 +626,7 @@ def bench_e2e(variants: list[str], data: str, rounds: int, threads: list[int], w
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["train", "step", "profile", "score", "quant", "e2e"])
+    ap.add_argument("what", choices=["train", "step", "profile", "parts", "score", "quant", "e2e"])
     ap.add_argument("--thread-counts", default="1,2", help="e2e: onnxruntime threads to run each model with")
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=3)
@@ -495,6 +642,9 @@ def main() -> None:
                     "--batch-size (default: its own)")
     ap.add_argument("--census-dir", type=Path, help="train --model census: census_income.py's prepared folder")
     ap.add_argument("--precisions", default="auto,fp32,bf16", help="train: the train.precision values, in order")
+    ap.add_argument("--variants", default="torch,recmtl", help="parts: the optimiser variants (torch: "
+                    "torch.optim.Adam and SparseAdam; recmtl: make_optimizers)")
+    ap.add_argument("--steps", type=int, default=8, help="parts: steps per block")
     ap.add_argument("--reuse", action="store_true", help="score: keep the models already in --work-dir")
     ap.add_argument("--score-variants", default="fp32,int8-dynamic,static-qdq,static-qoperator",
                     help="quant: the variants `recmtl score` runs (the first is the reference)")
@@ -509,6 +659,9 @@ def main() -> None:
         elif args.what == "step":
             result = bench_step(args.rows, args.rounds, work, (args.models or ",".join(MODELS)).split(","), args.census_dir, args.threads,
                                 batch=args.batch_size or 0)
+        elif args.what == "parts":
+            result = bench_parts(args.rows, work, args.threads, args.rounds, tuple(args.variants.split(",")),
+                                 args.steps)
         elif args.what == "profile":
             result = bench_profile(args.rows, work, args.model, args.census_dir, args.threads)
         elif args.what == "e2e":
