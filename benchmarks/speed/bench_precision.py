@@ -79,7 +79,11 @@ def model_config(model: str, data: Path, precision: str, seed: int, census: Path
 
 
 def bench_train(rows: int, rounds: int, work: Path, model: str = "benchmark", census: Path | None = None,
-                precisions: tuple[str, ...] = ("auto", "fp32", "bf16")) -> dict:
+                precisions: tuple[str, ...] = ("auto", "fp32", "bf16"), variants: tuple[str, ...] = ("recmtl",)) -> dict:
+    """Epoch rows/s of each precision (and, with more than the ``recmtl`` variant, of each optimiser variant of
+    :data:`OPTIMIZERS`, patched into the loop: keys ``precision/variant``), interleaved over the rounds."""
+    from unittest import mock
+
     from recmtl.config import parse_config
     from recmtl.data.synthetic import funnel
     from recmtl.registry import load_registry
@@ -90,24 +94,27 @@ def bench_train(rows: int, rounds: int, work: Path, model: str = "benchmark", ce
     if model != "census" and not (data / "train.parquet").is_file():
         funnel(data, rows=rows, seed=0)
     registry = load_registry()
-    results: dict[str, list[float]] = {p: [] for p in precisions}
+    plain = variants == ("recmtl",)
+    runs = {(p if plain else f"{p}/{v}"): (p, v) for p in precisions for v in variants}
+    reference = "fp32" if plain else f"fp32/{variants[0]}"
+    results: dict[str, list[float]] = {k: [] for k in runs}
     resolved: dict[str, str] = {}
     for r in range(rounds):
-        for precision in results:
+        for key, (precision, variant) in runs.items():
             raw = model_config(model, data, precision, r, census)
-            out = work / f"run_{model}_{precision}_{r}"
-            summary = train(parse_config(raw, work, "bench"), out, registry)
-            results[precision].append(summary["history"][0]["rows_per_s"])
-            resolved[precision] = json.loads((out / "run.json").read_text())["precision"]["reason"]
-            print(f"round {r + 1} {model} {precision}: {results[precision][-1]:,.0f} rows/s", file=sys.stderr,
-                  flush=True)
+            out = work / f"run_{model}_{key.replace('/', '_')}_{r}"
+            with mock.patch("recmtl.training.loop.make_optimizers", OPTIMIZERS[variant]):
+                summary = train(parse_config(raw, work, "bench"), out, registry)
+            results[key].append(summary["history"][0]["rows_per_s"])
+            resolved[key] = json.loads((out / "run.json").read_text())["precision"]["reason"]
+            print(f"round {r + 1} {model} {key}: {results[key][-1]:,.0f} rows/s", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
-    ratios = {k: statistics.median(a / b for a, b in zip(v, results["fp32"])) for k, v in results.items()}
+    ratios = {k: statistics.median(a / b for a, b in zip(v, results[reference])) for k, v in results.items()}
     return {"model": model, "tower": MODELS[model][0], "batch_size": MODELS[model][1],
             "auto_resolves_to": resolve_precision("auto", torch.device("cpu")), "bf16_units": cpu_bf16_units(),
             "resolved": resolved, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
             "rounds": rounds, "rows_per_s": results, "median_rows_per_s": med,
-            "over_fp32": {k: v / med["fp32"] for k, v in med.items()}, "median_round_ratio_over_fp32": ratios}
+            "over_fp32": {k: v / med[reference] for k, v in med.items()}, "median_round_ratio_over_fp32": ratios}
 
 
 def step_runners(rows: int, work: Path, models: list[str], census: Path | None, steps: int, batch: int = 0,
@@ -240,6 +247,25 @@ def bench_profile(rows: int, work: Path, model: str, census: Path | None, thread
 #: torch.profiler operator names counted as matrix products (their self time is the GEMM kernels' time)
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::linear", "aten::matmul",
             "aten::einsum", "aten::_addmm_activation"}
+def optimizers_before(config, model, balancer) -> list[torch.optim.Optimizer]:
+    """The benchmark model's optimisers as ``make_optimizers`` built them before issue 21's step work: the dense
+    ``torch.optim.Adam`` (not fused) and ``torch.optim.SparseAdam`` (no embedding weight decay)."""
+    from recmtl.training.model import sparse_parameters
+    from recmtl.training.optimizers import dense_groups
+    sparse = sparse_parameters(model)
+    dense = [p for p in list(model.parameters()) + list(balancer.parameters()) if all(p is not s for s in sparse)]
+    lr = config.optimizer.lr
+    return [torch.optim.Adam(dense_groups(model, dense, lr), lr=lr, weight_decay=config.optimizer.weight_decay),
+            torch.optim.SparseAdam(sparse, lr=config.optimizer.embedding_lr or lr)]
+
+
+def _make_optimizers(config, model, balancer) -> list[torch.optim.Optimizer]:
+    from recmtl.training.optimizers import make_optimizers
+    return make_optimizers(config, model, balancer)
+
+
+#: ``--variants``: the optimisers compared (``parts``, ``train``)
+OPTIMIZERS = {"before": optimizers_before, "recmtl": _make_optimizers}
 #: the parts of a step :func:`bench_parts` times, in order
 PARTS = ("forward", "zero_grad", "backward", "dense_opt", "sparse_opt", "metrics")
 
@@ -247,9 +273,9 @@ PARTS = ("forward", "zero_grad", "backward", "dense_opt", "sparse_opt", "metrics
 def part_runners(rows: int, work: Path, variants: tuple[str, ...], steps: int,
                  modes: tuple[str, ...] = ("fp32", "bf16")) -> dict:
     """{(mode, variant): a function running ``steps`` steps of the benchmark model on the same pre-built batches and
-    returning each part's (:data:`PARTS`) wall and CPU seconds per step}. Variant ``torch``: the optimisers as
-    ``make_optimizers`` built them before issue 21's step work (``torch.optim.Adam``, ``torch.optim.SparseAdam``);
-    ``recmtl``: ``make_optimizers`` as it is."""
+    returning each part's (:data:`PARTS`) wall and CPU seconds per step}. Variant ``before``: the optimisers as
+    ``make_optimizers`` built them before issue 21's step work (:func:`optimizers_before`); ``recmtl``:
+    ``make_optimizers`` as it is."""
     from recmtl.config import parse_config
     from recmtl.data.parquet import ParquetSource
     from recmtl.data.synthetic import funnel
@@ -257,8 +283,7 @@ def part_runners(rows: int, work: Path, variants: tuple[str, ...], steps: int,
     from recmtl.schema import fit_schema
     from recmtl.training.batches import blocks, minibatches
     from recmtl.training.device import Precision
-    from recmtl.training.model import MultiTaskModel, sparse_parameters, validate_plugins
-    from recmtl.training.optimizers import dense_groups, make_optimizers
+    from recmtl.training.model import MultiTaskModel, validate_plugins
 
     data = work / "data"
     if not (data / "train.parquet").is_file():
@@ -280,16 +305,9 @@ def part_runners(rows: int, work: Path, variants: tuple[str, ...], steps: int,
             model = MultiTaskModel(cfg, schema, registry)
             balancer = registry.create("balancer", cfg.balancer.name, model.task_names,
                                        {t.name: t.weight for t in cfg.tasks})
-            if variant == "torch":
-                sparse = sparse_parameters(model)
-                dense = [p for p in list(model.parameters()) + list(balancer.parameters())
-                         if all(p is not s for s in sparse)]
-                dense_opt = torch.optim.Adam(dense_groups(model, dense, cfg.optimizer.lr), lr=cfg.optimizer.lr)
-                sparse_opt = torch.optim.SparseAdam(sparse, lr=cfg.optimizer.lr)
-            elif variant == "recmtl":
-                dense_opt, sparse_opt = make_optimizers(cfg, model, balancer)
-            else:
-                raise SystemExit(f"parts: unknown variant {variant!r}; expected torch or recmtl")
+            if variant not in OPTIMIZERS:
+                raise SystemExit(f"parts: unknown variant {variant!r}; expected one of {', '.join(OPTIMIZERS)}")
+            dense_opt, sparse_opt = OPTIMIZERS[variant](cfg, model, balancer)
             precision = Precision(mode, torch.device("cpu"))
 
             def block(model=model, balancer=balancer, dense_opt=dense_opt, sparse_opt=sparse_opt,
@@ -642,8 +660,9 @@ def main() -> None:
                     "--batch-size (default: its own)")
     ap.add_argument("--census-dir", type=Path, help="train --model census: census_income.py's prepared folder")
     ap.add_argument("--precisions", default="auto,fp32,bf16", help="train: the train.precision values, in order")
-    ap.add_argument("--variants", default="torch,recmtl", help="parts: the optimiser variants (torch: "
-                    "torch.optim.Adam and SparseAdam; recmtl: make_optimizers)")
+    ap.add_argument("--variants", help="parts, train: the optimiser variants (before: torch.optim.Adam and "
+                    "SparseAdam as make_optimizers built them before; recmtl: make_optimizers); parts' default "
+                    "before,recmtl, train's recmtl")
     ap.add_argument("--steps", type=int, default=8, help="parts: steps per block")
     ap.add_argument("--reuse", action="store_true", help="score: keep the models already in --work-dir")
     ap.add_argument("--score-variants", default="fp32,int8-dynamic,static-qdq,static-qoperator",
@@ -655,12 +674,12 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         if args.what == "train":
             result = bench_train(args.rows, args.rounds, work, args.model, args.census_dir,
-                                 tuple(args.precisions.split(",")))
+                                 tuple(args.precisions.split(",")), tuple((args.variants or "recmtl").split(",")))
         elif args.what == "step":
             result = bench_step(args.rows, args.rounds, work, (args.models or ",".join(MODELS)).split(","), args.census_dir, args.threads,
                                 batch=args.batch_size or 0)
         elif args.what == "parts":
-            result = bench_parts(args.rows, work, args.threads, args.rounds, tuple(args.variants.split(",")),
+            result = bench_parts(args.rows, work, args.threads, args.rounds, tuple((args.variants or "before,recmtl").split(",")),
                                  args.steps)
         elif args.what == "profile":
             result = bench_profile(args.rows, work, args.model, args.census_dir, args.threads)
