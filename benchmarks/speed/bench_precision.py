@@ -79,9 +79,11 @@ def model_config(model: str, data: Path, precision: str, seed: int, census: Path
 
 
 def bench_train(rows: int, rounds: int, work: Path, model: str = "benchmark", census: Path | None = None,
-                precisions: tuple[str, ...] = ("auto", "fp32", "bf16"), variants: tuple[str, ...] = ("recmtl",)) -> dict:
+                precisions: tuple[str, ...] = ("auto", "fp32", "bf16"), variants: tuple[str, ...] = ("recmtl",),
+                threads: int | None = None) -> dict:
     """Epoch rows/s of each precision (and, with more than the ``recmtl`` variant, of each optimiser variant of
-    :data:`OPTIMIZERS`, patched into the loop: keys ``precision/variant``), interleaved over the rounds."""
+    :data:`OPTIMIZERS`, patched into the loop: keys ``precision/variant``), interleaved over the rounds; ``threads``:
+    ``train.threads`` (default: the loop's own choice)."""
     from unittest import mock
 
     from recmtl.config import parse_config
@@ -98,13 +100,18 @@ def bench_train(rows: int, rounds: int, work: Path, model: str = "benchmark", ce
     runs = {(p if plain else f"{p}/{v}"): (p, v) for p in precisions for v in variants}
     reference = "fp32" if plain else f"fp32/{variants[0]}"
     results: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}  # CPU seconds of the whole run (fit pass, epoch, checkpoint)
     resolved: dict[str, str] = {}
     for r in range(rounds):
         for key, (precision, variant) in runs.items():
             raw = model_config(model, data, precision, r, census)
+            if threads:
+                raw["train"]["threads"] = threads
             out = work / f"run_{model}_{key.replace('/', '_')}_{r}"
+            c0 = time.process_time()
             with mock.patch("recmtl.training.loop.make_optimizers", OPTIMIZERS[variant]):
                 summary = train(parse_config(raw, work, "bench"), out, registry)
+            cpu[key].append(time.process_time() - c0)
             results[key].append(summary["history"][0]["rows_per_s"])
             resolved[key] = json.loads((out / "run.json").read_text())["precision"]["reason"]
             print(f"round {r + 1} {model} {key}: {results[key][-1]:,.0f} rows/s", file=sys.stderr, flush=True)
@@ -114,7 +121,9 @@ def bench_train(rows: int, rounds: int, work: Path, model: str = "benchmark", ce
             "auto_resolves_to": resolve_precision("auto", torch.device("cpu")), "bf16_units": cpu_bf16_units(),
             "resolved": resolved, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
             "rounds": rounds, "rows_per_s": results, "median_rows_per_s": med,
-            "over_fp32": {k: v / med[reference] for k, v in med.items()}, "median_round_ratio_over_fp32": ratios}
+            "over_fp32": {k: v / med[reference] for k, v in med.items()}, "median_round_ratio_over_fp32": ratios,
+            "run_cpu_s": cpu, "run_cpu_ratio_reference_over": {
+                k: statistics.median(b / a for a, b in zip(v, cpu[reference])) for k, v in cpu.items()}}
 
 
 def step_runners(rows: int, work: Path, models: list[str], census: Path | None, steps: int, batch: int = 0,
@@ -651,7 +660,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path)
     ap.add_argument("--data")
     ap.add_argument("--sample")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="torch / onnxruntime threads (default 2; train: train.threads, "
+                    "default the loop's own choice)")
     ap.add_argument("--work-dir", type=Path)
     ap.add_argument("--model", choices=list(MODELS), default="benchmark", help="train: the model measured")
     ap.add_argument("--models", help="step: the models measured (comma-separated; default: all); e2e: "
@@ -669,12 +679,15 @@ def main() -> None:
                     help="quant: the variants `recmtl score` runs (the first is the reference)")
     ap.add_argument("--score-rows", type=int, default=60_000, help="quant: rows of --data `recmtl score` reads")
     args = ap.parse_args()
+    if args.what != "train":
+        args.threads = args.threads or 2
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if args.what == "train":
             result = bench_train(args.rows, args.rounds, work, args.model, args.census_dir,
-                                 tuple(args.precisions.split(",")), tuple((args.variants or "recmtl").split(",")))
+                                 tuple(args.precisions.split(",")), tuple((args.variants or "recmtl").split(",")),
+                                 args.threads)
         elif args.what == "step":
             result = bench_step(args.rows, args.rounds, work, (args.models or ",".join(MODELS)).split(","), args.census_dir, args.threads,
                                 batch=args.batch_size or 0)
