@@ -24,6 +24,15 @@ dim 16, 13 dense, 4 experts [256, 128], towers [64], batch 2048).
 4. ``e2e``: ``recmtl score`` of given model files on a large input (so that start-up is not what is measured), at
    each of ``--thread-counts``, interleaved; a variant may name another checkout's ``recmtl`` to compare code; and
    where the time goes in one process, stage by stage (``stages``).
+5. ``parts``: the training step of the benchmark model in fp32 and bf16, part by part (forward, zero_grad,
+   backward, dense and sparse optimiser steps, the losses' ``.item()``; wall and CPU ms), for the optimiser
+   ``--variants`` (``before``: torch's Adam and SparseAdam as ``make_optimizers`` built them before issue 21's step
+   work; ``recmtl``: ``make_optimizers``), interleaved; and from torch.profiler the share of the step in matrix
+   products and the "matmuls free" bound, step / (step - GEMM time). ``train --variants before,recmtl`` compares
+   the same optimisers by epoch rows/s.
+
+    python benchmarks/speed/bench_precision.py parts --rows 20000 --threads 1 --rounds 10 --steps 8
+    python benchmarks/speed/bench_precision.py train --rows 60000 --rounds 5 --threads 1 --variants before,recmtl
 """
 from __future__ import annotations
 
