@@ -149,3 +149,24 @@ def _tiny_model(funnel_dir, tmp_path, **optimizer):
     model = MultiTaskModel(cfg, fit_schema(cfg, src, {t.name: heads[t.name] for t in cfg.tasks}), registry)
     balancer = registry.create("balancer", cfg.balancer.name, model.task_names, {t.name: t.weight for t in cfg.tasks})
     return cfg, model, balancer
+
+
+def test_fused_adam_under_the_fp16_grad_scaler_steps_as_the_unfused():
+    """fp16's GradScaler hands a fused optimiser the scale to divide out itself: the same steps as unscale_ + step."""
+    from recmtl.training.device import Precision
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        emb, lin = torch.nn.Embedding(20, 4, sparse=True), torch.nn.Linear(4, 1)
+        opts = [torch.optim.Adam(lin.parameters(), lr=0.01, fused=fused), SparseRowAdam(emb.parameters(), lr=0.01)]
+        precision = Precision("fp16", torch.device("cpu"))
+        for _ in range(3):
+            with precision.autocast():
+                loss = lin(emb(torch.tensor([1, 2, 2, 5, 7]))).pow(2).mean()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            precision.scale_losses({"t": loss})["t"].backward()
+            precision.step(opts)
+        return [p.detach() for p in [*lin.parameters(), *emb.parameters()]]
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b)
