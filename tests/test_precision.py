@@ -186,8 +186,8 @@ def test_esmm_loss_stays_finite_when_bf16_would_round_pctcvr_to_one():
         assert ctr[0].item() == 1.0
         out = head(h, {"click": ctr})
         loss = head.loss(out, torch.tensor([1.0, 0.0]), torch.ones(2))
-    assert out.dtype == torch.float32 and out.max().item() < 1.0
     assert math.isfinite(loss.item())
+    assert out.dtype == torch.float32 and out.max().item() < 1.0
     loss.backward()
     assert torch.isfinite(h.grad).all() and torch.isfinite(ctr_logit.grad).all()
 
@@ -216,7 +216,7 @@ BETWEEN = {"none": {}, "fm": {"interaction": {"name": "fm"}},
            "autoint": {"interaction": {"name": "autoint", "num_layers": 1}},
            "feature_gates": {"feature_gates": {"sparsity": 0.0005}}}
 #: |bf16 - fp32| of the scores (probabilities) of one forward pass with the same weights, at most
-SCORE_TOLERANCE = 0.02
+SCORE_TOLERANCE = 0.0015  # measured: <= 0.0006 here; 0.001-0.003 with bf16 heads and gates (RESULTS.md)
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +236,17 @@ def test_every_builtin_tower_is_in_the_bf16_test():
     assert set(SMALL_TOWERS) == set(REGISTRY.names("tower"))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small matmuls: 2 threads on a shared CPU were several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("tower", sorted(SMALL_TOWERS))
-def test_bf16_trains_every_tower_with_every_block_close_to_fp32(tiny_raw, tower):
+def test_bf16_trains_every_tower_with_every_block_close_to_fp32(tiny_raw, tower, one_thread):
     """Every tower x (no block, fm, dcn_v2, autoint, feature gates): three bf16 training steps give finite fp32
     losses, the heads' raw outputs are fp32 under autocast, and a bf16 forward's scores are within
     ``SCORE_TOLERANCE`` of the fp32 forward's (same weights)."""
@@ -255,8 +264,8 @@ def test_bf16_trains_every_tower_with_every_block_close_to_fp32(tiny_raw, tower)
             with precision.autocast():
                 outputs = model(batch.inputs)
                 losses = model.losses(outputs, batch.labels, batch.mask)
-            assert all(o.dtype == torch.float32 for o in outputs.values()), (label, {t: o.dtype for t, o in outputs.items()})
             assert all(math.isfinite(v.item()) for v in losses.values()), (label, losses)
+            dtypes = {t: o.dtype for t, o in outputs.items()}
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             model.backward_regularization()
@@ -271,3 +280,4 @@ def test_bf16_trains_every_tower_with_every_block_close_to_fp32(tiny_raw, tower)
         for t in model.task_names:
             diff = (got[t].float() - want[t]).abs().max().item()
             assert diff <= SCORE_TOLERANCE, f"{tower} + {label}: task {t} bf16 scores differ from fp32 by {diff:.4f}"
+        assert set(dtypes.values()) == {torch.float32}, (label, dtypes)  # the heads' raw outputs under autocast
