@@ -10,7 +10,10 @@ speed measured on the test split (rows/s, one thread, median of 5).
 
 Usage: python benchmarks/quality/interactions.py --work-dir DIR [--rows 60000] [--interactions 1.5]
        [--seeds 1,2,3] [--towers mmoe,shared_bottom,pepnet,separate] [--blocks none,fm,dcn_v2,autoint,gates] [--export]
-       [--task-fields N] [--precision fp32]
+       [--task-fields N] [--precision fp32] [--test-dir DIR]
+``--test-dir DIR`` evaluates on ``DIR/test.parquet`` (and its ``.truth.parquet``) instead of the work dir's test
+split, e.g. a larger test split of the same generator (``recmtl datagen funnel`` with more ``--rows`` and the same
+other options: the same true model; its test rows are drawn after the training rows of the smaller set).
 A block may change parameters: ``--blocks none,dcn_v2+rank=16+num_layers=1`` (run directories are named so).
 """
 from __future__ import annotations
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", action="store_true", help="export and score the first seed's runs")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--no-train", action="store_true", help="only evaluate the runs already in WORK_DIR (a summary)")
+    ap.add_argument("--test-dir", type=Path, default=None, help="evaluate on DIR/test.parquet (default: WORK_DIR/data's)")
     args = ap.parse_args(argv)
     work = args.work_dir
     data = work / "data"
@@ -144,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.time()
                     run([recmtl(), "train", str(cfg_path), "--out", str(run_dir)])
                     (run_dir / "wall.txt").write_text(f"{time.time() - t0:.1f}")
-                ev = json.loads(run([recmtl(), "evaluate", str(run_dir), str(data / "test.parquet"), "--json",
-                                     "--reference", str(data / "test.truth.parquet")]))
+                test = args.test_dir or data
+                ev = json.loads(run([recmtl(), "evaluate", str(run_dir), str(test / "test.parquet"), "--json",
+                                     "--reference", str(test / "test.truth.parquet")]))
                 rec = {t: ev["metrics"][t]["auc"] for t in ("click", "conversion")}
                 rec["reference"] = {t: ev["reference"][t]["auc"] for t in ("click", "conversion")}
                 rec["wall_s"] = float((run_dir / "wall.txt").read_text())
