@@ -7,6 +7,8 @@ never import each other:
   ``gate_weights``, ``gate_entropy``, ``max_entropy``, ``expert_utilisation``);
 * embeddings: ``embedding_width_groups`` and ``fused_embedding`` (one table per width, ids offset per feature);
 * heads: ``masked_mean`` (a loss averaged over the labelled entries);
+* mixed precision: ``fp32`` (a tensor in float32, for the element-wise steps that bf16 autocast must not round:
+  gates' sigmoid and softmax, sums that cancel, losses);
 * sequence attention: ``AttentionStats`` (mean attention weight by history position, an encoder's diagnostics),
   ``HistoryTables`` (a history's and its candidate's embedding rows, borrowed from another encoder when shared).
 """
@@ -78,6 +80,14 @@ def check_units(name: str, units: Sequence[int]) -> list[int]:
 
 
 # ---- heads --------------------------------------------------------------------------------------
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32: a bf16 / fp16 tensor (an autocast matmul's output) is cast, a float32 one is returned as it
+    is (no copy, and no node in an exported ONNX graph). Autocast runs matmuls in bf16 and leaves element-wise ops in
+    their input's dtype, so a gate's ``sigmoid`` / ``softmax`` on a linear layer's output would be computed and
+    stored with bf16's 8-bit mantissa (e.g. ``sigmoid`` rounds to exactly 1.0 above ~0.998): cast first."""
+    return x if x.dtype == torch.float32 or not x.is_floating_point() else x.float()
+
+
 def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The mean of ``per_entry`` over the entries where ``mask`` is 1 (0 when none is): a head's loss over its
     labelled rows."""

@@ -10,7 +10,10 @@ speed measured on the test split (rows/s, one thread, median of 5).
 
 Usage: python benchmarks/quality/interactions.py --work-dir DIR [--rows 60000] [--interactions 1.5]
        [--seeds 1,2,3] [--towers mmoe,shared_bottom,pepnet,separate] [--blocks none,fm,dcn_v2,autoint,gates] [--export]
-       [--task-fields N] [--precision fp32]
+       [--task-fields N] [--precision fp32] [--test-dir DIR] [--lr 0.005]
+``--test-dir DIR`` evaluates on ``DIR/test.parquet`` (and its ``.truth.parquet``) instead of the work dir's test
+split, e.g. a larger test split of the same generator (``recmtl datagen funnel`` with more ``--rows`` and the same
+other options: the same true model; its test rows are drawn after the training rows of the smaller set).
 A block may change parameters: ``--blocks none,dcn_v2+rank=16+num_layers=1`` (run directories are named so).
 """
 from __future__ import annotations
@@ -66,7 +69,7 @@ def run(cmd: list[str]) -> str:
 
 
 def config(data: Path, tower: str, block: str, seed: int, categorical: int, dense: int, epochs: int,
-           precision: str = "fp32") -> dict:
+           precision: str = "fp32", lr: float = 0.005) -> dict:
     cfg = {
         "seed": seed,
         "data": {"train": str(data / "train.parquet"), "validation": str(data / "valid.parquet"),
@@ -76,7 +79,7 @@ def config(data: Path, tower: str, block: str, seed: int, categorical: int, dens
         "tasks": [{"name": "click", "head": "binary"}, {"name": "conversion", "head": "esmm", "params": {"ctr_task": "click"}}],
         "encoders": {"categorical": {"name": "embedding", "dim": 16}},
         "tower": TOWERS[tower],
-        "optimizer": {"name": "adam", "lr": 0.005},
+        "optimizer": {"name": "adam", "lr": lr},
         "train": {"batch_size": 512, "epochs": epochs, "progress": False, "threads": 1, "precision": precision,
                   "early_stopping": {"monitor": "mean/auc", "patience": 1}},
     }
@@ -118,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", default="none,fm,dcn_v2,autoint")
     ap.add_argument("--precision", default="fp32", help="train.precision (fp32: the earlier tables; auto picks bf16 "
                     "on CPUs with AVX-512 BF16 or AMX)")
+    ap.add_argument("--lr", type=float, default=0.005, help="Adam's learning rate (e.g. 0.005000005: the same "
+                    "training perturbed by a relative 1e-6, a control for the bf16 vs fp32 differences)")
     ap.add_argument("--export", action="store_true", help="export and score the first seed's runs")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--no-train", action="store_true", help="only evaluate the runs already in WORK_DIR (a summary)")
+    ap.add_argument("--test-dir", type=Path, default=None, help="evaluate on DIR/test.parquet (default: WORK_DIR/data's)")
     args = ap.parse_args(argv)
     work = args.work_dir
     data = work / "data"
@@ -140,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                 if not (run_dir / "metrics.json").is_file():
                     cfg_path = work / f"{name}.yaml"
                     cfg_path.write_text(yaml.safe_dump(config(data, tower, block, seed, args.categorical, args.dense, args.epochs,
-                                                                     args.precision)))
+                                                                     args.precision, args.lr)))
                     t0 = time.time()
                     run([recmtl(), "train", str(cfg_path), "--out", str(run_dir)])
                     (run_dir / "wall.txt").write_text(f"{time.time() - t0:.1f}")
-                ev = json.loads(run([recmtl(), "evaluate", str(run_dir), str(data / "test.parquet"), "--json",
-                                     "--reference", str(data / "test.truth.parquet")]))
+                test = args.test_dir or data
+                ev = json.loads(run([recmtl(), "evaluate", str(run_dir), str(test / "test.parquet"), "--json",
+                                     "--reference", str(test / "test.truth.parquet")]))
                 rec = {t: ev["metrics"][t]["auc"] for t in ("click", "conversion")}
                 rec["reference"] = {t: ev["reference"][t]["auc"] for t in ("click", "conversion")}
                 rec["wall_s"] = float((run_dir / "wall.txt").read_text())

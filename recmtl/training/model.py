@@ -11,6 +11,7 @@ from torch import nn
 from recmtl.config import ComponentConfig, Config
 from recmtl.contracts import Head, TaskInfo
 from recmtl.errors import ConfigError, PluginError, close_matches
+from recmtl.layers import fp32
 from recmtl.registry import Registry
 from recmtl.schema import FittedSchema
 
@@ -393,13 +394,15 @@ class MultiTaskModel(nn.Module):
         return hidden
 
     def run(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Raw outputs (what each head's ``loss`` takes) and scores per task, heads in dependency order."""
+        """Raw outputs (what each head's ``loss`` takes) and scores per task, heads in dependency order; raw outputs
+        are float32 under autocast too (the heads' matmuls run in bf16, their sigmoid / softmax and losses do not)."""
         hidden = self.hidden(inputs)
         outputs: dict[str, torch.Tensor] = {}
         scores: dict[str, torch.Tensor] = {}
         for t in self.order:
             head = self.heads[t]
-            outputs[t] = head(hidden[t], {d: scores[d] for d in head.depends_on})
+            # fp32 (a no-op outside autocast): losses, scores and the upstream scores of dependent heads
+            outputs[t] = fp32(head(hidden[t], {d: scores[d] for d in head.depends_on}))
             scores[t] = head.predict(outputs[t])
         if self.training:
             self._scores = scores  # for the tower's regularization term of this step

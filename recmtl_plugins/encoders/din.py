@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from recmtl import Encoder, FeatureInfo, hookimpl
-from recmtl.layers import AttentionStats, HistoryTables, PReLU, check_units, mlp
+from recmtl.layers import AttentionStats, HistoryTables, PReLU, check_units, fp32, mlp
 
 NORMALIZATIONS = ("none", "softmax")
 
@@ -138,7 +138,7 @@ class DINEncoder(HistoryTables, Encoder):
             items, t = rows_of.index_select(0, where[:n]), rows_of.index_select(0, where[n:])  # no split: see above
         else:
             items, t = self.history_table(j)(item_ids), self.target_table(j)(t_ids)
-        scores = self.attention[str(j)](items, t, rows)  # [N]
+        scores = fp32(self.attention[str(j)](items, t, rows))  # [N]; fp32 under bf16 autocast (the softmax)
         if self.normalization == "softmax":  # over each row's items
             dense = torch.full(mask.shape, torch.finfo(scores.dtype).min, dtype=scores.dtype, device=scores.device)
             scores = dense.index_put((rows, cols), scores).softmax(dim=1)[rows, cols]

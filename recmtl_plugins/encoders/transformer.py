@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from recmtl import Encoder, FeatureInfo, hookimpl
-from recmtl.layers import AttentionStats, HistoryTables
+from recmtl.layers import AttentionStats, HistoryTables, fp32
 
 OUTPUTS = ("target", "mean")
 
@@ -52,7 +52,7 @@ class _Block(nn.Module):
         q, k, v = self.qkv(y).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if last_only:
             q, x = q[:, :, -1:], x[:, -1:]
-        scores = (q @ k.transpose(-1, -2)) * self.scale
+        scores = fp32(q @ k.transpose(-1, -2)) * self.scale  # the softmax in fp32 under bf16 autocast
         scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
         att = scores.softmax(dim=-1)
         mixed = (self.drop(att) @ v).transpose(1, 2).reshape(b, q.shape[2], d)

@@ -13,7 +13,7 @@ from torch import nn
 
 from recmtl import Head, TaskInfo, hookimpl
 from recmtl import metrics as M
-from recmtl.layers import masked_mean
+from recmtl.layers import fp32, masked_mean
 
 EPS = 1e-7
 
@@ -28,13 +28,14 @@ class ESMMHead(Head):
         self.cvr = nn.Linear(input_dim, 1)
 
     def forward(self, h: torch.Tensor, upstream: dict[str, torch.Tensor]) -> torch.Tensor:
-        p_cvr = torch.sigmoid(self.cvr(h).squeeze(-1))
-        return upstream[self.ctr_task] * p_cvr  # pCTCVR
+        p_cvr = torch.sigmoid(fp32(self.cvr(h).squeeze(-1)))  # fp32: in bf16 a confident pCVR rounds to 1.0
+        return fp32(upstream[self.ctr_task]) * p_cvr  # pCTCVR
 
     def loss(self, output: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # binary cross-entropy written out: F.binary_cross_entropy raises on NaN inputs, and a diverged run must
-        # reach the loop's "training loss became nan" error instead
-        p = output.clamp(EPS, 1 - EPS)
+        # reach the loop's "training loss became nan" error instead. fp32: in bf16 ``1 - EPS`` is 1.0, so a pCTCVR
+        # rounded to 1.0 on a label-1 row gave ``0 * log1p(-1) = nan`` (bf16 autocast, issue 21)
+        p = fp32(output).clamp(EPS, 1 - EPS)
         per_row = -(label * torch.log(p) + (1 - label) * torch.log1p(-p))
         return masked_mean(per_row, mask)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from recmtl import Interaction, hookimpl
+from recmtl.layers import fp32
 
 
 def row_chunk(n_fields: int, heads: int, budget: int = 1 << 19) -> int:
@@ -61,7 +62,7 @@ class AutoInt(Interaction):
         b, n = e.shape[0], e.shape[1]
         for qkv, res in zip(self.qkv, self.residual):
             q, k, v = qkv(e).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, n, dh]
-            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
+            att = torch.softmax(fp32(q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim), dim=-1)  # fp32 under autocast
             out = (att @ v).transpose(1, 2).reshape(b, n, self._width)
             e = torch.relu(out + res(e))
         return e.flatten(1)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from recmtl import Interaction, hookimpl
-from recmtl.layers import check_units, mlp
+from recmtl.layers import check_units, fp32, mlp
 
 STRUCTURES = ("stacked", "parallel")
 INITS = ("identity", "random")
@@ -114,7 +114,7 @@ class DCNv2(Interaction):
         low = torch.tanh(torch.einsum("kbr,krs->kbs", low, self.c[layer]))
         experts = x0.unsqueeze(0) * self.cross_dropout(torch.einsum("kbr,krd->kbd", low, self.u[layer])
                                                         + self.bias[layer].unsqueeze(1))
-        gate = torch.softmax(self.gate[layer](xl), dim=-1)  # [B, K]
+        gate = torch.softmax(fp32(self.gate[layer](xl)), dim=-1)  # [B, K]; fp32 under bf16 autocast
         term = torch.einsum("bk,kbd->bd", gate, experts)
         return xl + (self.gates[layer] * term if self.gates is not None else term)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from recmtl import Interaction, hookimpl
+from recmtl.layers import fp32
 
 
 class FM(Interaction):
@@ -24,6 +25,7 @@ class FM(Interaction):
         return self.field_dim + (self.input_dim if self.keep_input else 0)
 
     def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:
+        fields = fp32(fields)  # a difference of two large sums: in bf16 (8-bit mantissa) it cancels badly
         total = fields.sum(dim=1)
         pairs = 0.5 * (total * total - (fields * fields).sum(dim=1))  # [B, d]
         return torch.cat([x, pairs], dim=1) if self.keep_input else pairs

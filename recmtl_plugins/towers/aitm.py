@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import Experts, GateStats, check_units
+from recmtl.layers import Experts, GateStats, check_units, fp32
 
 
 class AITM(Tower):
@@ -54,7 +54,7 @@ class AITM(Tower):
         for i, t in enumerate(self.task_names[1:]):
             u = torch.stack([self.transfer[i](z[-1]), q[i + 1]], dim=1)  # [B, 2, d]: transferred, own
             h1, h2, h3 = self.h[i](u).chunk(3, dim=-1)
-            w = torch.softmax((h2 * h3).sum(-1) / math.sqrt(self.d), dim=-1)  # [B, 2]
+            w = torch.softmax((fp32(h2) * fp32(h3)).sum(-1) / math.sqrt(self.d), dim=-1)  # [B, 2]; fp32 under autocast
             if GateStats.active(self):
                 self.stats.update(t, w)
             z.append((w.unsqueeze(-1) * h1).sum(1))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import Experts, GateStats, check_units, entropy, mix, mlp
+from recmtl.layers import Experts, GateStats, check_units, entropy, fp32, mix, mlp
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -72,7 +72,7 @@ class DSelectK(Tower):
     def selectors(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T, k, n]``: each selector's distribution over the experts."""
         b, n_tasks = x.shape[0], len(self.task_names)
-        s = smooth_step(self.z(x).view(b, n_tasks, self.k, 1, self.m), self.gamma)
+        s = smooth_step(fp32(self.z(x)).view(b, n_tasks, self.k, 1, self.m), self.gamma)  # fp32: a product of m
         r = torch.where(self.codes.bool(), s, 1 - s).prod(-1)  # [B, T, k, n]
         if self.n < 2 ** self.m:
             r = r / r.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -83,7 +83,7 @@ class DSelectK(Tower):
         r = self.selectors(x)
         if self.training and self.entropy_reg > 0:
             self._entropy = entropy(r).mean()
-        a = torch.softmax(self.alpha(x).view(x.shape[0], len(self.task_names), self.k), dim=-1)
+        a = torch.softmax(fp32(self.alpha(x)).view(x.shape[0], len(self.task_names), self.k), dim=-1)
         return torch.einsum("btk,btkn->btn", a, r)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import Experts, GateStats, check_units, mix, mlp
+from recmtl.layers import Experts, GateStats, check_units, fp32, mix, mlp
 
 
 class HMoE(Tower):
@@ -49,7 +49,7 @@ class HMoE(Tower):
     def gate_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, T, G*K] expert weights, [B, T, G] group weights)``."""
         b, n_tasks = x.shape[0], len(self.task_names)
-        logits = self.gates(x)
+        logits = fp32(self.gates(x))  # the softmaxes in fp32 under bf16 autocast
         split = n_tasks * self.g
         group = torch.softmax(logits[:, :split].view(b, n_tasks, self.g), dim=-1)
         inner = torch.softmax(logits[:, split:].view(b, n_tasks, self.g, self.k), dim=-1)

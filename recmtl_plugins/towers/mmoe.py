@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import Experts, GateStats, check_units, mix, mlp
+from recmtl.layers import Experts, GateStats, check_units, fp32, mix, mlp
 
 __all__ = ["Experts", "MMoE"]
 
@@ -48,7 +48,7 @@ class MMoE(Tower):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         experts = self.experts(x)  # [E, B, D]
-        gates = torch.softmax(self.gates(x).view(x.shape[0], len(self.task_names), self.num_experts), dim=-1)
+        gates = torch.softmax(fp32(self.gates(x)).view(x.shape[0], len(self.task_names), self.num_experts), dim=-1)
         mixed = mix(gates, experts)  # [T, B, D]
         if GateStats.active(self):
             for i, t in enumerate(self.task_names):

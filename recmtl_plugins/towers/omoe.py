@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import Experts, GateStats, check_units, mix, mlp
+from recmtl.layers import Experts, GateStats, check_units, fp32, mix, mlp
 
 
 class OMoE(Tower):
@@ -36,7 +36,7 @@ class OMoE(Tower):
         return {t: self._out for t in self.task_names}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        gate = torch.softmax(self.gate(x), dim=-1)  # [B, E]
+        gate = torch.softmax(fp32(self.gate(x)), dim=-1)  # [B, E]; fp32 under bf16 autocast
         mixed = mix(gate, self.experts(x))
         if GateStats.active(self):
             self.stats.update("shared", gate)

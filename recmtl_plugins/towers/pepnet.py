@@ -25,18 +25,18 @@ import torch
 from torch import nn
 
 from recmtl import FeatureInfo, Tower, hookimpl
-from recmtl.layers import GateStats, check_units
+from recmtl.layers import GateStats, check_units, fp32
 
 
 class GateNU(nn.Module):
-    """``2 * sigmoid(W_2 ReLU(W_1 z))``: one gate value per output unit."""
+    """``2 * sigmoid(W_2 ReLU(W_1 z))``: one gate value per output unit, float32 (also under autocast)."""
 
     def __init__(self, input_dim: int, hidden: int, output_dim: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, output_dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return 2 * torch.sigmoid(self.net(z))
+        return 2 * torch.sigmoid(fp32(self.net(z)))  # fp32 under bf16 autocast (gates multiply layer by layer)
 
 
 class PEPNet(Tower):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from recmtl import Tower, hookimpl
-from recmtl.layers import Experts, GateStats, check_units, mix, mlp
+from recmtl.layers import Experts, GateStats, check_units, fp32, mix, mlp
 
 
 class PLE(Tower):
@@ -71,7 +71,7 @@ class PLE(Tower):
         return {t: self._out for t in self.task_names}
 
     def _mix(self, name: str, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        gate = torch.softmax(logits, dim=-1)  # [B, n]
+        gate = torch.softmax(fp32(logits), dim=-1)  # [B, n]; fp32 under bf16 autocast
         if GateStats.active(self):
             self.stats.update(name, gate)
         return mix(gate, experts)

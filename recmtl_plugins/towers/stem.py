@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from recmtl import FeatureInfo, Tower, hookimpl
-from recmtl.layers import Experts, GateStats, check_units, mix, mlp
+from recmtl.layers import Experts, GateStats, check_units, fp32, mix, mlp
 
 
 class STEM(Tower):
@@ -82,7 +82,7 @@ class STEM(Tower):
             blocks = [task_out[j * nt:(j + 1) * nt] if j == i else task_out[j * nt:(j + 1) * nt].detach()
                       for j in range(len(self.task_names))]
             experts = torch.cat(blocks + [shared_out])
-            gate = torch.softmax(self.gates[t](torch.cat([own[i], x], dim=1)), dim=-1)
+            gate = torch.softmax(fp32(self.gates[t](torch.cat([own[i], x], dim=1))), dim=-1)
             if GateStats.active(self):
                 self.stats.update(t, gate)
             out[t] = self.towers[t](mix(gate, experts))
