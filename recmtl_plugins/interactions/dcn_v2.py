@@ -18,8 +18,14 @@ pairwise gain, RESULTS.md, "l2 and dropout on dcn_v2's cross weights"); ``cross_
 each layer's cross term ``W_l x_l + b_l`` in training (the residual ``x_l`` is kept). ``gate: true`` scales each
 layer's cross term by a learned scalar ``g_l`` that starts at 0; ``lr_scale`` trains the cross layers at that
 multiple of the optimiser's learning rate (``lr_scales()``); both off by default (RESULTS.md, "a zero-initialised
-gate, a lower learning rate"). The defaults (low-rank, identity) are the measured ones: on funnel data without pairwise terms the full-rank,
-randomly initialised cross layers cost 0.006 conversion AUC against the plain MLP
+gate, a lower learning rate"). ``weight_decay`` is decoupled (AdamW-style) decay of the cross weights only,
+``W <- W - lr * weight_decay * W`` each step at their learning rate, whatever the optimiser
+(``optimizer_groups()``); ``gate_l1`` adds ``gate_l1 * sum(|g_l|)`` to the loss (with ``gate``);
+``cross_fields`` / ``exclude_fields`` restrict the cross layers to the flat vector's columns of those fields (the
+block is built with ``field_columns``), the other columns pass through unchanged; all off by default (RESULTS.md,
+"decoupled weight decay, L1 on the gates, crossing chosen fields"). The defaults (low-rank, identity) are the
+measured ones: on funnel data without pairwise terms the full-rank, randomly initialised cross layers cost
+0.006 conversion AUC against the plain MLP
 (benchmarks/RESULTS.md, "never lose").
 """
 from __future__ import annotations
