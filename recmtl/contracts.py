@@ -207,13 +207,22 @@ class Interaction(nn.Module):
     ``[batch, len(field_names), field_dim]``: one embedding per field (categorical and pooled sequence features as
     the encoders embed them, dense and image features projected to ``field_dim``), or None when the class sets
     ``uses_fields = False``. ``min_fields``: the fewest fields the block works with (checked before data is read).
-    The tower is built on ``output_dim``.
+    A class that sets ``uses_field_columns = True`` is also built with ``field_columns=``: for each column of ``x``,
+    the index in ``field_names`` of the field it belongs to (``len(field_columns) == input_dim``). The tower is
+    built on ``output_dim``.
     """
 
     #: False: the block reads only the flat vector (``fields`` is None)
     uses_fields: ClassVar[bool] = True
     #: the fewest fields the block needs (e.g. 2 for pairwise interactions)
     min_fields: ClassVar[int] = 0
+    #: True: the block is also built with ``field_columns=`` (the field index of each column of the flat vector)
+    uses_field_columns: ClassVar[bool] = False
+
+    @classmethod
+    def check_fields(cls, field_names: list[str], params: dict[str, Any]) -> None:
+        """Check the config's ``params`` against the field names before any data is read (e.g. a parameter that
+        names fields); raise ValueError with a message naming the bad value. Default: nothing to check."""
 
     def __init__(self, input_dim: int, field_names: list[str], field_dim: int) -> None:
         super().__init__()
@@ -238,6 +247,14 @@ class Interaction(nn.Module):
         ``[(params, scale), ...]`` (default: none, every parameter at ``optimizer.lr``; e.g. dcn_v2's
         ``lr_scale`` on its cross weights). A parameter named twice takes its first scale."""
         return []
+
+    def optimizer_groups(self) -> list[tuple[list[nn.Parameter], dict[str, float]]]:
+        """Per-parameter options of the dense optimiser, as ``[(params, options), ...]``; options:
+        ``lr_scale`` (train at ``lr_scale x optimizer.lr``, default 1) and ``weight_decay`` (decoupled decay, as
+        AdamW, ``p <- p - lr * weight_decay * p`` each step with the parameter's own ``lr``, whatever
+        ``optimizer.name``; on top of ``optimizer.weight_decay``; default 0). A parameter named twice takes its
+        first options. Default: ``lr_scales()`` as ``{"lr_scale": scale}`` groups."""
+        return [(list(params), {"lr_scale": float(scale)}) for params, scale in self.lr_scales()]
 
 
 class Head(nn.Module):

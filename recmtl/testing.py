@@ -275,12 +275,16 @@ def check_encoder(cls: type[Encoder], **params: Any) -> Encoder:
 
 
 def check_interaction(cls: type[Interaction], **params: Any) -> Interaction:
-    """Output ``[batch, output_dim]`` from a flat vector and a field view (4 fields of width 3), gradients reach its
-    parameters and its inputs, and ``regularization()`` is a finite scalar."""
+    """Output ``[batch, output_dim]`` from a flat vector and a field view (4 fields ``f0``-``f3`` of width 3, the
+    flat vector field-major, ``field_columns=`` passed with ``uses_field_columns``), gradients reach its
+    parameters and its inputs, ``regularization()`` is a finite scalar and ``optimizer_groups()`` names only the
+    block's parameters."""
     torch.manual_seed(0)
     name = _name(cls)
     n, n_fields, d = 64, 4, 3
     field_names = [f"f{j}" for j in range(n_fields)]
+    if getattr(cls, "uses_field_columns", False):
+        params = {"field_columns": [j for j in range(n_fields) for _ in range(d)], **params}
     block = cls(n_fields * d, field_names, d, **params)
     fields = torch.randn(n, n_fields, d, requires_grad=True)
     x = fields.flatten(1)
@@ -293,6 +297,10 @@ def check_interaction(cls: type[Interaction], **params: Any) -> Interaction:
     reg = block.regularization()
     assert isinstance(reg, torch.Tensor) and reg.dim() == 0 and torch.isfinite(reg), (
         f"{name}.regularization must return a finite scalar tensor, got {reg!r}")
+    own = {id(p) for p in block.parameters()}
+    for group, options in block.optimizer_groups():
+        assert all(id(p) in own for p in group) and isinstance(options, dict), (
+            f"{name}.optimizer_groups must give (parameters of the block, options dict) pairs")
     return block
 
 

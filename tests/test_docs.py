@@ -219,11 +219,13 @@ BUILTINS = [(kind, name) for kind in BASES for name, entry in sorted(REGISTRY.ta
 def plugin_parameters(kind: str, name: str) -> dict[str, str]:
     """The config parameters of a plugin (``name -> default``): its constructor's keywords minus what the
     core passes itself, i.e. the contract base class's constructor arguments (and ``features`` for a tower
-    with ``uses_inputs``)."""
+    with ``uses_inputs``, ``field_columns`` for an interaction with ``uses_field_columns``)."""
     factory = REGISTRY.get(kind, name)
     fixed = set(inspect.signature(BASES[kind].__init__).parameters) - {"self"}
     if kind == "tower" and getattr(factory, "uses_inputs", False):
         fixed.add("features")
+    if kind == "interaction" and getattr(factory, "uses_field_columns", False):
+        fixed.add("field_columns")
     params = {}
     for p in inspect.signature(factory).parameters.values():
         if p.name in fixed or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):

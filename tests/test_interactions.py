@@ -31,7 +31,8 @@ def test_fm_is_the_sum_of_pairwise_products():
 
 
 @pytest.mark.parametrize("params", [{}, {"rank": None}, {"rank": 2}, {"rank": 2, "num_experts": 3},
-                                    {"structure": "parallel", "deep_units": [8]}])
+                                    {"structure": "parallel", "deep_units": [8]},
+                                    {"exclude_fields": ["f0"], "weight_decay": 0.1, "gate": True, "gate_l1": 0.01}])
 def test_dcn_v2_variants_pass_the_contract(params):
     block = check_interaction(DCNv2, num_layers=2, **params)
     assert block.output_dim == 12 + (8 if params.get("structure") == "parallel" else 0)
@@ -230,6 +231,11 @@ BAD = [
     ({"interaction": {"name": "fm", "field_dim": 0}}, "interaction.field_dim must be a positive width"),
     ({"interaction": {"name": "autoint"}, "features": [{"name": "d01", "kind": "dense"}]},
      "interaction 'autoint' needs at least 2 fields"),
+    ({"interaction": {"name": "dcn_v2", "exclude_fields": ["user_id", "itemid"]}},
+     "interaction 'dcn_v2': exclude_fields names 'itemid', not a field of the inputs"),
+    ({"interaction": {"name": "dcn_v2", "cross_fields": ["c03", "c99"]}},
+     "interaction 'dcn_v2': cross_fields names 'c99', not a field of the inputs"),
+    ({"interaction": {"name": "dcn_v2", "field_columns": [0]}}, "interaction 'dcn_v2' does not take parameter 'field_columns'"),
 ]
 
 
@@ -427,6 +433,97 @@ def test_dcn_v2_lr_scale_puts_the_cross_layers_in_their_own_group(fm_run):
 def test_dcn_v2_gate_and_lr_scale_train_and_export(funnel_dir, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
                        interaction={"name": "dcn_v2", "num_layers": 2, "gate": True, "lr_scale": 0.2},
+                       train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
+    run_cli("train", cfg, "--out", tmp_path / "run")
+    run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def _dense_optimizer(fm_run, interaction):
+    from recmtl.training.optimizers import make_optimizers
+
+    model = model_for(fm_run, interaction=interaction)
+    config = parse_config(yaml.safe_load((fm_run / "run" / "config.yaml").read_text()))
+    return model, make_optimizers(config, model, torch.nn.Module())[0], config.optimizer.lr
+
+
+def test_dcn_v2_weight_decay_is_decoupled_on_the_cross_weights_only(fm_run):
+    """weight_decay: the cross weights (not the biases, not the tower) get p <- p - lr * lr_scale * wd * p before
+    the optimiser's own step, whatever optimizer.name (here Adam: with zero gradients its step moves nothing)."""
+    model, opt, lr = _dense_optimizer(fm_run, {"name": "dcn_v2", "num_layers": 2, "init": "random",
+                                               "weight_decay": 2.0, "lr_scale": 0.5})
+    block = model.interaction
+    decayed = {id(p) for p in block.cross_weights()}
+    groups = [g for g in opt.param_groups if "block_weight_decay" in g]
+    assert len(groups) == 1 and {id(p) for p in groups[0]["params"]} == decayed
+    assert groups[0]["block_weight_decay"] == 2.0 and groups[0]["lr"] == pytest.approx(0.5 * lr)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p in model.parameters():
+        factor = 1 - 0.5 * lr * 2.0 if id(p) in decayed else 1.0
+        torch.testing.assert_close(p.detach(), before[id(p)] * factor)
+    assert not isinstance(_dense_optimizer(fm_run, {"name": "dcn_v2"})[1], type(opt))  # the default: no wrapper
+    _, plain, _ = _dense_optimizer(fm_run, {"name": "dcn_v2"})
+    assert len(plain.param_groups) == 1 and "block_weight_decay" not in plain.param_groups[0]
+    with pytest.raises(ValueError, match="weight_decay must be a non-negative number"):
+        DCNv2(6, list("ab"), 3, weight_decay=-1)
+
+
+def test_a_third_party_block_gets_optimizer_groups(fm_run):
+    """optimizer_groups() is the contract (a user's block has the built-ins' power); bad options are named."""
+    from recmtl.errors import PluginError
+    from recmtl.training.optimizers import dense_groups
+
+    model = model_for(fm_run, interaction={"name": "fm"})
+    dense = list(model.parameters())
+    first = next(model.interaction.parameters(), None) or next(model.tower.parameters())
+    model.interaction.optimizer_groups = lambda: [([first], {"weight_decay": 0.1, "lr_scale": 2.0})]
+    groups = dense_groups(model, dense, 0.01)
+    mine = [g for g in groups if g.get("block_weight_decay")]
+    assert len(mine) == 1 and mine[0]["params"] == [first] and mine[0]["lr"] == pytest.approx(0.02)
+    model.interaction.optimizer_groups = lambda: [([first], {"decay": 0.1})]
+    with pytest.raises(PluginError, match=r"asked for optimiser option\(s\) \['decay'\]"):
+        dense_groups(model, dense, 0.01)
+
+
+def test_dcn_v2_gate_l1_adds_the_gates_absolute_values():
+    torch.manual_seed(0)
+    block = DCNv2(6, list("ab"), 3, num_layers=2, gate=True, gate_l1=0.1, l2=0.01)
+    with torch.no_grad():
+        block.gates.copy_(torch.tensor([0.5, -2.0]))
+    want = 0.01 * sum(w.pow(2).sum() for w in block.cross_weights()) + 0.1 * 2.5
+    torch.testing.assert_close(block.regularization(), want)
+    with pytest.raises(ValueError, match="gate_l1 penalises the gates: set gate: true too"):
+        DCNv2(6, list("ab"), 3, gate_l1=0.1)
+
+
+def test_dcn_v2_cross_fields_cross_only_their_columns():
+    """exclude_fields / cross_fields: the other fields' columns pass through and do not enter the crosses."""
+    torch.manual_seed(0)
+    cols = [0] * 4 + [1] * 4 + [2] * 4
+    for params in ({"exclude_fields": ["a"]}, {"cross_fields": ["b", "c"]}):
+        block = DCNv2(12, list("abc"), 4, num_layers=2, init="random", field_columns=cols, **params)
+        x = torch.randn(5, 12)
+        y = block(x, None)
+        assert block.v.shape[-2] == 8 and block.rank == 1  # auto: the crossed width // 8
+        torch.testing.assert_close(y[:, :4], x[:, :4])
+        assert not torch.allclose(y[:, 4:], x[:, 4:])
+        x2 = x.clone()
+        x2[:, :4] = torch.randn(5, 4)
+        torch.testing.assert_close(block(x2, None)[:, 4:], y[:, 4:])
+    with pytest.raises(ValueError, match="need field_columns"):
+        DCNv2(12, list("abc"), 4, exclude_fields=["a"])
+    with pytest.raises(ValueError, match="leave no field to cross"):
+        DCNv2(12, list("abc"), 4, cross_fields=["a"], exclude_fields=["a"], field_columns=cols)
+
+
+def test_dcn_v2_new_options_train_and_export(funnel_dir, tmp_path):
+    """weight_decay, gate_l1 and exclude_fields through the model (field_columns from the encoders) and the export."""
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+                       interaction={"name": "dcn_v2", "num_layers": 2, "gate": True, "gate_l1": 0.01,
+                                    "weight_decay": 0.5, "exclude_fields": ["user_id", "item_id"]},
                        train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
     run_cli("train", cfg, "--out", tmp_path / "run")
     run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")

@@ -14,12 +14,14 @@ Usage: python benchmarks/quality/interactions.py --work-dir DIR [--rows 60000] [
 ``--test-dir DIR`` evaluates on ``DIR/test.parquet`` (and its ``.truth.parquet``) instead of the work dir's test
 split, e.g. a larger test split of the same generator (``recmtl datagen funnel`` with more ``--rows`` and the same
 other options: the same true model; its test rows are drawn after the training rows of the smaller set).
-A block may change parameters: ``--blocks none,dcn_v2+rank=16+num_layers=1`` (run directories are named so).
+A block may change parameters: ``--blocks none,dcn_v2+rank=16+num_layers=1`` (run directories are named so); a
+list value is YAML in brackets, its commas kept: ``dcn_v2+exclude_fields=[user_id,item_id]``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -58,6 +60,11 @@ def block_spec(block: str) -> dict | None:
             key, _, value = change.partition("=")
             spec[key] = yaml.safe_load(value)
     return spec
+
+
+def split_blocks(blocks: str) -> list[str]:
+    """``--blocks`` split on the commas outside brackets (``dcn_v2+exclude_fields=[user_id,item_id],none``)."""
+    return re.split(r",(?![^\[]*\])", blocks)
 
 
 def recmtl() -> str:
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     for seed in seeds:  # seeds outermost: the blocks of one seed run close in time (shared machine)
         for tower in args.towers.split(","):
-            for block in args.blocks.split(","):
+            for block in split_blocks(args.blocks):
                 name = f"{tower}-{block}-s{seed}"
                 run_dir = work / "runs" / name
                 if args.no_train and not (run_dir / "wall.txt").is_file():
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
           "| wall (s) | seeds |")
     print("|---|---|---|---|---|---|---|---|")
     for tower in args.towers.split(","):
-        for block in args.blocks.split(","):
+        for block in split_blocks(args.blocks):
             done = [s for s in seeds if f"{tower}-{block}-s{s}" in results]
             if not done:
                 continue

@@ -95,10 +95,12 @@ def resolved_config(config: Config, registry: Registry) -> Config:
                                                   **t.params}}) for t in config.tasks],
     }
     if config.interaction is not None:
-        update["interaction"] = _with_defaults(config.interaction, registry, "interaction",
-                                               ("input_dim", "field_names", "field_dim"))
+        update["interaction"] = _with_defaults(config.interaction, registry, "interaction", INTERACTION_FIXED)
     return config.model_copy(update=update)
 
+
+#: the interaction block's constructor arguments the model passes (never config parameters)
+INTERACTION_FIXED = ("input_dim", "field_names", "field_dim", "field_columns")
 
 #: the interaction section's own key, read by the model (the common width of the field view), not by the block
 FIELD_DIM_KEY = "field_dim"
@@ -131,13 +133,19 @@ def check_interaction(config: Config, registry: Registry) -> None:
         return
     name = config.interaction.name
     params, _ = interaction_params(config)
-    registry.check_params("interaction", name, params, fixed=["input_dim", "field_names", "field_dim"])
+    registry.check_params("interaction", name, params, fixed=INTERACTION_FIXED)
     cls = registry.get("interaction", name)
     need = int(getattr(cls, "min_fields", 0))
     fields = config_fields(config, registry)
     if getattr(cls, "uses_fields", True) and len(fields) < need:
         raise ConfigError(f"interaction '{name}' needs at least {need} fields (categorical, sequence, dense or image "
                           f"features), the config has {len(fields)}: {', '.join(fields) or 'none'}")
+    check = getattr(cls, "check_fields", None)
+    if check is not None:
+        try:
+            check(list(fields), dict(params))
+        except ValueError as exc:
+            raise ConfigError(f"interaction '{name}': {exc}") from exc
 
 
 def share_tables(encoders: nn.ModuleDict) -> None:
@@ -247,6 +255,8 @@ class MultiTaskModel(nn.Module):
             dim = field_dim or self._default_field_dim()
             if getattr(cls, "uses_fields", True):
                 self.field_view = FieldView(self.encoders, dim)
+            if getattr(cls, "uses_field_columns", False):  # the field of each column of the flat vector
+                params["field_columns"] = list(columns)
             self.interaction = registry.create("interaction", config.interaction.name, input_dim, list(field_names),
                                                dim, **params)
             input_dim = int(self.interaction.output_dim)

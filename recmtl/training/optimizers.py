@@ -1,8 +1,10 @@
-"""The optimisers of a run: a dense one for the dense parameters (and the balancer's), a sparse one for sparse
-embedding tables, with an optional weight decay of the rows each batch looks up."""
+"""The optimisers of a run: a dense one for the dense parameters (and the balancer's), with the per-group options an
+interaction block asks for, a sparse one for sparse embedding tables, with an optional weight decay of the rows each
+batch looks up."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -103,46 +105,85 @@ def decay_seen_rows(params: list[torch.Tensor], lr: float, weight_decay: float) 
             p.index_copy_(0, rows, p.index_select(0, rows).mul_(factor))
 
 
-def _with_row_decay(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    """``cls`` whose step first applies :func:`decay_seen_rows` with each group's ``lr`` and ``row_weight_decay``."""
+def _with_decay(cls: type[torch.optim.Optimizer], key: str,
+                decay: Callable[[list[torch.Tensor], float, float], None], suffix: str) -> type[torch.optim.Optimizer]:
+    """``cls`` whose step first applies ``decay(params, lr, group[key])`` to each parameter group; ``key=value`` given
+    to the constructor is every group's default (0 otherwise)."""
 
-    class RowDecay(cls):  # type: ignore[valid-type, misc]
-        def __init__(self, params: Any, row_weight_decay: float = 0.0, **kwargs: Any) -> None:
+    class Decaying(cls):  # type: ignore[valid-type, misc]
+        def __init__(self, params: Any, **kwargs: Any) -> None:
+            default = kwargs.pop(key, 0.0)
             super().__init__(params, **kwargs)
             for group in self.param_groups:
-                group.setdefault("row_weight_decay", row_weight_decay)
+                group.setdefault(key, default)
 
         @torch.no_grad()
         def step(self, closure: Any = None) -> Any:
             for group in self.param_groups:
-                decay_seen_rows(group["params"], group["lr"], group["row_weight_decay"])
+                decay(group["params"], group["lr"], group[key])
             return super().step(closure)
 
-    RowDecay.__name__ = RowDecay.__qualname__ = f"{cls.__name__}RowDecay"
-    return RowDecay
+    Decaying.__name__ = Decaying.__qualname__ = f"{cls.__name__}{suffix}"
+    return Decaying
+
+
+def _with_row_decay(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``cls`` whose step first applies :func:`decay_seen_rows` with each group's ``lr`` and ``row_weight_decay``."""
+    return _with_decay(cls, "row_weight_decay", decay_seen_rows, "RowDecay")
+
+
+#: the options ``Interaction.optimizer_groups`` may ask for
+GROUP_OPTIONS = ("lr_scale", "weight_decay")
+
+
+def decay_params(params: list[torch.Tensor], lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay, as AdamW: ``p *= 1 - lr * weight_decay`` for each parameter with a gradient."""
+    if weight_decay <= 0:
+        return
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.mul_(1.0 - lr * weight_decay)
+
+
+def _with_decoupled_decay(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``cls`` whose step first applies :func:`decay_params` with each group's ``lr`` and ``block_weight_decay`` (0
+    where a group has none)."""
+    return _with_decay(cls, "block_weight_decay", decay_params, "DecoupledDecay")
 
 
 def dense_groups(model: MultiTaskModel, dense: list[torch.Tensor], lr: float) -> list[dict[str, Any]]:
-    """``dense`` as optimiser parameter groups: one at ``lr``, and one per learning-rate scale the interaction
-    block asks for (``Interaction.lr_scales``) at ``scale x lr``; empty groups are left out."""
-    scaled: dict[int, float] = {}
+    """``dense`` as optimiser parameter groups: one at ``lr``, and one per set of options the interaction block
+    asks for (``Interaction.optimizer_groups``): ``lr_scale x lr`` and, where ``weight_decay`` is set, a
+    ``block_weight_decay`` key (applied by :func:`make_optimizers`' dense optimiser); empty groups are left out."""
+    chosen: dict[int, tuple[float, float]] = {}
     if model.interaction is not None:
-        for params, scale in model.interaction.lr_scales():
-            if not scale > 0:
-                raise PluginError(f"interaction '{type(model.interaction).__name__}' asked for learning-rate scale "
-                                  f"{scale!r}; expected a positive number")
+        name = type(model.interaction).__name__
+        for params, options in model.interaction.optimizer_groups():
+            unknown = sorted(set(options) - set(GROUP_OPTIONS))
+            if unknown:
+                raise PluginError(f"interaction '{name}' asked for optimiser option(s) {unknown}; expected "
+                                  f"{', '.join(GROUP_OPTIONS)}")
+            scale, decay = options.get("lr_scale", 1.0), options.get("weight_decay", 0.0)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+                raise PluginError(f"interaction '{name}' asked for learning-rate scale {scale!r}; expected a "
+                                  "positive number")
+            if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0:
+                raise PluginError(f"interaction '{name}' asked for weight decay {decay!r}; expected a "
+                                  "non-negative number")
             for p in params:
-                scaled.setdefault(id(p), float(scale))
-    groups: dict[float, list[torch.Tensor]] = {}
+                chosen.setdefault(id(p), (float(scale), float(decay)))
+    groups: dict[tuple[float, float], list[torch.Tensor]] = {}
     for p in dense:
-        groups.setdefault(scaled.get(id(p), 1.0), []).append(p)
-    return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items() if ps]
+        groups.setdefault(chosen.get(id(p), (1.0, 0.0)), []).append(p)
+    return [{"params": ps, "lr": lr * scale, **({"block_weight_decay": decay} if decay else {})}
+            for (scale, decay), ps in groups.items() if ps]
 
 
 def make_optimizers(config: Config, model: MultiTaskModel, balancer: Balancer) -> list[torch.optim.Optimizer]:
-    """A dense optimiser for the dense parameters (Adam/AdamW fused on CPU) and a sparse one for sparse embedding
-    tables (:class:`SparseRowAdam` with ``adam``/``adamw``; with ``optimizer.embedding_weight_decay`` on the rows each
-    batch looks up)."""
+    """A dense optimiser for the dense parameters (Adam/AdamW fused on CPU; with the decoupled decay an interaction
+    block asks for) and a sparse one for sparse embedding tables (:class:`SparseRowAdam` with ``adam``/``adamw``; with
+    ``optimizer.embedding_weight_decay`` on the rows each batch looks up)."""
     sparse = sparse_parameters(model)
     sparse_ids = {id(p) for p in sparse}
     dense = [p for p in list(model.parameters()) + list(balancer.parameters()) if id(p) not in sparse_ids]
@@ -152,7 +193,9 @@ def make_optimizers(config: Config, model: MultiTaskModel, balancer: Balancer) -
                  "adagrad": torch.optim.Adagrad}[opt.name]
     # Adam/AdamW on CPU: torch's fused kernel (one pass over each parameter; the same update to fp32 rounding)
     fused = {"fused": True} if opt.name in ("adam", "adamw") and all(p.device.type == "cpu" for p in dense) else {}
-    optimizers = [dense_cls(dense_groups(model, dense, opt.lr), lr=opt.lr, weight_decay=opt.weight_decay, **fused)]
+    groups = dense_groups(model, dense, opt.lr)
+    dense_opt_cls = _with_decoupled_decay(dense_cls) if any("block_weight_decay" in g for g in groups) else dense_cls
+    optimizers = [dense_opt_cls(groups, lr=opt.lr, weight_decay=opt.weight_decay, **fused)]
     if sparse:
         sparse_cls = SparseRowAdam if opt.name in ("adam", "adamw") else dense_cls  # SGD, Adagrad take sparse
         if opt.embedding_weight_decay:
