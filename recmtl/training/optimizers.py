@@ -108,19 +108,20 @@ def decay_seen_rows(params: list[torch.Tensor], lr: float, weight_decay: float) 
 def _with_decay(cls: type[torch.optim.Optimizer], key: str,
                 decay: Callable[[list[torch.Tensor], float, float], None], suffix: str) -> type[torch.optim.Optimizer]:
     """``cls`` whose step first applies ``decay(params, lr, group[key])`` to each parameter group; ``key=value`` given
-    to the constructor is every group's default (0 otherwise)."""
+    to the constructor is every group's default (a group without the key is not decayed)."""
 
     class Decaying(cls):  # type: ignore[valid-type, misc]
         def __init__(self, params: Any, **kwargs: Any) -> None:
-            default = kwargs.pop(key, 0.0)
+            default = kwargs.pop(key, None)
             super().__init__(params, **kwargs)
             for group in self.param_groups:
-                group.setdefault(key, default)
+                if default is not None:
+                    group.setdefault(key, default)
 
         @torch.no_grad()
         def step(self, closure: Any = None) -> Any:
             for group in self.param_groups:
-                decay(group["params"], group["lr"], group[key])
+                decay(group["params"], group["lr"], group.get(key, 0.0))
             return super().step(closure)
 
     Decaying.__name__ = Decaying.__qualname__ = f"{cls.__name__}{suffix}"
