@@ -330,7 +330,7 @@ def test_experts_pad_input_width_same_outputs_gradients_and_parameters(monkeypat
     x = torch.randn(32, 13)
     assert layers.input_pad(x) == 3 and layers.input_pad(torch.randn(32, 16)) == 0
     results = []
-    for multiple in (0, 16):
+    for multiple in (0, layers.EXPERTS_PAD_MULTIPLE):
         monkeypatch.setattr(layers, "EXPERTS_PAD_MULTIPLE", multiple)
         xi = x.clone().requires_grad_()
         out = experts(xi)
@@ -348,7 +348,7 @@ def test_experts_pad_only_in_plain_fp32(monkeypatch):
     """No pad under autocast, for other dtypes, when turned off, or in ONNX export."""
     from recmtl import layers
     x = torch.randn(4, 13)
-    assert layers.input_pad(x) == 3
+    assert layers.input_pad(x) == 3 and layers.input_pad(torch.randn(4, 14)) == 2
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layers.input_pad(x) == 0
     assert layers.input_pad(x.double()) == 0 and layers.input_pad(x.bfloat16()) == 0

@@ -4,13 +4,13 @@
 1. ``products``: the first expert layer's three products (``x @ W`` forward; ``grad @ W.T`` and ``x.T @ grad``
    backward) for each case ``width:batch:columns`` of ``--cases``, fp32 and under bf16 autocast, variants
    ``plain`` (width as it is), ``prepadded`` (x and W already zero-padded to a multiple of 16: the products alone)
-   and ``pad`` (``F.pad`` of x and W each step, and the slices of their gradients in the backward: what
-   ``Experts`` does); blocks shuffled in each round, medians of CPU ms per forward + backward.
+   and ``pad{m}`` for each of ``--multiples`` (``F.pad`` of x and W to a multiple of m each step, and the slices of
+   their gradients in the backward: what ``Experts`` does); blocks shuffled in each round, medians of CPU ms per forward + backward.
 2. ``step``: the benchmark model's whole training step (bench_precision.py's ``step`` runner: forward, losses,
    backward, optimiser steps on 8 pre-built batches) in fp32 with the pad on and off
-   (``recmtl.layers.EXPERTS_PAD_MULTIPLE`` 16 / 0), interleaved; per-round ratios of CPU ms.
+   (``recmtl.layers.EXPERTS_PAD_MULTIPLE`` as set / 0), interleaved; per-round ratios of CPU ms.
 
-    python benchmarks/speed/bench_matmul_width.py products --rounds 15 --threads 1
+    python benchmarks/speed/bench_matmul_width.py products --rounds 15 --threads 1 [--multiples 4,8,16]
     python benchmarks/speed/bench_matmul_width.py step --rounds 15 --threads 1 --models benchmark,init
 """
 from __future__ import annotations
@@ -36,9 +36,10 @@ CASES = "429:2048:1024,432:2048:1024,448:2048:1024,421:2048:1024,437:2048:1024,4
 
 
 def product_block(width: int, batch: int, cols: int, variant: str, bf16: bool, reps: int):
-    """A function running ``reps`` forward + backward passes of the first layer's product; returns nothing."""
+    """A function running ``reps`` forward + backward passes of the first layer's product; returns nothing.
+    ``variant``: ``plain``, ``prepadded`` or ``pad{m}`` (padded at run time to a multiple of ``m``)."""
     g = torch.Generator().manual_seed(width)
-    pad = -width % 16
+    pad = -width % (int(variant[3:]) if variant.startswith("pad") and variant != "pad" else 16)
     w_in = width + pad if variant == "prepadded" else width
     x = torch.randn(batch, w_in, generator=g).requires_grad_()
     w = torch.randn(w_in, cols, generator=g).div_(w_in ** 0.5).requires_grad_()
@@ -47,20 +48,20 @@ def product_block(width: int, batch: int, cols: int, variant: str, bf16: bool, r
     def run() -> None:
         for _ in range(reps):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                a, b = (F.pad(x, (0, pad)), F.pad(w, (0, 0, 0, pad))) if variant == "pad" else (x, w)
+                a, b = (F.pad(x, (0, pad)), F.pad(w, (0, 0, 0, pad))) if variant.startswith("pad") else (x, w)
                 h = a @ b
             h.backward(grad)
             x.grad = w.grad = None
     return run
 
 
-def bench_products(cases: str, rounds: int, reps: int) -> dict:
+def bench_products(cases: str, rounds: int, reps: int, multiples: tuple[int, ...] = (16,)) -> dict:
     blocks = {}
     for case in cases.split(","):
         width, batch, cols = (int(v) for v in case.split(":"))
         for prec in ("fp32", "bf16"):
-            for variant in ("plain", "prepadded", "pad"):
-                if variant != "plain" and width % 16 == 0:
+            for variant in ("plain", "prepadded", *(f"pad{m}" for m in multiples)):
+                if variant != "plain" and width % (int(variant[3:]) if variant.startswith("pad") else 16) == 0:
                     continue
                 blocks[(case, prec, variant)] = product_block(width, batch, cols, variant, prec == "bf16", reps)
     for run in blocks.values():
@@ -94,8 +95,9 @@ def bench_step(rows: int, rounds: int, work: Path, models: list[str], steps: int
 
     from recmtl import layers
 
+    on = layers.EXPERTS_PAD_MULTIPLE
     runners = {}
-    for multiple in (0, 16):
+    for multiple in (0, on):
         layers.EXPERTS_PAD_MULTIPLE = multiple
         for (model, _), run in bench_precision.step_runners(rows, work, models, None, steps, modes=("fp32",)).items():
             runners[(model, multiple)] = run
@@ -109,12 +111,12 @@ def bench_step(rows: int, rounds: int, work: Path, models: list[str], steps: int
             runners[(model, multiple)]()
             cpu[(model, multiple)].append(1000 * (time.process_time() - c0) / steps)
         print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-    layers.EXPERTS_PAD_MULTIPLE = 16
+    layers.EXPERTS_PAD_MULTIPLE = on
     out = {}
     for model in models:
-        ratios = [a / b for a, b in zip(cpu[(model, 0)], cpu[(model, 16)])]
+        ratios = [a / b for a, b in zip(cpu[(model, 0)], cpu[(model, on)])]
         out[model] = {"cpu_ms_off": round(statistics.median(cpu[(model, 0)]), 2),
-                      "cpu_ms_on": round(statistics.median(cpu[(model, 16)]), 2),
+                      "cpu_ms_on": round(statistics.median(cpu[(model, on)]), 2), "multiple": on,
                       "speedup_median": round(statistics.median(ratios), 3),
                       "speedup_mean": round(statistics.mean(ratios), 3),
                       "speedup_std": round(statistics.stdev(ratios), 3) if len(ratios) > 1 else 0.0,
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cases", default=CASES, help="products: width:batch:columns, comma-separated")
+    ap.add_argument("--multiples", default="4,16", help="products: the pad{m} variants, comma-separated")
     ap.add_argument("--reps", type=int, default=3, help="products: passes per block")
     ap.add_argument("--models", default="benchmark", help="step: bench_precision.py MODELS, comma-separated")
     ap.add_argument("--rows", type=int, default=20000, help="step: rows of the synthetic funnel set")
@@ -138,7 +141,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "products":
-        result = bench_products(args.cases, args.rounds, args.reps)
+        result = bench_products(args.cases, args.rounds, args.reps,
+                                tuple(int(m) for m in args.multiples.split(",")))
     else:
         work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_width_"))
         result = bench_step(args.rows, args.rounds, work, args.models.split(","), args.steps)
