@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from recmtl.contracts import TableRows
@@ -151,12 +152,30 @@ def fused_embedding(sizes: Sequence[int], width: int, sparse: bool = True, init_
 
 
 # ---- mixture of experts -------------------------------------------------------------------------
+#: fp32 on CPU: ``Experts`` zero-pads a shared input's width (and its first weight's rows, at run time) up to a
+#: multiple of this (rows of 16 bytes; more padding measured no faster); 0 turns it off. The same outputs and
+#: gradients to fp32 rounding, the same parameters.
+EXPERTS_PAD_MULTIPLE = 4
+
+
+def input_pad(x: torch.Tensor) -> int:
+    """The zero columns ``Experts`` appends to a shared input ``x`` ``[batch, in]`` before its first product:
+    up to a multiple of :data:`EXPERTS_PAD_MULTIPLE` for a float32 CPU tensor outside autocast, ONNX export and
+    tracing (there the product's speed does not depend on it, or the graph must stay as it is); else 0."""
+    m = EXPERTS_PAD_MULTIPLE
+    if (m <= 0 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+            or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
+        return 0
+    return -x.shape[-1] % m
+
+
 class Experts(nn.Module):
     """``num_experts`` MLPs, evaluated as batched matrix products.
 
     The input is either shared by every expert (``[batch, input_dim]``: the first layer is one matrix
     product) or one input per expert (``[num_experts, batch, input_dim]``, e.g. PLE's later levels,
-    STEM's task-specific experts, cross-stitch columns).
+    STEM's task-specific experts, cross-stitch columns). In fp32 on CPU a shared input's width is zero-padded
+    at run time (:func:`input_pad`): CPU GEMMs are faster at some widths; parameters and outputs are unchanged.
     """
 
     def __init__(self, input_dim: int, num_experts: int, units: list[int], dropout: float = 0.0) -> None:
@@ -205,7 +224,10 @@ class Experts(nn.Module):
             h = torch.relu(torch.addmm(self.biases[0].reshape(-1), x, self.weights[0]))
             h = h.view(x.shape[0], e, -1).transpose(0, 1)
         elif x.dim() == 2:
-            h = x @ self.weights[0]  # under bf16 autocast a bf16 product: the bias joins it in bf16, so that the
+            w = self.weights[0]
+            if pad := input_pad(x):  # zero columns times zero rows: the same product
+                x, w = F.pad(x, (0, pad)), F.pad(w, (0, 0, 0, pad))
+            h = x @ w  # under bf16 autocast a bf16 product: the bias joins it in bf16, so that the
             # activation is not promoted to fp32 here and cast back to bf16 by the next layer's product
             h = torch.relu(h.view(x.shape[0], e, -1).transpose(0, 1) + self.biases[0].to(h.dtype))
             if len(self.weights) > 1:  # [E, B, D] laid out as such: the next product's backward then needs no

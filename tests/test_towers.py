@@ -318,3 +318,63 @@ def test_soft_sharing_penalty_is_part_of_training(small_funnel, tmp_path, cli):
         metrics = json.loads((tmp_path / f"run{penalty}" / "metrics.json").read_text())
         distance[penalty] = metrics["history"][0]["diagnostics"]["parameter_distance"]
     assert distance[1.0] < 0.2 * distance[0.0], distance
+
+
+def test_experts_pad_input_width_same_outputs_gradients_and_parameters(monkeypatch):
+    """fp32 on CPU: a shared input 13 wide is zero-padded to 16 (with the first weight's rows) at run time; the
+    outputs and gradients equal the unpadded ones to fp32 rounding, and parameters/state dict keep their shapes."""
+    from recmtl import layers
+    torch.manual_seed(0)
+    experts = Experts(13, 3, [8, 4]).train()
+    shapes = {k: v.shape for k, v in experts.state_dict().items()}
+    x = torch.randn(32, 13)
+    assert layers.input_pad(x) == 3 and layers.input_pad(torch.randn(32, 16)) == 0
+    results = []
+    for multiple in (0, layers.EXPERTS_PAD_MULTIPLE):
+        monkeypatch.setattr(layers, "EXPERTS_PAD_MULTIPLE", multiple)
+        xi = x.clone().requires_grad_()
+        out = experts(xi)
+        out.square().sum().backward()
+        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in experts.parameters()])
+        experts.zero_grad(set_to_none=True)
+    for a, b in zip(*results):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert {k: v.shape for k, v in experts.state_dict().items()} == shapes
+    assert experts.weights[0].shape == (13, 24)
+
+
+def test_experts_pad_only_in_plain_fp32(monkeypatch):
+    """No pad under autocast, for other dtypes, when turned off, or in ONNX export."""
+    from recmtl import layers
+    x = torch.randn(4, 13)
+    assert layers.input_pad(x) == 3 and layers.input_pad(torch.randn(4, 14)) == 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layers.input_pad(x) == 0
+    assert layers.input_pad(x.double()) == 0 and layers.input_pad(x.bfloat16()) == 0
+    monkeypatch.setattr(layers, "EXPERTS_PAD_MULTIPLE", 0)
+    assert layers.input_pad(x) == 0
+    monkeypatch.setattr(layers, "EXPERTS_PAD_MULTIPLE", 16)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert layers.input_pad(x) == 0
+
+
+def test_experts_export_graph_has_no_pad():
+    """The exported graph of an odd-width Experts is the unpadded one (no Pad, the Gemm's weight 13 rows) and
+    onnxruntime gives the torch outputs."""
+    import io
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    torch.manual_seed(0)
+    experts = Experts(13, 3, [8, 4]).eval()
+    x = torch.randn(5, 13)
+    buf = io.BytesIO()
+    torch.onnx.export(experts, (x,), buf, input_names=["x"], output_names=["h"], opset_version=17, dynamo=False)
+    graph = onnx.load_from_string(buf.getvalue()).graph
+    assert "Pad" not in {n.op_type for n in graph.node}
+    assert (13, 24) in {tuple(t.dims) for t in graph.initializer}
+    got = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, experts(x).numpy(), rtol=1e-5, atol=1e-6)
