@@ -30,6 +30,28 @@ def test_fm_is_the_sum_of_pairwise_products():
     assert FM(12, list("abcd"), 3).output_dim == 15  # the flat vector kept beside it
 
 
+@pytest.mark.parametrize("normalize", ["none", "batch", "layer", "pairs"])
+def test_fm_normalize_options(normalize):
+    """normalize rescales only the pairwise term: the flat vector is passed through, the width is unchanged."""
+    block = check_interaction(FM, normalize=normalize)
+    torch.manual_seed(0)
+    fields = torch.randn(8, 4, 3)
+    out = block.eval()(fields.flatten(1), fields)
+    torch.testing.assert_close(out[:, :12], fields.flatten(1))
+    raw = FM(12, list("abcd"), 3, keep_input=False)(fields.flatten(1), fields)
+    if normalize == "pairs":
+        torch.testing.assert_close(out[:, 12:], raw / 6)  # 4 fields: 6 pairs
+    elif normalize == "layer":
+        torch.testing.assert_close(out[:, 12:].mean(dim=1), torch.zeros(8), atol=1e-5, rtol=0)
+    block.train()
+    if normalize == "batch":
+        assert block(fields[:1].flatten(1), fields[:1]).shape == (1, 15)  # one row in training: running statistics
+        train_out = block(fields.flatten(1), fields)[:, 12:]
+        torch.testing.assert_close(train_out.mean(dim=0), torch.zeros(3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="normalize must be one of none, batch, layer, pairs"):
+        FM(12, list("abcd"), 3, normalize="bn")
+
+
 @pytest.mark.parametrize("params", [{}, {"rank": None}, {"rank": 2}, {"rank": 2, "num_experts": 3},
                                     {"structure": "parallel", "deep_units": [8]}])
 def test_dcn_v2_variants_pass_the_contract(params):
@@ -164,6 +186,16 @@ def test_fm_trains_and_exports(fm_run):
     assert (fm_run / "m.onnx").is_file()
     metrics = json.loads((fm_run / "run" / "metrics.json").read_text())
     assert metrics
+
+
+def test_fm_batch_normalize_trains_and_exports(funnel_dir, tmp_path):
+    """fm with normalize: batch (running statistics at export) passes the parity check."""
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+                       interaction={"name": "fm", "normalize": "batch"},
+                       train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
+    run_cli("train", cfg, "--out", tmp_path / "run")
+    run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
 
 
 def test_dcn_v2_mixture_parallel_exports(funnel_dir, tmp_path):

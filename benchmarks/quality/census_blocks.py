@@ -7,7 +7,8 @@ and seed with the census benchmark's settings (``census_income.COMMON``: Adam lr
 embeddings, 1 thread; early stopping on validation mean AUC, patience 2) capped at ``--epochs``. Variants:
 ``mmoe`` (8 experts of 16, towers of 8) with no block, ``fm``, ``dcn_v2`` (2 cross layers, the defaults),
 ``autoint`` (2 layers), ``gates`` (``feature_gates: {sparsity: 0.0005}``), and ``pepnet`` (the tower, no block;
-``gate_features`` null: every categorical feature, towers [16, 8]). Prints test AUC per task (mean ± std over
+``gate_features`` null: every categorical feature, towers [16, 8]). A block variant may change parameters:
+``fm+normalize=batch`` (values read as YAML; the run directories are named so). Prints test AUC per task (mean ± std over
 seeds), the difference to mmoe with no block paired by seed, and the run directories (for ``gate_matrix.py``).
 
 Usage: python benchmarks/quality/census_blocks.py --work-dir DIR [--variants none,fm,dcn_v2,autoint]
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from census_income import COMMON, DATA_DIR, TASKS, TOWERS, prepare, recmtl_executable, run_cli  # noqa: E402
@@ -35,6 +37,23 @@ VARIANTS = {
     "gates": {"feature_gates": "{sparsity: 0.0005}"},
     "pepnet": {"tower": "{name: pepnet, task_units: [16, 8]}"},
 }
+
+
+def variant_sets(variant: str) -> dict[str, str]:
+    """The ``--set`` overrides of ``VARIANTS[name]``, or of ``name+key=value+...``: that block with parameters changed."""
+    base, *changes = variant.split("+")
+    if base not in VARIANTS:
+        sys.exit(f"census_blocks: unknown variant {base!r} (one of {', '.join(VARIANTS)})")
+    sets = dict(VARIANTS[base])
+    if changes:
+        if "interaction" not in sets:
+            sys.exit(f"census_blocks: {variant!r}: only an interaction block takes parameters")
+        spec = yaml.safe_load(sets["interaction"])
+        for change in changes:
+            key, _, value = change.partition("=")
+            spec[key] = yaml.safe_load(value)
+        sets["interaction"] = json.dumps(spec)
+    return sets
 
 
 def subsample(src: Path, dst: Path, rows: int) -> Path:
@@ -77,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if not (run_dir / "metrics.json").is_file():
                 sets = {**COMMON, "train.epochs": str(args.epochs), "data.train": str(train), "seed": str(seed),
-                        "train.precision": args.precision, "tower": TOWERS["mmoe"], **VARIANTS[variant]}
+                        "train.precision": args.precision, "tower": TOWERS["mmoe"], **variant_sets(variant)}
                 cmd = ["train", cfg.name, "--out", str(run_dir)]
                 for key, value in sets.items():
                     cmd += ["--set", f"{key}={value}"]

@@ -4,20 +4,37 @@ Rendle, "Factorization Machines", ICDM 2010; as the FM component of DeepFM (Guo 
 bi-interaction pooling of NFM (He & Chua, SIGIR 2017): ``0.5 * ((sum_j e_j)^2 - sum_j e_j^2)``, the sum of the
 element-wise products of every pair of field embeddings, ``[batch, field_dim]``, in time linear in the fields.
 With ``keep_input`` (default) it is concatenated to the flat vector, so the tower sees both.
+
+The sum grows with the number of pairs ``n (n - 1) / 2`` and the embeddings' norms, the flat vector does not.
+``normalize`` rescales the pairwise term before it reaches the tower: ``none`` (default) as is; ``batch`` a
+BatchNorm over its ``field_dim`` units (NFM's choice: batch statistics in training, running ones in evaluation
+and export); ``layer`` a LayerNorm per row; ``pairs`` divides it by the number of pairs (the mean pairwise
+product). benchmarks/RESULTS.md, "Census-income at the full training data", has the measurements.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from recmtl import Interaction, hookimpl
+
+NORMALIZE = ("none", "batch", "layer", "pairs")
 
 
 class FM(Interaction):
     min_fields = 2
 
-    def __init__(self, input_dim: int, field_names: list[str], field_dim: int, keep_input: bool = True) -> None:
+    def __init__(self, input_dim: int, field_names: list[str], field_dim: int, keep_input: bool = True,
+                 normalize: str = "none") -> None:
         super().__init__(input_dim, field_names, field_dim)
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
         self.keep_input = bool(keep_input)
+        self.normalize = normalize
+        n = len(self.field_names)
+        self.num_pairs = n * (n - 1) // 2
+        self.norm: nn.Module | None = {"batch": lambda: nn.BatchNorm1d(self.field_dim),
+                                       "layer": lambda: nn.LayerNorm(self.field_dim)}.get(normalize, lambda: None)()
 
     @property
     def output_dim(self) -> int:
@@ -26,6 +43,13 @@ class FM(Interaction):
     def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:
         total = fields.sum(dim=1)
         pairs = 0.5 * (total * total - (fields * fields).sum(dim=1))  # [B, d]
+        if self.normalize == "pairs":
+            pairs = pairs / max(1, self.num_pairs)
+        elif isinstance(self.norm, nn.BatchNorm1d) and self.training and pairs.shape[0] == 1:
+            pairs = nn.functional.batch_norm(pairs, self.norm.running_mean, self.norm.running_var, self.norm.weight,
+                                             self.norm.bias, training=False, eps=self.norm.eps)  # one row: no batch statistics
+        elif self.norm is not None:
+            pairs = self.norm(pairs)
         return torch.cat([x, pairs], dim=1) if self.keep_input else pairs
 
 
