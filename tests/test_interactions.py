@@ -52,6 +52,21 @@ def test_fm_normalize_options(normalize):
         FM(12, list("abcd"), 3, normalize="bn")
 
 
+def test_fm_scale_starts_at_zero_and_learns():
+    """scale: true multiplies the pairwise term by a learned scalar that starts at 0."""
+    torch.manual_seed(0)
+    fields = torch.randn(5, 4, 3)
+    block = check_interaction(FM, scale=True, normalize="batch")
+    block = FM(12, list("abcd"), 3, scale=True)
+    out = block(fields.flatten(1), fields)
+    assert out[:, 12:].abs().sum() == 0 and out.shape == (5, 15)
+    out.sum().backward()
+    assert block.scale.grad is not None and block.scale.grad.abs() > 0
+    assert FM(12, list("abcd"), 3).scale is None  # off by default
+    with pytest.raises(ValueError, match="scale must be true or false"):
+        FM(12, list("abcd"), 3, scale="yes")
+
+
 @pytest.mark.parametrize("params", [{}, {"rank": None}, {"rank": 2}, {"rank": 2, "num_experts": 3},
                                     {"structure": "parallel", "deep_units": [8]}])
 def test_dcn_v2_variants_pass_the_contract(params):
@@ -189,9 +204,9 @@ def test_fm_trains_and_exports(fm_run):
 
 
 def test_fm_batch_normalize_trains_and_exports(funnel_dir, tmp_path):
-    """fm with normalize: batch (running statistics at export) passes the parity check."""
+    """fm with normalize: batch (running statistics at export) and the learned scale passes the parity check."""
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
-                       interaction={"name": "fm", "normalize": "batch"},
+                       interaction={"name": "fm", "normalize": "batch", "scale": True},
                        train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
     run_cli("train", cfg, "--out", tmp_path / "run")
     run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")

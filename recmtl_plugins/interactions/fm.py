@@ -9,7 +9,9 @@ The sum grows with the number of pairs ``n (n - 1) / 2`` and the embeddings' nor
 ``normalize`` rescales the pairwise term before it reaches the tower: ``none`` (default) as is; ``batch`` a
 BatchNorm over its ``field_dim`` units (NFM's choice: batch statistics in training, running ones in evaluation
 and export); ``layer`` a LayerNorm per row; ``pairs`` divides it by the number of pairs (the mean pairwise
-product). benchmarks/RESULTS.md, "Census-income at the full training data", has the measurements.
+product). ``scale: true`` then multiplies it by a learned scalar that starts at 0 (ReZero-style, as autoint's
+``output_scale``), so the tower starts on the flat vector alone, as the plain MLP does. benchmarks/RESULTS.md,
+"Census-income at the full training data", has the measurements.
 """
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ class FM(Interaction):
     min_fields = 2
 
     def __init__(self, input_dim: int, field_names: list[str], field_dim: int, keep_input: bool = True,
-                 normalize: str = "none") -> None:
+                 normalize: str = "none", scale: bool = False) -> None:
         super().__init__(input_dim, field_names, field_dim)
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+        if not isinstance(scale, bool):
+            raise ValueError(f"scale must be true or false, got {scale!r}")
         self.keep_input = bool(keep_input)
+        self.scale = nn.Parameter(torch.zeros(())) if scale else None
         self.normalize = normalize
         n = len(self.field_names)
         self.num_pairs = n * (n - 1) // 2
@@ -50,6 +55,8 @@ class FM(Interaction):
                                              self.norm.bias, training=False, eps=self.norm.eps)  # one row: no batch statistics
         elif self.norm is not None:
             pairs = self.norm(pairs)
+        if self.scale is not None:
+            pairs = self.scale * pairs
         return torch.cat([x, pairs], dim=1) if self.keep_input else pairs
 
 
