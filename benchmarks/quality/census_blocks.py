@@ -12,7 +12,7 @@ embeddings, 1 thread; early stopping on validation mean AUC, patience 2) capped 
 seeds), the difference to mmoe with no block paired by seed, and the run directories (for ``gate_matrix.py``).
 
 Usage: python benchmarks/quality/census_blocks.py --work-dir DIR [--variants none,fm,dcn_v2,autoint]
-       [--seeds 1,2] [--train-rows 50000] [--epochs 6] [--precision fp32] [--json OUT] [--no-train]
+       [--seeds 1,2] [--train-rows 50000] [--epochs 6] [--precision fp32] [--tower mmoe] [--json OUT] [--no-train]
 """
 from __future__ import annotations
 
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--train-rows", type=int, default=50_000)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--tower", default="mmoe", choices=sorted(TOWERS), help="census_income.TOWERS entry under the "
+                    "variants (pepnet replaces it); run directories of other towers are named TOWER-VARIANT-sSEED")
     ap.add_argument("--precision", default="fp32", help="train.precision (fp32: the earlier tables; auto picks bf16 "
                     "on CPUs with AVX-512 BF16 or AMX)")
     ap.add_argument("--json", type=Path, default=None)
@@ -88,15 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     results: dict[str, dict] = {}
+    prefix = "" if args.tower == "mmoe" else f"{args.tower}-"
     for seed in seeds:  # seeds outermost: a seed's variants run close in time (shared machine)
         for variant in variants:
-            name = f"{variant}-s{seed}"
+            name = f"{prefix}{variant}-s{seed}"
             run_dir = work / "runs" / name
             if args.no_train and not (run_dir / "metrics.json").is_file():
                 continue
             if not (run_dir / "metrics.json").is_file():
                 sets = {**COMMON, "train.epochs": str(args.epochs), "data.train": str(train), "seed": str(seed),
-                        "train.precision": args.precision, "tower": TOWERS["mmoe"], **variant_sets(variant)}
+                        "train.precision": args.precision, "tower": TOWERS[args.tower], **variant_sets(variant)}
                 cmd = ["train", cfg.name, "--out", str(run_dir)]
                 for key, value in sets.items():
                     cmd += ["--set", f"{key}={value}"]
@@ -115,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print(f"\ncensus-income, {args.train_rows} training rows, at most {args.epochs} epochs, seeds {args.seeds}")
-    head = ["variant", "seeds"] + [f"test AUC {t}" for t in TASKS] + [f"Δ {t} vs mmoe, paired" for t in TASKS]
+    head = ["variant", "seeds"] + [f"test AUC {t}" for t in TASKS] + [f"Δ {t} vs {args.tower}, paired" for t in TASKS]
     print("| " + " | ".join(head) + " | best epochs | wall (s) |\n|" + "---|" * (len(head) + 2))
     for variant in variants:
-        done = [s for s in seeds if f"{variant}-s{s}" in results]
-        recs = [results[f"{variant}-s{s}"] for s in done]
+        done = [s for s in seeds if f"{prefix}{variant}-s{s}" in results]
+        recs = [results[f"{prefix}{variant}-s{s}"] for s in done]
         if not recs:
             continue
         cells = [variant, ",".join(map(str, done))]
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             v = [r[t] for r in recs]
             cells.append(f"{statistics.mean(v):.4f} ± {statistics.pstdev(v):.4f}")
         for t in TASKS:
-            d = [results[f"{variant}-s{s}"][t] - results[f"none-s{s}"][t] for s in done if f"none-s{s}" in results]
+            d = [results[f"{prefix}{variant}-s{s}"][t] - results[f"{prefix}none-s{s}"][t] for s in done
+                 if f"{prefix}none-s{s}" in results]
             cells.append(f"{statistics.mean(d):+.4f} ± {statistics.pstdev(d):.4f}" if variant != "none" and d else "—")
         cells += [",".join(str(r["best_epoch"]) for r in recs), f"{statistics.mean(r['wall_s'] for r in recs):.0f}"]
         print("| " + " | ".join(cells) + " |")
