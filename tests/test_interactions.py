@@ -478,3 +478,34 @@ def test_dcn_v2_gate_and_lr_scale_train_and_export(funnel_dir, tmp_path):
     run_cli("train", cfg, "--out", tmp_path / "run")
     run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx").is_file()
+
+
+def _bench(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / f"{name}.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_census_blocks_block_parameters():
+    """census_blocks.py: ``block+key=value`` variants change the block's parameters (values read as YAML)."""
+    bench = _bench("census_blocks")
+    sets = bench.variant_sets("fm+normalize=batch+scale=true")
+    assert yaml.safe_load(sets["interaction"]) == {"name": "fm", "normalize": "batch", "scale": True}
+    assert bench.variant_sets("dcn_v2") == bench.VARIANTS["dcn_v2"]
+    with pytest.raises(SystemExit, match="only an interaction block takes parameters"):
+        bench.variant_sets("gates+sparsity=0.1")
+    with pytest.raises(SystemExit, match="unknown variant 'fmm'"):
+        bench.variant_sets("fmm")
+
+
+def test_fm_scale_reports_the_pairwise_term(fm_run, funnel_dir, capsys):
+    """fm_scale.py: one table row per run, the pairwise term's RMS against the flat vector's."""
+    assert _bench("fm_scale").main([str(fm_run / "run"), "--data", str(funnel_dir / "valid.parquet"), "--rows", "2048"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| run |") and row.count("|") == 8 and "x |" in row
