@@ -30,6 +30,43 @@ def test_fm_is_the_sum_of_pairwise_products():
     assert FM(12, list("abcd"), 3).output_dim == 15  # the flat vector kept beside it
 
 
+@pytest.mark.parametrize("normalize", ["none", "batch", "layer", "pairs"])
+def test_fm_normalize_options(normalize):
+    """normalize rescales only the pairwise term: the flat vector is passed through, the width is unchanged."""
+    block = check_interaction(FM, normalize=normalize)
+    torch.manual_seed(0)
+    fields = torch.randn(8, 4, 3)
+    out = block.eval()(fields.flatten(1), fields)
+    torch.testing.assert_close(out[:, :12], fields.flatten(1))
+    raw = FM(12, list("abcd"), 3, keep_input=False)(fields.flatten(1), fields)
+    if normalize == "pairs":
+        torch.testing.assert_close(out[:, 12:], raw / 6)  # 4 fields: 6 pairs
+    elif normalize == "layer":
+        torch.testing.assert_close(out[:, 12:].mean(dim=1), torch.zeros(8), atol=1e-5, rtol=0)
+    block.train()
+    if normalize == "batch":
+        assert block(fields[:1].flatten(1), fields[:1]).shape == (1, 15)  # one row in training: running statistics
+        train_out = block(fields.flatten(1), fields)[:, 12:]
+        torch.testing.assert_close(train_out.mean(dim=0), torch.zeros(3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="normalize must be one of none, batch, layer, pairs"):
+        FM(12, list("abcd"), 3, normalize="bn")
+
+
+def test_fm_scale_starts_at_zero_and_learns():
+    """scale: true multiplies the pairwise term by a learned scalar that starts at 0."""
+    torch.manual_seed(0)
+    fields = torch.randn(5, 4, 3)
+    block = check_interaction(FM, scale=True, normalize="batch")
+    block = FM(12, list("abcd"), 3, scale=True)
+    out = block(fields.flatten(1), fields)
+    assert out[:, 12:].abs().sum() == 0 and out.shape == (5, 15)
+    out.sum().backward()
+    assert block.scale.grad is not None and block.scale.grad.abs() > 0
+    assert FM(12, list("abcd"), 3).scale is None  # off by default
+    with pytest.raises(ValueError, match="scale must be true or false"):
+        FM(12, list("abcd"), 3, scale="yes")
+
+
 @pytest.mark.parametrize("params", [{}, {"rank": None}, {"rank": 2}, {"rank": 2, "num_experts": 3},
                                     {"structure": "parallel", "deep_units": [8]},
                                     {"exclude_fields": ["f0"], "weight_decay": 0.1, "gate": True, "gate_l1": 0.01}])
@@ -165,6 +202,16 @@ def test_fm_trains_and_exports(fm_run):
     assert (fm_run / "m.onnx").is_file()
     metrics = json.loads((fm_run / "run" / "metrics.json").read_text())
     assert metrics
+
+
+def test_fm_batch_normalize_trains_and_exports(funnel_dir, tmp_path):
+    """fm with normalize: batch (running statistics at export) and the learned scale passes the parity check."""
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "shared_bottom", "bottom_units": [16], "task_units": [8]},
+                       interaction={"name": "fm", "normalize": "batch", "scale": True},
+                       train={"batch_size": 2048, "epochs": 1, "progress": False, "threads": 1})
+    run_cli("train", cfg, "--out", tmp_path / "run")
+    run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
 
 
 def test_dcn_v2_mixture_parallel_exports(funnel_dir, tmp_path):
@@ -528,3 +575,34 @@ def test_dcn_v2_new_options_train_and_export(funnel_dir, tmp_path):
     run_cli("train", cfg, "--out", tmp_path / "run")
     run_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx").is_file()
+
+
+def _bench(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / f"{name}.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_census_blocks_block_parameters():
+    """census_blocks.py: ``block+key=value`` variants change the block's parameters (values read as YAML)."""
+    bench = _bench("census_blocks")
+    sets = bench.variant_sets("fm+normalize=batch+scale=true")
+    assert yaml.safe_load(sets["interaction"]) == {"name": "fm", "normalize": "batch", "scale": True}
+    assert bench.variant_sets("dcn_v2") == bench.VARIANTS["dcn_v2"]
+    with pytest.raises(SystemExit, match="only an interaction block takes parameters"):
+        bench.variant_sets("gates+sparsity=0.1")
+    with pytest.raises(SystemExit, match="unknown variant 'fmm'"):
+        bench.variant_sets("fmm")
+
+
+def test_fm_scale_reports_the_pairwise_term(fm_run, funnel_dir, capsys):
+    """fm_scale.py: one table row per run, the pairwise term's RMS against the flat vector's."""
+    assert _bench("fm_scale").main([str(fm_run / "run"), "--data", str(funnel_dir / "valid.parquet"), "--rows", "2048"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| run |") and row.count("|") == 8 and "x |" in row

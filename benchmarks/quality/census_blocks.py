@@ -7,11 +7,12 @@ and seed with the census benchmark's settings (``census_income.COMMON``: Adam lr
 embeddings, 1 thread; early stopping on validation mean AUC, patience 2) capped at ``--epochs``. Variants:
 ``mmoe`` (8 experts of 16, towers of 8) with no block, ``fm``, ``dcn_v2`` (2 cross layers, the defaults),
 ``autoint`` (2 layers), ``gates`` (``feature_gates: {sparsity: 0.0005}``), and ``pepnet`` (the tower, no block;
-``gate_features`` null: every categorical feature, towers [16, 8]). Prints test AUC per task (mean ± std over
+``gate_features`` null: every categorical feature, towers [16, 8]). A block variant may change parameters:
+``fm+normalize=batch`` (values read as YAML; the run directories are named so). Prints test AUC per task (mean ± std over
 seeds), the difference to mmoe with no block paired by seed, and the run directories (for ``gate_matrix.py``).
 
 Usage: python benchmarks/quality/census_blocks.py --work-dir DIR [--variants none,fm,dcn_v2,autoint]
-       [--seeds 1,2] [--train-rows 50000] [--epochs 6] [--precision fp32] [--json OUT] [--no-train]
+       [--seeds 1,2] [--train-rows 50000] [--epochs 6] [--precision fp32] [--tower mmoe] [--json OUT] [--no-train]
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from census_income import COMMON, DATA_DIR, TASKS, TOWERS, prepare, recmtl_executable, run_cli  # noqa: E402
@@ -35,6 +37,23 @@ VARIANTS = {
     "gates": {"feature_gates": "{sparsity: 0.0005}"},
     "pepnet": {"tower": "{name: pepnet, task_units: [16, 8]}"},
 }
+
+
+def variant_sets(variant: str) -> dict[str, str]:
+    """The ``--set`` overrides of ``VARIANTS[name]``, or of ``name+key=value+...``: that block with parameters changed."""
+    base, *changes = variant.split("+")
+    if base not in VARIANTS:
+        sys.exit(f"census_blocks: unknown variant {base!r} (one of {', '.join(VARIANTS)})")
+    sets = dict(VARIANTS[base])
+    if changes:
+        if "interaction" not in sets:
+            sys.exit(f"census_blocks: {variant!r}: only an interaction block takes parameters")
+        spec = yaml.safe_load(sets["interaction"])
+        for change in changes:
+            key, _, value = change.partition("=")
+            spec[key] = yaml.safe_load(value)
+        sets["interaction"] = json.dumps(spec)
+    return sets
 
 
 def subsample(src: Path, dst: Path, rows: int) -> Path:
@@ -54,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--train-rows", type=int, default=50_000)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--tower", default="mmoe", choices=sorted(TOWERS), help="census_income.TOWERS entry under the "
+                    "variants (pepnet replaces it); run directories of other towers are named TOWER-VARIANT-sSEED")
     ap.add_argument("--precision", default="fp32", help="train.precision (fp32: the earlier tables; auto picks bf16 "
                     "on CPUs with AVX-512 BF16 or AMX)")
     ap.add_argument("--json", type=Path, default=None)
@@ -69,15 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     results: dict[str, dict] = {}
+    prefix = "" if args.tower == "mmoe" else f"{args.tower}-"
     for seed in seeds:  # seeds outermost: a seed's variants run close in time (shared machine)
         for variant in variants:
-            name = f"{variant}-s{seed}"
+            name = f"{prefix}{variant}-s{seed}"
             run_dir = work / "runs" / name
             if args.no_train and not (run_dir / "metrics.json").is_file():
                 continue
             if not (run_dir / "metrics.json").is_file():
                 sets = {**COMMON, "train.epochs": str(args.epochs), "data.train": str(train), "seed": str(seed),
-                        "train.precision": args.precision, "tower": TOWERS["mmoe"], **VARIANTS[variant]}
+                        "train.precision": args.precision, "tower": TOWERS[args.tower], **variant_sets(variant)}
                 cmd = ["train", cfg.name, "--out", str(run_dir)]
                 for key, value in sets.items():
                     cmd += ["--set", f"{key}={value}"]
@@ -96,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print(f"\ncensus-income, {args.train_rows} training rows, at most {args.epochs} epochs, seeds {args.seeds}")
-    head = ["variant", "seeds"] + [f"test AUC {t}" for t in TASKS] + [f"Δ {t} vs mmoe, paired" for t in TASKS]
+    head = ["variant", "seeds"] + [f"test AUC {t}" for t in TASKS] + [f"Δ {t} vs {args.tower}, paired" for t in TASKS]
     print("| " + " | ".join(head) + " | best epochs | wall (s) |\n|" + "---|" * (len(head) + 2))
     for variant in variants:
-        done = [s for s in seeds if f"{variant}-s{s}" in results]
-        recs = [results[f"{variant}-s{s}"] for s in done]
+        done = [s for s in seeds if f"{prefix}{variant}-s{s}" in results]
+        recs = [results[f"{prefix}{variant}-s{s}"] for s in done]
         if not recs:
             continue
         cells = [variant, ",".join(map(str, done))]
@@ -108,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             v = [r[t] for r in recs]
             cells.append(f"{statistics.mean(v):.4f} ± {statistics.pstdev(v):.4f}")
         for t in TASKS:
-            d = [results[f"{variant}-s{s}"][t] - results[f"none-s{s}"][t] for s in done if f"none-s{s}" in results]
+            d = [results[f"{prefix}{variant}-s{s}"][t] - results[f"{prefix}none-s{s}"][t] for s in done
+                 if f"{prefix}none-s{s}" in results]
             cells.append(f"{statistics.mean(d):+.4f} ± {statistics.pstdev(d):.4f}" if variant != "none" and d else "—")
         cells += [",".join(str(r["best_epoch"]) for r in recs), f"{statistics.mean(r['wall_s'] for r in recs):.0f}"]
         print("| " + " | ".join(cells) + " |")
