@@ -98,22 +98,3 @@ def test_pepnet_gates_the_heads_input_as_in_the_paper():
         tower.ppnet["a"][-1].net[-1].bias.fill_(-40.0)
     out = tower(x, inputs)
     assert out["a"].shape == (4, 3) and out["a"].abs().max() < 1e-6 and out["b"].abs().sum() > 0
-
-
-def test_pepnet_gates_start_at_one():
-    """gate_init: one (the default) zeroes each gate's last layer, so every EPNet and PPNet gate starts at exactly
-    1 and the tower starts as the plain task MLPs; gate_init: torch keeps PyTorch's initialisation (gates spread)."""
-    from recmtl import FeatureInfo
-    from recmtl_plugins.towers.pepnet import PEPNet
-    feats = {"categorical": [FeatureInfo(name="user_id", kind="categorical", cardinality=7)]}
-    torch.manual_seed(0)
-    x, z = torch.randn(4, 6) * 20, torch.randn(4, 8 + 6) * 20  # large inputs (an unclipped dense column) too
-    one, old = PEPNet(6, ["a"], feats, task_units=[5]), PEPNet(6, ["a"], feats, task_units=[5], gate_init="torch")
-    for gate in [one.epnet, *one.ppnet["a"]]:
-        assert torch.equal(gate(z), torch.ones(4, gate.net[-1].out_features))
-    assert not torch.allclose(old.epnet(z), torch.ones(4, 6))
-    inputs = {"categorical": torch.randint(0, 7, (4, 1))}
-    plain = torch.relu(one.layers["a"][0](x))  # the plain MLP of task a
-    assert torch.allclose(one(x, inputs)["a"], plain)
-    with pytest.raises(ValueError, match="gate_init must be one of one, torch"):
-        PEPNet(6, ["a"], feats, gate_init="zero")

@@ -12,10 +12,6 @@ embedded in the tower's own tables) personalise the model in two places, each ga
   input of the head's output layer, as in the paper (``H_{l+1} = f((delta_l * H_l) W_l + b_l)`` for every layer
   up to the logit).
 
-Every gate starts at exactly 1 (``gate_init: one``, the default: each gate's last layer starts at zero), so the
-tower starts as the plain MLP and the gates learn away from it; ``gate_init: torch`` keeps PyTorch's default
-initialisation (the tower before this option).
-
 This tower sets ``uses_inputs``: it receives the categorical ids to embed the prior features (``sparse=True``:
 updated by the sparse optimiser, exported to ONNX like the encoders' tables). ``diagnostics()`` reports the mean
 EPNet gate over the input's columns and each task's mean PPNet gate per layer (``matrices.ppnet_gates``).
@@ -31,21 +27,13 @@ from torch import nn
 from recmtl import FeatureInfo, Tower, hookimpl
 from recmtl.layers import GateStats, check_units, fp32
 
-#: ``gate_init`` values: ``one`` zeroes each gate's last layer (every gate starts at exactly 1), ``torch`` keeps
-#: PyTorch's default initialisation of it (gates start spread around 1; the tower before this option)
-GATE_INITS = ("one", "torch")
-
 
 class GateNU(nn.Module):
-    """``2 * sigmoid(W_2 ReLU(W_1 z))``: one gate value per output unit, float32 (also under autocast);
-    ``init="one"``: ``W_2`` and its bias start at zero, so every gate starts at ``2 * sigmoid(0) = 1``."""
+    """``2 * sigmoid(W_2 ReLU(W_1 z))``: one gate value per output unit, float32 (also under autocast)."""
 
-    def __init__(self, input_dim: int, hidden: int, output_dim: int, init: str = "one") -> None:
+    def __init__(self, input_dim: int, hidden: int, output_dim: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, output_dim))
-        if init == "one":
-            nn.init.zeros_(self.net[-1].weight)
-            nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return 2 * torch.sigmoid(fp32(self.net(z)))  # fp32 under bf16 autocast (gates multiply layer by layer)
@@ -57,7 +45,7 @@ class PEPNet(Tower):
     def __init__(self, input_dim: int, task_names: list[str], features: dict[str, list[FeatureInfo]],
                  gate_features: list[str] | None = None, gate_embedding_dim: int = 8, gate_units: int = 64,
                  task_units: list[int] = (128, 64), dropout: float = 0.0, sparse: bool = True,
-                 init_std: float = 0.05, gate_output: bool = True, gate_init: str = "one") -> None:
+                 init_std: float = 0.05, gate_output: bool = True) -> None:
         super().__init__(input_dim, task_names)
         cats = list(features.get("categorical", []))
         names = [f.name for f in cats]
@@ -72,8 +60,6 @@ class PEPNet(Tower):
         if gate_embedding_dim < 1 or gate_units < 1:
             raise ValueError("gate_embedding_dim and gate_units must be at least 1")
         task_units = check_units("task_units", task_units)
-        if gate_init not in GATE_INITS:
-            raise ValueError(f"gate_init must be one of {', '.join(GATE_INITS)} (got {gate_init!r})")
         positions = [names.index(n) for n in prior]
         cards = [max(int(cats[i].cardinality), 1) for i in positions]
         self.register_buffer("positions", torch.tensor(positions, dtype=torch.long))
@@ -81,11 +67,10 @@ class PEPNet(Tower):
         self.prior = nn.Embedding(int(sum(cards)), gate_embedding_dim, sparse=sparse)
         nn.init.normal_(self.prior.weight, std=init_std)
         prior_dim = len(prior) * gate_embedding_dim
-        self.epnet = GateNU(prior_dim + input_dim, gate_units, input_dim, gate_init)
+        self.epnet = GateNU(prior_dim + input_dim, gate_units, input_dim)
         widths = [input_dim] + task_units
         gated = widths if gate_output else widths[:-1]  # the layer inputs, and the head's input with gate_output
-        self.ppnet = nn.ModuleDict({t: nn.ModuleList(GateNU(prior_dim + input_dim, gate_units, w, gate_init)
-                                                   for w in gated)
+        self.ppnet = nn.ModuleDict({t: nn.ModuleList(GateNU(prior_dim + input_dim, gate_units, w) for w in gated)
                                     for t in task_names})
         self.layers = nn.ModuleDict({t: nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
                                      for t in task_names})
