@@ -70,3 +70,21 @@ def write_config(path: Path, data_dir: Path, **overrides) -> Path:
     cfg.update(overrides)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+#: small widths for every built-in tower (tests/test_towers.py and tests/test_precision.py
+#: fail for a new tower until it is added here)
+SMALL_TOWERS = {
+    "shared_bottom": {"bottom_units": [16], "task_units": [8]},
+    "mmoe": {"num_experts": 2, "expert_units": [16], "task_units": [8]},
+    "omoe": {"num_experts": 2, "expert_units": [16], "task_units": [8]},
+    "cgc": {"expert_units": [16], "task_units": [8]},
+    "ple": {"num_levels": 2, "expert_units": [16], "task_units": [8]},
+    "hmoe": {"num_groups": 2, "experts_per_group": 2, "expert_units": [16], "task_units": [8]},
+    "dselect_k": {"num_experts": 4, "k": 2, "entropy_reg": 0.01, "expert_units": [16], "task_units": [8]},
+    "stem": {"embedding_dim": 4, "expert_units": [16], "task_units": [8]},
+    "cross_stitch": {"units": [16, 8]},
+    "soft_sharing": {"units": [16, 8], "penalty": 0.01},
+    "aitm": {"units": [16, 8], "calibrator_weight": 0.1},
+    "pepnet": {"gate_features": ["user_id", "item_id"], "task_units": [16, 8]},
+}

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import write_config
+from conftest import SMALL_TOWERS, write_config
 
 from recmtl.config import load_config
 from recmtl.data.parquet import ParquetSource
@@ -192,21 +192,6 @@ def test_esmm_loss_stays_finite_when_bf16_would_round_pctcvr_to_one():
     assert torch.isfinite(h.grad).all() and torch.isfinite(ctr_logit.grad).all()
 
 
-#: small widths for every built-in tower (the test below fails for a new tower until it is added here)
-SMALL_TOWERS = {
-    "shared_bottom": {"bottom_units": [16], "task_units": [8]},
-    "mmoe": {"num_experts": 2, "expert_units": [16], "task_units": [8]},
-    "omoe": {"num_experts": 2, "expert_units": [16], "task_units": [8]},
-    "cgc": {"expert_units": [16], "task_units": [8]},
-    "ple": {"num_levels": 2, "expert_units": [16], "task_units": [8]},
-    "hmoe": {"num_groups": 2, "experts_per_group": 2, "expert_units": [16], "task_units": [8]},
-    "dselect_k": {"num_experts": 4, "k": 2, "entropy_reg": 0.01, "expert_units": [16], "task_units": [8]},
-    "stem": {"embedding_dim": 4, "expert_units": [16], "task_units": [8]},
-    "cross_stitch": {"units": [16, 8]},
-    "soft_sharing": {"units": [16, 8], "penalty": 0.01},
-    "aitm": {"units": [16, 8], "calibrator_weight": 0.1},
-    "pepnet": {"gate_features": ["user_id", "item_id"], "task_units": [16, 8]},
-}
 #: what sits between the encoders and the tower: no block, each block (fm also on projected, bf16 fields: a
 #: ``field_dim`` other than the embeddings' puts every field through an autocast matmul), the feature gates
 BETWEEN = {"none": {}, "fm": {"interaction": {"name": "fm"}},

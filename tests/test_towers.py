@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import SMALL_TOWERS
 from torch import nn
 
 from recmtl.layers import Experts
@@ -232,22 +233,6 @@ def test_stem_owns_sparse_task_embeddings_behind_a_stop_gradient():
 
 # ---- every tower through the CLI on a small funnel ------------------------------------------------------------
 
-SMALL_CLI = {
-    "shared_bottom": {"bottom_units": [16], "task_units": [8]},
-    "mmoe": {"num_experts": 2, "expert_units": [16], "task_units": [8]},
-    "omoe": {"num_experts": 2, "expert_units": [16], "task_units": [8]},
-    "cgc": {"expert_units": [16], "task_units": [8]},
-    "ple": {"num_levels": 2, "expert_units": [16], "task_units": [8]},
-    "hmoe": {"num_groups": 2, "experts_per_group": 2, "expert_units": [16], "task_units": [8]},
-    "dselect_k": {"num_experts": 4, "k": 2, "entropy_reg": 0.01, "expert_units": [16], "task_units": [8]},
-    "stem": {"embedding_dim": 4, "expert_units": [16], "task_units": [8]},
-    "cross_stitch": {"units": [16, 8]},
-    "soft_sharing": {"units": [16, 8], "penalty": 0.01},
-    "aitm": {"units": [16, 8], "calibrator_weight": 0.1},
-    "pepnet": {"gate_features": ["user_id", "item_id"], "task_units": [16, 8]},
-}
-
-
 @pytest.fixture(scope="module")
 def small_funnel(tmp_path_factory):
     from recmtl.data.synthetic import funnel
@@ -257,16 +242,16 @@ def small_funnel(tmp_path_factory):
 
 
 def test_every_builtin_tower_is_in_the_cli_test():
-    assert set(SMALL_CLI) == set(REGISTRY.names("tower")) - {"independent"}
+    assert set(SMALL_TOWERS) == set(REGISTRY.names("tower")) - {"independent"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SMALL_CLI))
+@pytest.mark.parametrize("name", sorted(SMALL_TOWERS))
 def test_tower_trains_through_the_cli(name, small_funnel, tmp_path, cli):
     import json
 
     from conftest import write_config
-    cfg = write_config(tmp_path / "c.yaml", small_funnel, tower={"name": name, **SMALL_CLI[name]},
+    cfg = write_config(tmp_path / "c.yaml", small_funnel, tower={"name": name, **SMALL_TOWERS[name]},
                        train={"batch_size": 256, "epochs": 1, "progress": False, "threads": 1})
     res = cli("train", cfg, "--out", tmp_path / "run")
     assert res.code == 0, res
