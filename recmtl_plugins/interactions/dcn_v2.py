@@ -118,7 +118,6 @@ class DCNv2(Interaction):
         if num_experts > 1 and rank is None:
             raise ValueError("a mixture of experts (num_experts > 1) is one of low-rank experts: set rank too")
         d = self.input_dim if cols is None else len(cols)
-        self.crossed = cols
         # the crossed columns, gathered, and their way back into the flat vector (not saved: rebuilt from the config)
         scatter = None
         if cols is not None:
@@ -210,11 +209,11 @@ class DCNv2(Interaction):
         return groups + [(params, {"lr_scale": scale}) for params, scale in self.lr_scales()]
 
     def forward(self, x: torch.Tensor, fields: torch.Tensor | None) -> torch.Tensor:
-        x0 = x if self.crossed is None else x.index_select(1, self.cols)
+        x0 = x if self.cols is None else x.index_select(1, self.cols)
         xl = x0
         for layer in range(self.num_layers):
             xl = self.cross(x0, xl, layer)
-        if self.crossed is not None:  # the crosses back into their columns; the other columns pass through
+        if self.cols is not None:  # the crosses back into their columns; the other columns pass through
             xl = x + (xl - x0) @ self.scatter
         return torch.cat([xl, self.deep(x)], dim=1) if self.deep is not None else xl
 

@@ -39,8 +39,8 @@ class FM(Interaction):
         self.normalize = normalize
         n = len(self.field_names)
         self.num_pairs = n * (n - 1) // 2
-        self.norm: nn.Module | None = {"batch": lambda: nn.BatchNorm1d(self.field_dim),
-                                       "layer": lambda: nn.LayerNorm(self.field_dim)}.get(normalize, lambda: None)()
+        self.norm: nn.Module | None = (nn.BatchNorm1d(self.field_dim) if normalize == "batch"
+                                       else nn.LayerNorm(self.field_dim) if normalize == "layer" else None)
 
     @property
     def output_dim(self) -> int:
