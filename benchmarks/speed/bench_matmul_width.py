@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from step_timing import interleaved_times  # noqa: E402
 
 #: width:batch:columns — the funnel benchmark model's flat vector (429) into 4 x 256, and nearby widths; the same
 #: input into ``recmtl init``'s 4 x 64 experts at batch 1,024
@@ -66,15 +66,7 @@ def bench_products(cases: str, rounds: int, reps: int, multiples: tuple[int, ...
                 blocks[(case, prec, variant)] = product_block(width, batch, cols, variant, prec == "bf16", reps)
     for run in blocks.values():
         run()  # warm-up
-    cpu: dict = {k: [] for k in blocks}
-    for r in range(rounds):
-        order = list(blocks)
-        random.shuffle(order)
-        for k in order:
-            c0 = time.process_time()
-            blocks[k]()
-            cpu[k].append(1000 * (time.process_time() - c0) / reps)
-        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    cpu = {k: [1000 * t / reps for t in ts] for k, ts in interleaved_times(blocks, rounds, time.process_time).items()}
     out = {}
     for (case, prec, variant), v in cpu.items():
         row = {"cpu_ms": round(statistics.median(v), 2), "per_round": [round(t, 2) for t in v]}
@@ -101,16 +93,14 @@ def bench_step(rows: int, rounds: int, work: Path, models: list[str], steps: int
         layers.EXPERTS_PAD_MULTIPLE = multiple
         for (model, _), run in bench_precision.step_runners(rows, work, models, None, steps, modes=("fp32",)).items():
             runners[(model, multiple)] = run
-    cpu: dict = {k: [] for k in runners}
-    for r in range(rounds):
-        order = list(runners)
-        random.shuffle(order)
-        for model, multiple in order:
+    def with_multiple(run, multiple):
+        def block():
             layers.EXPERTS_PAD_MULTIPLE = multiple
-            c0 = time.process_time()
-            runners[(model, multiple)]()
-            cpu[(model, multiple)].append(1000 * (time.process_time() - c0) / steps)
-        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+            run()
+        return block
+
+    blocks = {(model, multiple): with_multiple(run, multiple) for (model, multiple), run in runners.items()}
+    cpu = {k: [1000 * t / steps for t in ts] for k, ts in interleaved_times(blocks, rounds, time.process_time).items()}
     layers.EXPERTS_PAD_MULTIPLE = on
     out = {}
     for model in models:

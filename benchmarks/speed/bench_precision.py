@@ -135,35 +135,44 @@ def bench_train(rows: int, rounds: int, work: Path, model: str = "benchmark", ce
                 k: statistics.median(b / a for a, b in zip(v, cpu[reference])) for k, v in cpu.items()}}
 
 
-def step_runners(rows: int, work: Path, models: list[str], census: Path | None, steps: int, batch: int = 0,
-                 modes: tuple[str, ...] = ("fp32", "bf16")) -> dict:
-    """{(model, mode): a function running ``steps`` training steps as the loop takes them (autocast forward and
-    losses, zero_grad, the balancer's backward, the optimizers' steps) on the same pre-built batches}."""
+def sampled_batches(model_name: str, rows: int, work: Path, census: Path | None, steps: int, batch: int = 0):
+    """``(config, registry, schema, batches)``: ``model_name``'s fp32 config on the funnel data in ``work/data``
+    (generated with ``rows`` rows when missing), its fitted schema and its first ``steps`` training batches."""
     from recmtl.config import parse_config
     from recmtl.data.parquet import ParquetSource
     from recmtl.data.synthetic import funnel
     from recmtl.registry import load_registry
     from recmtl.schema import fit_schema
     from recmtl.training.batches import blocks, minibatches
-    from recmtl.training.device import Precision
-    from recmtl.training.model import MultiTaskModel, validate_plugins
-    from recmtl.training.optimizers import make_optimizers
+    from recmtl.training.model import validate_plugins
 
     data = work / "data"
     if not (data / "train.parquet").is_file():
         funnel(data, rows=rows, seed=0)
     registry = load_registry()
+    cfg = parse_config(model_config(model_name, data, "fp32", 0, census, batch), work, "bench")
+    heads = validate_plugins(cfg, registry)
+    src = ParquetSource(cfg.resolve(cfg.data.train), cfg.columns())
+    schema = fit_schema(cfg, src, {t.name: heads[t.name] for t in cfg.tasks})
+    batches = []
+    for b in minibatches(blocks(src, schema, 65536), cfg.train.batch_size):
+        batches.append(b)
+        if len(batches) == steps:
+            break
+    return cfg, registry, schema, batches
+
+
+def step_runners(rows: int, work: Path, models: list[str], census: Path | None, steps: int, batch: int = 0,
+                 modes: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+    """{(model, mode): a function running ``steps`` training steps as the loop takes them (autocast forward and
+    losses, zero_grad, the balancer's backward, the optimizers' steps) on the same pre-built batches}."""
+    from recmtl.training.device import Precision
+    from recmtl.training.model import MultiTaskModel
+    from recmtl.training.optimizers import make_optimizers
+
     runners = {}
     for model_name in models:
-        cfg = parse_config(model_config(model_name, data, "fp32", 0, census, batch), work, "bench")
-        heads = validate_plugins(cfg, registry)
-        src = ParquetSource(cfg.resolve(cfg.data.train), cfg.columns())
-        schema = fit_schema(cfg, src, {t.name: heads[t.name] for t in cfg.tasks})
-        batches = []
-        for b in minibatches(blocks(src, schema, 65536), cfg.train.batch_size):
-            batches.append(b)
-            if len(batches) == steps:
-                break
+        cfg, registry, schema, batches = sampled_batches(model_name, rows, work, census, steps, batch)
         for mode in modes:
             torch.manual_seed(0)
             model = MultiTaskModel(cfg, schema, registry)
@@ -294,28 +303,10 @@ def part_runners(rows: int, work: Path, variants: tuple[str, ...], steps: int,
     returning each part's (:data:`PARTS`) wall and CPU seconds per step}. Variant ``before``: the optimisers as
     ``make_optimizers`` built them before issue 21's step work (:func:`optimizers_before`); ``recmtl``:
     ``make_optimizers`` as it is."""
-    from recmtl.config import parse_config
-    from recmtl.data.parquet import ParquetSource
-    from recmtl.data.synthetic import funnel
-    from recmtl.registry import load_registry
-    from recmtl.schema import fit_schema
-    from recmtl.training.batches import blocks, minibatches
     from recmtl.training.device import Precision
-    from recmtl.training.model import MultiTaskModel, validate_plugins
+    from recmtl.training.model import MultiTaskModel
 
-    data = work / "data"
-    if not (data / "train.parquet").is_file():
-        funnel(data, rows=rows, seed=0)
-    registry = load_registry()
-    cfg = parse_config(model_config("benchmark", data, "fp32", 0, None), work, "bench")
-    heads = validate_plugins(cfg, registry)
-    src = ParquetSource(cfg.resolve(cfg.data.train), cfg.columns())
-    schema = fit_schema(cfg, src, {t.name: heads[t.name] for t in cfg.tasks})
-    batches = []
-    for b in minibatches(blocks(src, schema, 65536), cfg.train.batch_size):
-        batches.append(b)
-        if len(batches) == steps:
-            break
+    cfg, registry, schema, batches = sampled_batches("benchmark", rows, work, None, steps)
     runners = {}
     for mode in modes:
         for variant in variants:

@@ -11,17 +11,23 @@ import time
 from collections.abc import Callable
 
 
-def interleaved_medians(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median seconds of each step over ``rounds`` rounds, every step once per round in a shuffled order."""
-    times: dict[str, list[float]] = {n: [] for n in steps}
+def interleaved_times(steps: dict, rounds: int, clock: Callable[[], float] = time.perf_counter) -> dict[object, list[float]]:
+    """Seconds (by ``clock``) of each step in each of ``rounds`` rounds, every step once per round in a shuffled
+    order."""
+    times: dict = {n: [] for n in steps}
     for _ in range(rounds):
         order = list(steps)
         random.shuffle(order)
         for n in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
+            times[n].append(clock() - t0)
+    return times
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median seconds of each step over ``rounds`` rounds, every step once per round in a shuffled order."""
+    return {n: statistics.median(t) for n, t in interleaved_times(steps, rounds).items()}
 
 
 def step_table(medians: dict[str, float], parameters: dict[str, int], base: str, label: str, vs: str,
