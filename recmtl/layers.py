@@ -80,7 +80,7 @@ def check_units(name: str, units: Sequence[int]) -> list[int]:
     return units
 
 
-# ---- heads --------------------------------------------------------------------------------------
+# ---- mixed precision ----------------------------------------------------------------------------
 def fp32(x: torch.Tensor) -> torch.Tensor:
     """``x`` as float32: a bf16 / fp16 tensor (an autocast matmul's output) is cast, a float32 one is returned as it
     is (no copy, and no node in an exported ONNX graph). Autocast runs matmuls in bf16 and leaves element-wise ops in
@@ -89,6 +89,7 @@ def fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 or not x.is_floating_point() else x.float()
 
 
+# ---- heads --------------------------------------------------------------------------------------
 def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The mean of ``per_entry`` over the entries where ``mask`` is 1 (0 when none is): a head's loss over its
     labelled rows."""
