@@ -240,6 +240,9 @@ class TrainConfig(_Strict):
     # also save last.pt inside an epoch: every N steps (an int) or every "30s" / "10m" / "1h" (0 = at epoch ends only);
     # --resume then continues from that step with the same batches as an uninterrupted run
     checkpoint_every: int | str = 0
+    # an epoch = this many optimiser steps from a continuing stream of passes over the training data (each pass
+    # shuffled on its own); validation, early stopping and checkpoints per epoch (null: an epoch is one pass)
+    steps_per_epoch: int | None = Field(None, gt=0)
 
     @field_validator("checkpoint_every")
     @classmethod

@@ -106,6 +106,8 @@ def test_unknown_head(cli, funnel_dir, tmp_path):
 @pytest.mark.parametrize("mutate,needle", [
     (lambda c: c["train"].update(batch_size=-5), "train.batch_size"),
     (lambda c: c["train"].update(bacth_size=5), "unknown key 'train.bacth_size'"),
+    (lambda c: c["train"].update(steps_per_epoch=0), "train.steps_per_epoch: Input should be greater than 0"),
+    (lambda c: c["train"].update(steps_per_epoch=-3), "train.steps_per_epoch: Input should be greater than 0"),
     (lambda c: c.update(towr={"name": "mmoe"}), "unknown key 'towr'"),
     (lambda c: c["features"].append({"name": "click", "kind": "dense"}), "label of task 'click' and also a feature"),
     (lambda c: c["features"][0].update(kind="sparse"), "features.0.kind"),

@@ -220,6 +220,32 @@ def test_ranks_hold_identical_parameters_with_gradient_surgery_and_unequal_shard
 
 
 @pytest.mark.slow
+def test_steps_per_epoch_takes_the_same_steps_on_every_rank_across_unequal_passes(funnel_dir, tmp_path):
+    """train.steps_per_epoch 5 over passes of 8 steps (shards of 8,001 and 7,999 rows, 9 and 8 batches of 1,000):
+    epochs end inside passes and span them, every rank takes 5 steps an epoch and holds the same parameters."""
+    table = pq.read_table(funnel_dir / "train.parquet")
+    pq.write_table(table, tmp_path / "train.parquet", row_group_size=1701)
+    (tmp_path / "surgery.py").write_text(SURGERY)
+    (tmp_path / "dumps").mkdir()
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, plugins=[str(tmp_path / "surgery.py")],
+                       balancer={"name": "surgery", "out": str(tmp_path / "dumps")})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["train"] = str(tmp_path / "train.parquet")
+    raw["train"].update({"threads": 1, "epochs": 4, "batch_size": 2000, "steps_per_epoch": 5,
+                         "early_stopping": {"patience": 0}})
+    cfg.write_text(yaml.safe_dump(raw))
+    torchrun("train", cfg, "--out", tmp_path / "run", timeout=90)
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert [(h["steps"], h["pass"], h["pass_steps"]) for h in history] == [(5, 1, 5), (5, 2, 2), (5, 2, 7), (5, 3, 4)]
+    # a pass's last step: 1,000 + 999 rows (the 7,999-row shard's last batch)
+    assert [h["rows"] for h in history] == [10000, 9999, 10000, 9999]
+    for epoch in range(4):
+        a, b = (torch.load(tmp_path / "dumps" / f"rank{r}_{epoch}.pt") for r in range(2))
+        assert all(torch.equal(x, y) for x, y in zip(a["shared"], b["shared"]))
+        assert torch.equal(a["log_scale"], b["log_scale"]) and a["train_losses"] == b["train_losses"]
+
+
+@pytest.mark.slow
 def test_distributed_run_killed_after_first_checkpoint_resumes(funnel_dir, tmp_path):
     cfg = config(tmp_path, funnel_dir, epochs=50, early_stopping={"patience": 0})
     run = tmp_path / "run"

@@ -10,7 +10,7 @@ speed measured on the test split (rows/s, one thread, median of 5).
 
 Usage: python benchmarks/quality/interactions.py --work-dir DIR [--rows 60000] [--interactions 1.5]
        [--seeds 1,2,3] [--towers mmoe,shared_bottom,pepnet,separate] [--blocks none,fm,dcn_v2,autoint,gates] [--export]
-       [--task-fields N] [--precision fp32] [--test-dir DIR] [--lr 0.005]
+       [--task-fields N] [--precision fp32] [--test-dir DIR] [--lr 0.005] [--steps-per-epoch 47] [--patience 2]
 ``--test-dir DIR`` evaluates on ``DIR/test.parquet`` (and its ``.truth.parquet``) instead of the work dir's test
 split, e.g. a larger test split of the same generator (``recmtl datagen funnel`` with more ``--rows`` and the same
 other options: the same true model; its test rows are drawn after the training rows of the smaller set).
@@ -76,7 +76,7 @@ def run(cmd: list[str]) -> str:
 
 
 def config(data: Path, tower: str, block: str, seed: int, categorical: int, dense: int, epochs: int,
-           precision: str = "fp32", lr: float = 0.005) -> dict:
+           precision: str = "fp32", lr: float = 0.005, steps_per_epoch: int | None = None, patience: int = 1) -> dict:
     cfg = {
         "seed": seed,
         "data": {"train": str(data / "train.parquet"), "validation": str(data / "valid.parquet"),
@@ -88,7 +88,7 @@ def config(data: Path, tower: str, block: str, seed: int, categorical: int, dens
         "tower": TOWERS[tower],
         "optimizer": {"name": "adam", "lr": lr},
         "train": {"batch_size": 512, "epochs": epochs, "progress": False, "threads": 1, "precision": precision,
-                  "early_stopping": {"monitor": "mean/auc", "patience": 1}},
+                  "steps_per_epoch": steps_per_epoch, "early_stopping": {"monitor": "mean/auc", "patience": patience}},
     }
     if block_spec(block) is not None:
         cfg["interaction"] = block_spec(block)
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dense", type=int, default=4)
     ap.add_argument("--cardinality", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--steps-per-epoch", type=int, default=None, help="train.steps_per_epoch (default: an epoch is a "
+                    "pass; 48k rows at batch 512 are 94 steps a pass)")
+    ap.add_argument("--patience", type=int, default=1, help="train.early_stopping.patience, in epochs")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--towers", default="mmoe,shared_bottom")
     ap.add_argument("--blocks", default="none,fm,dcn_v2,autoint")
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not (run_dir / "metrics.json").is_file():
                     cfg_path = work / f"{name}.yaml"
                     cfg_path.write_text(yaml.safe_dump(config(data, tower, block, seed, args.categorical, args.dense, args.epochs,
-                                                                     args.precision, args.lr)))
+                                                                     args.precision, args.lr, args.steps_per_epoch,
+                                                                     args.patience)))
                     t0 = time.time()
                     run([recmtl(), "train", str(cfg_path), "--out", str(run_dir)])
                     (run_dir / "wall.txt").write_text(f"{time.time() - t0:.1f}")
@@ -163,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 rec = {t: ev["metrics"][t]["auc"] for t in ("click", "conversion")}
                 rec["reference"] = {t: ev["reference"][t]["auc"] for t in ("click", "conversion")}
                 rec["wall_s"] = float((run_dir / "wall.txt").read_text())
+                summary = json.loads((run_dir / "metrics.json").read_text())  # where each task peaked
+                rec["best_epochs"] = {t: e["epoch"] for t, e in summary.get("task_best", {}).items()}
+                rec["epochs_trained"] = len(summary["history"])
                 if args.export and seed == seeds[0]:
                     model = work / f"{name}.onnx"
                     out = run([recmtl(), "export", str(run_dir), "-o", str(model)])

@@ -6,13 +6,15 @@ rows, whatever the data size.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from recmtl.data.parquet import ParquetSource
+from recmtl.errors import DataError
 from recmtl.schema import Arrays, FittedSchema
 
 
@@ -105,3 +107,37 @@ def minibatches(stream: Iterator[Arrays], batch_size: int, buffer_rows: int = 0,
         order = rng.permutation(len(buf)) if rng is not None else None
         for start in range(0, len(buf), batch_size):
             yield to_batch(_rows(buf, order, start, start + batch_size))
+
+
+class Passes:
+    """One continuing stream of steps over passes ``p, p + 1, ...`` of the training data (``train.steps_per_epoch``).
+
+    ``make(p, skip)`` gives pass ``p``'s items with its first ``skip`` dropped. Iterating yields the items of the
+    current pass, then of the next, without end; :attr:`pass_index` and :attr:`step` are the position of the next
+    item (``step`` items of pass ``pass_index`` taken), so a stream built at a saved position continues with the
+    same items. A pass with no items at all is a DataError."""
+
+    def __init__(self, make: Callable[[int, int], Iterable[Any]], pass_index: int = 0, step: int = 0,
+                 what: str = "the training data") -> None:
+        self.make, self.pass_index, self.step, self.what = make, pass_index, step, what
+        self._items = self._stream()
+
+    def _stream(self) -> Iterator[Any]:
+        while True:
+            for item in self.make(self.pass_index, self.step):
+                self.step += 1
+                yield item
+            if self.step == 0:
+                raise DataError(f"{self.what} produced no batches")
+            self.pass_index, self.step = self.pass_index + 1, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items
+
+    def __next__(self) -> Any:
+        return next(self._items)
+
+    @property
+    def position(self) -> list[int]:
+        """``[pass, step]``: where the next item comes from (saved in checkpoints)."""
+        return [self.pass_index, self.step]

@@ -9,6 +9,7 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from recmtl.schema.summary import format_summary, run_summary
 from recmtl.threads import ThreadTuner, auto_threads, available_cpus
 from recmtl.training.affinity import AffinityLog
 from recmtl.training.balance_log import BalanceLog
-from recmtl.training.batches import blocks, minibatches
+from recmtl.training.batches import Passes, blocks, minibatches
 from recmtl.training.device import Precision, PrecisionProbe, batches_to, precision_reason, resolve_precision, wants_probe
 from recmtl.training.distributed import (
     Context,
@@ -218,7 +219,13 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                            config.optimizer.lr)
 
     start_epoch, best, best_epoch, bad_epochs, in_epoch = 0, None, -1, 0, None
+    spe = config.train.steps_per_epoch
+    position = [0, 0]  # train.steps_per_epoch: [pass, step] of the stream where the next step comes from
     if state is not None:
+        if state.get("steps_per_epoch") != spe:
+            raise ConfigError(f"{run_dir} was trained with train.steps_per_epoch {state.get('steps_per_epoch')}; "
+                              f"resume it with the same value (not {spe}), or train into a new --out")
+        position = state.get("stream", position)
         precision.load_state_dict(state.get("amp", {}))
         if probe is not None and state.get("precision_mode") in ("fp32", "bf16"):  # the probe's decision stands
             precision.use(state["precision_mode"])
@@ -259,6 +266,21 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     patience = config.train.early_stopping.patience
     tc = config.train
     every_steps, every_seconds = tc.checkpoint_interval()
+    if spe is not None:
+        pass_steps = max(1, math.ceil(train_src.num_rows / tc.batch_size))  # about: ranks' shards differ a little
+        say(f"an epoch = {spe} steps (train.steps_per_epoch) = {spe / pass_steps:.2f} passes over the training data "
+            f"(a pass ~ {pass_steps} steps of {config.train.batch_size} rows); validation, early stopping and "
+            "checkpoints per epoch")
+
+    def pass_batches(p: int, skip: int) -> Iterator[Any]:
+        """Pass ``p`` over the training data (shuffled with its own rng), its first ``skip`` steps read and dropped,
+        cut to the same step count on every rank."""
+        rng = np.random.default_rng([config.seed, p])
+        stream = minibatches(blocks(train_src, schema, config.data.read_rows, rng, shard=ctx.shard), rank_batch,
+                             config.data.shuffle_buffer, rng)
+        return ctx.steps(batches_to(itertools.islice(stream, skip, None), ctx.device))
+    # steps_per_epoch: epoch e is the steps [e * S, (e + 1) * S) of one stream of passes 0, 1, ...
+    passes = Passes(pass_batches, *position, what=f"training data {train_src.spec}") if spe is not None else None
 
     def save_last(state: dict[str, Any]) -> None:
         state["amp"] = precision.state_dict()
@@ -267,26 +289,29 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         path = files.save_checkpoint(LAST, state)
         hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=False)
 
+    def stream_state() -> dict[str, Any]:
+        """What a checkpoint keeps of the stream: steps_per_epoch, and with it the position of the next step."""
+        return {"steps_per_epoch": spe} if passes is None else {"steps_per_epoch": spe, "stream": passes.position}
+
     val_bins: dict[int, dict[str, Any]] = {}  # epoch (1-based) -> reliability bins per task, for metrics.json
     for epoch in range(start_epoch, tc.epochs):
-        rng = np.random.default_rng([config.seed, epoch])
         model.train()
         loss_sum = {t: 0.0 for t in model.task_names}
         steps, rows, t0 = 0, 0, time.perf_counter()
         applied: dict[str, float] = {}
-        stream = minibatches(blocks(train_src, schema, config.data.read_rows, rng, shard=ctx.shard), rank_batch,
-                             config.data.shuffle_buffer, rng)
         if in_epoch is not None and in_epoch["epoch"] == epoch:
-            # the same batches as the interrupted run: the epoch's stream again, its first steps read and dropped
+            # the same batches as the interrupted run: the stream again, the steps taken read and dropped
             steps, rows, applied = in_epoch["steps"], in_epoch["rows"], in_epoch["applied"]
             loss_sum = dict(in_epoch["loss_sum"])
             t0 -= in_epoch["seconds"]
-            stream = itertools.islice(stream, steps, None)
         in_epoch = None
         saved_at = time.perf_counter()
-        with progress(train_src.num_rows, f"epoch {epoch + 1}/{tc.epochs}", tc.progress and main,
+        # the same step count on every rank: ctx.steps cuts each pass
+        stream = pass_batches(epoch, steps) if passes is None else itertools.islice(passes, spe - steps)
+        epoch_rows = train_src.num_rows if spe is None else spe * config.train.batch_size
+        with progress(epoch_rows, f"epoch {epoch + 1}/{tc.epochs}", tc.progress and main,
                       initial=rows * ctx.world) as bar:
-            for batch in ctx.steps(batches_to(stream, ctx.device)):  # the same step count on every rank
+            for batch in stream:
                 step_start = time.perf_counter()
                 if probe is not None and probe.decided is None:
                     precision.use(probe.next_mode())
@@ -333,6 +358,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                                "task_monitors": task_monitors.state_dict(),
                                "loss_fallback": (loss_fallback.value, loss_fallback.epoch),
                                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+                               **stream_state(),
                                "in_epoch": {"epoch": epoch, "steps": steps, "rows": rows, "loss_sum": dict(loss_sum),
                                             "seconds": time.perf_counter() - t0, "applied": dict(applied)}})
                     saved_at = time.perf_counter()
@@ -355,6 +381,9 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "weights": applied,
                                   "rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1),
                                   "threads": torch.get_num_threads()}
+        if passes is not None:  # where in the data the epoch ended: steps taken of which pass (1-based)
+            record["steps"] = steps
+            record["pass"], record["pass_steps"] = passes.pass_index + 1, passes.step
         if valid_src is not None:
             val_bins[epoch + 1] = {}
             val = _metrics(ctx, model, schema, valid_src, config, [balancer], val_bins[epoch + 1])
@@ -395,7 +424,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                  "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": run.history, "stopped_early": stop,
                  "global_step": balance_log.step, "epochs": tc.epochs, "task_monitors": task_monitors.state_dict(),
                  "loss_fallback": (loss_fallback.value, loss_fallback.epoch),
-                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
+                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, **stream_state()}
         if improved and main:
             path = files.save_checkpoint(BEST, {"model": model.state_dict(), "epoch": epoch})
             hook.recmtl_checkpoint_saved(run=run, path=str(path), is_best=True)
