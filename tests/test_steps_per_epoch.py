@@ -110,7 +110,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert [e[key] for e in ha] == [e[key] for e in hb], key
 
 
-def test_resume_after_and_inside_an_epoch_takes_the_same_batches(funnel_dir, tmp_path):
+def test_resume_after_and_inside_an_epoch_takes_the_same_batches(funnel_dir, tmp_path, capsys):
     cfg = config_file(tmp_path, funnel_dir, checkpoint_every=2)
     registry = load_registry()
     whole = tmp_path / "whole"
@@ -130,6 +130,7 @@ def test_resume_after_and_inside_an_epoch_takes_the_same_batches(funnel_dir, tmp
     state = RunDir(inside).load_checkpoint(LAST)
     assert state["in_epoch"]["steps"] == 4 and state["stream"] == [0, 16]
     train(load_config(cfg), inside, registry, resume=True)
+    assert "at step 4 of epoch 3 (pass 1, 16 of its steps taken)" in capsys.readouterr().err
     assert_same_run(whole, inside)
 
 
@@ -137,6 +138,6 @@ def test_resume_with_another_steps_per_epoch_is_refused(funnel_dir, tmp_path):
     cfg = config_file(tmp_path, funnel_dir, epochs=1)
     registry = load_registry()
     train(load_config(cfg), tmp_path / "run", registry)
-    with pytest.raises(ConfigError, match="trained with train.steps_per_epoch 6; resume it with the same value"):
+    with pytest.raises(ConfigError, match=r"trained with train.steps_per_epoch 6; resume it with the same value \(not null\)"):
         train(load_config(cfg, ["train.steps_per_epoch=null", "train.epochs=2"]), tmp_path / "run", registry,
               resume=True)

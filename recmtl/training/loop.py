@@ -223,8 +223,10 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     position = [0, 0]  # train.steps_per_epoch: [pass, step] of the stream where the next step comes from
     if state is not None:
         if state.get("steps_per_epoch") != spe:
-            raise ConfigError(f"{run_dir} was trained with train.steps_per_epoch {state.get('steps_per_epoch')}; "
-                              f"resume it with the same value (not {spe}), or train into a new --out")
+            def shown(v: int | None) -> str:
+                return "null" if v is None else str(v)
+            raise ConfigError(f"{run_dir} was trained with train.steps_per_epoch {shown(state.get('steps_per_epoch'))}; "
+                              f"resume it with the same value (not {shown(spe)}), or train into a new --out")
         position = state.get("stream", position)
         precision.load_state_dict(state.get("amp", {}))
         if probe is not None and state.get("precision_mode") in ("fp32", "bf16"):  # the probe's decision stands
@@ -244,6 +246,8 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         torch.set_rng_state(state["rng"]["torch"])
         where = (f"at step {in_epoch['steps']} of epoch {in_epoch['epoch'] + 1}" if in_epoch
                  else f"after epoch {state['epoch'] + 1}")
+        if "stream" in state:  # train.steps_per_epoch: where in the data the next step comes from
+            where += f" (pass {position[0] + 1}, {position[1]} of its steps taken)"
         say(f"resuming {run_dir} {where} (best {monitor.spec} = {best} at epoch {best_epoch + 1})")
         trained_for = state.get("epochs", _saved_epochs(files))  # train.epochs when the run last trained
         if state.get("stopped_early") and config.train.epochs > trained_for and start_epoch < config.train.epochs:
@@ -269,7 +273,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
     if spe is not None:
         pass_steps = max(1, math.ceil(train_src.num_rows / tc.batch_size))  # about: ranks' shards differ a little
         say(f"an epoch = {spe} steps (train.steps_per_epoch) = {spe / pass_steps:.2f} passes over the training data "
-            f"(a pass ~ {pass_steps} steps of {config.train.batch_size} rows); validation, early stopping and "
+            f"(a pass ~ {pass_steps} steps of {tc.batch_size} rows); validation, early stopping and "
             "checkpoints per epoch")
 
     def pass_batches(p: int, skip: int) -> Iterator[Any]:
@@ -308,7 +312,7 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
         saved_at = time.perf_counter()
         # the same step count on every rank: ctx.steps cuts each pass
         stream = pass_batches(epoch, steps) if passes is None else itertools.islice(passes, spe - steps)
-        epoch_rows = train_src.num_rows if spe is None else spe * config.train.batch_size
+        epoch_rows = train_src.num_rows if spe is None else spe * tc.batch_size
         with progress(epoch_rows, f"epoch {epoch + 1}/{tc.epochs}", tc.progress and main,
                       initial=rows * ctx.world) as bar:
             for batch in stream:
