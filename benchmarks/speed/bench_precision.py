@@ -277,7 +277,7 @@ def bench_profile(rows: int, work: Path, model: str, census: Path | None, thread
 
 #: torch.profiler operator names counted as matrix products (their self time is the GEMM kernels' time)
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::linear", "aten::matmul",
-            "aten::einsum", "aten::_addmm_activation"}
+            "aten::einsum", "aten::_addmm_activation", "aten::addmm_", "mkldnn::_linear_pointwise"}
 def optimizers_before(config, model, balancer) -> list[torch.optim.Optimizer]:
     """The benchmark model's optimisers as ``make_optimizers`` built them before issue 21's step work: the dense
     ``torch.optim.Adam`` (not fused) and ``torch.optim.SparseAdam`` (no embedding weight decay)."""
