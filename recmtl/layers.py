@@ -172,13 +172,23 @@ def input_pad(x: torch.Tensor) -> int:
 
 def fused_relu_linear_available(x: torch.Tensor) -> bool:
     """Whether ``Experts``' first layer runs as :class:`_ReluLinear` (one oneDNN GEMM with the bias and the ReLU
-    fused): a CPU tensor under bf16 autocast, outside ONNX export and tracing, on a build with oneDNN."""
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and _HAS_LINEAR_POINTWISE
+    fused): a CPU tensor under bf16 autocast, outside ONNX export and tracing, where :data:`FUSED_BF16` holds."""
+    return (FUSED_BF16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
             and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing())
 
 
-_HAS_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def _fused_bf16_supported() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported() and torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: whether ``Experts`` fuses its first layer under CPU bf16 autocast: where oneDNN has bf16 and the CPU AMX tiles
+#: (where it was measured faster; on other CPUs the plain autocast path stays)
+FUSED_BF16 = _fused_bf16_supported()
 
 
 class _ReluLinear(torch.autograd.Function):
