@@ -67,7 +67,7 @@ def test_choose_precision_keeps_fp32_unless_bf16_is_clearly_faster(fp32, bf16, w
 
 @pytest.mark.parametrize("bf16_ms, want", [(5.0, "bf16"), (12.0, "fp32")])
 def test_probe_alternates_discards_warm_up_and_decides(bf16_ms, want):
-    probe = PrecisionProbe(steps=3, margin=0.05)
+    probe = PrecisionProbe(steps=3, margin=0.05, early_pairs=0)
     modes = []
     while probe.decided is None:
         mode = probe.next_mode()
@@ -79,11 +79,33 @@ def test_probe_alternates_discards_warm_up_and_decides(bf16_ms, want):
     assert probe.summary()["decided"] == want and probe.record(1000, 1.0) is None  # decided once
 
 
+@pytest.mark.parametrize("fp32_ms, bf16_ms, want, steps", [
+    ([10, 10, 10, 10, 10], [5, 5.5, 5, 5, 5], "bf16", 6),  # 1.8x faster in both first pairs: stops after 2
+    ([10, 10, 10, 10, 10], [12, 13, 12, 12, 12], "fp32", 12),  # bf16 slower, not 1.67x: the full probe
+    ([10, 10, 10, 10, 10], [17, 18, 20, 20, 20], "fp32", 6),  # bf16 far slower in both first pairs
+    ([10, 10, 10, 10, 10], [5, 9.0, 5, 5, 5], "bf16", 12),  # one bf16 step near fp32's: the full probe decides
+    ([10, 30, 10, 10, 10], [8, 8, 8, 8, 8], "bf16", 12)])  # a load spike on one fp32 step does not stop it early
+def test_probe_stops_early_only_when_every_step_agrees(fp32_ms, bf16_ms, want, steps):
+    """The early stop (after 2 measured pairs, one precision faster in every step by 1.67x) takes the decision the
+    full probe would; anything less clear-cut runs the full schedule and its median rule."""
+    probe = PrecisionProbe()
+    times = {"fp32": iter([100.0] + fp32_ms), "bf16": iter([100.0] + bf16_ms)}
+    while probe.decided is None:
+        probe.record(1000, next(times[probe.next_mode()]) / 1000)
+    assert probe.decided == want and probe.summary()["steps"] == steps
+    full = PrecisionProbe(early_pairs=0)
+    times = {"fp32": iter([100.0] + fp32_ms), "bf16": iter([100.0] + bf16_ms)}
+    while full.decided is None:
+        full.record(1000, next(times[full.next_mode()]) / 1000)
+    assert full.decided == want and full.summary()["steps"] == 12
+
+
 @pytest.mark.parametrize("decision", ["bf16", "fp32"])
 def test_auto_probe_decision_is_printed_and_recorded(cli, funnel_dir, tmp_path, monkeypatch, decision):
     """auto on a CPU with bf16 units: the loop runs the probe and keeps what it decides (the measurement mocked)."""
     monkeypatch.setattr(device, "cpu_bf16_units", lambda: "AVX-512 BF16")
     monkeypatch.setattr(device, "choose_precision", lambda seconds, margin: decision)
+    monkeypatch.setattr(device, "decide_early", lambda seconds, pairs, margin: None)
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, train={"batch_size": 512, "epochs": 1, "progress": False,
                                                                 "threads": 1})
     r = cli("train", cfg, "--out", tmp_path / "run", "--precision", "auto")
@@ -158,6 +180,7 @@ def test_cli_precision_is_printed_and_recorded(cli, funnel_dir, tmp_path):
 def test_resumed_run_keeps_the_probe_decision(cli, funnel_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(device, "cpu_bf16_units", lambda: "AMX")
     monkeypatch.setattr(device, "choose_precision", lambda seconds, margin: "bf16")
+    monkeypatch.setattr(device, "decide_early", lambda seconds, pairs, margin: None)
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, train={"batch_size": 512, "epochs": 1, "progress": False,
                                                                 "threads": 1})
     assert cli("train", cfg, "--out", tmp_path / "run").code == 0

@@ -3,7 +3,8 @@ dim 16, 13 dense, 4 experts [256, 128], towers [64], batch 2048).
 
 1. ``train``: epoch rows/s of the real loop (``recmtl.training.loop.train``, one epoch, progress bar off) with
    ``train.precision`` auto, fp32 and bf16, interleaved over ``--rounds`` rounds; medians, and the ratios auto /
-   fp32 and bf16 / fp32. Prints what ``auto`` resolved to and which bf16 units torch reports.
+   fp32 and bf16 / fp32. Prints what ``auto`` resolved to and which bf16 units torch reports. ``--precisions``
+   may add ``auto-full``: auto with the probe's early stop turned off.
 2. ``score``: ``recmtl score`` rows/s (wall time of the subprocess, onnxruntime ``--threads`` threads) of the fp32,
    int8 and fp16 exports of one run, interleaved over ``--rounds`` rounds; medians, ratios to fp32, file sizes.
    The exports (and their quality check: |ΔAUC| against fp32 on held-out rows) are made by ``recmtl export
@@ -37,6 +38,7 @@ dim 16, 13 dense, 4 experts [256, 128], towers [64], batch 2048).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -98,7 +100,7 @@ def bench_train(rows: int, rounds: int, work: Path, model: str = "benchmark", ce
     from recmtl.config import parse_config
     from recmtl.data.synthetic import funnel
     from recmtl.registry import load_registry
-    from recmtl.training.device import cpu_bf16_units, resolve_precision
+    from recmtl.training.device import PrecisionProbe, cpu_bf16_units, resolve_precision
     from recmtl.training.loop import train
 
     data = work / "data"
@@ -113,12 +115,14 @@ def bench_train(rows: int, rounds: int, work: Path, model: str = "benchmark", ce
     resolved: dict[str, str] = {}
     for r in range(rounds):
         for key, (precision, variant) in runs.items():
-            raw = model_config(model, data, precision, r, census)
+            raw = model_config(model, data, "auto" if precision == "auto-full" else precision, r, census)
             if threads:
                 raw["train"]["threads"] = threads
             out = work / f"run_{model}_{key.replace('/', '_')}_{r}"
+            probe = functools.partial(PrecisionProbe, early_pairs=0) if precision == "auto-full" else PrecisionProbe
             c0 = time.process_time()
-            with mock.patch("recmtl.training.loop.make_optimizers", OPTIMIZERS[variant]):
+            with (mock.patch("recmtl.training.loop.make_optimizers", OPTIMIZERS[variant]),
+                  mock.patch("recmtl.training.loop.PrecisionProbe", probe)):
                 summary = train(parse_config(raw, work, "bench"), out, registry)
             cpu[key].append(time.process_time() - c0)
             results[key].append(summary["history"][0]["rows_per_s"])
@@ -273,7 +277,7 @@ def bench_profile(rows: int, work: Path, model: str, census: Path | None, thread
 
 #: torch.profiler operator names counted as matrix products (their self time is the GEMM kernels' time)
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::linear", "aten::matmul",
-            "aten::einsum", "aten::_addmm_activation"}
+            "aten::einsum", "aten::_addmm_activation", "aten::addmm_", "mkldnn::_linear_pointwise"}
 def optimizers_before(config, model, balancer) -> list[torch.optim.Optimizer]:
     """The benchmark model's optimisers as ``make_optimizers`` built them before issue 21's step work: the dense
     ``torch.optim.Adam`` (not fused) and ``torch.optim.SparseAdam`` (no embedding weight decay)."""
@@ -669,7 +673,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, help="step: override every model's batch size; e2e: recmtl score "
                     "--batch-size (default: its own)")
     ap.add_argument("--census-dir", type=Path, help="train --model census: census_income.py's prepared folder")
-    ap.add_argument("--precisions", default="auto,fp32,bf16", help="train: the train.precision values, in order")
+    ap.add_argument("--precisions", default="auto,fp32,bf16", help="train: the train.precision values, in order "
+                    "(auto-full: auto with the probe's early stop off, its full 12 steps)")
     ap.add_argument("--variants", help="parts, train: the optimiser variants (before: torch.optim.Adam and "
                     "SparseAdam as make_optimizers built them before; recmtl: make_optimizers); parts' default "
                     "before,recmtl, train's recmtl")
