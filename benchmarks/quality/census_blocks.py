@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rec = {t: metrics["test"][t]["auc"] for t in TASKS}
             rec.update(best_epoch=metrics["best_epoch"], epochs=len(metrics["history"]),
+                       dead_units={t: f"{d['dead']}/{d['units']}" for t, d in metrics.get("dead_units", {}).items()},
                        wall_s=float((run_dir / "wall.txt").read_text()) if (run_dir / "wall.txt").is_file()
                        else sum(h["seconds"] for h in metrics["history"]), run_dir=str(run_dir))
             results[name] = rec

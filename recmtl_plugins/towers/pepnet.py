@@ -41,6 +41,7 @@ class GateNU(nn.Module):
 
 class PEPNet(Tower):
     uses_inputs = True
+    dead_units_hint = "for pepnet, gate_output: false (no PPNet gate on the head's input)"
 
     def __init__(self, input_dim: int, task_names: list[str], features: dict[str, list[FeatureInfo]],
                  gate_features: list[str] | None = None, gate_embedding_dim: int = 8, gate_units: int = 64,
