@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_config
 
-from recmtl.training.evaluate import UnitRange
+from recmtl.data.parquet import ParquetSource
+from recmtl.training.evaluate import UnitRange, load_run, predict
 from recmtl.training.loop import dead_unit_warnings, dead_units_at
 
 #: a user's tower: one ReLU layer per task; its first ``dead`` units get a bias far below any pre-activation, so
@@ -112,3 +114,10 @@ def test_healthy_run_has_no_warning(cli, funnel_dir, tmp_path):
     r = cli("report", tmp_path / "run", "--out", tmp_path / "report")
     page = (tmp_path / "report" / "index.html").read_text()
     assert "<h2>Dead units</h2>" in page and "at least half dead" not in page
+    # watching the head inputs changes no score
+    run = load_run(tmp_path / "run")
+    src = ParquetSource(str(funnel_dir / "valid.parquet"), run.config.columns())
+    plain, watched = (predict(run.model, run.schema, src, 1000, units=u) for u in (False, True))
+    assert plain.units is None and watched.units.rows == len(plain.mask)
+    for t in plain.scores:
+        assert np.array_equal(plain.scores[t], watched.scores[t])

@@ -36,6 +36,9 @@ VARIANTS = {
     "autoint": {"interaction": "{name: autoint, num_layers: 2}"},
     "gates": {"feature_gates": "{sparsity: 0.0005}"},
     "pepnet": {"tower": "{name: pepnet, task_units: [16, 8]}"},
+    # pepnet's narrow-tower failure (RESULTS.md, "Dead units on census"): a leaky last task layer, positive biases
+    "pepnet_leaky": {"tower": "{name: pepnet, task_units: [16, 8], output_activation: leaky_relu}"},
+    "pepnet_bias": {"tower": "{name: pepnet, task_units: [16, 8], task_bias_init: 0.01}"},
 }
 
 

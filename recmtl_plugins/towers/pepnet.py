@@ -27,6 +27,9 @@ from torch import nn
 from recmtl import FeatureInfo, Tower, hookimpl
 from recmtl.layers import GateStats, check_units, fp32
 
+#: the last task layer's activation (the head's input): the others are ReLU
+OUTPUT_ACTIVATIONS = {"relu": torch.relu, "leaky_relu": nn.functional.leaky_relu}
+
 
 class GateNU(nn.Module):
     """``2 * sigmoid(W_2 ReLU(W_1 z))``: one gate value per output unit, float32 (also under autocast)."""
@@ -46,7 +49,8 @@ class PEPNet(Tower):
     def __init__(self, input_dim: int, task_names: list[str], features: dict[str, list[FeatureInfo]],
                  gate_features: list[str] | None = None, gate_embedding_dim: int = 8, gate_units: int = 64,
                  task_units: list[int] = (128, 64), dropout: float = 0.0, sparse: bool = True,
-                 init_std: float = 0.05, gate_output: bool = True) -> None:
+                 init_std: float = 0.05, gate_output: bool = True, output_activation: str = "relu",
+                 task_bias_init: float | None = None) -> None:
         super().__init__(input_dim, task_names)
         cats = list(features.get("categorical", []))
         names = [f.name for f in cats]
@@ -61,6 +65,9 @@ class PEPNet(Tower):
         if gate_embedding_dim < 1 or gate_units < 1:
             raise ValueError("gate_embedding_dim and gate_units must be at least 1")
         task_units = check_units("task_units", task_units)
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}, got {output_activation!r}")
+        self.output_activation = output_activation
         positions = [names.index(n) for n in prior]
         cards = [max(int(cats[i].cardinality), 1) for i in positions]
         self.register_buffer("positions", torch.tensor(positions, dtype=torch.long))
@@ -75,6 +82,10 @@ class PEPNet(Tower):
                                     for t in task_names})
         self.layers = nn.ModuleDict({t: nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
                                      for t in task_names})
+        if task_bias_init is not None:
+            for linears in self.layers.values():
+                for linear in linears:
+                    nn.init.constant_(linear.bias, float(task_bias_init))
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._out = widths[-1]
         self._ep_sum, self._pp_sum, self._rows = None, {}, 0
@@ -102,7 +113,9 @@ class PEPNet(Tower):
                     self._pp_sum[(t, i)] = float(delta.detach().mean(1).sum()) + self._pp_sum.get((t, i), 0.0)
                 h = delta * h
                 if i < len(linears):
-                    h = self.drop(torch.relu(linears[i](h)))
+                    pre = linears[i](h)
+                    last = i == len(linears) - 1
+                    h = self.drop(OUTPUT_ACTIVATIONS[self.output_activation](pre) if last else torch.relu(pre))
             out[t] = h
         return out
 
