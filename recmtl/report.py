@@ -139,7 +139,7 @@ def _dead_units(data: RunData) -> list[list[Any]]:
         if not isinstance(d, dict):
             continue
         dead, units = int(_num(d.get("dead"))), int(_num(d.get("units")))
-        note = "at least half dead: the task may not have trained" if units and dead >= DEAD_SHARE * units else ""
+        note = "at least half dead: check the task's metrics" if units and dead >= DEAD_SHARE * units else ""
         rows.append([t, d.get("epoch"), dead, units, note])
     return rows
 

@@ -71,7 +71,7 @@ def test_warning_only_at_half_dead_or_more():
     assert dead == {"a": {"epoch": 1, "dead": 5, "units": 8}, "b": {"epoch": 2, "dead": 4, "units": 8}}
     lines = dead_unit_warnings(dead, "for pepnet, gate_output: false")
     assert len(lines) == 2 and "task 'a': 5 of the 8 units" in lines[0] and "epoch 1" in lines[0]
-    assert "wider last task layer; for pepnet, gate_output: false" in lines[0]
+    assert "try a wider last task layer; for pepnet, gate_output: false" in lines[0]
     assert dead_unit_warnings(dead_units_at(history, {"a": 2, "b": 1})) == []  # 3/8 and 1/8: no warning
     assert dead_units_at([{"epoch": 1}], {"a": 1}) == {}  # runs without the count (no validation, older runs)
 
@@ -83,9 +83,10 @@ def dead_tower(tmp_path):
     return mod
 
 
-def test_dead_head_input_is_counted_warned_and_reported(cli, funnel_dir, tmp_path, dead_tower):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dead_head_input_is_counted_warned_and_reported(cli, funnel_dir, tmp_path, dead_tower, precision):
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "deadish", "width": 8, "dead": 6},
-                       train={"batch_size": 512, "epochs": 1, "progress": False})
+                       train={"batch_size": 512, "epochs": 1, "progress": False, "precision": precision})
     r = cli("--plugin", dead_tower, "train", cfg, "--out", tmp_path / "run")
     assert r.code == 0, r
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -498,7 +498,7 @@ def dead_unit_warnings(dead: dict[str, dict[str, int]], hint: str = "") -> list[
     the tower's own remedy (``Tower.dead_units_hint``)."""
     return [f"warning: task '{t}': {d['dead']} of the {d['units']} units of its head input (the tower's output for "
             f"it) are dead at epoch {d['epoch']} (constant on every validation row, e.g. a ReLU that is 0 on all), so "
-            f"its head reads {d['units'] - d['dead']}; the task may not have trained. Remedies: a wider last task "
+            f"its head reads {d['units'] - d['dead']}; if its metrics are weaker than expected, try a wider last task "
             f"layer{'; ' + hint if hint else ''} (docs/training.md, \"Dead units\")"
             for t, d in dead.items() if d["units"] and d["dead"] >= DEAD_SHARE * d["units"]]
 

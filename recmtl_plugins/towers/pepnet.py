@@ -12,6 +12,10 @@ embedded in the tower's own tables) personalise the model in two places, each ga
   input of the head's output layer, as in the paper (``H_{l+1} = f((delta_l * H_l) W_l + b_l)`` for every layer
   up to the logit).
 
+``output_activation`` is the last task layer's ``f`` (the head's input): ``relu`` as in the paper, or ``leaky_relu``,
+whose units cannot die (narrow task towers can lose most of the head's input to dead ReLUs; the trainer's dead-unit
+warning names the task). ``task_bias_init`` starts the task layers' biases at a constant (e.g. 0.01).
+
 This tower sets ``uses_inputs``: it receives the categorical ids to embed the prior features (``sparse=True``:
 updated by the sparse optimiser, exported to ONNX like the encoders' tables). ``diagnostics()`` reports the mean
 EPNet gate over the input's columns and each task's mean PPNet gate per layer (``matrices.ppnet_gates``).
@@ -44,7 +48,8 @@ class GateNU(nn.Module):
 
 class PEPNet(Tower):
     uses_inputs = True
-    dead_units_hint = "for pepnet, gate_output: false (no PPNet gate on the head's input)"
+    dead_units_hint = ("for pepnet, output_activation: leaky_relu (keeps every gate), or gate_output: false (no gate "
+                       "on the head's input, at a cost in quality)")
 
     def __init__(self, input_dim: int, task_names: list[str], features: dict[str, list[FeatureInfo]],
                  gate_features: list[str] | None = None, gate_embedding_dim: int = 8, gate_units: int = 64,
