@@ -105,11 +105,11 @@ def calibration_metrics(label: np.ndarray, score: np.ndarray) -> dict[str, float
             "ece": ece(label, score), "brier": brier(label, score)}
 
 
-#: the names ``calibration_metrics`` returns
 #: a task whose head input has at least this share of its units dead (constant on every validation row) is warned
 #: about at the end of training (``diagnostics.dead_units``; ``recmtl report`` marks it)
 DEAD_SHARE = 0.5
 
+#: the names ``calibration_metrics`` returns
 CALIBRATION_METRICS = ("ne", "calibration_ratio", "ece", "brier")
 #: what ``binary_metrics`` returns (``gauc`` only when the rows have groups)
 BINARY_METRICS = ("auc", "logloss", "gauc", *CALIBRATION_METRICS)

@@ -58,7 +58,7 @@ def test_unit_range_counts_constant_units_and_merges_like_one_pass():
     parts[0].update({"a": h[:37], "b": h[:37, :3]})
     parts[1].update({"a": h[37:], "b": h[37:, :3]})
     merged = UnitRange.merge(parts)
-    assert merged.rows == 100 and merged.dead_units() == whole.dead_units()
+    assert merged.rows == {"a": 100, "b": 100} and merged.dead_units() == whole.dead_units()
     one = UnitRange()
     one.update({"a": h[:1]})
     assert one.dead_units() == {}  # a single row: every unit is constant, nothing to say
@@ -119,6 +119,28 @@ def test_healthy_run_has_no_warning(cli, funnel_dir, tmp_path):
     run = load_run(tmp_path / "run")
     src = ParquetSource(str(funnel_dir / "valid.parquet"), run.config.columns())
     plain, watched = (predict(run.model, run.schema, src, 1000, units=u) for u in (False, True))
-    assert plain.units is None and watched.units.rows == len(plain.mask)
+    assert plain.units is None and watched.units.rows == {t: len(plain.mask) for t in plain.scores}
     for t in plain.scores:
         assert np.array_equal(plain.scores[t], watched.scores[t])
+
+
+def test_per_task_model_shows_each_task_its_own_copys_head_input():
+    from torch import nn
+
+    from recmtl.training.model import PerTaskModel
+
+    class Copy(nn.Module):  # what PerTaskModel reads of a MultiTaskModel
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.value, self.task_names, self.label_slices = value, ["a", "b"], {}
+            self.encoders, self.heads = nn.ModuleDict(), nn.ModuleDict({"a": nn.Identity(), "b": nn.Identity()})
+
+        def run(self, inputs, observe=None):
+            hidden = {t: torch.full((3, 2), self.value) for t in self.task_names}
+            if observe is not None:
+                observe(hidden)
+            return hidden, hidden
+
+    seen = UnitRange()
+    PerTaskModel([Copy(0.0), Copy(1.0)], {"a": 0, "b": 1}).run({}, seen.update)
+    assert seen.rows == {"a": 3, "b": 3} and seen.low["a"].tolist() == [0.0, 0.0] and seen.low["b"].tolist() == [1.0, 1.0]

@@ -64,7 +64,7 @@ class UnitRange:
     def __init__(self) -> None:
         self.low: dict[str, np.ndarray] = {}
         self.high: dict[str, np.ndarray] = {}
-        self.rows = 0
+        self.rows: dict[str, int] = {}
 
     @torch.no_grad()
     def update(self, hidden: dict[str, torch.Tensor]) -> None:
@@ -79,8 +79,7 @@ class UnitRange:
                 np.maximum(self.high[t], hi, out=self.high[t])
             else:
                 self.low[t], self.high[t] = lo, hi
-        if hidden:
-            self.rows += int(next(iter(hidden.values())).shape[0])
+            self.rows[t] = self.rows.get(t, 0) + h.shape[0]
 
     @classmethod
     def merge(cls, parts: list[UnitRange]) -> UnitRange:
@@ -92,15 +91,14 @@ class UnitRange:
                     out.high[t] = np.maximum(out.high[t], part.high[t])
                 else:
                     out.low[t], out.high[t] = part.low[t].copy(), part.high[t].copy()
-            out.rows += part.rows
+                out.rows[t] = out.rows.get(t, 0) + part.rows[t]
         return out
 
     def dead_units(self) -> dict[str, list[int]]:
-        """``{task: [dead, units]}``: units constant on every row seen, of the head input's width; empty below two
-        rows (where every unit is constant)."""
-        if self.rows < 2:
-            return {}
-        return {t: [int((self.low[t] == self.high[t]).sum()), int(self.low[t].size)] for t in self.low}
+        """``{task: [dead, units]}``: units constant on every row seen, of the head input's width; tasks seen on
+        fewer than two rows (where every unit is constant) are left out."""
+        return {t: [int((self.low[t] == self.high[t]).sum()), int(self.low[t].size)] for t in self.low
+                if self.rows[t] >= 2}
 
 
 @torch.no_grad()
