@@ -161,6 +161,9 @@ class Tower(nn.Module):
 
     #: True: built with ``features=...`` and called as ``forward(x, inputs)``
     uses_inputs: ClassVar[bool] = False
+    #: this tower's own remedy, added to the trainer's warning when a task's head input (``h_task``) has at least
+    #: half of its units dead (constant on every validation row); "": none beyond a wider last layer
+    dead_units_hint: ClassVar[str] = ""
 
     def __init__(self, input_dim: int, task_names: list[str]) -> None:
         super().__init__()

@@ -105,6 +105,10 @@ def calibration_metrics(label: np.ndarray, score: np.ndarray) -> dict[str, float
             "ece": ece(label, score), "brier": brier(label, score)}
 
 
+#: a task whose head input has at least this share of its units dead (constant on every validation row) is warned
+#: about at the end of training (``diagnostics.dead_units``; ``recmtl report`` marks it)
+DEAD_SHARE = 0.5
+
 #: the names ``calibration_metrics`` returns
 CALIBRATION_METRICS = ("ne", "calibration_ratio", "ece", "brier")
 #: what ``binary_metrics`` returns (``gauc`` only when the rows have groups)
@@ -133,7 +137,8 @@ def binary_label_problem(distinct: np.ndarray, what: str = "a binary head") -> s
 
 def epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """One epoch record (``recmtl_epoch_end``'s ``metrics``) as flat ``tag -> value`` scalars: train loss,
-    validation metrics per task, balancer weights, gate entropy per gate, seconds and rows/s."""
+    validation metrics per task, balancer weights, gate entropy per gate, dead head-input units per task, seconds and
+    rows/s."""
     out: dict[str, float] = {}
     for task, v in (metrics.get("train_loss") or {}).items():
         out[f"train_loss/{task}"] = v
@@ -144,6 +149,9 @@ def epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
         out[f"weights/{task}"] = v
     for gate, v in ((metrics.get("diagnostics") or {}).get("gate_entropy") or {}).items():
         out[f"gate_entropy/{gate}"] = v
+    for task, count in ((metrics.get("diagnostics") or {}).get("dead_units") or {}).items():
+        if isinstance(count, list) and count:
+            out[f"dead_units/{task}"] = count[0]
     for key in ("seconds", "rows_per_s"):
         if key in metrics:
             out[f"time/{key}"] = metrics[key]

@@ -27,7 +27,8 @@ from recmtl.rundir import CALIBRATOR, CONFIG, METRICS, RUN_INFO, RunDir
 
 DPI = 100
 #: diagnostics keys with a figure of their own; any other key is listed as JSON
-DRAWN_DIAGNOSTICS = ("gate_weights", "gate_entropy", "max_entropy", "expert_utilisation", "matrices", "encoders")
+DRAWN_DIAGNOSTICS = ("gate_weights", "gate_entropy", "max_entropy", "expert_utilisation", "matrices", "encoders",
+                     "dead_units")
 #: per-task validation entries that are not metrics
 NOT_METRICS = ("rows",)
 #: balance logs longer than this are drawn as a rolling mean over the faint raw values
@@ -121,6 +122,26 @@ def _best_record(data: RunData) -> tuple[int, dict[str, Any]]:
         if rec.get("epoch") == best:
             return best, rec
     return data.history[-1].get("epoch", len(data.history)), data.history[-1]
+
+
+def _dead_units(data: RunData) -> list[list[Any]]:
+    """Rows ``[task, epoch, dead, units, note]``: each task's dead head-input units at its best epoch (metrics.json's
+    ``dead_units``), else the best epoch's ``diagnostics.dead_units``."""
+    from recmtl.metrics import DEAD_SHARE
+    per_task = data.metrics.get("dead_units")
+    if not isinstance(per_task, dict) or not per_task:
+        epoch, diag = _best_diagnostics(data)
+        counts = diag.get("dead_units") if isinstance(diag.get("dead_units"), dict) else {}
+        per_task = {t: {"epoch": epoch, "dead": c[0], "units": c[1]} for t, c in counts.items()
+                    if isinstance(c, list) and len(c) == 2}
+    rows = []
+    for t, d in per_task.items():
+        if not isinstance(d, dict):
+            continue
+        dead, units = int(_num(d.get("dead"))), int(_num(d.get("units")))
+        note = "at least half dead: check the task's metrics" if units and dead >= DEAD_SHARE * units else ""
+        rows.append([t, d.get("epoch"), dead, units, note])
+    return rows
 
 
 def _best_diagnostics(data: RunData) -> tuple[int | None, dict[str, Any]]:
@@ -696,6 +717,11 @@ def render_html(data: RunData, images: list[Image], extra_diagnostics: dict[str,
                 parts.append("<h3>Gradient conflict per task pair</h3>" + _table(
                     ["pair", "mean cosine", "min cosine", "last cosine", "steps with cosine < 0", "logged steps"],
                     [[c["pair"], c["mean"], c["min"], c["last"], f"{c['negative']:.0%}", c["steps"]] for c in conflict]))
+    dead = _dead_units(data)
+    if dead:
+        parts.append("<h2>Dead units</h2><p>Units of each task's head input (the tower's output for it) that were "
+                     "constant on every validation row, at the task's best epoch.</p>"
+                     + _table(["task", "epoch", "dead units", "units", ""], dead))
     if extra_diagnostics:
         parts.append("<h2>Other tower diagnostics</h2><p>Diagnostics this report does not draw "
                      f"(epoch {_fmt(data.diagnostics_epoch)}), as the tower reported them:</p>"

@@ -24,6 +24,7 @@ from torch import nn
 from recmtl.data.parquet import ParquetSource, shard_units
 from recmtl.training.device import resolve_precision
 from recmtl.training.distributed import memory_estimate
+from recmtl.training.evaluate import load_run, predict
 
 TORCHRUN_TIMEOUT = 120
 
@@ -140,6 +141,11 @@ def test_two_processes_match_one_process_quality(cli, funnel_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     # the sharded fit pass: the schema one process fits (tests/test_sharded_fit.py for shares of many row groups)
     assert (tmp_path / "two" / "schema.json").read_bytes() == (tmp_path / "one" / "schema.json").read_bytes()
+    # dead head-input units over both ranks' validation rows: what one process counts on the same model
+    run = load_run(tmp_path / "two", checkpoint="best")
+    src = ParquetSource(str(funnel_dir / "valid.parquet"), run.config.columns())
+    whole = predict(run.model, run.schema, src, run.config.train.eval_batch_size, units=True).units.dead_units()
+    assert two["history"][two["best_epoch"] - 1]["diagnostics"]["dead_units"] == whole
 
 
 SURGERY = '''

@@ -98,3 +98,23 @@ def test_pepnet_gates_the_heads_input_as_in_the_paper():
         tower.ppnet["a"][-1].net[-1].bias.fill_(-40.0)
     out = tower(x, inputs)
     assert out["a"].shape == (4, 3) and out["a"].abs().max() < 1e-6 and out["b"].abs().sum() > 0
+
+
+def test_pepnet_leaky_head_input_and_positive_bias_init():
+    """output_activation: leaky_relu changes the last task layer's activation only (its negative side leaks, so no
+    head-input unit is 0 on every row); task_bias_init starts every task layer's bias at that value."""
+    from recmtl import FeatureInfo
+    from recmtl_plugins.towers.pepnet import PEPNet
+    feats = {"categorical": [FeatureInfo(name="user_id", kind="categorical", cardinality=7)]}
+    torch.manual_seed(0)
+    relu = PEPNet(6, ["a"], feats, task_units=[5, 3], gate_units=4)
+    leaky = PEPNet(6, ["a"], feats, task_units=[5, 3], gate_units=4, output_activation="leaky_relu")
+    leaky.load_state_dict(relu.state_dict())
+    x, inputs = torch.randn(256, 6), {"categorical": torch.randint(0, 7, (256, 1))}
+    with torch.no_grad():
+        r, k = relu(x, inputs)["a"], leaky(x, inputs)["a"]
+    assert r.min() >= 0 and k.min() < 0 and torch.equal(r[r > 0], k[r > 0])
+    biased = PEPNet(6, ["a"], feats, task_units=[5, 3], gate_units=4, task_bias_init=0.01)
+    assert all(torch.all(layer.bias == 0.01) for layer in biased.layers["a"])
+    with pytest.raises(ValueError, match="output_activation must be one of relu, leaky_relu, got 'tanh'"):
+        PEPNet(6, ["a"], feats, output_activation="tanh")

@@ -7,7 +7,9 @@ and seed with the census benchmark's settings (``census_income.COMMON``: Adam lr
 embeddings, 1 thread; early stopping on validation mean AUC, patience 2) capped at ``--epochs``. Variants:
 ``mmoe`` (8 experts of 16, towers of 8) with no block, ``fm``, ``dcn_v2`` (2 cross layers, the defaults),
 ``autoint`` (2 layers), ``gates`` (``feature_gates: {sparsity: 0.0005}``), and ``pepnet`` (the tower, no block;
-``gate_features`` null: every categorical feature, towers [16, 8]). A block variant may change parameters:
+``gate_features`` null: every categorical feature, towers [16, 8]; ``pepnet_leaky`` / ``pepnet_bias`` with
+``output_activation: leaky_relu`` / ``task_bias_init: 0.01``). Each run's dead head-input units at the tasks' best
+epochs are printed with its AUCs, and the trainer's warnings passed on. A block variant may change parameters:
 ``fm+normalize=batch`` (values read as YAML; the run directories are named so). Prints test AUC per task (mean ± std over
 seeds), the difference to mmoe with no block paired by seed, and the run directories (for ``gate_matrix.py``).
 
@@ -36,6 +38,9 @@ VARIANTS = {
     "autoint": {"interaction": "{name: autoint, num_layers: 2}"},
     "gates": {"feature_gates": "{sparsity: 0.0005}"},
     "pepnet": {"tower": "{name: pepnet, task_units: [16, 8]}"},
+    # pepnet's narrow-tower failure (RESULTS.md, "Dead units on census"): a leaky last task layer, positive biases
+    "pepnet_leaky": {"tower": "{name: pepnet, task_units: [16, 8], output_activation: leaky_relu}"},
+    "pepnet_bias": {"tower": "{name: pepnet, task_units: [16, 8], task_bias_init: 0.01}"},
 }
 
 
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rec = {t: metrics["test"][t]["auc"] for t in TASKS}
             rec.update(best_epoch=metrics["best_epoch"], epochs=len(metrics["history"]),
+                       dead_units={t: f"{d['dead']}/{d['units']}" for t, d in metrics.get("dead_units", {}).items()},
                        wall_s=float((run_dir / "wall.txt").read_text()) if (run_dir / "wall.txt").is_file()
                        else sum(h["seconds"] for h in metrics["history"]), run_dir=str(run_dir))
             results[name] = rec

@@ -102,7 +102,8 @@ def recmtl_executable() -> str:
 
 
 def run_cli(recmtl: str, *args: str, cwd: Path) -> tuple[float, str]:
-    """Run one ``recmtl`` command; return its wall time and stdout, exit with its stderr if it fails."""
+    """Run one ``recmtl`` command; return its wall time and stdout, exit with its stderr if it fails; its warnings
+    (stderr lines starting ``warning:``, e.g. a task's dead head-input units) are passed on to stderr."""
     cmd = [recmtl, *args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
@@ -111,6 +112,9 @@ def run_cli(recmtl: str, *args: str, cwd: Path) -> tuple[float, str]:
     if proc.returncode != 0:
         sys.exit(f"census_income: `{' '.join(cmd)}` failed with exit {proc.returncode}:\n"
                  f"{proc.stderr[-4000:]}{proc.stdout[-2000:]}")
+    for line in proc.stderr.splitlines():
+        if line.startswith("warning:"):
+            print(line, file=sys.stderr, flush=True)
     return seconds, proc.stdout
 
 

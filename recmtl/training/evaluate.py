@@ -31,6 +31,8 @@ class Predictions:
     slices: dict[str, tuple[int, int, bool]] = field(default_factory=dict)  # MultiTaskModel.label_slices
     #: the heads' raw outputs of the tasks ``predict`` was asked for (``raw``): the logits the score map acts on
     raw: dict[str, np.ndarray] = field(default_factory=dict)
+    #: with ``predict(units=True)``: the range of each task's head input over the rows (``UnitRange``)
+    units: UnitRange | None = None
 
     def _slice(self, task: str) -> tuple[int, int, bool]:
         return self.slices.get(task) or (list(self.scores).index(task), 1, True)
@@ -52,12 +54,61 @@ class Predictions:
         return int(self.mask[:, start:start + width].sum())
 
 
+class UnitRange:
+    """Per-unit minimum and maximum of each task's head input (the tower's output for it) over the rows seen.
+
+    A unit whose minimum equals its maximum is *dead*: constant on every row (a ReLU unit that is zero on all of
+    them), so the head cannot use it. Fed by ``MultiTaskModel.run(observe=...)``; ranks' ranges combine with
+    ``merge`` (min of minima, max of maxima), so the count is the same under torchrun as in one process."""
+
+    def __init__(self) -> None:
+        self.low: dict[str, np.ndarray] = {}
+        self.high: dict[str, np.ndarray] = {}
+        self.rows: dict[str, int] = {}
+
+    @torch.no_grad()
+    def update(self, hidden: dict[str, torch.Tensor]) -> None:
+        """One batch of head inputs ``{task: [batch, ...]}`` (any dtype; the units are the columns of each row)."""
+        for t, h in hidden.items():
+            h = h.detach().float().reshape(h.shape[0], -1)
+            if not h.shape[0]:
+                continue
+            lo, hi = h.amin(0).cpu().numpy(), h.amax(0).cpu().numpy()
+            if t in self.low:
+                np.minimum(self.low[t], lo, out=self.low[t])
+                np.maximum(self.high[t], hi, out=self.high[t])
+            else:
+                self.low[t], self.high[t] = lo, hi
+            self.rows[t] = self.rows.get(t, 0) + h.shape[0]
+
+    @classmethod
+    def merge(cls, parts: list[UnitRange]) -> UnitRange:
+        out = cls()
+        for part in parts:
+            for t in part.low:
+                if t in out.low:
+                    out.low[t] = np.minimum(out.low[t], part.low[t])
+                    out.high[t] = np.maximum(out.high[t], part.high[t])
+                else:
+                    out.low[t], out.high[t] = part.low[t].copy(), part.high[t].copy()
+                out.rows[t] = out.rows.get(t, 0) + part.rows[t]
+        return out
+
+    def dead_units(self) -> dict[str, list[int]]:
+        """``{task: [dead, units]}``: units constant on every row seen, of the head input's width; tasks seen on
+        fewer than two rows (where every unit is constant) are left out."""
+        return {t: [int((self.low[t] == self.high[t]).sum()), int(self.low[t].size)] for t in self.low
+                if self.rows[t] >= 2}
+
+
 @torch.no_grad()
 def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, batch_size: int,
-            read_rows: int = 65_536, shard: tuple[int, int] | None = None, raw: Iterable[str] = ()) -> Predictions:
+            read_rows: int = 65_536, shard: tuple[int, int] | None = None, raw: Iterable[str] = (),
+            units: bool = False) -> Predictions:
     """Score every row of ``source`` in order (labels are read too, for metrics and losses), on the
     model's device; ``shard=(rank, world)``: only this rank's share (see :func:`merge_predictions`); ``raw``: the
-    tasks whose raw outputs (``Predictions.raw``) to keep as well."""
+    tasks whose raw outputs (``Predictions.raw``) to keep as well; ``units``: track the range of each task's head
+    input (``Predictions.units``, for the dead-unit count)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -65,9 +116,10 @@ def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, 
     raws: dict[str, list[np.ndarray]] = {t: [] for t in raw if t in model.task_names}
     labels, masks, groups = [], [], []
     loss_sum = {t: 0.0 for t in model.task_names}
+    tracker = UnitRange() if units else None
     for batch in minibatches(blocks(source, schema, read_rows, shard=shard), batch_size):
         batch = batch.to(device) if device.type != "cpu" else batch
-        outputs, preds = model.run(batch.inputs)
+        outputs, preds = model.run(batch.inputs, None if tracker is None else tracker.update)
         for t in model.task_names:
             scores[t].append(preds[t].float().cpu().numpy())
             if t in raws:
@@ -87,11 +139,11 @@ def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, 
             return Predictions({t: np.zeros(0, np.float32) for t in model.task_names},
                                np.zeros((0, width), np.float32), np.zeros((0, width), bool), None,
                                {t: math.nan for t in model.task_names}, dict(model.label_slices),
-                               {t: np.zeros(0, np.float32) for t in raws})
+                               {t: np.zeros(0, np.float32) for t in raws}, tracker)
         raise DataError(f"{source.spec} has no rows")
     pred = Predictions({t: np.concatenate(v) for t, v in scores.items()}, np.concatenate(labels),
                        np.concatenate(masks), np.concatenate(groups) if groups else None, {}, dict(model.label_slices),
-                       {t: np.concatenate(v) for t, v in raws.items()})
+                       {t: np.concatenate(v) for t, v in raws.items()}, tracker)
     for t in model.task_names:
         count = pred.labelled(t)
         pred.losses[t] = loss_sum[t] / count if count else math.nan
@@ -100,7 +152,7 @@ def predict(model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, 
 
 def merge_predictions(parts: list[Predictions], spec: str = "") -> Predictions:
     """One :class:`Predictions` from the ranks' shares (row order does not matter to the metrics);
-    each task's loss is the mean over all its labelled rows."""
+    each task's loss is the mean over all its labelled rows, the head inputs' ranges (``units``) combined."""
     parts = [p for p in parts if len(p.mask)]
     if not parts:
         raise DataError(f"{spec} has no rows")
@@ -117,7 +169,8 @@ def merge_predictions(parts: list[Predictions], spec: str = "") -> Predictions:
     return Predictions({t: np.concatenate([p.scores[t] for p in parts]) for t in tasks},
                        np.concatenate([p.labels for p in parts]), mask,
                        np.concatenate(groups) if all(g is not None for g in groups) else None, losses, parts[0].slices,
-                       {t: np.concatenate([p.raw[t] for p in parts]) for t in parts[0].raw})
+                       {t: np.concatenate([p.raw[t] for p in parts]) for t in parts[0].raw},
+                       UnitRange.merge([p.units for p in parts]) if parts[0].units is not None else None)
 
 
 def score_map(config: Config, run_dir: Path | None = None, states: dict[str, dict[str, Any]] | None = None,

@@ -24,6 +24,7 @@ from recmtl.contracts import Balancer
 from recmtl.data.parquet import ParquetSource
 from recmtl.errors import ConfigError, DataError
 from recmtl.files import sweep_temporary_files
+from recmtl.metrics import DEAD_SHARE
 from recmtl.progress import progress
 from recmtl.registry import Registry
 from recmtl.rundir import BEST, LAST, RunDir, epoch_checkpoint
@@ -44,7 +45,15 @@ from recmtl.training.distributed import (
     setup,
 )
 from recmtl.training.early_stopping import BestValue, Monitor, TaskMonitors, reference_metrics
-from recmtl.training.evaluate import map_scores, merge_predictions, per_task_model, predict, reliability_bins, score_map, task_metrics
+from recmtl.training.evaluate import (
+    map_scores,
+    merge_predictions,
+    per_task_model,
+    predict,
+    reliability_bins,
+    score_map,
+    task_metrics,
+)
 from recmtl.training.model import MultiTaskModel, model_for_state, resolved_config, sparse_parameters, validate_plugins
 from recmtl.training.optimizers import make_optimizers
 from recmtl.training.tracking import attached, build_loggers
@@ -390,10 +399,13 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
             record["pass"], record["pass_steps"] = passes.pass_index + 1, passes.step
         if valid_src is not None:
             val_bins[epoch + 1] = {}
-            val = _metrics(ctx, model, schema, valid_src, config, [balancer], val_bins[epoch + 1])
+            dead: dict[str, list[int]] = {}
+            val = _metrics(ctx, model, schema, valid_src, config, [balancer], val_bins[epoch + 1], dead)
             record["validation"] = val
             score = monitor.value(val)
             diag = model.diagnostics()
+            if dead:  # rank 0: each task's head-input units constant on every validation row
+                diag["dead_units"] = dead
             if diag:
                 record["diagnostics"] = diag
             moved = task_monitors.update(val, epoch)
@@ -466,6 +478,11 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
                    "test": test_bins}
     if any(reliability.values()):
         summary["reliability"] = {k: v for k, v in reliability.items() if v}
+    dead_at_best = dead_units_at(run.history, epochs)
+    if dead_at_best:
+        summary["dead_units"] = dead_at_best
+        for line in dead_unit_warnings(dead_at_best, getattr(model.tower, "dead_units_hint", "")):
+            say(line)
     if main:
         files.write_metrics(summary)
         hook.recmtl_train_end(run=run, metrics=summary)
@@ -475,14 +492,16 @@ def _train(config: Config, run_dir: Path, registry: Registry, resume: bool) -> d
 
 
 def _metrics(ctx: Context, model: MultiTaskModel, schema: FittedSchema, source: ParquetSource, config: Config,
-             others: list[torch.nn.Module] = (), bins: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+             others: list[torch.nn.Module] = (), bins: dict[str, Any] | None = None,
+             dead: dict[str, list[int]] | None = None) -> dict[str, dict[str, float]]:
     """Per-task metrics over all of ``source``: each rank predicts its share, rank 0 gathers the predictions
     (AUC and GAUC do not average over shards) and computes the metrics, every rank receives them. Scores (and the
-    loss) are corrected for ``negative_sampling_rate``; ``bins`` (rank 0) receives each probability task's reliability bins."""
+    loss) are corrected for ``negative_sampling_rate``; ``bins`` (rank 0) receives each probability task's reliability
+    bins, ``dead`` (rank 0) each task's ``[dead, units]`` of its head input over all ranks' rows (``UnitRange``)."""
     ctx.broadcast_state([model, *others], buffers_only=True)  # e.g. batch-norm statistics: rank 0's
     smap = score_map(config)
     part = predict(model, schema, source, config.train.eval_batch_size, config.data.read_rows, shard=ctx.shard,
-                   raw=smap.mapped)
+                   raw=smap.mapped, units=dead is not None)
     parts = ctx.gather_object(part)
     metrics = None
     if ctx.is_main:
@@ -490,7 +509,31 @@ def _metrics(ctx: Context, model: MultiTaskModel, schema: FittedSchema, source: 
         metrics = task_metrics(model, pred)
         if bins is not None:
             bins.update(reliability_bins(config, pred))
+        if dead is not None and pred.units is not None:
+            dead.update(pred.units.dead_units())
     return ctx.broadcast_object(metrics)
+
+
+def dead_units_at(history: list[dict[str, Any]], epochs: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Each task's dead head-input units at its epoch (``epochs``: task -> 1-based epoch, e.g. its best), from the
+    history's ``diagnostics.dead_units``: ``{task: {"epoch", "dead", "units"}}``; tasks without the count left out."""
+    by_epoch = {rec.get("epoch"): (rec.get("diagnostics") or {}).get("dead_units") or {} for rec in history}
+    out = {}
+    for t, e in epochs.items():
+        count = by_epoch.get(e, {}).get(t)
+        if isinstance(count, list) and len(count) == 2:
+            out[t] = {"epoch": e, "dead": int(count[0]), "units": int(count[1])}
+    return out
+
+
+def dead_unit_warnings(dead: dict[str, dict[str, int]], hint: str = "") -> list[str]:
+    """One warning per task with at least ``DEAD_SHARE`` of its head-input units dead (``dead_units_at``); ``hint``:
+    the tower's own remedy (``Tower.dead_units_hint``)."""
+    return [f"warning: task '{t}': {d['dead']} of the {d['units']} units of its head input (the tower's output for "
+            f"it) are dead at epoch {d['epoch']} (constant on every validation row, e.g. a ReLU that is 0 on all), so "
+            f"its head reads {d['units'] - d['dead']}; if its metrics are weaker than expected, try a wider last task "
+            f"layer{'; ' + hint if hint else ''} (docs/training.md, \"Dead units\")"
+            for t, d in dead.items() if d["units"] and d["dead"] >= DEAD_SHARE * d["units"]]
 
 
 def row_bytes(schema: FittedSchema) -> int:

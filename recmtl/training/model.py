@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -157,6 +158,9 @@ def share_tables(encoders: nn.ModuleDict) -> None:
         if others:
             enc.share_tables(others)
 
+
+#: called with the heads' inputs ``{task: h_task}`` of a forward pass (``MultiTaskModel.run``'s ``observe``)
+HiddenObserver = Callable[[dict[str, torch.Tensor]], None]
 
 #: initial scale of a projected field (the built-in embeddings' ``init_std``)
 PROJECTION_STD = 0.05
@@ -403,10 +407,14 @@ class MultiTaskModel(nn.Module):
             hidden = {t: hidden[t][i * n:(i + 1) * n] for i, t in enumerate(self.task_names)}
         return hidden
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def run(self, inputs: dict[str, torch.Tensor], observe: HiddenObserver | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Raw outputs (what each head's ``loss`` takes) and scores per task, heads in dependency order; raw outputs
-        are float32 under autocast too (the heads' matmuls run in bf16, their sigmoid / softmax and losses do not)."""
+        are float32 under autocast too (the heads' matmuls run in bf16, their sigmoid / softmax and losses do not).
+        ``observe``, when given, is called with the heads' inputs ``{task: h_task}`` (e.g. ``UnitRange.update``)."""
         hidden = self.hidden(inputs)
+        if observe is not None:
+            observe(hidden)
         outputs: dict[str, torch.Tensor] = {}
         scores: dict[str, torch.Tensor] = {}
         for t in self.order:
@@ -513,8 +521,14 @@ class PerTaskModel(nn.Module):
         self.__dict__["encoders"] = first.encoders
         self.__dict__["heads"] = {t: models[owner[t]].heads[t] for t in self.task_names}
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        results = {i: self.models[i].run(inputs) for i in sorted(set(self.owner.values()))}
+    def run(self, inputs: dict[str, torch.Tensor], observe: HiddenObserver | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``MultiTaskModel.run`` of each task's copy; ``observe`` sees each task's head input from its own copy."""
+        def mine(i: int) -> HiddenObserver | None:
+            if observe is None:
+                return None
+            return lambda hidden: observe({t: h for t, h in hidden.items() if self.owner[t] == i})
+        results = {i: self.models[i].run(inputs, mine(i)) for i in sorted(set(self.owner.values()))}
         return ({t: results[self.owner[t]][0][t] for t in self.task_names},
                 {t: results[self.owner[t]][1][t] for t in self.task_names})
 

@@ -12,6 +12,10 @@ embedded in the tower's own tables) personalise the model in two places, each ga
   input of the head's output layer, as in the paper (``H_{l+1} = f((delta_l * H_l) W_l + b_l)`` for every layer
   up to the logit).
 
+``output_activation`` is the last task layer's ``f`` (the head's input): ``relu`` as in the paper, or ``leaky_relu``,
+whose units cannot die (narrow task towers can lose most of the head's input to dead ReLUs; the trainer's dead-unit
+warning names the task). ``task_bias_init`` starts the task layers' biases at a constant (e.g. 0.01).
+
 This tower sets ``uses_inputs``: it receives the categorical ids to embed the prior features (``sparse=True``:
 updated by the sparse optimiser, exported to ONNX like the encoders' tables). ``diagnostics()`` reports the mean
 EPNet gate over the input's columns and each task's mean PPNet gate per layer (``matrices.ppnet_gates``).
@@ -27,6 +31,9 @@ from torch import nn
 from recmtl import FeatureInfo, Tower, hookimpl
 from recmtl.layers import GateStats, check_units, fp32
 
+#: the last task layer's activation (the head's input): the others are ReLU
+OUTPUT_ACTIVATIONS = {"relu": torch.relu, "leaky_relu": nn.functional.leaky_relu}
+
 
 class GateNU(nn.Module):
     """``2 * sigmoid(W_2 ReLU(W_1 z))``: one gate value per output unit, float32 (also under autocast)."""
@@ -41,11 +48,14 @@ class GateNU(nn.Module):
 
 class PEPNet(Tower):
     uses_inputs = True
+    dead_units_hint = ("for pepnet, output_activation: leaky_relu (keeps every gate), or gate_output: false (no gate "
+                       "on the head's input, at a cost in quality)")
 
     def __init__(self, input_dim: int, task_names: list[str], features: dict[str, list[FeatureInfo]],
                  gate_features: list[str] | None = None, gate_embedding_dim: int = 8, gate_units: int = 64,
                  task_units: list[int] = (128, 64), dropout: float = 0.0, sparse: bool = True,
-                 init_std: float = 0.05, gate_output: bool = True) -> None:
+                 init_std: float = 0.05, gate_output: bool = True, output_activation: str = "relu",
+                 task_bias_init: float | None = None) -> None:
         super().__init__(input_dim, task_names)
         cats = list(features.get("categorical", []))
         names = [f.name for f in cats]
@@ -60,6 +70,9 @@ class PEPNet(Tower):
         if gate_embedding_dim < 1 or gate_units < 1:
             raise ValueError("gate_embedding_dim and gate_units must be at least 1")
         task_units = check_units("task_units", task_units)
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}, got {output_activation!r}")
+        self.output_activation = output_activation
         positions = [names.index(n) for n in prior]
         cards = [max(int(cats[i].cardinality), 1) for i in positions]
         self.register_buffer("positions", torch.tensor(positions, dtype=torch.long))
@@ -74,6 +87,10 @@ class PEPNet(Tower):
                                     for t in task_names})
         self.layers = nn.ModuleDict({t: nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
                                      for t in task_names})
+        if task_bias_init is not None:
+            for linears in self.layers.values():
+                for linear in linears:
+                    nn.init.constant_(linear.bias, float(task_bias_init))
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._out = widths[-1]
         self._ep_sum, self._pp_sum, self._rows = None, {}, 0
@@ -101,7 +118,9 @@ class PEPNet(Tower):
                     self._pp_sum[(t, i)] = float(delta.detach().mean(1).sum()) + self._pp_sum.get((t, i), 0.0)
                 h = delta * h
                 if i < len(linears):
-                    h = self.drop(torch.relu(linears[i](h)))
+                    pre = linears[i](h)
+                    last = i == len(linears) - 1
+                    h = self.drop(OUTPUT_ACTIVATIONS[self.output_activation](pre) if last else torch.relu(pre))
             out[t] = h
         return out
 
