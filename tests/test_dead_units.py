@@ -3,46 +3,16 @@ code), recorded per epoch, warned about at the end of training, shown by ``recmt
 from __future__ import annotations
 
 import json
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 from conftest import write_config
+from test_plugins import NEW_TOWER
 
 from recmtl.data.parquet import ParquetSource
 from recmtl.training.evaluate import UnitRange, load_run, predict
 from recmtl.training.loop import dead_unit_warnings, dead_units_at
-
-#: a user's tower: one ReLU layer per task; its first ``dead`` units get a bias far below any pre-activation, so
-#: they are 0 on every row (and get no gradient: they stay dead)
-DEAD_TOWER = textwrap.dedent('''
-    import torch
-    from torch import nn
-    from recmtl import Tower, hookimpl
-
-    class Deadish(Tower):
-        dead_units_hint = "for deadish, fewer dead units"
-
-        def __init__(self, input_dim, task_names, width: int = 8, dead: int = 0):
-            super().__init__(input_dim, task_names)
-            self.layers = nn.ModuleDict({t: nn.Linear(input_dim, width) for t in task_names})
-            with torch.no_grad():
-                for layer in self.layers.values():
-                    layer.bias[:dead] = -1e4
-            self.width = width
-
-        @property
-        def output_dims(self):
-            return {t: self.width for t in self.task_names}
-
-        def forward(self, x):
-            return {t: torch.relu(self.layers[t](x)) for t in self.task_names}
-
-    @hookimpl
-    def recmtl_register_towers():
-        return {"deadish": Deadish}
-''')
 
 
 def test_unit_range_counts_constant_units_and_merges_like_one_pass():
@@ -78,14 +48,14 @@ def test_warning_only_at_half_dead_or_more():
 
 @pytest.fixture
 def dead_tower(tmp_path):
-    mod = tmp_path / "deadish.py"
-    mod.write_text(DEAD_TOWER)
+    mod = tmp_path / "my_towers.py"
+    mod.write_text(NEW_TOWER)
     return mod
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_dead_head_input_is_counted_warned_and_reported(cli, funnel_dir, tmp_path, dead_tower, precision):
-    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "deadish", "width": 8, "dead": 6},
+    cfg = write_config(tmp_path / "c.yaml", funnel_dir, tower={"name": "per_task_linear", "width": 8, "dead": 6},
                        train={"batch_size": 512, "epochs": 1, "progress": False, "precision": precision})
     r = cli("--plugin", dead_tower, "train", cfg, "--out", tmp_path / "run")
     assert r.code == 0, r
@@ -97,7 +67,7 @@ def test_dead_head_input_is_counted_warned_and_reported(cli, funnel_dir, tmp_pat
     warnings = [line for line in r.err.splitlines() if line.startswith("warning: task")]
     assert len(warnings) == 2, r.err
     assert f"task 'click': {counts['click'][0]} of the 8 units of its head input" in warnings[0]
-    assert "a wider last task layer; for deadish, fewer dead units" in warnings[0]
+    assert "a wider last task layer; for per_task_linear, fewer dead units" in warnings[0]
     r = cli("report", tmp_path / "run", "--out", tmp_path / "report")
     assert r.code == 0, r
     page = (tmp_path / "report" / "index.html").read_text()

@@ -191,22 +191,30 @@ def recmtl_register_balancers():
 '''
 
 
-@pytest.mark.slow
-def test_ranks_hold_identical_parameters_with_gradient_surgery_and_unequal_shards(funnel_dir, tmp_path):
-    """Shards of unequal size (8,001 and 7,999 rows: 4 row groups of 1,701 rows each, plus alternate rows of
-    the 1,701- and 691-row groups left over) at 1,000 rows a step per rank: 9 batches on one rank, 8 on the
-    other. Both must run 8 steps (no hang) and end every epoch with bit-identical parameters and balancer
-    state under a gradient-surgery balancer."""
+def unequal_shards_surgery_config(funnel_dir, tmp_path, train: dict):
+    """A config training on the funnel's rows rewritten in row groups of 1,701 (9 x 1,701 + 691 rows: shards of
+    8,001 and 7,999 rows over 2 ranks) under the ``surgery`` balancer, which dumps each rank's state per epoch to
+    ``tmp_path / "dumps"``; ``train`` updates the config's ``train`` section."""
     table = pq.read_table(funnel_dir / "train.parquet")
-    pq.write_table(table, tmp_path / "train.parquet", row_group_size=1701)  # 9 x 1701 + 691 rows
+    pq.write_table(table, tmp_path / "train.parquet", row_group_size=1701)
     (tmp_path / "surgery.py").write_text(SURGERY)
     (tmp_path / "dumps").mkdir()
     cfg = write_config(tmp_path / "c.yaml", funnel_dir, plugins=[str(tmp_path / "surgery.py")],
                        balancer={"name": "surgery", "out": str(tmp_path / "dumps")})
     raw = yaml.safe_load(cfg.read_text())
     raw["data"]["train"] = str(tmp_path / "train.parquet")
-    raw["train"].update({"threads": 1, "epochs": 2, "batch_size": 2000})
+    raw["train"].update(train)
     cfg.write_text(yaml.safe_dump(raw))
+    return cfg
+
+
+@pytest.mark.slow
+def test_ranks_hold_identical_parameters_with_gradient_surgery_and_unequal_shards(funnel_dir, tmp_path):
+    """Shards of unequal size (8,001 and 7,999 rows: 4 row groups of 1,701 rows each, plus alternate rows of
+    the 1,701- and 691-row groups left over) at 1,000 rows a step per rank: 9 batches on one rank, 8 on the
+    other. Both must run 8 steps (no hang) and end every epoch with bit-identical parameters and balancer
+    state under a gradient-surgery balancer."""
+    cfg = unequal_shards_surgery_config(funnel_dir, tmp_path, {"threads": 1, "epochs": 2, "batch_size": 2000})
     torchrun("train", cfg, "--out", tmp_path / "run", timeout=90)
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     src = ParquetSource(str(tmp_path / "train.parquet"))
@@ -229,17 +237,8 @@ def test_ranks_hold_identical_parameters_with_gradient_surgery_and_unequal_shard
 def test_steps_per_epoch_takes_the_same_steps_on_every_rank_across_unequal_passes(funnel_dir, tmp_path):
     """train.steps_per_epoch 5 over passes of 8 steps (shards of 8,001 and 7,999 rows, 9 and 8 batches of 1,000):
     epochs end inside passes and span them, every rank takes 5 steps an epoch and holds the same parameters."""
-    table = pq.read_table(funnel_dir / "train.parquet")
-    pq.write_table(table, tmp_path / "train.parquet", row_group_size=1701)
-    (tmp_path / "surgery.py").write_text(SURGERY)
-    (tmp_path / "dumps").mkdir()
-    cfg = write_config(tmp_path / "c.yaml", funnel_dir, plugins=[str(tmp_path / "surgery.py")],
-                       balancer={"name": "surgery", "out": str(tmp_path / "dumps")})
-    raw = yaml.safe_load(cfg.read_text())
-    raw["data"]["train"] = str(tmp_path / "train.parquet")
-    raw["train"].update({"threads": 1, "epochs": 4, "batch_size": 2000, "steps_per_epoch": 5,
-                         "early_stopping": {"patience": 0}})
-    cfg.write_text(yaml.safe_dump(raw))
+    cfg = unequal_shards_surgery_config(funnel_dir, tmp_path, {"threads": 1, "epochs": 4, "batch_size": 2000,
+                                                                "steps_per_epoch": 5, "early_stopping": {"patience": 0}})
     torchrun("train", cfg, "--out", tmp_path / "run", timeout=90)
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert [(h["steps"], h["pass"], h["pass_steps"]) for h in history] == [(5, 1, 5), (5, 2, 2), (5, 2, 7), (5, 3, 4)]

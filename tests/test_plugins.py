@@ -16,10 +16,16 @@ NEW_TOWER = textwrap.dedent('''
     from recmtl import Tower, hookimpl
 
     class Linear(Tower):
-        """One linear layer per task, no sharing."""
-        def __init__(self, input_dim, task_names, width: int = 8):
+        """One linear layer per task, no sharing; its first ``dead`` units get a bias far below any
+        pre-activation, so they are 0 on every row (and get no gradient: they stay dead)."""
+        dead_units_hint = "for per_task_linear, fewer dead units"
+
+        def __init__(self, input_dim, task_names, width: int = 8, dead: int = 0):
             super().__init__(input_dim, task_names)
             self.layers = nn.ModuleDict({t: nn.Linear(input_dim, width) for t in task_names})
+            with torch.no_grad():
+                for layer in self.layers.values():
+                    layer.bias[:dead] = -1e4
             self.width = width
         @property
         def output_dims(self):
